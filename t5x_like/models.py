@@ -1,0 +1,180 @@
+"""The model contract train/eval/infer use: build the network, loss, per-example scores.
+
+A model object holds only the config; the NNX module (the parameters) is passed to each
+method, so train/eval code can `nnx.split`/`nnx.merge`, shard and differentiate it freely.
+Batches are dicts of int32 [B, L] arrays with SeqIO's feature names (docs/CONTRACTS.md).
+Absent `*_segment_ids` / `*_positions` mean unpacked rows; padding is then read from the
+tokens (0 = pad): `decoder_target_tokens` for the decoder (its inputs start with the
+shifted-in 0), `encoder_input_tokens` for the encoder.
+
+Loss (float32 throughout): weighted token cross-entropy, summed over weighted tokens and
+divided by their number, plus PaLM's z-loss `z_loss · log²Z` averaged the same way.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from t5x_like.layers import TransformerConfig
+from t5x_like.network import Decoder, EncoderDecoder
+
+Batch = Mapping[str, jax.Array]
+
+
+def _arange_like(tokens_BL):
+    return jnp.broadcast_to(jnp.arange(tokens_BL.shape[1], dtype=jnp.int32)[None, :],
+                            tokens_BL.shape)
+
+
+def _segments_and_positions(batch: Batch, prefix: str, pad_source: str):
+    """(segment_ids, positions) from the batch, or their unpacked defaults."""
+    tokens_BL = batch[pad_source]
+    segment_ids_BL = batch.get(f"{prefix}_segment_ids")
+    if segment_ids_BL is None:
+        segment_ids_BL = (tokens_BL > 0).astype(jnp.int32)
+    positions_BL = batch.get(f"{prefix}_positions")
+    if positions_BL is None:
+        positions_BL = _arange_like(tokens_BL)
+    return segment_ids_BL, positions_BL
+
+
+def _loss_weights(batch: Batch):
+    weights_BL = batch.get("decoder_loss_weights")
+    if weights_BL is None:
+        weights_BL = batch["decoder_target_tokens"] > 0
+    return weights_BL.astype(jnp.float32)
+
+
+def token_losses(logits_BLV, targets_BL, z_loss: float):
+    """Per-token (nll, z-loss, correct), float32. nll = log Z − logit[target]."""
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[:, :, None], axis=-1)[:, :, 0]
+    nll_BL = log_z_BL - target_logit_BL
+    z_loss_BL = z_loss * jnp.square(log_z_BL)
+    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
+    return nll_BL, z_loss_BL, correct_BL
+
+
+class _LanguageModel:
+    """Loss and scoring shared by both families; subclasses say how to get logits."""
+
+    module_class: type
+
+    def __init__(self, cfg: TransformerConfig):
+        self.cfg = cfg
+
+    def make_module(self, rngs: nnx.Rngs | int = 0) -> nnx.Module:
+        """Build the NNX network with freshly initialised float32 parameters.
+
+        Under `jax.set_mesh(mesh)` and `nnx.logical_axis_rules(rules)` parameters are
+        sharded as they are created (Flax's eager sharding); without a mesh they are
+        created unsharded, so tests and single-device use need no mesh.
+        For a large model, use partitioning.py's sharded init (eval_shape, then
+        jit(make_module, out_shardings=...)).
+        """
+        if isinstance(rngs, int):
+            rngs = nnx.Rngs(rngs)
+        if jax.sharding.get_abstract_mesh().empty:
+            with nnx.use_eager_sharding(False):
+                return self.module_class(self.cfg, rngs=rngs)
+        return self.module_class(self.cfg, rngs=rngs)
+
+    def logits(self, module, batch: Batch, rng=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss_fn(self, module, batch: Batch, rng=None):
+        """(loss, metrics): weighted mean cross-entropy + z-loss; dropout iff rng given."""
+        logits_BLV = self.logits(module, batch, rng)
+        nll_BL, z_loss_BL, correct_BL = token_losses(
+            logits_BLV, batch["decoder_target_tokens"], self.cfg.z_loss)
+        weights_BL = _loss_weights(batch)
+        weight_sum = jnp.sum(weights_BL)
+        nll_sum = jnp.sum(weights_BL * nll_BL)
+        z_loss_sum = jnp.sum(weights_BL * z_loss_BL)
+        correct_sum = jnp.sum(weights_BL * correct_BL)
+        # An all-padding batch contributes zero loss rather than 0/0.
+        denom = jnp.maximum(weight_sum, 1e-8)
+        cross_entropy = nll_sum / denom
+        z_loss = z_loss_sum / denom
+        loss = cross_entropy + z_loss
+        metrics = {
+            "loss": loss,
+            "cross_entropy": cross_entropy,
+            "z_loss": z_loss,
+            "accuracy": correct_sum / denom,
+            "num_tokens": weight_sum,
+            "nll_sum": nll_sum,
+            "z_loss_sum": z_loss_sum,
+            "correct_sum": correct_sum,
+            "weight_sum": weight_sum,
+        }
+        return loss, metrics
+
+    def eval_fn(self, module, batch: Batch):
+        """Deterministic loss and metrics (T5X's eval_fn)."""
+        return self.loss_fn(module, batch, rng=None)
+
+    def score_batch(self, module, batch: Batch):
+        """[B] per-example summed log-likelihood of the targets, weighted by loss weights."""
+        logits_BLV = self.logits(module, batch, None)
+        nll_BL, _, _ = token_losses(logits_BLV, batch["decoder_target_tokens"], 0.0)
+        return -jnp.sum(_loss_weights(batch) * nll_BL, axis=-1)
+
+
+class DecoderOnlyModel(_LanguageModel):
+    """Decoder-only LM: causal LM, or prefix LM when `decoder_causal_attention` is present."""
+
+    module_class = Decoder
+
+    def logits(self, module: Decoder, batch: Batch, rng=None):
+        segment_ids_BL, positions_BL = _segments_and_positions(
+            batch, "decoder", "decoder_target_tokens")
+        return module(batch["decoder_input_tokens"], segment_ids_BL=segment_ids_BL,
+                      positions_BL=positions_BL,
+                      causal_attention_BL=batch.get("decoder_causal_attention"), rng=rng)
+
+    def get_initial_batch(self, batch_size: int, feature_lengths: Mapping[str, int]):
+        """All-zero numpy batch with the model's features (shape-only initialisation).
+
+        feature_lengths: {"targets": L} as in SeqIO's TASK_FEATURE_LENGTHS; for a prefix
+        LM {"inputs": I, "targets": T} gives length I + T and includes
+        `decoder_causal_attention`.
+        """
+        length = feature_lengths["targets"] + feature_lengths.get("inputs", 0)
+        names = ["decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+                 "decoder_segment_ids", "decoder_positions"]
+        if "inputs" in feature_lengths:
+            names.append("decoder_causal_attention")
+        return {n: np.zeros((batch_size, length), np.int32) for n in names}
+
+
+class EncoderDecoderModel(_LanguageModel):
+    """Encoder-decoder LM (UL2 denoisers in inputs/targets form)."""
+
+    module_class = EncoderDecoder
+
+    def logits(self, module: EncoderDecoder, batch: Batch, rng=None):
+        enc_segment_ids_BM, enc_positions_BM = _segments_and_positions(
+            batch, "encoder", "encoder_input_tokens")
+        dec_segment_ids_BL, dec_positions_BL = _segments_and_positions(
+            batch, "decoder", "decoder_target_tokens")
+        return module(batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                      encoder_segment_ids_BM=enc_segment_ids_BM,
+                      encoder_positions_BM=enc_positions_BM,
+                      decoder_segment_ids_BL=dec_segment_ids_BL,
+                      decoder_positions_BL=dec_positions_BL, rng=rng)
+
+    def get_initial_batch(self, batch_size: int, feature_lengths: Mapping[str, int]):
+        """All-zero numpy batch; feature_lengths {"inputs": M, "targets": L}."""
+        batch = {n: np.zeros((batch_size, feature_lengths["inputs"]), np.int32)
+                 for n in ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions")}
+        batch.update({n: np.zeros((batch_size, feature_lengths["targets"]), np.int32)
+                      for n in ("decoder_input_tokens", "decoder_target_tokens",
+                                "decoder_loss_weights", "decoder_segment_ids",
+                                "decoder_positions")})
+        return batch
