@@ -488,6 +488,20 @@ def _parse_task_feature_lengths(task_feature_lengths: Mapping[str, int] | str) -
     return {str(k): int(v) for k, v in task_feature_lengths.items()}
 
 
+def _skipped_documents(mixture: str, split: str) -> dict | None:
+    """Documents the tasks drop (empty / non-UTF-8), per domain, over the whole source
+    split, from `tasks.reka_mix.skipped_documents`; None for tasks that do not count."""
+    try:
+        from tasks import reka_mix  # pylint: disable=g-import-not-at-top
+
+        counts = reka_mix.skipped_documents(mixture, split)
+    except Exception as e:  # pylint: disable=broad-except
+        # Any other task module (tests, users') has no such counter; not an error.
+        logging.info("No skipped-document counts for %s: %s", mixture, e)
+        return None
+    return counts or None
+
+
 def prepare(
     mixture: str,
     task_feature_lengths: Mapping[str, int] | str,
@@ -616,9 +630,7 @@ def prepare(
         padding_fraction=1.0 - total_tokens / sum(token_positions.values()),
         padding_fraction_per_feature={f: 1.0 - tokens[f] / token_positions[f] for f in tokens},
         empty_examples_skipped=sum(r["empty_examples_skipped"] for r in records),
-        # The tasks (t5x_like/ul2.py, tasks/) expose no counter of documents they drop
-        # (empty / non-UTF-8), so it is not known here.
-        skipped_documents=None,
+        skipped_documents=_skipped_documents(mixture, split),
         shard_seconds=[r["seconds"] for r in records],
         prepare_seconds_this_run=round(write_seconds, 3),
     )
