@@ -22,7 +22,6 @@ Usage (from the repository root, after scripts/build_corpus.py):
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -35,92 +34,107 @@ SEED = 20240417
 
 
 def read_docs(corpus_dir: Path, domain: str, split: str = "train") -> list[str]:
-  """All documents of one domain and split, in file order (deterministic)."""
-  import tensorflow as tf  # late: TensorFlow takes seconds to import
-  files = sorted((corpus_dir / domain).glob(f"{split}-*.tfrecord.gz"))
-  if not files:
-    raise FileNotFoundError(
-        f"no {split} shards for domain {domain!r} under {corpus_dir / domain}; "
-        "build the corpus first with `python scripts/build_corpus.py`")
-  texts = []
-  for record in tf.data.TFRecordDataset([str(f) for f in files], compression_type="GZIP"):
-    example = tf.train.Example.FromString(record.numpy())
-    texts.append(example.features.feature["text"].bytes_list.value[0].decode("utf-8"))
-  return texts
+    """All documents of one domain and split, in file order (deterministic)."""
+    import tensorflow as tf  # late: TensorFlow takes seconds to import
+
+    files = sorted((corpus_dir / domain).glob(f"{split}-*.tfrecord.gz"))
+    if not files:
+        raise FileNotFoundError(
+            f"no {split} shards for domain {domain!r} under {corpus_dir / domain}; "
+            "build the corpus first with `python scripts/build_corpus.py`"
+        )
+    texts = []
+    for record in tf.data.TFRecordDataset([str(f) for f in files], compression_type="GZIP"):
+        example = tf.train.Example.FromString(record.numpy())
+        texts.append(example.features.feature["text"].bytes_list.value[0].decode("utf-8"))
+    return texts
 
 
 def sample_lines(corpus_dir: Path, chars_per_domain: int) -> list[str]:
-  """Non-empty lines of whole documents, up to `chars_per_domain` per domain.
+    """Non-empty lines of whole documents, up to `chars_per_domain` per domain.
 
-  SentencePiece trains on "sentences"; a line is the natural unit for code, man pages
-  and fortunes alike. Lines keep their leading whitespace (indentation is data).
-  """
-  lines = []
-  for domain in DOMAINS:
-    used = 0
-    for text in read_docs(corpus_dir, domain):
-      if used >= chars_per_domain:
-        break
-      for line in text.split("\n"):
-        if line.strip():
-          lines.append(line)
-      used += len(text)
-    print(f"{domain:13s} {used:10,} chars sampled", flush=True)
-  return lines
+    SentencePiece trains on "sentences"; a line is the natural unit for code, man pages
+    and fortunes alike. Lines keep their leading whitespace (indentation is data).
+    """
+    lines = []
+    for domain in DOMAINS:
+        used = 0
+        for text in read_docs(corpus_dir, domain):
+            if used >= chars_per_domain:
+                break
+            for line in text.split("\n"):
+                if line.strip():
+                    lines.append(line)
+            used += len(text)
+        print(f"{domain:13s} {used:10,} chars sampled", flush=True)
+    return lines
 
 
 def train(lines: list[str], model_prefix: Path, vocab_size: int = VOCAB_SIZE) -> None:
-  import sentencepiece as spm
-  spm.set_random_generator_seed(SEED)
-  model_prefix.parent.mkdir(parents=True, exist_ok=True)
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines),
-      model_prefix=str(model_prefix),
-      model_type="unigram",
-      vocab_size=vocab_size,
-      pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-      pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-      user_defined_symbols=list(MODE_TOKENS),
-      byte_fallback=True,
-      split_digits=True,
-      normalization_rule_name="identity",
-      remove_extra_whitespaces=False,
-      allow_whitespace_only_pieces=True,
-      character_coverage=0.9995,
-      max_sentence_length=16384,
-      shuffle_input_sentence=True,
-      input_sentence_size=0,  # use every sampled line
-      num_threads=1,
-      minloglevel=1,
-  )
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(SEED)
+    model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(model_prefix),
+        model_type="unigram",
+        vocab_size=vocab_size,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        user_defined_symbols=list(MODE_TOKENS),
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        character_coverage=0.9995,
+        max_sentence_length=16384,
+        shuffle_input_sentence=True,
+        input_sentence_size=0,  # use every sampled line
+        num_threads=1,
+        minloglevel=1,
+    )
 
 
 def report(model_path: Path, corpus_dir: Path) -> None:
-  """Characters per token on each domain's validation split (higher = denser)."""
-  import sentencepiece as spm
-  sp = spm.SentencePieceProcessor(model_file=str(model_path))
-  for domain in DOMAINS:
-    docs = read_docs(corpus_dir, domain, "validation")
-    chars = sum(len(d) for d in docs)
-    tokens = sum(len(ids) for ids in sp.encode(docs))
-    lossless = all(sp.decode(sp.encode(d)) == d for d in docs)
-    print(f"{domain:13s} validation: {chars:9,} chars {tokens:9,} tokens "
-          f"{chars / tokens:5.2f} chars/token lossless={lossless}", flush=True)
+    """Characters per token on each domain's validation split (higher = denser)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    for domain in DOMAINS:
+        docs = read_docs(corpus_dir, domain, "validation")
+        chars = sum(len(d) for d in docs)
+        tokens = sum(len(ids) for ids in sp.encode(docs))
+        lossless = all(sp.decode(sp.encode(d)) == d for d in docs)
+        print(
+            f"{domain:13s} validation: {chars:9,} chars {tokens:9,} tokens "
+            f"{chars / tokens:5.2f} chars/token lossless={lossless}",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--corpus", type=Path, default=REPO_ROOT / "data" / "corpus")
-  parser.add_argument("--out", type=Path,
-                      default=REPO_ROOT / "data" / "vocab" / "reka_demo",
-                      help="model prefix; writes PREFIX.model and PREFIX.vocab")
-  parser.add_argument("--chars_per_domain", type=int, default=CHARS_PER_DOMAIN)
-  args = parser.parse_args(argv)
-  lines = sample_lines(args.corpus, args.chars_per_domain)
-  train(lines, args.out)
-  report(args.out.with_suffix(".model"), args.corpus)
-  return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", type=Path, default=REPO_ROOT / "data" / "corpus")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "data" / "vocab" / "reka_demo",
+        help="model prefix; writes PREFIX.model and PREFIX.vocab",
+    )
+    parser.add_argument("--chars_per_domain", type=int, default=CHARS_PER_DOMAIN)
+    args = parser.parse_args(argv)
+    lines = sample_lines(args.corpus, args.chars_per_domain)
+    train(lines, args.out)
+    report(args.out.with_suffix(".model"), args.corpus)
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -31,80 +31,87 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 @functools.lru_cache(maxsize=None)
 def _load(path: str, extra_ids: int) -> seqio.SentencePieceVocabulary:
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"SentencePiece model {path!r} does not exist. The repository ships it at "
-        f"{VOCAB_PATH}; rebuild it with `python scripts/build_corpus.py && "
-        "python scripts/train_tokenizer.py`, or pass the path of your own model.")
-  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"SentencePiece model {path!r} does not exist. The repository ships it at "
+            f"{VOCAB_PATH}; rebuild it with `python scripts/build_corpus.py && "
+            "python scripts/train_tokenizer.py`, or pass the path of your own model."
+        )
+    return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 
 def get_vocabulary(path: str | os.PathLike = VOCAB_PATH) -> seqio.SentencePieceVocabulary:
-  """The vocabulary at `path` with 100 sentinels; one object per path (cached).
+    """The vocabulary at `path` with 100 sentinels; one object per path (cached).
 
-  Caching matters beyond speed: seqio compares vocabularies of output features, and
-  every task built from this function then shares the same object.
-  """
-  return _load(os.fspath(path), NUM_EXTRA_IDS)
+    Caching matters beyond speed: seqio compares vocabularies of output features, and
+    every task built from this function then shares the same object.
+    """
+    return _load(os.fspath(path), NUM_EXTRA_IDS)
 
 
 def sentinel_id(vocab: seqio.Vocabulary, k: int) -> int:
-  """Id of `<extra_id_k>`: the T5 convention counts down from the top of the vocabulary."""
-  if not 0 <= k < NUM_EXTRA_IDS:
-    raise ValueError(f"sentinel index {k} is outside [0, {NUM_EXTRA_IDS}); the "
-                     f"vocabulary has {NUM_EXTRA_IDS} sentinels (extra ids)")
-  return vocab.vocab_size - 1 - k
+    """Id of `<extra_id_k>`: the T5 convention counts down from the top of the vocabulary."""
+    if not 0 <= k < NUM_EXTRA_IDS:
+        raise ValueError(
+            f"sentinel index {k} is outside [0, {NUM_EXTRA_IDS}); the "
+            f"vocabulary has {NUM_EXTRA_IDS} sentinels (extra ids)"
+        )
+    return vocab.vocab_size - 1 - k
 
 
 def check_vocabulary(vocab: seqio.Vocabulary) -> None:
-  """Raise ValueError unless `vocab` has the sentinels and mode tokens UL2 needs.
+    """Raise ValueError unless `vocab` has the sentinels and mode tokens UL2 needs.
 
-  Checks: at least NUM_EXTRA_IDS extra ids with `<extra_id_0>` at `vocab_size - 1`;
-  `[NLU] [NLG] [S2S]` each a single id (3, 4, 5) that decodes back to its name.
-  """
-  extra_ids = getattr(vocab, "extra_ids", 0)
-  if extra_ids < NUM_EXTRA_IDS:
-    raise ValueError(
-        f"vocabulary has {extra_ids} extra ids (sentinels), expected at least "
-        f"{NUM_EXTRA_IDS}: the UL2 denoisers put <extra_id_k> at vocab_size-1-k. "
-        f"Build it with seqio.SentencePieceVocabulary(path, extra_ids={NUM_EXTRA_IDS}) "
-        "or use t5x_like.vocabulary.get_vocabulary().")
-  top = vocab.vocab_size - 1
-  decoded = vocab.decode([top])
-  if decoded != "<extra_id_0>":
-    raise ValueError(
-        f"id {top} (vocab_size-1) should be the sentinel <extra_id_0> but decodes to "
-        f"{decoded!r}: the SentencePiece model's pieces must lie below the extra ids. "
-        "Use seqio.SentencePieceVocabulary(path, extra_ids=100).")
-  for name, expected in MODE_TOKENS.items():
-    ids = [i for i in vocab.encode(name) if i != _lone_space_id(vocab)]
-    if ids != [expected]:
-      raise ValueError(
-          f"mode token {name} encodes to {ids}, expected the single reserved id "
-          f"{expected}. Train the SentencePiece model with "
-          f"user_defined_symbols={list(MODE_TOKENS)} (first after pad/eos/unk), as "
-          "scripts/train_tokenizer.py does.")
-    decoded = vocab.decode([expected])
-    if decoded != name:
-      raise ValueError(
-          f"id {expected} decodes to {decoded!r}, expected the mode token {name}. "
-          f"Train the SentencePiece model with user_defined_symbols={list(MODE_TOKENS)}.")
+    Checks: at least NUM_EXTRA_IDS extra ids with `<extra_id_0>` at `vocab_size - 1`;
+    `[NLU] [NLG] [S2S]` each a single id (3, 4, 5) that decodes back to its name.
+    """
+    extra_ids = getattr(vocab, "extra_ids", 0)
+    if extra_ids < NUM_EXTRA_IDS:
+        raise ValueError(
+            f"vocabulary has {extra_ids} extra ids (sentinels), expected at least "
+            f"{NUM_EXTRA_IDS}: the UL2 denoisers put <extra_id_k> at vocab_size-1-k. "
+            f"Build it with seqio.SentencePieceVocabulary(path, extra_ids={NUM_EXTRA_IDS}) "
+            "or use t5x_like.vocabulary.get_vocabulary()."
+        )
+    top = vocab.vocab_size - 1
+    decoded = vocab.decode([top])
+    if decoded != "<extra_id_0>":
+        raise ValueError(
+            f"id {top} (vocab_size-1) should be the sentinel <extra_id_0> but decodes to "
+            f"{decoded!r}: the SentencePiece model's pieces must lie below the extra ids. "
+            "Use seqio.SentencePieceVocabulary(path, extra_ids=100)."
+        )
+    for name, expected in MODE_TOKENS.items():
+        ids = [i for i in vocab.encode(name) if i != _lone_space_id(vocab)]
+        if ids != [expected]:
+            raise ValueError(
+                f"mode token {name} encodes to {ids}, expected the single reserved id "
+                f"{expected}. Train the SentencePiece model with "
+                f"user_defined_symbols={list(MODE_TOKENS)} (first after pad/eos/unk), as "
+                "scripts/train_tokenizer.py does."
+            )
+        decoded = vocab.decode([expected])
+        if decoded != name:
+            raise ValueError(
+                f"id {expected} decodes to {decoded!r}, expected the mode token {name}. "
+                f"Train the SentencePiece model with user_defined_symbols={list(MODE_TOKENS)}."
+            )
 
 
 def _lone_space_id(vocab: seqio.Vocabulary) -> int | None:
-  """Id of the bare '▁' piece that the dummy prefix puts before a leading symbol."""
-  if isinstance(vocab, seqio.SentencePieceVocabulary):
-    pid = vocab.tokenizer.piece_to_id("▁")
-    return None if pid == vocab.tokenizer.unk_id() else pid
-  return None
+    """Id of the bare '▁' piece that the dummy prefix puts before a leading symbol."""
+    if isinstance(vocab, seqio.SentencePieceVocabulary):
+        pid = vocab.tokenizer.piece_to_id("▁")
+        return None if pid == vocab.tokenizer.unk_id() else pid
+    return None
 
 
 def vocabulary_checksum(vocab: seqio.SentencePieceVocabulary) -> str:
-  """SHA-256 over the model file's bytes and the number of extra ids.
+    """SHA-256 over the model file's bytes and the number of extra ids.
 
-  Prepared data records this, so that a loader can refuse token ids produced with a
-  different tokenizer instead of training on garbage.
-  """
-  h = hashlib.sha256(vocab.sp_model)
-  h.update(f"extra_ids={vocab.extra_ids}".encode())
-  return h.hexdigest()
+    Prepared data records this, so that a loader can refuse token ids produced with a
+    different tokenizer instead of training on garbage.
+    """
+    h = hashlib.sha256(vocab.sp_model)
+    h.update(f"extra_ids={vocab.extra_ids}".encode())
+    return h.hexdigest()
