@@ -36,68 +36,68 @@ STATE, DATA, CONFIG = "state", "data", "config"
 
 
 def _capture_data_state(item: Any) -> dict[str, Any]:
-  """The iterator's state now, as JSON-ready {"format", "state"} (dict or bytes)."""
-  state = item.get_state() if hasattr(item, "get_state") else item
-  if isinstance(state, bytes):
-    return {"format": "bytes", "state": state.decode()}
-  if isinstance(state, Mapping):
-    return {"format": "dict", "state": dict(state)}
-  raise TypeError(
-      f"data iterator state is {type(state).__name__}; expected a dict or bytes from "
-      "get_state(), or a plain dict. Pass the iterator itself or its state dict.")
+    """The iterator's state now, as JSON-ready {"format", "state"} (dict or bytes)."""
+    state = item.get_state() if hasattr(item, "get_state") else item
+    if isinstance(state, bytes):
+        return {"format": "bytes", "state": state.decode()}
+    if isinstance(state, Mapping):
+        return {"format": "dict", "state": dict(state)}
+    raise TypeError(
+        f"data iterator state is {type(state).__name__}; expected a dict or bytes from "
+        "get_state(), or a plain dict. Pass the iterator itself or its state dict.")
 
 
 class _DataStateHandler(ocp.CheckpointHandler):
-  """Writes/reads one JSON file per process (captured state, see `_capture_data_state`)."""
+    """Writes/reads one JSON file per process (captured state, see `_capture_data_state`)."""
 
-  def save(self, directory: epath.Path, *args, **kwargs):
-    args = kwargs.get("args", args[-1] if args else None)
-    path = epath.Path(directory) / _process_file()
-    path.write_text(json.dumps(args.payload))
+    def save(self, directory: epath.Path, *args, **kwargs):
+        args = kwargs.get("args", args[-1] if args else None)
+        path = epath.Path(directory) / _process_file()
+        path.write_text(json.dumps(args.payload))
 
-  def restore(self, directory: epath.Path, *args, **kwargs):
-    path = epath.Path(directory) / _process_file()
-    if not path.exists():
-      raise FileNotFoundError(
-          f"{path} is missing: the checkpoint was written by a run with a different "
-          "number of processes, or without a data iterator.")
-    return json.loads(path.read_text())
+    def restore(self, directory: epath.Path, *args, **kwargs):
+        path = epath.Path(directory) / _process_file()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was written by a run with a different "
+                "number of processes, or without a data iterator.")
+        return json.loads(path.read_text())
 
-  def metadata(self, directory: epath.Path) -> None:
-    return None
+    def metadata(self, directory: epath.Path) -> None:
+        return None
 
-  def finalize(self, directory: epath.Path) -> None:
-    pass
+    def finalize(self, directory: epath.Path) -> None:
+        pass
 
-  def close(self) -> None:
-    pass
+    def close(self) -> None:
+        pass
 
 
 @ocp.args.register_with_handler(_DataStateHandler, for_save=True)
 @dataclasses.dataclass
 class _DataSave(ocp.args.CheckpointArgs):
-  payload: dict[str, Any]
+    payload: dict[str, Any]
 
 
 @ocp.args.register_with_handler(_DataStateHandler, for_restore=True)
 @dataclasses.dataclass
 class _DataRestore(ocp.args.CheckpointArgs):
-  pass
+    pass
 
 
 def _process_file() -> str:
-  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
 def _apply_data_state(payload: dict[str, Any], target: Any) -> Any:
-  """Sets `target`'s state (if it has set_state) and returns the target or the state."""
-  state = payload["state"]
-  if payload["format"] == "bytes":
-    state = state.encode()
-  if target is not None and hasattr(target, "set_state"):
-    target.set_state(state)
-    return target
-  return state
+    """Sets `target`'s state (if it has set_state) and returns the target or the state."""
+    state = payload["state"]
+    if payload["format"] == "bytes":
+        state = state.encode()
+    if target is not None and hasattr(target, "set_state"):
+        target.set_state(state)
+        return target
+    return state
 
 
 # ---------------------------------------------------------------------------
@@ -105,52 +105,52 @@ def _apply_data_state(payload: dict[str, Any], target: Any) -> Any:
 
 
 def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def _check_compatible(stored: Any, target: Any, where: str) -> None:
-  stored_shapes, target_shapes = _flat_shapes(stored), _flat_shapes(target)
-  problems = []
-  for name in sorted(set(stored_shapes) | set(target_shapes)):
-    if name not in stored_shapes:
-      problems.append(f"  {name}: in the model {target_shapes[name]}, not in the checkpoint")
-    elif name not in target_shapes:
-      problems.append(f"  {name}: in the checkpoint {stored_shapes[name]}, not in the model")
-    elif stored_shapes[name] != target_shapes[name]:
-      problems.append(f"  {name}: checkpoint shape {stored_shapes[name]} != model shape "
-                      f"{target_shapes[name]}")
-  if problems:
-    shown = "\n".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
-                                        if len(problems) > 20 else "")
-    raise ValueError(
-        f"the checkpoint at {where} does not match the model ({len(problems)} "
-        f"differences):\n{shown}\nThe model config differs from the one that wrote this "
-        "checkpoint: use the same model config, or a new model_dir. Nothing in the "
-        "checkpoint directory was changed.")
+    stored_shapes, target_shapes = _flat_shapes(stored), _flat_shapes(target)
+    problems = []
+    for name in sorted(set(stored_shapes) | set(target_shapes)):
+        if name not in stored_shapes:
+            problems.append(f"  {name}: in the model {target_shapes[name]}, not in the checkpoint")
+        elif name not in target_shapes:
+            problems.append(f"  {name}: in the checkpoint {stored_shapes[name]}, not in the model")
+        elif stored_shapes[name] != target_shapes[name]:
+            problems.append(f"  {name}: checkpoint shape {stored_shapes[name]} != model shape "
+                            f"{target_shapes[name]}")
+    if problems:
+        shown = "\n".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
+                                            if len(problems) > 20 else "")
+        raise ValueError(
+            f"the checkpoint at {where} does not match the model ({len(problems)} "
+            f"differences):\n{shown}\nThe model config differs from the one that wrote this "
+            "checkpoint: use the same model config, or a new model_dir. Nothing in the "
+            "checkpoint directory was changed.")
 
 
 def abstract_like(state: Any) -> Any:
-  """ShapeDtypeStructs carrying each leaf's sharding: a restore target from a state.
+    """ShapeDtypeStructs carrying each leaf's sharding: a restore target from a state.
 
-  Leaves may be jax.Arrays (a freshly initialised state on the new mesh) or
-  ShapeDtypeStructs (e.g. from `nnx.eval_shape` + shardings). A leaf without a
-  sharding is placed on the first local device.
-  """
-  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    Leaves may be jax.Arrays (a freshly initialised state on the new mesh) or
+    ShapeDtypeStructs (e.g. from `nnx.eval_shape` + shardings). A leaf without a
+    sharding is placed on the first local device.
+    """
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-  def one(x):
-    sharding = getattr(x, "sharding", None) or default
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    def one(x):
+        sharding = getattr(x, "sharding", None) or default
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
-  return jax.tree.map(one, state)
+    return jax.tree.map(one, state)
 
 
 # ---------------------------------------------------------------------------
@@ -159,119 +159,119 @@ def abstract_like(state: Any) -> Any:
 
 @dataclasses.dataclass
 class Restored:
-  """What `restore` returns: the state on the target shardings and the side items."""
+    """What `restore` returns: the state on the target shardings and the side items."""
 
-  step: int
-  state: Any
-  data: Any = None  # the data iterator (state set), or its state if no iterator given
-  config_text: str | None = None
+    step: int
+    state: Any
+    data: Any = None  # the data iterator (state set), or its state if no iterator given
+    config_text: str | None = None
 
 
 class CheckpointManager:
-  """Orbax CheckpointManager with this project's three items and checks.
+    """Orbax CheckpointManager with this project's three items and checks.
 
-  Use as a context manager (or call `close()`): it waits for in-flight async saves on
-  exit, including when the training loop raises, so the last save is never torn.
-  """
-
-  def __init__(self, directory: str | epath.PathLike, *, save_interval_steps: int = 1000,
-               max_to_keep: int | None = 3, async_save: bool = True):
-    if save_interval_steps < 1:
-      raise ValueError(f"save_interval_steps={save_interval_steps} must be ≥ 1.")
-    self.directory = epath.Path(directory)
-    self._save_interval_steps = save_interval_steps
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps,
-        max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save,
-        create=True,
-    )
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=options,
-        item_handlers={
-            STATE: ocp.StandardCheckpointHandler(),
-            DATA: _DataStateHandler(),
-            CONFIG: ocp.JsonCheckpointHandler(),
-        },
-    )
-
-  # -- saving --
-
-  def save(self, step: int, state: Any, *, data_iterator: Any = None,
-           config_text: str | None = None, force: bool = False) -> bool:
-    """Starts saving `state` (and the iterator state, config) at `step` if it is due.
-
-    Due means a multiple of `save_interval_steps` (or `force=True`, e.g. the last
-    step). The data iterator's state is captured now, synchronously, so the loop may
-    advance the iterator while the arrays are being written. Returns whether a save
-    started.
+    Use as a context manager (or call `close()`): it waits for in-flight async saves on
+    exit, including when the training loop raises, so the last save is never torn.
     """
-    # Our own rule rather than orbax's should_save, which also saves the first step
-    # it sees whatever its number: a resumed run would write an off-interval step.
-    if not force and step % self._save_interval_steps:
-      return False
-    items = {STATE: ocp.args.StandardSave(state)}
-    if data_iterator is not None:
-      items[DATA] = _DataSave(_capture_data_state(data_iterator))
-    if config_text is not None:
-      items[CONFIG] = ocp.args.JsonSave({"operative_config": config_text})
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    def __init__(self, directory: str | epath.PathLike, *, save_interval_steps: int = 1000,
+                 max_to_keep: int | None = 3, async_save: bool = True):
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps={save_interval_steps} must be ≥ 1.")
+        self.directory = epath.Path(directory)
+        self._save_interval_steps = save_interval_steps
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps,
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                DATA: _DataStateHandler(),
+                CONFIG: ocp.JsonCheckpointHandler(),
+            },
+        )
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    # -- saving --
 
-  def __enter__(self) -> CheckpointManager:
-    return self
+    def save(self, step: int, state: Any, *, data_iterator: Any = None,
+             config_text: str | None = None, force: bool = False) -> bool:
+        """Starts saving `state` (and the iterator state, config) at `step` if it is due.
 
-  def __exit__(self, *exc_info) -> None:
-    self.close()
+        Due means a multiple of `save_interval_steps` (or `force=True`, e.g. the last
+        step). The data iterator's state is captured now, synchronously, so the loop may
+        advance the iterator while the arrays are being written. Returns whether a save
+        started.
+        """
+        # Our own rule rather than orbax's should_save, which also saves the first step
+        # it sees whatever its number: a resumed run would write an off-interval step.
+        if not force and step % self._save_interval_steps:
+            return False
+        items = {STATE: ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items[DATA] = _DataSave(_capture_data_state(data_iterator))
+        if config_text is not None:
+            items[CONFIG] = ocp.args.JsonSave({"operative_config": config_text})
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  # -- reading --
+    def wait_until_finished(self) -> None:
+        self._manager.wait_until_finished()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    def __enter__(self) -> CheckpointManager:
+        return self
 
-  def restore(self, step: int, target_state: Any, *, data_iterator: Any = None) -> Restored:
-    """Restores `step` onto the shapes, dtypes and shardings of `target_state`.
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
-    `target_state` is the state as the current run would build it (arrays or
-    ShapeDtypeStructs with shardings; see `abstract_like`), possibly on another mesh
-    or rule preset than the one that saved. Raises ValueError, before reading any
-    array, if the stored shapes differ from the target's.
-    """
-    where = self.directory / str(step)
-    stored = self._manager.item_metadata(step)[STATE]
-    _check_compatible(getattr(stored, "tree", stored), target_state, str(where))
-    step_dir_items = {p.name for p in where.iterdir()} if where.exists() else set()
-    items = {STATE: ocp.args.StandardRestore(abstract_like(target_state))}
-    if DATA in step_dir_items:
-      items[DATA] = _DataRestore()
-    if CONFIG in step_dir_items:
-      items[CONFIG] = ocp.args.JsonRestore()
-    out = self._manager.restore(step, args=ocp.args.Composite(**items))
-    data = None
-    if DATA in items:
-      data = _apply_data_state(out[DATA], data_iterator)
-    elif data_iterator is not None:
-      raise ValueError(
-          f"checkpoint {where} has no data iterator state, but a data iterator was given "
-          "to restore; it was saved without one. Restore without data_iterator and "
-          "position the data yourself, or start from a checkpoint that has it.")
-    config_text = out[CONFIG]["operative_config"] if CONFIG in items else None
-    return Restored(step=step, state=out[STATE], data=data, config_text=config_text)
+    # -- reading --
 
-  def restore_latest(self, target_state: Any, *, data_iterator: Any = None
-                     ) -> Restored | None:
-    """Restores the newest finished checkpoint, or returns None if there is none."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    return self.restore(step, target_state, data_iterator=data_iterator)
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore(self, step: int, target_state: Any, *, data_iterator: Any = None) -> Restored:
+        """Restores `step` onto the shapes, dtypes and shardings of `target_state`.
+
+        `target_state` is the state as the current run would build it (arrays or
+        ShapeDtypeStructs with shardings; see `abstract_like`), possibly on another mesh
+        or rule preset than the one that saved. Raises ValueError, before reading any
+        array, if the stored shapes differ from the target's.
+        """
+        where = self.directory / str(step)
+        stored = self._manager.item_metadata(step)[STATE]
+        _check_compatible(getattr(stored, "tree", stored), target_state, str(where))
+        step_dir_items = {p.name for p in where.iterdir()} if where.exists() else set()
+        items = {STATE: ocp.args.StandardRestore(abstract_like(target_state))}
+        if DATA in step_dir_items:
+            items[DATA] = _DataRestore()
+        if CONFIG in step_dir_items:
+            items[CONFIG] = ocp.args.JsonRestore()
+        out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        data = None
+        if DATA in items:
+            data = _apply_data_state(out[DATA], data_iterator)
+        elif data_iterator is not None:
+            raise ValueError(
+                f"checkpoint {where} has no data iterator state, but a data iterator was given "
+                "to restore; it was saved without one. Restore without data_iterator and "
+                "position the data yourself, or start from a checkpoint that has it.")
+        config_text = out[CONFIG]["operative_config"] if CONFIG in items else None
+        return Restored(step=step, state=out[STATE], data=data, config_text=config_text)
+
+    def restore_latest(self, target_state: Any, *, data_iterator: Any = None
+                       ) -> Restored | None:
+        """Restores the newest finished checkpoint, or returns None if there is none."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        return self.restore(step, target_state, data_iterator=data_iterator)

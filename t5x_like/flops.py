@@ -35,106 +35,106 @@ _GATED = ("swiglu", "geglu")
 
 @dataclasses.dataclass(frozen=True)
 class Flops:
-  """One quantity in both conventions (FLOPs, per token or per step as named)."""
+    """One quantity in both conventions (FLOPs, per token or per step as named)."""
 
-  palm: float
-  maxtext: float
+    palm: float
+    maxtext: float
 
-  def __mul__(self, factor: float) -> Flops:
-    return Flops(self.palm * factor, self.maxtext * factor)
+    def __mul__(self, factor: float) -> Flops:
+        return Flops(self.palm * factor, self.maxtext * factor)
 
-  __rmul__ = __mul__
+    __rmul__ = __mul__
 
-  def __truediv__(self, divisor: float) -> Flops:
-    return Flops(self.palm / divisor, self.maxtext / divisor)
+    def __truediv__(self, divisor: float) -> Flops:
+        return Flops(self.palm / divisor, self.maxtext / divisor)
 
 
 def _num_mlp_matrices(cfg) -> int:
-  return 3 if getattr(cfg, "mlp_activation", "swiglu") in _GATED else 2
+    return 3 if getattr(cfg, "mlp_activation", "swiglu") in _GATED else 2
 
 
 def _attention_params(cfg) -> int:
-  D, H, G, K = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  return D * H * K + 2 * D * G * K + H * K * D  # wq, wk + wv, wo
+    D, H, G, K = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    return D * H * K + 2 * D * G * K + H * K * D  # wq, wk + wv, wo
 
 
 def num_params(cfg) -> int:
-  """Parameters of the network `cfg` describes (analytic; equals the NNX model's count).
+    """Parameters of the network `cfg` describes (analytic; equals the NNX model's count).
 
-  Norms: one scale per sub-layer input (a parallel block has one norm, a sequential one
-  has one per sub-layer) plus a final norm per stack, as `layers.py` builds them.
-  """
-  D, F, V = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
-  mlp = _num_mlp_matrices(cfg) * D * F
-  attn = _attention_params(cfg)
-  parallel = cfg.block == "parallel"
-  enc_layer = attn + mlp + (1 if parallel else 2) * D
-  dec_layer = attn + mlp + (1 if parallel else 2) * D
-  if cfg.num_encoder_layers:
-    dec_layer += attn + (0 if parallel else D)  # cross-attention (+ its norm)
-  total = V * D + (0 if cfg.tie_embeddings else D * V) + D  # embed, head, final norm
-  total += cfg.num_decoder_layers * dec_layer
-  if cfg.num_encoder_layers:
-    total += cfg.num_encoder_layers * enc_layer + D  # + encoder's final norm
-  return total
+    Norms: one scale per sub-layer input (a parallel block has one norm, a sequential one
+    has one per sub-layer) plus a final norm per stack, as `layers.py` builds them.
+    """
+    D, F, V = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
+    mlp = _num_mlp_matrices(cfg) * D * F
+    attn = _attention_params(cfg)
+    parallel = cfg.block == "parallel"
+    enc_layer = attn + mlp + (1 if parallel else 2) * D
+    dec_layer = attn + mlp + (1 if parallel else 2) * D
+    if cfg.num_encoder_layers:
+        dec_layer += attn + (0 if parallel else D)  # cross-attention (+ its norm)
+    total = V * D + (0 if cfg.tie_embeddings else D * V) + D  # embed, head, final norm
+    total += cfg.num_decoder_layers * dec_layer
+    if cfg.num_encoder_layers:
+        total += cfg.num_encoder_layers * enc_layer + D  # + encoder's final norm
+    return total
 
 
 def palm_flops_per_token(num_params: float, num_layers: int, num_heads: int,
                          head_dim: int, seq_len: int) -> float:
-  """PaLM appendix B: 6N + 12·L·H·Q·T training FLOPs per token (attention not halved)."""
-  return 6.0 * num_params + 12.0 * num_layers * num_heads * head_dim * seq_len
+    """PaLM appendix B: 6N + 12·L·H·Q·T training FLOPs per token (attention not halved)."""
+    return 6.0 * num_params + 12.0 * num_layers * num_heads * head_dim * seq_len
 
 
 def maxtext_flops_per_token(cfg, seq_len: int) -> float:
-  """MaxText's training FLOPs per token of a decoder-only model (causal attn halved)."""
-  D, F, V = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
-  H, G, K, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_decoder_layers
-  ffn = 2.0 * F * D * _num_mlp_matrices(cfg)
-  qkv = 2.0 * D * (H + 2 * G) * K
-  proj = 2.0 * D * H * K
-  emb = 2.0 * D * V  # unembedding only; the lookup is free
-  attn = 4.0 * seq_len * H * K / 2  # causal: half the T×T square
-  return 3.0 * ((ffn + qkv + proj) * L + emb) + 3.0 * attn * L
+    """MaxText's training FLOPs per token of a decoder-only model (causal attn halved)."""
+    D, F, V = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
+    H, G, K, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_decoder_layers
+    ffn = 2.0 * F * D * _num_mlp_matrices(cfg)
+    qkv = 2.0 * D * (H + 2 * G) * K
+    proj = 2.0 * D * H * K
+    emb = 2.0 * D * V  # unembedding only; the lookup is free
+    attn = 4.0 * seq_len * H * K / 2  # causal: half the T×T square
+    return 3.0 * ((ffn + qkv + proj) * L + emb) + 3.0 * attn * L
 
 
 def decoder_only_flops_per_token(cfg, seq_len: int) -> Flops:
-  """Training FLOPs per token of a decoder-only model at sequence length `seq_len`."""
-  palm = palm_flops_per_token(num_params(cfg), cfg.num_decoder_layers, cfg.num_heads,
-                              cfg.head_dim, seq_len)
-  return Flops(palm=palm, maxtext=maxtext_flops_per_token(cfg, seq_len))
+    """Training FLOPs per token of a decoder-only model at sequence length `seq_len`."""
+    palm = palm_flops_per_token(num_params(cfg), cfg.num_decoder_layers, cfg.num_heads,
+                                cfg.head_dim, seq_len)
+    return Flops(palm=palm, maxtext=maxtext_flops_per_token(cfg, seq_len))
 
 
 def encoder_decoder_flops_per_example(cfg, inputs_len: int, targets_len: int) -> Flops:
-  """Training FLOPs per (inputs, targets) example, SPEC section 3 [D]: 3 × forward."""
-  D, F, V = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
-  H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  S_e, S_d = inputs_len, targets_len
-  n_mlp = _num_mlp_matrices(cfg)
-  dense = D * (H * K + 2 * G * K) + H * K * D + n_mlp * D * F
-  encoder = cfg.num_encoder_layers * (2.0 * S_e * dense + 4.0 * S_e**2 * H * K)
-  cross = 2.0 * S_d * 2 * D * H * K + 2.0 * S_e * 2 * D * G * K + 4.0 * S_d * S_e * H * K
-  logits = 2.0 * S_d * D * V
+    """Training FLOPs per (inputs, targets) example, SPEC section 3 [D]: 3 × forward."""
+    D, F, V = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
+    H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    S_e, S_d = inputs_len, targets_len
+    n_mlp = _num_mlp_matrices(cfg)
+    dense = D * (H * K + 2 * G * K) + H * K * D + n_mlp * D * F
+    encoder = cfg.num_encoder_layers * (2.0 * S_e * dense + 4.0 * S_e**2 * H * K)
+    cross = 2.0 * S_d * 2 * D * H * K + 2.0 * S_e * 2 * D * G * K + 4.0 * S_d * S_e * H * K
+    logits = 2.0 * S_d * D * V
 
-  def forward(causal_fraction: float) -> float:
-    self_attn = 4.0 * S_d**2 * H * K * causal_fraction
-    decoder = cfg.num_decoder_layers * (2.0 * S_d * dense + self_attn + cross)
-    return encoder + decoder + logits
+    def forward(causal_fraction: float) -> float:
+        self_attn = 4.0 * S_d**2 * H * K * causal_fraction
+        decoder = cfg.num_decoder_layers * (2.0 * S_d * dense + self_attn + cross)
+        return encoder + decoder + logits
 
-  return Flops(palm=3.0 * forward(1.0), maxtext=3.0 * forward(0.5))
+    return Flops(palm=3.0 * forward(1.0), maxtext=3.0 * forward(0.5))
 
 
 def train_flops_per_step(cfg, batch_size: int, feature_lengths: dict[str, int]) -> Flops:
-  """Training FLOPs of one step of `batch_size` sequences (whole global batch).
+    """Training FLOPs of one step of `batch_size` sequences (whole global batch).
 
-  `feature_lengths` uses the task's names: {"targets": T} for decoder-only (a prefix-LM
-  packs inputs and targets into T, so pass the packed length), {"inputs": S_e,
-  "targets": S_d} for encoder-decoder. Gradient accumulation does not change it.
-  """
-  if cfg.num_encoder_layers:
-    return encoder_decoder_flops_per_example(
-        cfg, feature_lengths["inputs"], feature_lengths["targets"]) * batch_size
-  seq_len = feature_lengths["targets"] + feature_lengths.get("inputs", 0)
-  return decoder_only_flops_per_token(cfg, seq_len) * (batch_size * seq_len)
+    `feature_lengths` uses the task's names: {"targets": T} for decoder-only (a prefix-LM
+    packs inputs and targets into T, so pass the packed length), {"inputs": S_e,
+    "targets": S_d} for encoder-decoder. Gradient accumulation does not change it.
+    """
+    if cfg.num_encoder_layers:
+        return encoder_decoder_flops_per_example(
+            cfg, feature_lengths["inputs"], feature_lengths["targets"]) * batch_size
+    seq_len = feature_lengths["targets"] + feature_lengths.get("inputs", 0)
+    return decoder_only_flops_per_token(cfg, seq_len) * (batch_size * seq_len)
 
 
 # ---------------------------------------------------------------------------
@@ -152,48 +152,48 @@ PEAK_BF16_FLOPS = (
 
 
 def measure_cpu_peak_flops(n: int = 1024, repeats: int = 7) -> float:
-  """Host matmul rate (FLOP/s): median time of a jitted fp32 n×n matmul on device 0.
+    """Host matmul rate (FLOP/s): median time of a jitted fp32 n×n matmul on device 0.
 
-  XLA:CPU runs one matmul on all host cores, so this is the rate of the whole host.
-  On a shared 2-core machine, other processes move it by tens of percent between runs:
-  measure in the same process as the run it normalises, and read MFU on CPU as a
-  rough efficiency, not a hardware fact.
-  """
-  device = jax.devices("cpu")[0]
-  a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)),
-                                 jnp.float32), device)
-  matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, a).block_until_ready()  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2.0 * n**3 / statistics.median(times)
+    XLA:CPU runs one matmul on all host cores, so this is the rate of the whole host.
+    On a shared 2-core machine, other processes move it by tens of percent between runs:
+    measure in the same process as the run it normalises, and read MFU on CPU as a
+    rough efficiency, not a hardware fact.
+    """
+    device = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)),
+                                   jnp.float32), device)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2.0 * n**3 / statistics.median(times)
 
 
 def peak_flops_per_device(device: Any = None, *, cpu_peak: float | None = None) -> float:
-  """Peak FLOP/s of one device: datasheet for known GPUs, measured on CPU.
+    """Peak FLOP/s of one device: datasheet for known GPUs, measured on CPU.
 
-  On CPU, the emulated devices of one host share its cores, so the per-device peak is
-  the measured host rate (or `cpu_peak`) ÷ the number of local devices; MFU then reads
-  the same whether the work is spread over 8 emulated devices or run on one.
-  """
-  device = device or jax.devices()[0]
-  kind = device.device_kind
-  for name, peak in PEAK_BF16_FLOPS:
-    if name in kind:
-      return peak
-  if device.platform == "cpu":
-    host = cpu_peak if cpu_peak is not None else measure_cpu_peak_flops()
-    return host / jax.local_device_count(backend="cpu")
-  raise ValueError(
-      f"no peak FLOP/s known for device kind {kind!r} (known: "
-      f"{[name for name, _ in PEAK_BF16_FLOPS]}); add it to flops.PEAK_BF16_FLOPS.")
+    On CPU, the emulated devices of one host share its cores, so the per-device peak is
+    the measured host rate (or `cpu_peak`) ÷ the number of local devices; MFU then reads
+    the same whether the work is spread over 8 emulated devices or run on one.
+    """
+    device = device or jax.devices()[0]
+    kind = device.device_kind
+    for name, peak in PEAK_BF16_FLOPS:
+        if name in kind:
+            return peak
+    if device.platform == "cpu":
+        host = cpu_peak if cpu_peak is not None else measure_cpu_peak_flops()
+        return host / jax.local_device_count(backend="cpu")
+    raise ValueError(
+        f"no peak FLOP/s known for device kind {kind!r} (known: "
+        f"{[name for name, _ in PEAK_BF16_FLOPS]}); add it to flops.PEAK_BF16_FLOPS.")
 
 
 def mfu(flops_per_step: Flops, step_time_s: float, num_devices: int,
         peak_per_device: float) -> tuple[Flops, Flops]:
-  """(model TFLOP/s per device, MFU), each in both conventions."""
-  per_device = flops_per_step / (num_devices * step_time_s)
-  return per_device / 1e12, per_device / peak_per_device
+    """(model TFLOP/s per device, MFU), each in both conventions."""
+    per_device = flops_per_step / (num_devices * step_time_s)
+    return per_device / 1e12, per_device / peak_per_device

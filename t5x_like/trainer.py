@@ -48,34 +48,34 @@ _WEIGHT_KEY = "weight_sum"
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-  """An optax transformation and the learning-rate schedule it uses (for logging)."""
+    """An optax transformation and the learning-rate schedule it uses (for logging)."""
 
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
 
 
 _NO_DECAY_NAMES = ("norm", "scale", "bias")
 
 
 def default_decay_mask(params: Any) -> Any:
-  """True for leaves that get weight decay: matrices and embeddings, not norms/biases.
+    """True for leaves that get weight decay: matrices and embeddings, not norms/biases.
 
-  Llama 2's paper says only "weight decay 0.1"; Meta never published which tensors it
-  covers. We follow the GPT-3/OLMo/nanoGPT convention: decay the matmul weights and
-  embeddings, not norm scales or biases (shrinking a norm scale towards 0 fights the
-  normalisation; it is not a capacity control). A leaf is excluded when any part of its
-  path contains "norm", "scale" or "bias", or when it has fewer than 2 dims. The name
-  test matters because under scan_layers a norm scale is 2-D ([layers, embed]).
-  """
+    Llama 2's paper says only "weight decay 0.1"; Meta never published which tensors it
+    covers. We follow the GPT-3/OLMo/nanoGPT convention: decay the matmul weights and
+    embeddings, not norm scales or biases (shrinking a norm scale towards 0 fights the
+    normalisation; it is not a capacity control). A leaf is excluded when any part of its
+    path contains "norm", "scale" or "bias", or when it has fewer than 2 dims. The name
+    test matters because under scan_layers a norm scale is 2-D ([layers, embed]).
+    """
 
-  def _decays(path, leaf) -> bool:
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))).lower()
-             for k in path]
-    if any(bad in name for name in names for bad in _NO_DECAY_NAMES):
-      return False
-    return jnp.ndim(leaf) >= 2
+    def _decays(path, leaf) -> bool:
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))).lower()
+                 for k in path]
+        if any(bad in name for name in names for bad in _NO_DECAY_NAMES):
+            return False
+        return jnp.ndim(leaf) >= 2
 
-  return jax.tree_util.tree_map_with_path(_decays, params)
+    return jax.tree_util.tree_map_with_path(_decays, params)
 
 
 def adamw_llama2(
@@ -91,44 +91,44 @@ def adamw_llama2(
     final_lr_fraction: float = 0.1,
     decay_mask: Any = default_decay_mask,
 ) -> Optimizer:
-  """Llama 2's AdamW (SPEC section 2): β=(0.9, 0.95), eps 1e-5, wd 0.1, clip 1.0.
+    """Llama 2's AdamW (SPEC section 2): β=(0.9, 0.95), eps 1e-5, wd 0.1, clip 1.0.
 
-  Schedule: linear warmup from 0 to `peak_lr` over `warmup_steps`, then cosine down to
-  `final_lr_fraction * peak_lr` at `total_steps` (and constant after). Weight decay is
-  decoupled (AdamW: `p -= lr * wd * p`) and masked by `decay_mask` (see
-  `default_decay_mask`; pass `None` to decay every parameter).
-  """
-  if not 0 <= warmup_steps < total_steps:
-    raise ValueError(
-        f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps}); "
-        "raise total_steps or shorten the warmup.")
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=peak_lr,
-      warmup_steps=warmup_steps,
-      decay_steps=total_steps,
-      end_value=final_lr_fraction * peak_lr,
-  )
-  tx = optax.chain(
-      optax.clip_by_global_norm(clip_norm),
-      optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                  mask=decay_mask),
-  )
-  return Optimizer(tx=tx, schedule=schedule)
+    Schedule: linear warmup from 0 to `peak_lr` over `warmup_steps`, then cosine down to
+    `final_lr_fraction * peak_lr` at `total_steps` (and constant after). Weight decay is
+    decoupled (AdamW: `p -= lr * wd * p`) and masked by `decay_mask` (see
+    `default_decay_mask`; pass `None` to decay every parameter).
+    """
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps}); "
+            "raise total_steps or shorten the warmup.")
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak_lr,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=final_lr_fraction * peak_lr,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                    mask=decay_mask),
+    )
+    return Optimizer(tx=tx, schedule=schedule)
 
 
 def palm_schedule(base_lr: float = 1e-2, constant_steps: int = 10_000) -> optax.Schedule:
-  """PaLM's learning rate: `base_lr` for `constant_steps`, then ∝ 1/√k, continuous.
+    """PaLM's learning rate: `base_lr` for `constant_steps`, then ∝ 1/√k, continuous.
 
-  lr(k) = base_lr·√(constant_steps / max(k, constant_steps)); with the paper's 1e-2 and
-  10k steps that is exactly 1e-2 for k < 10,000 and 1/√k after.
-  """
+    lr(k) = base_lr·√(constant_steps / max(k, constant_steps)); with the paper's 1e-2 and
+    10k steps that is exactly 1e-2 for k < 10,000 and 1/√k after.
+    """
 
-  def schedule(count):
-    k = jnp.maximum(jnp.asarray(count, jnp.float32), float(constant_steps))
-    return base_lr * jnp.sqrt(float(constant_steps) / k)
+    def schedule(count):
+        k = jnp.maximum(jnp.asarray(count, jnp.float32), float(constant_steps))
+        return base_lr * jnp.sqrt(float(constant_steps) / k)
 
-  return schedule
+    return schedule
 
 
 def adafactor_palm(
@@ -142,44 +142,44 @@ def adafactor_palm(
     weight_decay_lr_exponent: float = 2.0,
     decay_mask: Any = None,
 ) -> Optimizer:
-  """PaLM's Adafactor (SPEC section 2): Adam with parameter scaling, no factorisation.
+    """PaLM's Adafactor (SPEC section 2): Adam with parameter scaling, no factorisation.
 
-  - second moment: β2(k) = 1 − k^−0.8 for the k-th update (k = 1, 2, ...), which is
-    optax's `decay_rate=0.8` (it uses (count+1)^−0.8 with count from 0); unfactored
-    (`factored=False`), i.e. a full per-parameter v;
-  - global-norm clip 1.0 on the raw gradients; first moment β1 = 0.9 (applied, as in
-    T5X/optax Adafactor, to the lr- and parameter-scaled update, without debiasing);
-  - parameter scaling: the update is multiplied by RMS(param) (floor 1e-3);
-  - dynamic weight decay lr(k)^2 (T5X's `weight_decay_rate_lr_exponent=2`),
-    decoupled: `p -= lr² · p`; applied to every parameter unless `decay_mask` says
-    otherwise.
-  - Adafactor's own update clipping (RMS ≤ d) is not in PaLM's description; it is off
-    by default and available as `update_clipping=1.0`.
-  """
-  schedule = palm_schedule(base_lr, constant_steps)
+    - second moment: β2(k) = 1 − k^−0.8 for the k-th update (k = 1, 2, ...), which is
+      optax's `decay_rate=0.8` (it uses (count+1)^−0.8 with count from 0); unfactored
+      (`factored=False`), i.e. a full per-parameter v;
+    - global-norm clip 1.0 on the raw gradients; first moment β1 = 0.9 (applied, as in
+      T5X/optax Adafactor, to the lr- and parameter-scaled update, without debiasing);
+    - parameter scaling: the update is multiplied by RMS(param) (floor 1e-3);
+    - dynamic weight decay lr(k)^2 (T5X's `weight_decay_rate_lr_exponent=2`),
+      decoupled: `p -= lr² · p`; applied to every parameter unless `decay_mask` says
+      otherwise.
+    - Adafactor's own update clipping (RMS ≤ d) is not in PaLM's description; it is off
+      by default and available as `update_clipping=1.0`.
+    """
+    schedule = palm_schedule(base_lr, constant_steps)
 
-  def weight_decay(count):
-    return schedule(count) ** weight_decay_lr_exponent
+    def weight_decay(count):
+        return schedule(count) ** weight_decay_lr_exponent
 
-  tx = optax.chain(
-      optax.clip_by_global_norm(clip_norm),
-      optax.adafactor(
-          learning_rate=schedule,
-          factored=False,
-          decay_rate=decay_rate,
-          multiply_by_parameter_scale=True,
-          clipping_threshold=update_clipping,
-          momentum=b1,
-          weight_decay_rate=weight_decay,
-          weight_decay_mask=decay_mask,
-      ),
-  )
-  return Optimizer(tx=tx, schedule=schedule)
+    tx = optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adafactor(
+            learning_rate=schedule,
+            factored=False,
+            decay_rate=decay_rate,
+            multiply_by_parameter_scale=True,
+            clipping_threshold=update_clipping,
+            momentum=b1,
+            weight_decay_rate=weight_decay,
+            weight_decay_mask=decay_mask,
+        ),
+    )
+    return Optimizer(tx=tx, schedule=schedule)
 
 
 def adafactor_beta2(step: int | jax.Array, decay_rate: float = 0.8) -> jax.Array:
-  """β2 Adafactor uses for the `step`-th update (1-based): 1 − step^−decay_rate."""
-  return 1.0 - jnp.asarray(step, jnp.float32) ** (-decay_rate)
+    """β2 Adafactor uses for the `step`-th update (1-based): 1 − step^−decay_rate."""
+    return 1.0 - jnp.asarray(step, jnp.float32) ** (-decay_rate)
 
 
 # ---------------------------------------------------------------------------
@@ -187,35 +187,35 @@ def adafactor_beta2(step: int | jax.Array, decay_rate: float = 0.8) -> jax.Array
 
 
 class TrainState(nnx.Module):
-  """The model, its optimizer state, and the step counter (`optimizer.step`)."""
+    """The model, its optimizer state, and the step counter (`optimizer.step`)."""
 
-  def __init__(self, model: nnx.Module, tx: optax.GradientTransformation):
-    self.model = model
-    self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation):
+        self.model = model
+        self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-  @property
-  def step(self) -> jax.Array:
-    return self.optimizer.step[...]
+    @property
+    def step(self) -> jax.Array:
+        return self.optimizer.step[...]
 
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation
                        ) -> tuple[nnx.GraphDef, nnx.State]:
-  """Wraps `model` with an optimizer and splits it: (static graphdef, array pytree).
+    """Wraps `model` with an optimizer and splits it: (static graphdef, array pytree).
 
-  For a sharded model call this inside `jax.set_mesh(mesh)` and the logical axis rules,
-  as partitioning's sharded init does, so the optimizer state inherits the shardings.
-  """
-  return nnx.split(TrainState(model, tx))
+    For a sharded model call this inside `jax.set_mesh(mesh)` and the logical axis rules,
+    as partitioning's sharded init does, so the optimizer state inherits the shardings.
+    """
+    return nnx.split(TrainState(model, tx))
 
 
 def state_shardings(state: nnx.State) -> nnx.State:
-  """The sharding of every array in `state` (to pin jit in/out shardings)."""
-  return jax.tree.map(lambda x: x.sharding, state)
+    """The sharding of every array in `state` (to pin jit in/out shardings)."""
+    return jax.tree.map(lambda x: x.sharding, state)
 
 
 def params_of(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.State:
-  """The model's parameters (an nnx.State of arrays) inside a train-state pytree."""
-  return nnx.state(nnx.merge(graphdef, state).model, nnx.Param)
+    """The model's parameters (an nnx.State of arrays) inside a train-state pytree."""
+    return nnx.state(nnx.merge(graphdef, state).model, nnx.Param)
 
 
 # ---------------------------------------------------------------------------
@@ -223,49 +223,49 @@ def params_of(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.State:
 
 
 def _split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Array]:
-  """[B, ...] → [k, B/k, ...], microbatch i = rows i, i+k, i+2k, ...
+    """[B, ...] → [k, B/k, ...], microbatch i = rows i, i+k, i+2k, ...
 
-  Strided, not contiguous: each device's contiguous block of rows reshapes locally to
-  (B/(k·devices), k), so no example moves between devices; the order of examples does
-  not matter to a token-weighted mean.
-  """
-  out = {}
-  for name, x in batch.items():
-    if x.shape[0] % num_microbatches:
-      raise ValueError(
-          f"batch feature {name!r} has {x.shape[0]} examples, not divisible by "
-          f"num_microbatches={num_microbatches}; pick a batch size that is a multiple.")
-    x = x.reshape((x.shape[0] // num_microbatches, num_microbatches) + x.shape[1:])
-    out[name] = jnp.swapaxes(x, 0, 1)
-  return out
+    Strided, not contiguous: each device's contiguous block of rows reshapes locally to
+    (B/(k·devices), k), so no example moves between devices; the order of examples does
+    not matter to a token-weighted mean.
+    """
+    out = {}
+    for name, x in batch.items():
+        if x.shape[0] % num_microbatches:
+            raise ValueError(
+                f"batch feature {name!r} has {x.shape[0]} examples, not divisible by "
+                f"num_microbatches={num_microbatches}; pick a batch size that is a multiple.")
+        x = x.reshape((x.shape[0] // num_microbatches, num_microbatches) + x.shape[1:])
+        out[name] = jnp.swapaxes(x, 0, 1)
+    return out
 
 
 def _combine_metrics(metrics_K: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Exact combination of stacked per-microbatch metrics (leading axis K)."""
-  weight_K = metrics_K[_WEIGHT_KEY].astype(jnp.float32)
-  total_weight = jnp.sum(weight_K)
-  out = {}
-  for name, value_K in metrics_K.items():
-    value_K = value_K.astype(jnp.float32)
-    if name.endswith(_SUM_SUFFIX) or name in _COUNT_KEYS:
-      out[name] = jnp.sum(value_K)
-    else:
-      out[name] = jnp.sum(value_K * weight_K) / jnp.maximum(total_weight, 1e-8)
-  return out
+    """Exact combination of stacked per-microbatch metrics (leading axis K)."""
+    weight_K = metrics_K[_WEIGHT_KEY].astype(jnp.float32)
+    total_weight = jnp.sum(weight_K)
+    out = {}
+    for name, value_K in metrics_K.items():
+        value_K = value_K.astype(jnp.float32)
+        if name.endswith(_SUM_SUFFIX) or name in _COUNT_KEYS:
+            out[name] = jnp.sum(value_K)
+        else:
+            out[name] = jnp.sum(value_K * weight_K) / jnp.maximum(total_weight, 1e-8)
+    return out
 
 
 def _check_metrics(metrics: Mapping[str, Any]) -> None:
-  if _WEIGHT_KEY not in metrics:
-    raise KeyError(
-        f"loss_fn metrics lack {_WEIGHT_KEY!r} (got {sorted(metrics)}); gradient "
-        "accumulation needs each microbatch's loss-weight total, see the model contract "
-        "in docs/CONTRACTS.md.")
+    if _WEIGHT_KEY not in metrics:
+        raise KeyError(
+            f"loss_fn metrics lack {_WEIGHT_KEY!r} (got {sorted(metrics)}); gradient "
+            "accumulation needs each microbatch's loss-weight total, see the model contract "
+            "in docs/CONTRACTS.md.")
 
 
 def _in_shardings(state_sharding, batch_sharding, *rest):
-  if state_sharding is None and batch_sharding is None:
-    return None  # let jit take the inputs' own shardings
-  return (state_sharding, batch_sharding, *rest)
+    if state_sharding is None and batch_sharding is None:
+        return None  # let jit take the inputs' own shardings
+    return (state_sharding, batch_sharding, *rest)
 
 
 def make_train_step(
@@ -278,80 +278,80 @@ def make_train_step(
     batch_sharding: Any = None,
     donate: bool = True,
 ) -> Callable[[nnx.State, Batch, jax.Array], tuple[nnx.State, dict[str, jax.Array]]]:
-  """Builds `train_step(state, batch, key) -> (new_state, metrics)`, jitted.
+    """Builds `train_step(state, batch, key) -> (new_state, metrics)`, jitted.
 
-  Args:
-    graphdef: from `create_train_state`.
-    loss_fn: the model contract's `loss_fn(module, batch, rng) -> (loss, metrics)`.
-    schedule: the optimizer's schedule, to report `learning_rate` (the rate used for
-      this step's update).
-    num_microbatches: gradient accumulation: the global batch is split into this many
-      microbatches along the batch dimension, run one after another (lax.scan).
-    state_sharding, batch_sharding: shardings of the state pytree and of the batch
-      (e.g. `state_shardings(state)` and a NamedSharding over the batch axes); None lets
-      jit propagate whatever the inputs carry. The output state keeps `state_sharding`.
-    donate: donate the input state buffers (the caller must not use them afterwards).
+    Args:
+      graphdef: from `create_train_state`.
+      loss_fn: the model contract's `loss_fn(module, batch, rng) -> (loss, metrics)`.
+      schedule: the optimizer's schedule, to report `learning_rate` (the rate used for
+        this step's update).
+      num_microbatches: gradient accumulation: the global batch is split into this many
+        microbatches along the batch dimension, run one after another (lax.scan).
+      state_sharding, batch_sharding: shardings of the state pytree and of the batch
+        (e.g. `state_shardings(state)` and a NamedSharding over the batch axes); None lets
+        jit propagate whatever the inputs carry. The output state keeps `state_sharding`.
+      donate: donate the input state buffers (the caller must not use them afterwards).
 
-  `key` is `jax.random.key(seed)`, the same every step: the step's rng is
-  `fold_in(key, step)`, microbatch i's is `fold_in(that, i)`.
-  Metrics: the model's metrics combined exactly over microbatches, plus
-  `learning_rate`, `grad_norm` (global L2 norm before clipping) and `param_norm`.
-  """
-  if num_microbatches < 1:
-    raise ValueError(f"num_microbatches={num_microbatches} must be ≥ 1.")
+    `key` is `jax.random.key(seed)`, the same every step: the step's rng is
+    `fold_in(key, step)`, microbatch i's is `fold_in(that, i)`.
+    Metrics: the model's metrics combined exactly over microbatches, plus
+    `learning_rate`, `grad_norm` (global L2 norm before clipping) and `param_norm`.
+    """
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches={num_microbatches} must be ≥ 1.")
 
-  def step_fn(state: nnx.State, batch: Batch, key: jax.Array):
-    train_state = nnx.merge(graphdef, state)
-    model = train_state.model
-    step = train_state.optimizer.step[...]
-    step_key = jax.random.fold_in(key, step)
-    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+    def step_fn(state: nnx.State, batch: Batch, key: jax.Array):
+        train_state = nnx.merge(graphdef, state)
+        model = train_state.model
+        step = train_state.optimizer.step[...]
+        step_key = jax.random.fold_in(key, step)
+        model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def grads_and_metrics(microbatch, rng):
-      def pure_loss(p):
-        # loss_fn must not mutate the module: anything it changed would be dropped.
-        return loss_fn(nnx.merge(model_def, p, rest), microbatch, rng)
+        def grads_and_metrics(microbatch, rng):
+            def pure_loss(p):
+                # loss_fn must not mutate the module: anything it changed would be dropped.
+                return loss_fn(nnx.merge(model_def, p, rest), microbatch, rng)
 
-      (_, metrics), grads = jax.value_and_grad(pure_loss, has_aux=True)(params)
-      _check_metrics(metrics)
-      return grads, metrics
+            (_, metrics), grads = jax.value_and_grad(pure_loss, has_aux=True)(params)
+            _check_metrics(metrics)
+            return grads, metrics
 
-    if num_microbatches == 1:
-      grads, metrics = grads_and_metrics(batch, jax.random.fold_in(step_key, 0))
-      metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-    else:
-      micro_KB = _split_microbatches(batch, num_microbatches)
+        if num_microbatches == 1:
+            grads, metrics = grads_and_metrics(batch, jax.random.fold_in(step_key, 0))
+            metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        else:
+            micro_KB = _split_microbatches(batch, num_microbatches)
 
-      def body(grad_sum, xs):
-        index, microbatch = xs
-        grads, metrics = grads_and_metrics(microbatch, jax.random.fold_in(step_key, index))
-        weight = metrics[_WEIGHT_KEY].astype(jnp.float32)
-        # loss_i = S_i / W_i, so W_i·∇loss_i summed and divided by ΣW_i = ∇(ΣS_i / ΣW_i).
-        grad_sum = jax.tree.map(
-            lambda acc, g: acc + weight * g.astype(jnp.float32), grad_sum, grads)
-        return grad_sum, metrics
+            def body(grad_sum, xs):
+                index, microbatch = xs
+                grads, metrics = grads_and_metrics(microbatch, jax.random.fold_in(step_key, index))
+                weight = metrics[_WEIGHT_KEY].astype(jnp.float32)
+                # loss_i = S_i / W_i, so Σ W_i·∇loss_i / Σ W_i = ∇(Σ S_i / Σ W_i).
+                grad_sum = jax.tree.map(
+                    lambda acc, g: acc + weight * g.astype(jnp.float32), grad_sum, grads)
+                return grad_sum, metrics
 
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      indices = jnp.arange(num_microbatches)
-      grad_sum, metrics_K = jax.lax.scan(body, zeros, (indices, micro_KB))
-      metrics = _combine_metrics(metrics_K)
-      total_weight = jnp.maximum(metrics[_WEIGHT_KEY], 1e-8)
-      grads = jax.tree.map(lambda g, p: (g / total_weight).astype(p.dtype),
-                           grad_sum, params)
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            indices = jnp.arange(num_microbatches)
+            grad_sum, metrics_K = jax.lax.scan(body, zeros, (indices, micro_KB))
+            metrics = _combine_metrics(metrics_K)
+            total_weight = jnp.maximum(metrics[_WEIGHT_KEY], 1e-8)
+            grads = jax.tree.map(lambda g, p: (g / total_weight).astype(p.dtype),
+                                 grad_sum, params)
 
-    metrics["grad_norm"] = optax.global_norm(grads)
-    if schedule is not None:
-      metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
-    train_state.optimizer.update(model, grads)
-    metrics["param_norm"] = optax.global_norm(nnx.state(model, nnx.Param))
-    return nnx.state(train_state), metrics
+        metrics["grad_norm"] = optax.global_norm(grads)
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
+        train_state.optimizer.update(model, grads)
+        metrics["param_norm"] = optax.global_norm(nnx.state(model, nnx.Param))
+        return nnx.state(train_state), metrics
 
-  return jax.jit(
-      step_fn,
-      in_shardings=_in_shardings(state_sharding, batch_sharding, None),
-      out_shardings=(state_sharding, None) if state_sharding is not None else None,
-      donate_argnums=(0,) if donate else (),
-  )
+    return jax.jit(
+        step_fn,
+        in_shardings=_in_shardings(state_sharding, batch_sharding, None),
+        out_shardings=(state_sharding, None) if state_sharding is not None else None,
+        donate_argnums=(0,) if donate else (),
+    )
 
 
 def make_eval_step(
@@ -361,38 +361,38 @@ def make_eval_step(
     state_sharding: Any = None,
     batch_sharding: Any = None,
 ) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
-  """Builds `eval_step(state, batch) -> metric sums`, jitted; nothing is donated.
+    """Builds `eval_step(state, batch) -> metric sums`, jitted; nothing is donated.
 
-  Returns only additive quantities (`*_sum`, `num_tokens`) so batches add up exactly;
-  `summarize_eval` turns the totals into means.
-  """
+    Returns only additive quantities (`*_sum`, `num_tokens`) so batches add up exactly;
+    `summarize_eval` turns the totals into means.
+    """
 
-  def step_fn(state: nnx.State, batch: Batch):
-    model = nnx.merge(graphdef, state).model
-    _, metrics = loss_fn(model, batch, None)
-    _check_metrics(metrics)
-    return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()
-            if k.endswith(_SUM_SUFFIX) or k in _COUNT_KEYS}
+    def step_fn(state: nnx.State, batch: Batch):
+        model = nnx.merge(graphdef, state).model
+        _, metrics = loss_fn(model, batch, None)
+        _check_metrics(metrics)
+        return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()
+                if k.endswith(_SUM_SUFFIX) or k in _COUNT_KEYS}
 
-  return jax.jit(step_fn, in_shardings=_in_shardings(state_sharding, batch_sharding))
+    return jax.jit(step_fn, in_shardings=_in_shardings(state_sharding, batch_sharding))
 
 
 def accumulate(total: dict[str, Any] | None, sums: Mapping[str, Any]) -> dict[str, Any]:
-  """Adds one eval step's sums into a running total (None starts one)."""
-  if total is None:
-    return dict(sums)
-  return {k: total[k] + sums[k] for k in total}
+    """Adds one eval step's sums into a running total (None starts one)."""
+    if total is None:
+        return dict(sums)
+    return {k: total[k] + sums[k] for k in total}
 
 
 def summarize_eval(totals: Mapping[str, Any]) -> dict[str, float]:
-  """Means from summed eval metrics: loss = (nll + z_loss) / weight, accuracy, ..."""
-  weight = max(float(totals[_WEIGHT_KEY]), 1e-8)
-  out = {k: float(v) for k, v in totals.items()}
-  if "nll_sum" in totals:
-    out["nll"] = float(totals["nll_sum"]) / weight
-    out["loss"] = (float(totals["nll_sum"]) + float(totals.get("z_loss_sum", 0.0))) / weight
-  if "z_loss_sum" in totals:
-    out["z_loss"] = float(totals["z_loss_sum"]) / weight
-  if "correct_sum" in totals:
-    out["accuracy"] = float(totals["correct_sum"]) / weight
-  return out
+    """Means from summed eval metrics: loss = (nll + z_loss) / weight, accuracy, ..."""
+    weight = max(float(totals[_WEIGHT_KEY]), 1e-8)
+    out = {k: float(v) for k, v in totals.items()}
+    if "nll_sum" in totals:
+        out["nll"] = float(totals["nll_sum"]) / weight
+        out["loss"] = (float(totals["nll_sum"]) + float(totals.get("z_loss_sum", 0.0))) / weight
+    if "z_loss_sum" in totals:
+        out["z_loss"] = float(totals["z_loss_sum"]) / weight
+    if "correct_sum" in totals:
+        out["accuracy"] = float(totals["correct_sum"]) / weight
+    return out

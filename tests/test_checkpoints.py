@@ -17,34 +17,34 @@ _ADAMW = trainer.adamw_llama2(1e-2, warmup_steps=1, total_steps=20)
 
 
 class _Iterator:
-  """Stand-in for the grain loader's iterator: get_state/set_state of a few ints."""
+    """Stand-in for the grain loader's iterator: get_state/set_state of a few ints."""
 
-  def __init__(self, as_bytes=False):
-    self.next_index, self.as_bytes = 0, as_bytes
+    def __init__(self, as_bytes=False):
+        self.next_index, self.as_bytes = 0, as_bytes
 
-  def __next__(self):
-    self.next_index += 1
-    return _batch(self.next_index)
+    def __next__(self):
+        self.next_index += 1
+        return _batch(self.next_index)
 
-  def get_state(self):
-    state = {"next_index": self.next_index}
-    return repr(state).replace("'", '"').encode() if self.as_bytes else state
+    def get_state(self):
+        state = {"next_index": self.next_index}
+        return repr(state).replace("'", '"').encode() if self.as_bytes else state
 
-  def set_state(self, state):
-    import json
-    self.next_index = (json.loads(state) if self.as_bytes else state)["next_index"]
+    def set_state(self, state):
+        import json
+        self.next_index = (json.loads(state) if self.as_bytes else state)["next_index"]
 
 
 def _batch(seed):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(1, CFG.vocab_size, (B, L + 1)).astype(np.int32)
-  return {"decoder_input_tokens": jnp.asarray(tokens[:, :-1]),
-          "decoder_target_tokens": jnp.asarray(tokens[:, 1:]),
-          "decoder_loss_weights": jnp.ones((B, L), jnp.int32)}
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, CFG.vocab_size, (B, L + 1)).astype(np.int32)
+    return {"decoder_input_tokens": jnp.asarray(tokens[:, :-1]),
+            "decoder_target_tokens": jnp.asarray(tokens[:, 1:]),
+            "decoder_loss_weights": jnp.ones((B, L), jnp.int32)}
 
 
 def _state(seed=0, cfg=CFG):
-  return trainer.create_train_state(models.DecoderOnlyModel(cfg).make_module(seed), _ADAMW.tx)
+    return trainer.create_train_state(models.DecoderOnlyModel(cfg).make_module(seed), _ADAMW.tx)
 
 
 _GRAPHDEF, _ = _state()
@@ -53,158 +53,158 @@ _STEP = trainer.make_train_step(_GRAPHDEF, models.DecoderOnlyModel(CFG).loss_fn,
 
 
 def _assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
 def _listing(path):
-  return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
 def test_round_trip_with_iterator_state_and_config(tmp_path):
-  _, state = _state(0)
-  it = _Iterator()
-  for _ in range(2):
-    state, _ = _STEP(state, next(it), jax.random.key(0))
-  with checkpoints.CheckpointManager(tmp_path, save_interval_steps=1) as mgr:
-    assert mgr.save(2, state, data_iterator=it, config_text="TRAIN_STEPS = 10\n")
-  _, fresh = _state(1)  # different init: a restore must overwrite every leaf
-  new_it = _Iterator()
-  with checkpoints.CheckpointManager(tmp_path) as mgr:
-    restored = mgr.restore_latest(fresh, data_iterator=new_it)
-  assert restored.step == 2
-  _assert_trees_equal(restored.state, state)
-  assert restored.data is new_it and new_it.next_index == 2
-  assert restored.config_text == "TRAIN_STEPS = 10\n"
+    _, state = _state(0)
+    it = _Iterator()
+    for _ in range(2):
+        state, _ = _STEP(state, next(it), jax.random.key(0))
+    with checkpoints.CheckpointManager(tmp_path, save_interval_steps=1) as mgr:
+        assert mgr.save(2, state, data_iterator=it, config_text="TRAIN_STEPS = 10\n")
+    _, fresh = _state(1)  # different init: a restore must overwrite every leaf
+    new_it = _Iterator()
+    with checkpoints.CheckpointManager(tmp_path) as mgr:
+        restored = mgr.restore_latest(fresh, data_iterator=new_it)
+    assert restored.step == 2
+    _assert_trees_equal(restored.state, state)
+    assert restored.data is new_it and new_it.next_index == 2
+    assert restored.config_text == "TRAIN_STEPS = 10\n"
 
 
 def test_bytes_state_plain_dict_and_grain_iterator(tmp_path):
-  import grain
+    import grain
 
-  _, state = _state(0)
-  it = _Iterator(as_bytes=True)
-  next(it), next(it), next(it)
-  ds_it = iter(grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset())
-  seen = [next(ds_it) for _ in range(5)]
-  with checkpoints.CheckpointManager(tmp_path, save_interval_steps=1) as mgr:
-    mgr.save(1, state, data_iterator=it)
-    mgr.save(2, state, data_iterator={"next_index": 7})
-    mgr.save(3, state, data_iterator=ds_it)
-  expected_next = next(ds_it)
-  with checkpoints.CheckpointManager(tmp_path) as mgr:
-    assert mgr.restore(1, state, data_iterator=_Iterator(as_bytes=True)).data.next_index == 3
-    assert mgr.restore(2, state).data == {"next_index": 7}
-    new_ds_it = iter(grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset())
-    mgr.restore(3, state, data_iterator=new_ds_it)
-  assert next(new_ds_it) == expected_next and expected_next not in seen
+    _, state = _state(0)
+    it = _Iterator(as_bytes=True)
+    next(it), next(it), next(it)
+    ds_it = iter(grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset())
+    seen = [next(ds_it) for _ in range(5)]
+    with checkpoints.CheckpointManager(tmp_path, save_interval_steps=1) as mgr:
+        mgr.save(1, state, data_iterator=it)
+        mgr.save(2, state, data_iterator={"next_index": 7})
+        mgr.save(3, state, data_iterator=ds_it)
+    expected_next = next(ds_it)
+    with checkpoints.CheckpointManager(tmp_path) as mgr:
+        assert mgr.restore(1, state, data_iterator=_Iterator(as_bytes=True)).data.next_index == 3
+        assert mgr.restore(2, state).data == {"next_index": 7}
+        new_ds_it = iter(grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset())
+        mgr.restore(3, state, data_iterator=new_ds_it)
+    assert next(new_ds_it) == expected_next and expected_next not in seen
 
 
 def test_save_interval_and_keep_last_k(tmp_path):
-  _, state = _state(0)
-  with checkpoints.CheckpointManager(tmp_path, save_interval_steps=2, max_to_keep=2) as mgr:
-    started = [mgr.save(step, state) for step in range(1, 8)]
-    mgr.wait_until_finished()
-    assert started == [False, True, False, True, False, True, False]
-    assert mgr.all_steps() == [4, 6]
-    assert mgr.save(7, state, force=True)  # the last step of a run, off the interval
-    mgr.wait_until_finished()
-    assert mgr.all_steps() == [6, 7] and mgr.latest_step() == 7
+    _, state = _state(0)
+    with checkpoints.CheckpointManager(tmp_path, save_interval_steps=2, max_to_keep=2) as mgr:
+        started = [mgr.save(step, state) for step in range(1, 8)]
+        mgr.wait_until_finished()
+        assert started == [False, True, False, True, False, True, False]
+        assert mgr.all_steps() == [4, 6]
+        assert mgr.save(7, state, force=True)  # the last step of a run, off the interval
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [6, 7] and mgr.latest_step() == 7
 
 
 def test_resume_from_latest_equals_uninterrupted_run(tmp_path):
-  key = jax.random.key(0)
-  _, straight = _state(0)
-  for i in range(4):
-    straight, _ = _STEP(straight, _batch(i), key)
+    key = jax.random.key(0)
+    _, straight = _state(0)
+    for i in range(4):
+        straight, _ = _STEP(straight, _batch(i), key)
 
-  _, state = _state(0)
-  with checkpoints.CheckpointManager(tmp_path, save_interval_steps=2) as mgr:
-    for i in range(3):  # "crash" after step 3; the last save was after step 2
-      state, _ = _STEP(state, _batch(i), key)
-      mgr.save(i + 1, state)
-  _, fresh = _state(5)
-  with checkpoints.CheckpointManager(tmp_path, save_interval_steps=2) as mgr:
-    restored = mgr.restore_latest(fresh)
-  state = restored.state
-  assert restored.step == 2 and int(jax.device_get(state["optimizer"]["step"][...])) == 2
-  for i in range(restored.step, 4):
-    state, _ = _STEP(state, _batch(i), key)
-  _assert_trees_equal(state, straight)
+    _, state = _state(0)
+    with checkpoints.CheckpointManager(tmp_path, save_interval_steps=2) as mgr:
+        for i in range(3):  # "crash" after step 3; the last save was after step 2
+            state, _ = _STEP(state, _batch(i), key)
+            mgr.save(i + 1, state)
+    _, fresh = _state(5)
+    with checkpoints.CheckpointManager(tmp_path, save_interval_steps=2) as mgr:
+        restored = mgr.restore_latest(fresh)
+    state = restored.state
+    assert restored.step == 2 and int(jax.device_get(state["optimizer"]["step"][...])) == 2
+    for i in range(restored.step, 4):
+        state, _ = _STEP(state, _batch(i), key)
+    _assert_trees_equal(state, straight)
 
 
 def _shard(state, mesh, axes):
-  """Shards each leaf's largest divisible dim over `axes` (fsdp-like), else replicates."""
-  size = int(np.prod([mesh.shape[a] for a in axes]))
+    """Shards each leaf's largest divisible dim over `axes` (fsdp-like), else replicates."""
+    size = int(np.prod([mesh.shape[a] for a in axes]))
 
-  def spec(x):
-    dims = [d for d in np.argsort(x.shape)[::-1] if x.shape[d] % size == 0 and x.shape[d] > 1]
-    if not dims:
-      return NamedSharding(mesh, P())
-    parts = [None] * x.ndim
-    parts[dims[0]] = axes if len(axes) > 1 else axes[0]
-    return NamedSharding(mesh, P(*parts))
+    def spec(x):
+        dims = [d for d in np.argsort(x.shape)[::-1] if x.shape[d] % size == 0 and x.shape[d] > 1]
+        if not dims:
+            return NamedSharding(mesh, P())
+        parts = [None] * x.ndim
+        parts[dims[0]] = axes if len(axes) > 1 else axes[0]
+        return NamedSharding(mesh, P(*parts))
 
-  return jax.device_put(state, jax.tree.map(spec, state))
+    return jax.device_put(state, jax.tree.map(spec, state))
 
 
 def test_resharded_restore_fsdp8_to_fsdp_tp_2x4(tmp_path):
-  devices = np.array(jax.devices()[:8])
-  fsdp = Mesh(devices.reshape(8), ("fsdp",), axis_types=(AxisType.Auto,))
-  fsdp_tp = Mesh(devices.reshape(2, 4), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
-  _, state = _state(0)
-  state, _ = _STEP(state, _batch(0), jax.random.key(0))
-  saved = _shard(state, fsdp, ("fsdp",))
-  assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
-             for x in jax.tree.leaves(saved))
-  with checkpoints.CheckpointManager(tmp_path, save_interval_steps=1) as mgr:
-    mgr.save(1, saved)
+    devices = np.array(jax.devices()[:8])
+    fsdp = Mesh(devices.reshape(8), ("fsdp",), axis_types=(AxisType.Auto,))
+    fsdp_tp = Mesh(devices.reshape(2, 4), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    _, state = _state(0)
+    state, _ = _STEP(state, _batch(0), jax.random.key(0))
+    saved = _shard(state, fsdp, ("fsdp",))
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(saved))
+    with checkpoints.CheckpointManager(tmp_path, save_interval_steps=1) as mgr:
+        mgr.save(1, saved)
 
-  # target: the layout a 2x4 fsdp_tp run would build (here: tensor on the largest dim,
-  # fsdp on the next), as abstract arrays; no values needed.
-  def tp_spec(x):
-    parts = [None] * x.ndim
-    order = list(np.argsort(x.shape)[::-1])
-    for axis, n in (("tensor", 4), ("fsdp", 2)):
-      for d in order:
-        if parts[d] is None and x.shape[d] % n == 0 and x.shape[d] > 1:
-          parts[d] = axis
-          break
-    return NamedSharding(fsdp_tp, P(*parts))
+    # target: the layout a 2x4 fsdp_tp run would build (here: tensor on the largest dim,
+    # fsdp on the next), as abstract arrays; no values needed.
+    def tp_spec(x):
+        parts = [None] * x.ndim
+        order = list(np.argsort(x.shape)[::-1])
+        for axis, n in (("tensor", 4), ("fsdp", 2)):
+            for d in order:
+                if parts[d] is None and x.shape[d] % n == 0 and x.shape[d] > 1:
+                    parts[d] = axis
+                    break
+        return NamedSharding(fsdp_tp, P(*parts))
 
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=tp_spec(x)),
-                        state)
-  with checkpoints.CheckpointManager(tmp_path) as mgr:
-    restored = mgr.restore_latest(target).state
-  jax.tree.map(lambda x, t: x.sharding == t.sharding or pytest.fail(f"{x.sharding}"),
-               restored, target)
-  _assert_trees_equal(restored, state)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=tp_spec(x)),
+                          state)
+    with checkpoints.CheckpointManager(tmp_path) as mgr:
+        restored = mgr.restore_latest(target).state
+    jax.tree.map(lambda x, t: x.sharding == t.sharding or pytest.fail(f"{x.sharding}"),
+                 restored, target)
+    _assert_trees_equal(restored, state)
 
 
 def test_mismatched_model_is_a_clear_error_and_deletes_nothing(tmp_path):
-  _, state = _state(0)
-  with checkpoints.CheckpointManager(tmp_path, save_interval_steps=1) as mgr:
-    mgr.save(1, state, config_text="x")
-  before = _listing(tmp_path)
-  wider = models.DecoderOnlyModel(layers.TransformerConfig(**{**CFG.__dict__, "emb_dim": 48}))
-  # the target only needs shapes: what a run with the wider config would build
-  abstract = nnx.eval_shape(lambda: trainer.TrainState(wider.make_module(0), _ADAMW.tx))
-  _, other = nnx.split(abstract)
-  with checkpoints.CheckpointManager(tmp_path) as mgr:
-    with pytest.raises(ValueError) as err:
-      mgr.restore_latest(other)
-  message = str(err.value)
-  assert "model/embed/embedding" in message
-  assert "(64, 32)" in message and "(64, 48)" in message
-  assert "Nothing in the checkpoint directory was changed" in message
-  assert _listing(tmp_path) == before
+    _, state = _state(0)
+    with checkpoints.CheckpointManager(tmp_path, save_interval_steps=1) as mgr:
+        mgr.save(1, state, config_text="x")
+    before = _listing(tmp_path)
+    wider = models.DecoderOnlyModel(layers.TransformerConfig(**{**CFG.__dict__, "emb_dim": 48}))
+    # the target only needs shapes: what a run with the wider config would build
+    abstract = nnx.eval_shape(lambda: trainer.TrainState(wider.make_module(0), _ADAMW.tx))
+    _, other = nnx.split(abstract)
+    with checkpoints.CheckpointManager(tmp_path) as mgr:
+        with pytest.raises(ValueError) as err:
+            mgr.restore_latest(other)
+    message = str(err.value)
+    assert "model/embed/embedding" in message
+    assert "(64, 32)" in message and "(64, 48)" in message
+    assert "Nothing in the checkpoint directory was changed" in message
+    assert _listing(tmp_path) == before
 
 
 def test_waits_for_async_save_when_the_loop_raises(tmp_path):
-  _, state = _state(0)
-  with pytest.raises(RuntimeError, match="boom"):
-    with checkpoints.CheckpointManager(tmp_path, save_interval_steps=1) as mgr:
-      mgr.save(3, state)
-      raise RuntimeError("boom")
-  with checkpoints.CheckpointManager(tmp_path) as mgr:
-    assert mgr.latest_step() == 3
-    _assert_trees_equal(mgr.restore(3, state).state, state)
+    _, state = _state(0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with checkpoints.CheckpointManager(tmp_path, save_interval_steps=1) as mgr:
+            mgr.save(3, state)
+            raise RuntimeError("boom")
+    with checkpoints.CheckpointManager(tmp_path) as mgr:
+        assert mgr.latest_step() == 3
+        _assert_trees_equal(mgr.restore(3, state).state, state)

@@ -22,65 +22,65 @@ PALM_540B = dataclasses.replace(PALM_8B, num_decoder_layers=118, emb_dim=18_432,
 
 
 def test_parameter_counts_from_spec():
-  assert flops.num_params(LLAMA3_8B) == 8_030_261_248  # SPEC section 2 [D]
-  assert flops.num_params(PALM_8B) / 1e9 == pytest.approx(8.632, abs=5e-4)
-  assert flops.num_params(PALM_540B) / 1e9 == pytest.approx(540.356, abs=5e-4)
+    assert flops.num_params(LLAMA3_8B) == 8_030_261_248  # SPEC section 2 [D]
+    assert flops.num_params(PALM_8B) / 1e9 == pytest.approx(8.632, abs=5e-4)
+    assert flops.num_params(PALM_540B) / 1e9 == pytest.approx(540.356, abs=5e-4)
 
 
 def test_llama3_8b_conventions_at_8192():
-  per_token = flops.decoder_only_flops_per_token(LLAMA3_8B, 8192)
-  assert per_token.palm / 1e9 == pytest.approx(61.06, abs=0.01)
-  assert per_token.maxtext / 1e9 == pytest.approx(51.47, abs=0.01)
-  # PaLM's attention share at 8K, as SPEC says: 21%
-  attn = 12 * 32 * 32 * 128 * 8192
-  assert attn / per_token.palm == pytest.approx(0.21, abs=0.005)
+    per_token = flops.decoder_only_flops_per_token(LLAMA3_8B, 8192)
+    assert per_token.palm / 1e9 == pytest.approx(61.06, abs=0.01)
+    assert per_token.maxtext / 1e9 == pytest.approx(51.47, abs=0.01)
+    # PaLM's attention share at 8K, as SPEC says: 21%
+    attn = 12 * 32 * 32 * 128 * 8192
+    assert attn / per_token.palm == pytest.approx(0.21, abs=0.005)
 
 
 @pytest.mark.parametrize("cfg, tflops", [(PALM_8B, 0.0550), (PALM_62B, 0.388),
                                          (PALM_540B, 3.28)])
 def test_palm_paper_tflops_per_token_at_2048(cfg, tflops):
-  per_token = flops.decoder_only_flops_per_token(cfg, 2048)
-  assert float(f"{per_token.palm / 1e12:.3g}") == tflops  # the paper's 3 figures
+    per_token = flops.decoder_only_flops_per_token(cfg, 2048)
+    assert float(f"{per_token.palm / 1e12:.3g}") == tflops  # the paper's 3 figures
 
 
 def test_palm_540b_mfu_from_paper():
-  """238.3K tok/s on 6144 TPUv4 at 275 TF: 46.2% MFU with attention (SPEC section 3)."""
-  per_token = flops.decoder_only_flops_per_token(PALM_540B, 2048)
-  step = per_token * 238.3e3  # one "step" = one second of tokens
-  _, mfu = flops.mfu(step, 1.0, 6144, 275e12)
-  assert mfu.palm == pytest.approx(0.462, abs=0.001)
+    """238.3K tok/s on 6144 TPUv4 at 275 TF: 46.2% MFU with attention (SPEC section 3)."""
+    per_token = flops.decoder_only_flops_per_token(PALM_540B, 2048)
+    step = per_token * 238.3e3  # one "step" = one second of tokens
+    _, mfu = flops.mfu(step, 1.0, 6144, 275e12)
+    assert mfu.palm == pytest.approx(0.462, abs=0.001)
 
 
 def test_maxtext_matches_its_formula_per_device():
-  """Cross-check against MaxText's expression for B=2 sequences per device."""
-  cfg, B, S = LLAMA3_8B, 2, 8192
-  d, V, L, Hq, Hkv, hd, mlp = 4096, 128_256, 32, 32, 8, 128, 14_336
-  ffn = 2 * B * S * mlp * d * 2 + 2 * B * S * mlp * d
-  qkv = 2 * B * S * d * (Hq + 2 * Hkv) * hd
-  proj = 2 * B * S * d * Hq * hd
-  attn = 4 * B * S**2 * Hq * hd / 2
-  emb = 2 * B * S * d * V
-  total_tf = (ffn * L + (qkv + proj) * L + emb) * 3 / 1e12 + attn * L * 3 / 1e12
-  step = flops.train_flops_per_step(cfg, B, {"targets": S})
-  assert step.maxtext / 1e12 == pytest.approx(total_tf, rel=1e-12)
+    """Cross-check against MaxText's expression for B=2 sequences per device."""
+    cfg, B, S = LLAMA3_8B, 2, 8192
+    d, V, L, Hq, Hkv, hd, mlp = 4096, 128_256, 32, 32, 8, 128, 14_336
+    ffn = 2 * B * S * mlp * d * 2 + 2 * B * S * mlp * d
+    qkv = 2 * B * S * d * (Hq + 2 * Hkv) * hd
+    proj = 2 * B * S * d * Hq * hd
+    attn = 4 * B * S**2 * Hq * hd / 2
+    emb = 2 * B * S * d * V
+    total_tf = (ffn * L + (qkv + proj) * L + emb) * 3 / 1e12 + attn * L * 3 / 1e12
+    step = flops.train_flops_per_step(cfg, B, {"targets": S})
+    assert step.maxtext / 1e12 == pytest.approx(total_tf, rel=1e-12)
 
 
 def test_encoder_decoder_formula():
-  cfg = dataclasses.replace(PALM_8B, num_encoder_layers=32, vocab_size=32_000,
-                            num_kv_heads=16)
-  S_e, S_d = 512, 512
-  ex = flops.encoder_decoder_flops_per_example(cfg, S_e, S_d)
-  # by hand, SPEC section 3 [D]; d=4096, HQ=KQ=4096, d_ff=16384, n_mlp=3
-  d, HQ, KQ, dff = 4096, 4096, 4096, 16384
-  dense = d * (HQ + 2 * KQ) + HQ * d + 3 * d * dff
-  enc = 2 * S_e * dense + 4 * S_e**2 * HQ
-  dec_common = 2 * S_d * dense + 2 * S_d * 2 * d * HQ + 2 * S_e * 2 * d * KQ + 4 * S_d * S_e * HQ
-  logits = 2 * S_d * d * 32_000
-  assert ex.palm == pytest.approx(3 * (32 * enc + 32 * (dec_common + 4 * S_d**2 * HQ) + logits))
-  assert ex.maxtext == pytest.approx(
-      3 * (32 * enc + 32 * (dec_common + 2 * S_d**2 * HQ) + logits))
-  per_step = flops.train_flops_per_step(cfg, 4, {"inputs": S_e, "targets": S_d})
-  assert per_step.palm == pytest.approx(4 * ex.palm)
+    cfg = dataclasses.replace(PALM_8B, num_encoder_layers=32, vocab_size=32_000,
+                              num_kv_heads=16)
+    S_e, S_d = 512, 512
+    ex = flops.encoder_decoder_flops_per_example(cfg, S_e, S_d)
+    # by hand, SPEC section 3 [D]; d=4096, HQ=KQ=4096, d_ff=16384, n_mlp=3
+    d, HQ, KQ, dff = 4096, 4096, 4096, 16384
+    dense = d * (HQ + 2 * KQ) + HQ * d + 3 * d * dff
+    enc = 2 * S_e * dense + 4 * S_e**2 * HQ
+    dec_common = 2 * S_d * dense + 2 * S_d * 2 * d * HQ + 2 * S_e * 2 * d * KQ + 4 * S_d * S_e * HQ
+    logits = 2 * S_d * d * 32_000
+    assert ex.palm == pytest.approx(3 * (32 * enc + 32 * (dec_common + 4 * S_d**2 * HQ) + logits))
+    assert ex.maxtext == pytest.approx(
+        3 * (32 * enc + 32 * (dec_common + 2 * S_d**2 * HQ) + logits))
+    per_step = flops.train_flops_per_step(cfg, 4, {"inputs": S_e, "targets": S_d})
+    assert per_step.palm == pytest.approx(4 * ex.palm)
 
 
 @pytest.mark.parametrize("changes", [
@@ -90,34 +90,34 @@ def test_encoder_decoder_formula():
     dict(block="parallel", num_encoder_layers=3, mlp_activation="gelu"),
 ])
 def test_num_params_equals_the_real_model(changes):
-  base = dict(vocab_size=96, emb_dim=16, num_heads=4, num_kv_heads=2, head_dim=8,
-              mlp_dim=32, num_decoder_layers=2, dtype="float32")
-  cfg = layers.TransformerConfig(**{**base, **changes})
-  model = (models.EncoderDecoderModel if cfg.num_encoder_layers else models.DecoderOnlyModel)(cfg)
-  abstract = nnx.eval_shape(lambda: model.make_module(0))
-  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-  assert flops.num_params(cfg) == count
+    base = dict(vocab_size=96, emb_dim=16, num_heads=4, num_kv_heads=2, head_dim=8,
+                mlp_dim=32, num_decoder_layers=2, dtype="float32")
+    cfg = layers.TransformerConfig(**{**base, **changes})
+    model = (models.EncoderDecoderModel if cfg.num_encoder_layers else models.DecoderOnlyModel)(cfg)
+    abstract = nnx.eval_shape(lambda: model.make_module(0))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert flops.num_params(cfg) == count
 
 
 def test_peak_table_and_cpu_measurement():
-  class _Dev:
-    platform = "gpu"
+    class _Dev:
+        platform = "gpu"
 
-    def __init__(self, kind):
-      self.device_kind = kind
+        def __init__(self, kind):
+            self.device_kind = kind
 
-  assert flops.peak_flops_per_device(_Dev("NVIDIA H100 80GB HBM3")) == 989e12
-  assert flops.peak_flops_per_device(_Dev("NVIDIA A100-SXM4-80GB")) == 312e12
-  with pytest.raises(ValueError, match="TPU v9"):
-    flops.peak_flops_per_device(_Dev("TPU v9"))
-  host = flops.measure_cpu_peak_flops(n=256, repeats=3)
-  assert 1e8 < host < 1e14
-  per_device = flops.peak_flops_per_device(jax.devices()[0], cpu_peak=host)
-  assert per_device == pytest.approx(host / jax.local_device_count())
+    assert flops.peak_flops_per_device(_Dev("NVIDIA H100 80GB HBM3")) == 989e12
+    assert flops.peak_flops_per_device(_Dev("NVIDIA A100-SXM4-80GB")) == 312e12
+    with pytest.raises(ValueError, match="TPU v9"):
+        flops.peak_flops_per_device(_Dev("TPU v9"))
+    host = flops.measure_cpu_peak_flops(n=256, repeats=3)
+    assert 1e8 < host < 1e14
+    per_device = flops.peak_flops_per_device(jax.devices()[0], cpu_peak=host)
+    assert per_device == pytest.approx(host / jax.local_device_count())
 
 
 def test_mfu_units():
-  tflops, mfu = flops.mfu(flops.Flops(8e12, 4e12), step_time_s=2.0, num_devices=4,
-                          peak_per_device=2e12)
-  assert (tflops.palm, tflops.maxtext) == (1.0, 0.5)
-  assert (mfu.palm, mfu.maxtext) == (0.5, 0.25)
+    tflops, mfu = flops.mfu(flops.Flops(8e12, 4e12), step_time_s=2.0, num_devices=4,
+                            peak_per_device=2e12)
+    assert (tflops.palm, tflops.maxtext) == (1.0, 0.5)
+    assert (mfu.palm, mfu.maxtext) == (0.5, 0.25)
