@@ -2,7 +2,27 @@
 
 Every parameter declares its logical axes where it is created (layers.py) using the
 constants below; a rule preset maps them to the mesh axes (`data`, `fsdp`, `tensor`).
+The same model and gin config then run on 8 CPU-emulated devices, one GPU node or a
+cluster: only the mesh shape and the preset name change.
+
+Typical use (what train.py does):
+
+    mesh_cfg = MeshConfig(shape={"data": 1, "fsdp": 8, "tensor": 1}, rules="fsdp")
+    mesh, rules = mesh_cfg.make_mesh(), mesh_cfg.rule_set()
+    validate_for_mesh(cfg, mesh, rules)      # clear errors before anything compiles
+    module = create_sharded(model_factory(cfg), mesh, rules)
 """
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # The closed set of logical axis names. Nothing else may appear in a parameter's or
 # an activation's sharding annotation.
@@ -19,3 +39,437 @@ LAYERS = "layers"
 LOGICAL_AXES = (BATCH, LENGTH, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS)
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+# A rule set: (logical name, mesh axis | tuple of mesh axes | None) pairs, one per name.
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+# The batch is split over every data-parallel axis; `fsdp` is data parallel for
+# activations and parameter sharding for weights (ZeRO-3).
+_BATCH_AXES = ("data", "fsdp")
+
+
+def _preset(**mesh_axes_of: MeshAxes) -> Rules:
+    # BATCH comes first: linen's `with_logical_constraint` (activations) assigns mesh
+    # axes in rule order and skips a rule whose mesh axis is taken, so an activation
+    # (batch, length, embed) keeps `fsdp` on batch and leaves embed unsharded.
+    # Parameters never carry BATCH, and NNX resolves them by plain lookup.
+    return tuple((name, mesh_axes_of.get(name)) for name in LOGICAL_AXES)
+
+
+RULE_PRESETS: dict[str, Rules] = {
+    # Pure data parallelism: parameters replicated, batch over data x fsdp.
+    "dp": _preset(batch=_BATCH_AXES),
+    # ZeRO-3 / FSDP: every parameter has an `embed` dimension, so sharding embed over
+    # `fsdp` divides each parameter's bytes by the fsdp size. Scanned layers stay
+    # whole on the `layers` axis (scan slices one layer per step).
+    "fsdp": _preset(batch=_BATCH_AXES, embed="fsdp"),
+    # FSDP + Megatron tensor parallelism. kv_heads stay replicated over `tensor`: a
+    # multi-query model has one kv head, which cannot be split, and GQA's kv
+    # projections are small (Llama 3 8B: a quarter of wq each).
+    "fsdp_tp": _preset(
+        batch=_BATCH_AXES, embed="fsdp", heads="tensor", mlp="tensor", vocab="tensor"
+    ),
+    # As fsdp_tp, and kv heads split over `tensor` too: for MHA/GQA models whose
+    # num_kv_heads divides by the tensor size (validate_for_mesh checks).
+    "fsdp_tp_kv": _preset(
+        batch=_BATCH_AXES,
+        embed="fsdp",
+        heads="tensor",
+        kv_heads="tensor",
+        mlp="tensor",
+        vocab="tensor",
+    ),
+}
+
+# The TransformerConfig field whose size each logical axis has, for error messages.
+_CONFIG_FIELD_OF_AXIS = {
+    EMBED: "emb_dim",
+    MLP: "mlp_dim",
+    HEADS: "num_heads",
+    KV_HEADS: "num_kv_heads",
+    HEAD_DIM: "head_dim",
+    VOCAB: "vocab_size",
+}
+
+
+def _mesh_axes_tuple(mesh_axes: MeshAxes) -> tuple[str, ...]:
+    if mesh_axes is None:
+        return ()
+    if isinstance(mesh_axes, str):
+        return (mesh_axes,)
+    return tuple(mesh_axes)
+
+
+def get_rules(rules: str | Sequence[tuple[str, MeshAxes]]) -> Rules:
+    """Returns a rule set: a preset looked up by name, or a given rule set checked."""
+    if isinstance(rules, str):
+        if rules not in RULE_PRESETS:
+            near = difflib.get_close_matches(rules, RULE_PRESETS, n=3, cutoff=0.4)
+            hint = f" Did you mean {' or '.join(map(repr, near))}?" if near else ""
+            raise ValueError(
+                f"Unknown rule preset {rules!r}; expected one of "
+                f"{sorted(RULE_PRESETS)}.{hint}"
+            )
+        return RULE_PRESETS[rules]
+    rules = tuple((name, axes) for name, axes in rules)
+    seen = set()
+    for name, axes in rules:
+        if name not in LOGICAL_AXES:
+            raise ValueError(
+                f"Rule for unknown logical axis {name!r}; expected one of "
+                f"{LOGICAL_AXES} (partitioning.py holds the closed set)."
+            )
+        if name in seen:
+            # NNX resolves parameter axes by dict lookup (last rule wins) while linen
+            # takes the first that fits: two rules for one name would disagree.
+            raise ValueError(f"Logical axis {name!r} has two rules in {rules}; keep one.")
+        seen.add(name)
+        for mesh_axis in _mesh_axes_tuple(axes):
+            if mesh_axis not in MESH_AXES:
+                raise ValueError(
+                    f"Rule {name!r} -> {axes!r} names mesh axis {mesh_axis!r}; "
+                    f"expected one of {MESH_AXES}."
+                )
+    return rules
+
+
+def logical_to_mesh_spec(logical: Sequence[str | None], rules, where: str = "") -> PartitionSpec:
+    """Maps one tensor's logical axes to a PartitionSpec, as NNX does (plain lookup).
+
+    Raises ValueError, naming the tensor, for a logical name without a rule (NNX would
+    pass the name through and fail later with "Resource axis ... not found in mesh")
+    and for two dimensions mapped to one mesh axis (jax's DuplicateSpecError).
+    """
+    table = dict(get_rules(rules))
+    where = f" of {where}" if where else ""
+    out, used = [], {}
+    for dim, name in enumerate(logical):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise ValueError(
+                f"Logical axis {name!r}{where} has no rule in the rule set (rules for "
+                f"{sorted(table)}); add ({name!r}, <mesh axes or None>) to the rules "
+                f"or use a preset from {sorted(RULE_PRESETS)}."
+            )
+        axes = table[name]
+        for mesh_axis in _mesh_axes_tuple(axes):
+            if mesh_axis in used:
+                raise ValueError(
+                    f"Logical axes {used[mesh_axis]!r} and {name!r}{where} (logical "
+                    f"{tuple(logical)}) both map to mesh axis {mesh_axis!r}; one tensor "
+                    "dimension per mesh axis. Map one of them to another axis or None."
+                )
+            used[mesh_axis] = name
+        out.append(axes)
+    return PartitionSpec(*out)
+
+
+# ----------------------------------------------------------------------------- meshes
+
+
+def _shape_tuple(shape: Mapping[str, int] | Sequence[int], what: str = "mesh shape") -> tuple[int, ...]:
+    """{'data': 1, 'fsdp': 8} or (1, 8, 1) -> (data, fsdp, tensor) sizes; missing axes are 1."""
+    if isinstance(shape, Mapping):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(
+                f"{what} {dict(shape)} names unknown mesh axes {sorted(unknown)}; "
+                f"expected a subset of {MESH_AXES}."
+            )
+        sizes = tuple(int(shape.get(axis, 1)) for axis in MESH_AXES)
+    else:
+        sizes = tuple(int(s) for s in shape)
+        if len(sizes) != len(MESH_AXES):
+            raise ValueError(
+                f"{what} {tuple(shape)} has {len(sizes)} sizes; expected one per mesh "
+                f"axis {MESH_AXES}, or a dict such as {{'fsdp': 8}}."
+            )
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"{what} {sizes} has a size below 1; every axis needs >= 1.")
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh of Auto axes over `devices` (default: all).
+
+    Auto, not jax.make_mesh's Explicit default, under which the embedding gather fails.
+    Within one GPU node jax orders devices so `tensor` (last, fastest) gets NVLink peers.
+    """
+    sizes = _shape_tuple(shape)
+    devices = list(jax.devices() if devices is None else devices)
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"Mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices "
+            f"but {len(devices)} are given; make the product of the sizes "
+            f"{len(devices)} (e.g. {{'fsdp': {len(devices)}}})."
+        )
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def hybrid_mesh_shape(ici_shape, dcn_shape) -> tuple[int, ...]:
+    """The global mesh shape of a multi-node mesh: per-axis product of the two shapes."""
+    ici, dcn = _shape_tuple(ici_shape, "ici_shape"), _shape_tuple(dcn_shape, "dcn_shape")
+    return tuple(i * d for i, d in zip(ici, dcn))
+
+
+def make_hybrid_mesh(ici_shape, dcn_shape, devices: Sequence[Any] | None = None, *, process_is_granule: bool = True) -> Mesh:
+    """A mesh over several nodes (or TPU slices): `ici_shape` within a node, `dcn_shape` across.
+
+    On GPU clusters a node is one process (jax.distributed with one process per node,
+    8 local GPUs): `process_is_granule=True`. Put only `data`/`fsdp` on the dcn shape;
+    `tensor` traffic belongs on NVLink. TPU multi-slice: `process_is_granule=False`.
+    """
+    ici, dcn = _shape_tuple(ici_shape, "ici_shape"), _shape_tuple(dcn_shape, "dcn_shape")
+    devices = list(jax.devices() if devices is None else devices)
+    attr = "process_index" if process_is_granule else "slice_index"
+    granules = {getattr(d, attr, None) for d in devices}
+    if len(granules) != math.prod(dcn) or len(devices) != math.prod(ici) * math.prod(dcn):
+        raise ValueError(
+            f"Hybrid mesh ici {dict(zip(MESH_AXES, ici))} x dcn {dict(zip(MESH_AXES, dcn))} "
+            f"needs {math.prod(dcn)} nodes ({attr}) of {math.prod(ici)} devices each; "
+            f"got {len(devices)} devices in {len(granules)} nodes. Make the dcn product the "
+            "number of nodes and the ici product the devices per node."
+        )
+    if math.prod(dcn) == 1:
+        return make_mesh(ici, devices)
+    device_array = mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=process_is_granule
+    )
+    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape and rule preset, bound by gin_configs/meshes/*.gin.
+
+    shape: sizes of ('data', 'fsdp', 'tensor') within a node (dict or 3-tuple).
+    rules: a preset name in RULE_PRESETS.
+    dcn_shape: sizes across nodes for multi-node runs; None on one node.
+    """
+
+    shape: Any
+    rules: str = "fsdp"
+    dcn_shape: Any = None
+
+    def __post_init__(self):
+        # Normalised to tuples: hashable and printable the same whatever gin passed.
+        object.__setattr__(self, "shape", _shape_tuple(self.shape))
+        if self.dcn_shape is not None:
+            object.__setattr__(self, "dcn_shape", _shape_tuple(self.dcn_shape, "dcn_shape"))
+        get_rules(self.rules)
+
+    @property
+    def global_shape(self) -> dict[str, int]:
+        sizes = self.shape if self.dcn_shape is None else hybrid_mesh_shape(self.shape, self.dcn_shape)
+        return dict(zip(MESH_AXES, sizes))
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.global_shape.values())
+
+    def rule_set(self) -> Rules:
+        return get_rules(self.rules)
+
+    def make_mesh(self, devices: Sequence[Any] | None = None) -> Mesh:
+        if self.dcn_shape is None or math.prod(self.dcn_shape) == 1:
+            return make_mesh(self.shape, devices)
+        return make_hybrid_mesh(self.shape, self.dcn_shape, devices)
+
+
+def data_sharding(mesh: Mesh, rules) -> NamedSharding:
+    """Sharding of a [batch, length] input array: batch over the data-parallel axes."""
+    return NamedSharding(mesh, logical_to_mesh_spec((BATCH, LENGTH), rules, "the input batch"))
+
+
+# ------------------------------------------------------------- abstract model, counts
+
+
+def model_factory(cfg, seed: int = 0) -> Callable[[], nnx.Module]:
+    """A zero-argument constructor of the network `cfg` describes.
+
+    Encoder-decoder when cfg.num_encoder_layers > 0, decoder-only otherwise.
+    """
+    from t5x_like import network  # network imports this module for the axis names.
+
+    cls = network.EncoderDecoder if getattr(cfg, "num_encoder_layers", 0) else network.Decoder
+    return lambda: cls(cfg, rngs=nnx.Rngs(seed))
+
+
+def _as_factory(model, seed: int = 0) -> Callable[[], nnx.Module]:
+    """A TransformerConfig, a models.py model (has make_module) or a constructor."""
+    if hasattr(model, "emb_dim"):
+        return model_factory(model, seed)
+    if hasattr(model, "make_module"):
+        return lambda: model.make_module(seed)
+    if not callable(model):
+        raise TypeError(
+            f"Expected a TransformerConfig, a model with make_module, or a zero-argument "
+            f"constructor of an nnx.Module; got {type(model).__name__}."
+        )
+    return model
+
+
+def abstract_params(model) -> nnx.State:
+    """Parameter shapes and logical axes, without allocating (a cfg or a factory).
+
+    Variables hold jax.ShapeDtypeStruct; their `out_sharding` metadata is the logical
+    spec. No mesh is needed: eager sharding is off while tracing.
+    """
+    with nnx.use_eager_sharding(False):
+        module = nnx.eval_shape(_as_factory(model))
+    return nnx.state(module, nnx.Param)
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def count_params(model) -> int:
+    """Exact number of parameters (a cfg or a factory), from shapes only."""
+    return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(abstract_params(model)))
+
+
+def logical_specs(model) -> dict[str, tuple[str | None, ...]]:
+    """{'path/to/param': logical axes} for every parameter, e.g. ('embed', 'mlp')."""
+    out = {}
+    for path, v in nnx.to_flat_state(abstract_params(model)):
+        logical = v.get_metadata().get("out_sharding")
+        if logical is None:
+            raise ValueError(
+                f"Parameter {_path_str(path)} {v.shape} has no logical axes; every "
+                "parameter declares them where it is created (nnx.with_partitioning)."
+            )
+        if len(logical) != len(v.shape):
+            raise ValueError(
+                f"Parameter {_path_str(path)} has shape {v.shape} but logical axes "
+                f"{logical}; one name per dimension."
+            )
+        out[_path_str(path)] = tuple(logical)
+    return out
+
+
+def param_partition_specs(model, rules) -> dict[str, PartitionSpec]:
+    """{'path/to/param': PartitionSpec} under a rule set (preset name or rules)."""
+    return {
+        path: logical_to_mesh_spec(logical, rules, path)
+        for path, logical in logical_specs(model).items()
+    }
+
+
+def validate_for_mesh(cfg, mesh: Mesh, rules) -> None:
+    """Raises ValueError, before anything is compiled, if `cfg` cannot run on `mesh`.
+
+    Checks: rules name only known logical and mesh axes; every logical axis has a
+    rule; every sharded config size (heads, kv heads, MLP, vocab, embed) divides by
+    the mesh axes it is sharded over; every parameter dimension likewise; no tensor
+    maps two dimensions to one mesh axis; no mesh axis of size > 1 is left unused.
+    """
+    rules = get_rules(rules)
+    table = dict(rules)
+    missing = [name for name in LOGICAL_AXES if name not in table]
+    if missing:
+        raise ValueError(
+            f"Logical axes {missing} have no rule in the rule set; every name in "
+            f"{LOGICAL_AXES} needs one (None = replicated). Add them or use a preset "
+            f"from {sorted(RULE_PRESETS)}."
+        )
+    sizes = dict(mesh.shape)
+    for name, axes in rules:
+        for mesh_axis in _mesh_axes_tuple(axes):
+            if mesh_axis not in sizes:
+                raise ValueError(
+                    f"Rule {name!r} -> {axes!r} needs mesh axis {mesh_axis!r}, but the "
+                    f"mesh has {tuple(sizes)}; build it with make_mesh."
+                )
+
+    def ways(axes: MeshAxes) -> int:
+        return math.prod(sizes[a] for a in _mesh_axes_tuple(axes))
+
+    used = {a for _, axes in rules for a in _mesh_axes_tuple(axes)}
+    for mesh_axis, size in sizes.items():
+        if size > 1 and mesh_axis not in used:
+            raise ValueError(
+                f"Mesh axis {mesh_axis!r} has size {size} but no rule uses it, so "
+                f"{size} devices would repeat the same work. Set it to 1 or pick a "
+                f"preset that uses it (presets: {sorted(RULE_PRESETS)})."
+            )
+    for name, field in _CONFIG_FIELD_OF_AXIS.items():
+        value = getattr(cfg, field, None)
+        n = ways(table[name])
+        if value is not None and n > 1 and value % n:
+            hint = ""
+            if name == KV_HEADS:
+                hint = (" A multi-query or few-kv-head model can use preset 'fsdp_tp', "
+                        "which keeps kv heads replicated over 'tensor'.")
+            raise ValueError(
+                f"{field}={value} is not divisible by {n}, the size of mesh axes "
+                f"{table[name]!r} that logical axis {name!r} is sharded over; choose "
+                f"{field} a multiple of {n} or a smaller {table[name]!r} axis.{hint}"
+            )
+    shapes = _param_shapes(cfg)
+    for path, logical in logical_specs(cfg).items():
+        spec = logical_to_mesh_spec(logical, rules, path)
+        shape = shapes[path]
+        for dim, (axes, size) in enumerate(zip(spec, shape)):
+            n = ways(axes)
+            if size % n:
+                raise ValueError(
+                    f"Parameter {path} dimension {dim} ({logical[dim]!r}) has size {size}, "
+                    f"not divisible by {n} (mesh axes {axes!r}); resize it or shard "
+                    f"{logical[dim]!r} over fewer devices."
+                )
+
+
+def _param_shapes(model) -> dict[str, tuple[int, ...]]:
+    return {_path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(abstract_params(model))}
+
+
+# ---------------------------------------------------------------------- sharded init
+
+
+def create_sharded(model, mesh: Mesh, rules, seed: int = 0) -> nnx.Module:
+    """Builds the module with every variable created directly in its shard.
+
+    `model`: a TransformerConfig, a models.py model (DecoderOnlyModel, ...) or a
+    zero-argument constructor of an nnx.Module. Shapes come from
+    eval_shape, shardings from the logical axes and rules, and the initialiser runs
+    under jit with those out_shardings, so a model too large for one device is never
+    materialised on one.
+    """
+    factory = _as_factory(model, seed)
+    rules = get_rules(rules)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        abstract = nnx.eval_shape(factory)
+        graphdef, abstract_state = nnx.split(abstract)
+        shardings = nnx.get_named_sharding(abstract_state, mesh)
+        make_state = jax.jit(lambda: nnx.state(factory()), out_shardings=shardings)
+        state = make_state()
+    return nnx.merge(graphdef, state)
+
+
+def state_shardings(module: nnx.Module, mesh: Mesh, rules) -> nnx.State:
+    """NamedShardings of a module's state under rules (for jit in/out_shardings)."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(rules)):
+        return nnx.get_named_sharding(nnx.state(module), mesh)
+
+
+def per_device_param_bytes(module: nnx.Module) -> dict[Any, int]:
+    """Bytes of parameters held by each device, from the arrays' addressable shards."""
+    out: dict[Any, int] = {}
+    for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        for shard in v[...].addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+__all__ = [
+    "BATCH", "LENGTH", "EMBED", "MLP", "HEADS", "KV_HEADS", "HEAD_DIM", "VOCAB", "LAYERS",
+    "LOGICAL_AXES", "MESH_AXES", "RULE_PRESETS", "MeshConfig", "get_rules",
+    "logical_to_mesh_spec", "make_mesh", "make_hybrid_mesh", "hybrid_mesh_shape",
+    "data_sharding", "model_factory", "abstract_params", "count_params", "logical_specs",
+    "param_partition_specs", "validate_for_mesh", "create_sharded", "state_shardings",
+    "per_device_param_bytes",
+]
