@@ -928,6 +928,10 @@ def _provenance(stats: dict, sources: dict[str, list[Source]]) -> str:
         "",
         "Same package versions give byte-identical files.",
         "",
+        "The tokenizer `vocab/reka_demo.model` (SentencePiece unigram, 8,092 pieces + 100 "
+        "SeqIO sentinels) is trained by `scripts/train_tokenizer.py` on a balanced sample "
+        "of the train split only; its settings are in that script's docstring.",
+        "",
     ]
     for domain in DOMAINS:
         d = stats["domains"][domain]

@@ -13,7 +13,8 @@ Settings follow PaLM's tokenizer where they matter and T5's ids so that SeqIO wo
 - Lossless: identity normalisation, whitespace kept (no collapsing of spaces,
   whitespace-only pieces allowed, so code indentation tokenises well), UTF-8 byte
   fallback for characters outside the vocabulary, digits split into single tokens.
-- Deterministic: fixed sample, fixed random seed, one training thread.
+- Deterministic: fixed sample, fixed random seed, one training thread, no build path
+  recorded in the model, so a rebuild gives a byte-identical `.model`.
 
 Usage (from the repository root, after scripts/build_corpus.py):
   python scripts/train_tokenizer.py
@@ -71,13 +72,19 @@ def sample_lines(corpus_dir: Path, chars_per_domain: int) -> list[str]:
 
 
 def train(lines: list[str], model_prefix: Path, vocab_size: int = VOCAB_SIZE) -> None:
+    """Train and write PREFIX.model and PREFIX.vocab."""
+    import shutil
+    import tempfile
+
     import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
 
     spm.set_random_generator_seed(SEED)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="train_tokenizer_"))
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
-        model_prefix=str(model_prefix),
+        model_prefix=str(tmp / model_prefix.name),
         model_type="unigram",
         vocab_size=vocab_size,
         pad_id=0,
@@ -100,6 +107,14 @@ def train(lines: list[str], model_prefix: Path, vocab_size: int = VOCAB_SIZE) ->
         num_threads=1,
         minloglevel=1,
     )
+    # The model records its training prefix; keep only the base name so the shipped
+    # file does not depend on where it was built (a rebuild is then byte-identical).
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((tmp / f"{model_prefix.name}.model").read_bytes())
+    proto.trainer_spec.model_prefix = model_prefix.name
+    model_prefix.with_suffix(".model").write_bytes(proto.SerializeToString())
+    shutil.copyfile(tmp / f"{model_prefix.name}.vocab", model_prefix.with_suffix(".vocab"))
+    shutil.rmtree(tmp)
 
 
 def report(model_path: Path, corpus_dir: Path) -> None:
