@@ -228,6 +228,7 @@ def test_eval_step_sums_aggregate_exactly():
     np.testing.assert_allclose(summary["accuracy"], m["accuracy"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_train_step_keeps_shardings_and_matches_unsharded():
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -249,3 +250,43 @@ def test_sharded_train_step_keeps_shardings_and_matches_unsharded():
                  state, shardings)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                  state, ref_state)
+
+
+# --- the real model contract (models.py) ----------------------------------------------
+
+
+def test_real_model_decay_mask():
+    """Tiny Llama-style decoder: norm scales (2-D under scan) are not decayed."""
+    from tiny import make_module, tiny_config
+
+    cfg = tiny_config(block="sequential", tie_embeddings=False)
+    params = nnx.as_pure(nnx.state(make_module(cfg), nnx.Param))
+    mask = {jax.tree_util.keystr(p): v
+            for p, v in jax.tree_util.tree_leaves_with_path(trainer.default_decay_mask(params))}
+    assert mask["['decoder']['layers']['mlp']['wi_0']"]
+    assert mask["['embed']['embedding']"] and mask["['output']['lm_head']['kernel']"]
+    assert not mask["['decoder']['layers']['pre_mlp_norm']['scale']"]  # shape (layers, D)
+    assert not mask["['output']['final_norm']['scale']"]
+
+
+@pytest.mark.slow
+def test_real_model_grad_accumulation():
+    """Tiny Llama-style decoder through the real loss_fn: k=2 microbatches == k=1."""
+    from tiny import make_module, model_for, tiny_config
+
+    cfg = tiny_config(block="sequential", tie_embeddings=False)
+    model = model_for(cfg)
+    batch = {k: v for k, v in _batch(3).items()}
+    batch["decoder_input_tokens"] = batch["decoder_input_tokens"] % cfg.vocab_size
+    batch["decoder_target_tokens"] = batch["decoder_target_tokens"] % cfg.vocab_size
+    results = []
+    for k in (1, 2):
+        graphdef, state = trainer.create_train_state(make_module(cfg), _ADAMW.tx)
+        step = trainer.make_train_step(graphdef, model.loss_fn, _ADAMW.schedule,
+                                       num_microbatches=k)
+        state, m = step(state, batch, jax.random.key(0))
+        results.append((trainer.params_of(graphdef, state), jax.device_get(m)))
+    (p1, m1), (p2, m2) = results
+    for name in ("loss", "accuracy", "grad_norm", "weight_sum"):
+        np.testing.assert_allclose(m2[name], m1[name], rtol=2e-5, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), p1, p2)
