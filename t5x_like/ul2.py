@@ -2,14 +2,13 @@
 
 A port of T5's span-corruption machinery (`t5.data.preprocessors` @ e081111c:
 `random_spans_helper`, `random_spans_noise_mask`, `noise_span_to_unique_sentinel`,
-`reduce_concat_tokens`, `split_tokens`, prefix-LM) to plain tf.data, so that the
-`t5` package (which downgrades seqio) stays out of the product. ../shared/SPEC.md
+`split_tokens`, prefix-LM; `reduce_concat_tokens` replaced, see below) to plain
+tf.data, so that the `t5` package (which downgrades seqio) stays out of the product. ../shared/SPEC.md
 section 1 has the reference semantics; the numbers are tested in tests/test_ul2.py.
 
 Chain per denoiser, as UL2's `ul2_objective` and T5's `span_corruption` do:
-  tokenized documents -> split documents longer than 65,536 tokens (bounds memory,
-  loses nothing) -> concatenate 128 documents -> split into chunks of the raw length
-  the denoiser needs -> denoise -> prepend the mode token id -> (seqio) append EOS.
+  tokenized documents -> one concatenated token stream cut into chunks of the raw
+  length the denoiser needs -> denoise -> prepend the mode token id -> (seqio) EOS.
 
 Deviations from T5/UL2, each deliberate:
 - The mode token is one reserved id (`[NLU]` R, `[NLG]` X, `[S2S]` S) prepended to
@@ -24,9 +23,14 @@ Deviations from T5/UL2, each deliberate:
   of the chunk is the target and the prefix is never shorter than half the chunk.
   Why 0.25 and not 0.5: UL2 describes S as continuing a long prefix, and with 0.5 a
   quarter of S examples would have a prefix under 25% of the chunk.
+- Concatenation streams (`concat_and_split`, a tf.data scan carrying the leftover
+  tokens) instead of T5's `reduce_concat_tokens` (padded batches of 128 documents,
+  then split). Same token stream, but every chunk is full length except the very
+  last one (T5 leaves one short chunk per 128 documents), the first example needs one
+  document tokenized instead of 128 (a mixture of 35 tasks starts in seconds), and
+  memory does not grow with the longest of 128 documents.
 - No `select_random_chunk(max_length=65536)`: it keeps one random 64k chunk of a long
-  document and drops the rest; Reka trains a single epoch, so we keep every token by
-  splitting long documents instead.
+  document and drops the rest; Reka trains a single epoch, so we keep every token.
 
 Determinism: every random choice uses stateless ops seeded through
 `seqio.map_over_dataset(num_seeds=...)`, so `get_dataset(seed=...)` reproduces
@@ -43,16 +47,14 @@ from typing import Mapping, Optional, Sequence
 import seqio
 import tensorflow as tf
 
-# Documents longer than this are cut into pieces before concatenation; T5 uses the same
-# number as the `select_random_chunk` maximum. Bounds the padded batch of
-# `reduce_concat_tokens` to 128 x 65,536 ids.
-MAX_DOCUMENT_TOKENS = 65536
-# How many documents `reduce_concat_tokens` concatenates (T5's value).
-CONCAT_BATCH_SIZE = 128
 # S (prefix-LM) noise density: expected fraction of the chunk that becomes targets.
 S_NOISE_DENSITY = 0.25
 
 _KINDS = ("R", "X", "S")
+
+# The tf functions here have no tensor-dependent Python control flow, so autograph
+# has nothing to convert; skipping it halves the time to build a task's pipeline.
+_no_autograph = tf.autograph.experimental.do_not_convert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +267,7 @@ def validate_feature_lengths(specs: Sequence[DenoiserSpec] | DenoiserSpec,
         "'targets': 512}} (TASK_FEATURE_LENGTHS in gin).")
   inputs_length = int(feature_lengths["inputs"])
   targets_length = int(feature_lengths["targets"])
-  out = {}
+  out, too_short = {}, []
   for spec in specs:
     needed = _min_inputs_length(spec)
     if inputs_length < needed:
@@ -275,14 +277,20 @@ def validate_feature_lengths(specs: Sequence[DenoiserSpec] | DenoiserSpec,
           f"{needed}, got {inputs_length}; raise TASK_FEATURE_LENGTHS['inputs'].")
     lengths = denoiser_lengths(spec, inputs_length)
     if lengths.targets_length > targets_length:
-      raise ValueError(
-          f"Denoiser {spec.name!r} ({spec.kind}, mean span {spec.mean_span}, noise "
-          f"density {spec.noise_density}) with inputs length {inputs_length} needs "
-          f"a targets length of at least {lengths.targets_length}, got "
-          f"{targets_length}; set TASK_FEATURE_LENGTHS['targets'] >= "
-          f"{lengths.targets_length} (X denoisers need targets about as long as "
-          f"inputs) or give {spec.name!r} a rate of 0 in the mixture.")
+      too_short.append((spec, lengths.targets_length))
     out[spec.name] = lengths
+  if too_short:
+    # Name every denoiser that does not fit, so one run shows the whole fix.
+    each = "; ".join(
+        f"denoiser {spec.name!r} ({spec.kind}, mean span {spec.mean_span}, noise "
+        f"density {spec.noise_density}) needs a targets length of at least {needed}"
+        for spec, needed in too_short)
+    worst = max(needed for _, needed in too_short)
+    raise ValueError(
+        f"With inputs length {inputs_length}, {each}; got {targets_length}. Set "
+        f"TASK_FEATURE_LENGTHS['targets'] >= {worst} (X denoisers need targets about "
+        f"as long as inputs) or give {[s.name for s, _ in too_short]} a rate of 0 in "
+        "the mixture.")
   return out
 
 
@@ -410,6 +418,7 @@ def split_tokens(dataset: tf.data.Dataset, max_tokens_per_segment: int,
         f"{max_tokens_per_segment}.")
   length = max_tokens_per_segment
 
+  @_no_autograph
   def _split(x):
     tokens = x[feature_key]
     n = tf.size(tokens)
@@ -419,39 +428,57 @@ def split_tokens(dataset: tf.data.Dataset, max_tokens_per_segment: int,
     lengths = tf.concat([tf.fill([num_segments - 1], length), [length - padding]], 0)
     return tf.reshape(padded, [num_segments, length]), lengths
 
+  @_no_autograph
   def _strip(segment, segment_length):
     return {feature_key: segment[:segment_length]}
 
-  dataset = dataset.filter(lambda x: tf.size(x[feature_key]) > 0)
+  @_no_autograph
+  def _non_empty(x):
+    return tf.size(x[feature_key]) > 0
+
+  dataset = dataset.filter(_non_empty)
   dataset = dataset.map(_split, num_parallel_calls=tf.data.AUTOTUNE)
   dataset = dataset.unbatch()
   return dataset.map(_strip, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def reduce_concat_tokens(dataset: tf.data.Dataset, feature_key: str = "targets",
-                         batch_size: int = CONCAT_BATCH_SIZE) -> tf.data.Dataset:
-  """Concatenates `batch_size` consecutive documents into one token stream (T5).
-
-  Relies on 0 being the padding id, which a tokenizer never emits for text.
-  """
-  dataset = dataset.map(lambda x: {feature_key: x[feature_key]},
-                        num_parallel_calls=tf.data.AUTOTUNE)
-  dataset = dataset.padded_batch(batch_size, padded_shapes={feature_key: [-1]})
-
-  def _flatten(x):
-    tokens = tf.reshape(x[feature_key], [-1])
-    return {feature_key: tf.boolean_mask(tokens, tf.cast(tokens, tf.bool))}
-
-  return dataset.map(_flatten, num_parallel_calls=tf.data.AUTOTUNE)
-
-
 def concat_and_split(dataset: tf.data.Dataset, raw_length: int,
                      feature_key: str = "targets") -> tf.data.Dataset:
-  """Documents -> chunks of `raw_length` tokens (the last of each 128-document group
-  may be shorter), without dropping any token."""
-  dataset = split_tokens(dataset, MAX_DOCUMENT_TOKENS, feature_key)
-  dataset = reduce_concat_tokens(dataset, feature_key)
-  return split_tokens(dataset, raw_length, feature_key)
+  """Documents -> one token stream -> chunks of exactly `raw_length` tokens.
+
+  Lossless and in order; only the chunk at the very end of a finite dataset may be
+  shorter. A scan carries the tokens left over after cutting full chunks (fewer than
+  `raw_length`) from one document to the next; a final flush element emits them.
+  Other features are dropped.
+  """
+  if raw_length < 1:
+    raise ValueError(f"concat_and_split: raw_length must be >= 1, got {raw_length}.")
+  dtype = dataset.element_spec[feature_key].dtype
+
+  @_no_autograph
+  def not_last(x):
+    return x[feature_key], False
+
+  @_no_autograph
+  def step(leftover, element):
+    tokens, is_last = element
+    stream = tf.concat([leftover, tokens], 0)
+    n = tf.size(stream)
+    cut = tf.where(is_last, n, n // raw_length * raw_length)
+    return stream[cut:], stream[:cut]
+
+  @_no_autograph
+  def non_empty(tokens):
+    return tf.size(tokens) > 0
+
+  @_no_autograph
+  def as_features(tokens):
+    return {feature_key: tokens}
+
+  flush = tf.data.Dataset.from_tensors((tf.zeros([0], dtype), True))
+  pieces = dataset.map(not_last).concatenate(flush).scan(tf.zeros([0], dtype), step)
+  pieces = pieces.filter(non_empty).map(as_features)
+  return split_tokens(pieces, raw_length, feature_key)
 
 
 def _targets_vocabulary(output_features, name: str):
@@ -518,6 +545,7 @@ def ul2_denoise(dataset: tf.data.Dataset,
   dataset = concat_and_split(dataset, lengths.raw_length)
 
   @seqio.map_over_dataset(num_seeds=1)
+  @_no_autograph
   def _denoise(x, seed):
     return denoise_tokens(x["targets"], spec, vocab_size=vocab_size, mode_id=mode_id,
                           seed=seed)
@@ -531,8 +559,8 @@ def causal_lm(dataset: tf.data.Dataset,
   """SeqIO preprocessor: tokenized documents -> chunks of the targets length (LM).
 
   T5's `full_lm`: EOS after each document (so the model sees document boundaries),
-  concatenate, split into chunks of exactly `sequence_length["targets"]` (the last
-  chunk of each group of 128 documents may be shorter). Do not append EOS again.
+  concatenate, split into chunks of exactly `sequence_length["targets"]` (only the
+  last chunk of a finite dataset may be shorter). Do not append EOS again.
   """
   if not sequence_length or "targets" not in sequence_length:
     raise ValueError(
