@@ -170,7 +170,10 @@ def logical_to_mesh_spec(logical: Sequence[str | None], rules, where: str = "") 
 # ----------------------------------------------------------------------------- meshes
 
 
-def _shape_tuple(shape: Mapping[str, int] | Sequence[int], what: str = "mesh shape") -> tuple[int, ...]:
+MeshShape = Mapping[str, int] | Sequence[int]
+
+
+def _shape_tuple(shape: MeshShape, what: str = "mesh shape") -> tuple[int, ...]:
     """{'data': 1, 'fsdp': 8} or (1, 8, 1) -> (data, fsdp, tensor) sizes; missing axes are 1."""
     if isinstance(shape, Mapping):
         unknown = set(shape) - set(MESH_AXES)
@@ -192,7 +195,7 @@ def _shape_tuple(shape: Mapping[str, int] | Sequence[int], what: str = "mesh sha
     return sizes
 
 
-def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(shape: MeshShape, devices: Sequence[Any] | None = None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh of Auto axes over `devices` (default: all).
 
     Auto, not jax.make_mesh's Explicit default, under which the embedding gather fails.
@@ -206,16 +209,23 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any] |
             f"but {len(devices)} are given; make the product of the sizes "
             f"{len(devices)} (e.g. {{'fsdp': {len(devices)}}})."
         )
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
 
 
-def hybrid_mesh_shape(ici_shape, dcn_shape) -> tuple[int, ...]:
+def hybrid_mesh_shape(ici_shape: MeshShape, dcn_shape: MeshShape) -> tuple[int, ...]:
     """The global mesh shape of a multi-node mesh: per-axis product of the two shapes."""
     ici, dcn = _shape_tuple(ici_shape, "ici_shape"), _shape_tuple(dcn_shape, "dcn_shape")
     return tuple(i * d for i, d in zip(ici, dcn))
 
 
-def make_hybrid_mesh(ici_shape, dcn_shape, devices: Sequence[Any] | None = None, *, process_is_granule: bool = True) -> Mesh:
+def make_hybrid_mesh(
+    ici_shape: MeshShape,
+    dcn_shape: MeshShape,
+    devices: Sequence[Any] | None = None,
+    *,
+    process_is_granule: bool = True,
+) -> Mesh:
     """A mesh over several nodes (or TPU slices): `ici_shape` within a node, `dcn_shape` across.
 
     On GPU clusters a node is one process (jax.distributed with one process per node,
@@ -263,7 +273,9 @@ class MeshConfig:
 
     @property
     def global_shape(self) -> dict[str, int]:
-        sizes = self.shape if self.dcn_shape is None else hybrid_mesh_shape(self.shape, self.dcn_shape)
+        sizes = self.shape
+        if self.dcn_shape is not None:
+            sizes = hybrid_mesh_shape(self.shape, self.dcn_shape)
         return dict(zip(MESH_AXES, sizes))
 
     @property
@@ -313,7 +325,7 @@ def _as_factory(model, seed: int = 0) -> Callable[[], nnx.Module]:
 
 
 def abstract_params(model) -> nnx.State:
-    """Parameter shapes and logical axes, without allocating (a cfg or a factory).
+    """Parameter shapes and logical axes, without allocating (a cfg, a model or a factory).
 
     Variables hold jax.ShapeDtypeStruct; their `out_sharding` metadata is the logical
     spec. No mesh is needed: eager sharding is off while tracing.
@@ -327,28 +339,39 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
+def _param_table(model) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
+    """{'path/to/param': (shape, logical axes)}, checked: one logical name per dim."""
+    out = {}
+    for path, v in nnx.to_flat_state(abstract_params(model)):
+        name, shape = _path_str(path), tuple(v.shape)
+        logical = v.get_metadata().get("out_sharding")
+        if logical is None:
+            raise ValueError(
+                f"Parameter {name} {shape} has no logical axes; every parameter declares "
+                "them where it is created (nnx.Param(..., out_sharding=(EMBED, MLP)))."
+            )
+        if len(logical) != len(shape):
+            raise ValueError(
+                f"Parameter {name} has shape {shape} but logical axes {tuple(logical)}; "
+                "give one name (or None) per dimension."
+            )
+        out[name] = (shape, tuple(logical))
+    return out
+
+
 def count_params(model) -> int:
-    """Exact number of parameters (a cfg or a factory), from shapes only."""
+    """Exact number of parameters (a cfg, a model or a factory), from shapes only."""
     return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(abstract_params(model)))
+
+
+def param_shapes(model) -> dict[str, tuple[int, ...]]:
+    """{'path/to/param': shape} for every parameter, from shapes only."""
+    return {name: shape for name, (shape, _) in _param_table(model).items()}
 
 
 def logical_specs(model) -> dict[str, tuple[str | None, ...]]:
     """{'path/to/param': logical axes} for every parameter, e.g. ('embed', 'mlp')."""
-    out = {}
-    for path, v in nnx.to_flat_state(abstract_params(model)):
-        logical = v.get_metadata().get("out_sharding")
-        if logical is None:
-            raise ValueError(
-                f"Parameter {_path_str(path)} {v.shape} has no logical axes; every "
-                "parameter declares them where it is created (nnx.with_partitioning)."
-            )
-        if len(logical) != len(v.shape):
-            raise ValueError(
-                f"Parameter {_path_str(path)} has shape {v.shape} but logical axes "
-                f"{logical}; one name per dimension."
-            )
-        out[_path_str(path)] = tuple(logical)
-    return out
+    return {name: logical for name, (_, logical) in _param_table(model).items()}
 
 
 def param_partition_specs(model, rules) -> dict[str, PartitionSpec]:
@@ -359,13 +382,14 @@ def param_partition_specs(model, rules) -> dict[str, PartitionSpec]:
     }
 
 
-def validate_for_mesh(cfg, mesh: Mesh, rules) -> None:
+def validate_for_mesh(cfg, mesh: Mesh, rules, *, batch_size: int | None = None) -> None:
     """Raises ValueError, before anything is compiled, if `cfg` cannot run on `mesh`.
 
     Checks: rules name only known logical and mesh axes; every logical axis has a
     rule; every sharded config size (heads, kv heads, MLP, vocab, embed) divides by
     the mesh axes it is sharded over; every parameter dimension likewise; no tensor
-    maps two dimensions to one mesh axis; no mesh axis of size > 1 is left unused.
+    maps two dimensions to one mesh axis; no mesh axis of size > 1 is left unused;
+    the global batch size (if given) divides by the data-parallel ways.
     """
     rules = get_rules(rules)
     table = dict(rules)
@@ -396,6 +420,12 @@ def validate_for_mesh(cfg, mesh: Mesh, rules) -> None:
                 f"{size} devices would repeat the same work. Set it to 1 or pick a "
                 f"preset that uses it (presets: {sorted(RULE_PRESETS)})."
             )
+    if batch_size is not None and batch_size % ways(table[BATCH]):
+        raise ValueError(
+            f"Global batch size {batch_size} is not divisible by {ways(table[BATCH])}, the "
+            f"data-parallel ways (mesh axes {table[BATCH]!r}); use a multiple of "
+            f"{ways(table[BATCH])}."
+        )
     for name, field in _CONFIG_FIELD_OF_AXIS.items():
         value = getattr(cfg, field, None)
         n = ways(table[name])
@@ -409,10 +439,8 @@ def validate_for_mesh(cfg, mesh: Mesh, rules) -> None:
                 f"{table[name]!r} that logical axis {name!r} is sharded over; choose "
                 f"{field} a multiple of {n} or a smaller {table[name]!r} axis.{hint}"
             )
-    shapes = _param_shapes(cfg)
-    for path, logical in logical_specs(cfg).items():
+    for path, (shape, logical) in _param_table(cfg).items():
         spec = logical_to_mesh_spec(logical, rules, path)
-        shape = shapes[path]
         for dim, (axes, size) in enumerate(zip(spec, shape)):
             n = ways(axes)
             if size % n:
@@ -421,10 +449,6 @@ def validate_for_mesh(cfg, mesh: Mesh, rules) -> None:
                     f"not divisible by {n} (mesh axes {axes!r}); resize it or shard "
                     f"{logical[dim]!r} over fewer devices."
                 )
-
-
-def _param_shapes(model) -> dict[str, tuple[int, ...]]:
-    return {_path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(abstract_params(model))}
 
 
 # ---------------------------------------------------------------------- sharded init
@@ -470,6 +494,6 @@ __all__ = [
     "LOGICAL_AXES", "MESH_AXES", "RULE_PRESETS", "MeshConfig", "get_rules",
     "logical_to_mesh_spec", "make_mesh", "make_hybrid_mesh", "hybrid_mesh_shape",
     "data_sharding", "model_factory", "abstract_params", "count_params", "logical_specs",
-    "param_partition_specs", "validate_for_mesh", "create_sharded", "state_shardings",
-    "per_device_param_bytes",
+    "param_shapes", "param_partition_specs", "validate_for_mesh", "create_sharded",
+    "state_shardings", "per_device_param_bytes",
 ]

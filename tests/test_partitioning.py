@@ -45,7 +45,8 @@ def _mesh(name):
 
 
 def _model(cfg):
-    return models.EncoderDecoderModel(cfg) if cfg.is_encoder_decoder else models.DecoderOnlyModel(cfg)
+    cls = models.EncoderDecoderModel if cfg.is_encoder_decoder else models.DecoderOnlyModel
+    return cls(cfg)
 
 
 def test_eight_emulated_devices():
@@ -133,7 +134,7 @@ def _spec_json(spec):
 
 def _golden_record(model_name, preset):
     cfg = model_config(model_name)
-    shapes = partitioning._param_shapes(cfg)
+    shapes = partitioning.param_shapes(cfg)
     logical = partitioning.logical_specs(cfg)
     specs = partitioning.param_partition_specs(cfg, preset)
     return {
@@ -281,14 +282,40 @@ def test_rules_missing_a_logical_axis_fail_in_validate():
     mesh = partitioning.make_mesh({"fsdp": 8})
     with pytest.raises(ValueError, match=r"Logical axes \['heads'\] have no rule"):
         partitioning.validate_for_mesh(model_config("tiny_llama"), mesh, rules)
-    with pytest.raises(ValueError, match=r"Logical axis 'heads' of .*self_attention/w[qo] has no rule"):
+    match = r"Logical axis 'heads' of .*self_attention/w[qo] has no rule"
+    with pytest.raises(ValueError, match=match):
         partitioning.param_partition_specs(model_config("tiny_llama"), rules)
+
+
+def test_batch_size_must_split_over_the_data_parallel_axes():
+    mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with pytest.raises(ValueError, match=r"batch size 6 is not divisible by 4.*\('data', 'fsdp'\)"):
+        partitioning.validate_for_mesh(model_config("tiny_llama"), mesh, "fsdp_tp", batch_size=6)
+    partitioning.validate_for_mesh(model_config("tiny_llama"), mesh, "fsdp_tp", batch_size=8)
 
 
 def test_unused_mesh_axis_fails_in_validate():
     mesh = partitioning.make_mesh({"fsdp": 2, "tensor": 4})
     with pytest.raises(ValueError, match="Mesh axis 'tensor' has size 4 but no rule uses it"):
         partitioning.validate_for_mesh(model_config("tiny_llama"), mesh, "fsdp")
+
+
+def test_validation_of_a_70b_model_compiles_nothing():
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        mesh = partitioning.make_mesh({"fsdp": 1, "tensor": 8})
+        partitioning.validate_for_mesh(model_config("llama3_70b"), mesh, "fsdp_tp_kv")
+        with pytest.raises(ValueError, match="num_kv_heads=1 is not divisible by 8"):
+            partitioning.validate_for_mesh(model_config("palm_62b"), mesh, "fsdp_tp_kv")
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
 
 
 @pytest.mark.parametrize("model_name", TINY)
@@ -322,7 +349,8 @@ def _sharded_module(model_name, mesh_name):
 
 
 def _params(module):
-    return {partitioning._path_str(p): v[...] for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    return {partitioning._path_str(p): v[...] for p, v in flat}
 
 
 @pytest.mark.parametrize("model_name", TINY)
