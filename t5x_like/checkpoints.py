@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -178,7 +179,10 @@ class CheckpointManager:
                  max_to_keep: int | None = 3, async_save: bool = True):
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps={save_interval_steps} must be ≥ 1.")
+        # orbax rejects relative local paths; users pass MODEL_DIR relative to the cwd.
         self.directory = epath.Path(directory)
+        if not self.directory.is_absolute() and '://' not in str(directory):
+            self.directory = epath.Path(os.path.abspath(str(directory)))
         self._save_interval_steps = save_interval_steps
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
