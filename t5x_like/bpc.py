@@ -157,8 +157,13 @@ def load_bpc_eval(
     stride: int = DEFAULT_STRIDE,
     split: str = "validation",
     max_documents: int | None = None,
+    max_tokens: int | None = None,
 ) -> BpcEval:
     """Reads a validation task in order (no shuffling) into a `BpcEval`.
+
+    max_documents / max_tokens cap the stream at whole documents: the first documents,
+    up to and including the one that brings the stream to `max_tokens` tokens (so every
+    counted character is scored).
 
     The task must give one example per document with `targets` (all its tokens) and
     `num_chars` (its length in characters), as `{domain}_validation` does.
@@ -169,7 +174,7 @@ def load_bpc_eval(
     ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1)
     if max_documents is not None:
         ds = ds.take(max_documents)
-    pieces, total_chars, num_docs = [], 0, 0
+    pieces, total_chars, num_docs, num_tokens = [], 0, 0, 0
     for example in ds.as_numpy_iterator():
         if "num_chars" not in example:
             raise ValueError(
@@ -180,6 +185,9 @@ def load_bpc_eval(
         pieces.append(np.asarray(example["targets"], np.int32).reshape(-1))
         total_chars += int(example["num_chars"])
         num_docs += 1
+        num_tokens += len(pieces[-1])
+        if max_tokens is not None and num_tokens >= max_tokens:
+            break
     tokens = np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
     return BpcEval(tokens, total_chars, num_docs, window=window, stride=stride)
 

@@ -33,9 +33,11 @@ class Evaluator:
     form: str  # "encdec" or "decoder"
     batch_size: int
     mesh: Any
+    last_seconds: float = 0.0  # wall time of the latest run
 
     @classmethod
-    def create(cls, model, graphdef, state_sharding, mesh, cfg, converter: str) -> Evaluator:
+    def create(cls, model, graphdef, state_sharding, mesh, rules, cfg,
+               converter: str) -> Evaluator:
         """cfg: train.EvalConfig. Reads and tokenizes the validation tasks once."""
         import tasks  # noqa: F401 - registers the {domain}_validation tasks
         from t5x_like import bpc, loader, trainer
@@ -44,9 +46,9 @@ class Evaluator:
         for domain in cfg.domains:
             streams[domain] = bpc.load_bpc_eval(
                 f"{domain}_validation", window=cfg.window, stride=cfg.stride,
-                max_documents=cfg.max_documents)
+                max_documents=cfg.max_documents, max_tokens=cfg.max_tokens)
         step = trainer.make_eval_step(graphdef, model.loss_fn, state_sharding=state_sharding,
-                                      batch_sharding=loader.batch_sharding(mesh))
+                                      batch_sharding=loader.batch_sharding(mesh), rules=rules)
         form = "encdec" if converter == "encdec" else "decoder"
         return cls(streams, step, form, cfg.batch_size, mesh)
 
@@ -77,7 +79,8 @@ class Evaluator:
         if writer is not None:
             writer.write_scalars(step, {f"eval/{d}/{k}": v for d, r in results.items()
                                         for k, v in r.items() if k in ("loss", "accuracy", "bpc")})
-        log.info("eval at step %d (%.1fs): %s", step, time.perf_counter() - start,
+        self.last_seconds = time.perf_counter() - start
+        log.info("eval at step %d (%.1fs): %s", step, self.last_seconds,
                  "  ".join(f"{d} bpc {r['bpc']:.3f} loss {r['loss']:.3f}"
                            for d, r in results.items()))
         return results
@@ -102,7 +105,7 @@ def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation,
 
     converter = train_lib.converter_for(model, task_feature_lengths)
     evaluator = Evaluator.create(model, graphdef, trainer.state_shardings(restored.state),
-                                 mesh, evaluation, converter)
+                                 mesh, rules, evaluation, converter)
     import jax
 
     with jax.set_mesh(mesh):

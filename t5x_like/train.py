@@ -82,8 +82,9 @@ class EvalConfig:
 
     Runs before the first step, every `every_steps` and after the last step, over the
     `{domain}_validation` tasks, in windows of `window` tokens moved by `stride`
-    (SPEC section 4; the reference uses 1900/512, the demo less). `max_documents`
-    caps each domain's documents (None: all). `batch_size` windows per eval step.
+    (SPEC section 4; the reference uses 1900/512, the demo less). `max_documents` and
+    `max_tokens` cap each domain's stream at whole documents (None: all).
+    `batch_size` windows per eval step.
     """
 
     every_steps: int = 100
@@ -91,6 +92,7 @@ class EvalConfig:
     window: int = 1900
     stride: int = 512
     max_documents: int | None = None
+    max_tokens: int | None = None
     batch_size: int = 16
     enabled: bool = True
 
@@ -235,9 +237,10 @@ def train(
     batch_sharding = loader.batch_sharding(mesh)
     train_step = trainer.make_train_step(
         graphdef, model.loss_fn, optimizer.schedule, num_microbatches=num_microbatches,
-        state_sharding=state_sharding, batch_sharding=batch_sharding)
+        state_sharding=state_sharding, batch_sharding=batch_sharding, rules=rules)
     evaluator = eval_lib.Evaluator.create(
-        model, graphdef, state_sharding, mesh, evaluation, converter) if evaluation.enabled else None
+        model, graphdef, state_sharding, mesh, rules, evaluation, converter,
+    ) if evaluation.enabled else None
 
     # Metrics: FLOPs in both conventions, peak measured (CPU) or from the datasheet (GPU).
     lengths = dict(data.task_feature_lengths)
@@ -252,17 +255,16 @@ def train(
              converter, step_flops.palm, step_flops.maxtext, peak)
 
     summary: dict[str, Any] = {"model_dir": model_dir, "start_step": start_step}
-    if evaluator is not None:
-        summary["eval_start"] = evaluator.run(state, start_step, writer)
-
     key = jax.random.key(seed)
     last_step = min(train_steps, stop_at_step or train_steps)
-    progress = metrics.Progress(last_step, start_step)
-    window: list[dict[str, Any]] = []
-    step = start_step
-    t_last = time.perf_counter()
     losses: list[float] = []
+    step = start_step
     with jax.set_mesh(mesh), ckpt:
+        if evaluator is not None:
+            summary["eval_start"] = evaluator.run(state, start_step, writer)
+        progress = metrics.Progress(last_step, start_step)
+        window: list[dict[str, Any]] = []
+        t_last = time.perf_counter()
         while step < last_step:
             batch = loader.to_global_batch(next(data_iter), mesh)
             state, step_metrics = train_step(state, batch, key)
@@ -289,13 +291,13 @@ def train(
                 window = []
             if evaluator is not None and step % evaluation.every_steps == 0 and step < last_step:
                 evaluator.run(state, step, writer)
+                t_last += evaluator.last_seconds  # step time excludes evaluation
             ckpt.save(step, state, data_iterator=data_iter, config_text=config_text,
                       force=step == last_step)
             progress.update(step)
-    progress.close()
-
-    if evaluator is not None:
-        summary["eval_end"] = evaluator.run(state, step, writer)
+        progress.close()
+        if evaluator is not None:
+            summary["eval_end"] = evaluator.run(state, step, writer)
     writer.flush()
     summary.update(end_step=step, train_losses=losses, state=state, graphdef=graphdef)
     _print_summary(summary, model_dir)

@@ -115,3 +115,17 @@ def test_load_from_a_validation_task(test_tasks):
     assert ev.num_scored_tokens == len(expected)
     with pytest.raises(ValueError, match="needs 'num_chars'"):
         bpc.load_bpc_eval("tt_a_lm", split="validation")
+
+
+def test_max_tokens_keeps_whole_documents(test_tasks):
+    full = bpc.load_bpc_eval("tt_a_validation", window=64, stride=16)
+    assert full.num_documents >= 3
+    lengths = []
+    for path in sorted(glob.glob(os.path.join(test_tasks, "a-validation-*.txt"))):
+        with open(path, encoding="utf-8") as f:
+            lengths += [len(d.encode()) for d in f.read().splitlines()]
+    cap = lengths[0] + 1  # reached inside the second document
+    capped = bpc.load_bpc_eval("tt_a_validation", window=64, stride=16, max_tokens=cap)
+    assert capped.num_documents == 2
+    assert len(capped.tokens) == lengths[0] + lengths[1]
+    np.testing.assert_array_equal(capped.tokens, full.tokens[: len(capped.tokens)])
