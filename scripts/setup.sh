@@ -5,8 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
+# Some machines' pip configs name find-links folders that do not exist; pip warns once
+# per package about them, which says nothing about this project.
+quiet_pip() {
+  .venv/bin/pip "$@" 2> >(grep -v "^WARNING: Location 'file://.*' is ignored" >&2)
+}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
+  quiet_pip install -q --upgrade pip
 fi
-.venv/bin/pip install -q -e '.[test]'
+quiet_pip install -q -e '.[test]'

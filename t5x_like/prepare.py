@@ -641,37 +641,6 @@ def prepare(
     return manifest
 
 
-def ensure_prepared(
-    mixture: str,
-    task_feature_lengths: Mapping[str, int] | str,
-    converter: str,
-    num_examples: int,
-    seed: int,
-    out_dir: str,
-    num_shards: int = 8,
-    workers: int | None = None,
-    *,
-    split: str = "train",
-    task_modules: Sequence[str] = DEFAULT_TASK_MODULES,
-    shuffle_buffer_size: int = 128,
-) -> dict:
-    """What the training entry point calls: validates a complete matching store (cheap,
-    no TensorFlow work beyond registry look-ups), otherwise prepares or resumes it."""
-    return prepare(
-        mixture,
-        task_feature_lengths,
-        converter,
-        num_examples,
-        seed,
-        out_dir,
-        num_shards,
-        workers,
-        split=split,
-        task_modules=task_modules,
-        shuffle_buffer_size=shuffle_buffer_size,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mixture", required=True, help="seqio Mixture or Task name")

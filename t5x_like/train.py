@@ -141,7 +141,7 @@ def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: 
     task_modules = tuple(dict.fromkeys(("tasks", *_gin_imported_modules())))
     shards = data.prepare_shards or os.cpu_count() or 1
     start = time.perf_counter()
-    manifest = prepare.ensure_prepared(
+    manifest = prepare.prepare(
         data.mixture_or_task_name, dict(data.task_feature_lengths), converter,
         num_examples, data.seed, store_dir, num_shards=shards, workers=shards,
         task_modules=task_modules)

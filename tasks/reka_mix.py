@@ -8,14 +8,15 @@ Importing registers (no file I/O; datasets are built only by get_dataset):
   (no EOS, no chunking) and `num_chars` = Python len() of its text, for bits per
   character (SPEC section 4). Use it with split="validation" and sequence_length=None.
 - Mixture `{domain}_ul2` over the denoisers, `reka_mix_ul2` over the domains,
-  `reka_mix_causal` over the causal tasks.
+  `reka_mix_causal` over the causal tasks; `{domain}_upalm` and `reka_mix_upalm` the
+  same with U-PaLM's denoiser rates.
 
 Domains and names are pinned in docs/CONTRACTS.md. Every source document that is empty
 (only whitespace) or not valid UTF-8 is dropped before tokenizing; `count_skipped`
 counts them with the same predicate.
 
-Rates are plain Python (`register_mixtures`), so the train entry point can bind them
-with gin; library code does not import gin. Example:
+Rates are plain Python (`register_mixtures`); a gin file picks a registered mixture by
+name, and a user module can register other rates under a new name. Example:
     import tasks  # registers
     ds = seqio.get_dataset("reka_mix_ul2", {"inputs": 512, "targets": 512},
                            feature_converter=seqio.EncDecFeatureConverter(pack=True),
@@ -58,16 +59,17 @@ REKA_DOMAIN_RATES: Mapping[str, float] = {
 _SKIP_EMPTY, _SKIP_NON_UTF8 = 1, 2
 
 # What the last register_* calls used, so that re-registering tasks keeps the rates.
-_state = {"corpus_dir": DEFAULT_CORPUS_DIR, "denoiser_rates": UL2_RATES,
-          "domain_rates": REKA_DOMAIN_RATES}
+_state = {"corpus_dir": DEFAULT_CORPUS_DIR,
+          "mixtures": {"ul2": (UL2_RATES, REKA_DOMAIN_RATES),
+                       "upalm": (UPALM_RATES, REKA_DOMAIN_RATES)}}
 
 
 def ul2_task_name(domain: str, denoiser: str) -> str:
   return f"{domain}_ul2_{denoiser}"
 
 
-def domain_mixture_name(domain: str) -> str:
-  return f"{domain}_ul2"
+def domain_mixture_name(domain: str, name: str = "ul2") -> str:
+  return f"{domain}_{name}"
 
 
 def causal_task_name(domain: str) -> str:
@@ -211,7 +213,8 @@ def register_tasks(corpus_dir: Union[str, pathlib.Path, None] = None) -> None:
         output_features=validation_features,
         preprocessors=[filter_documents, _validation_features, tokenize],
         metric_fns=[])
-  register_mixtures(_state["denoiser_rates"], _state["domain_rates"])
+  for name, (denoiser_rates, domain_rates) in _state["mixtures"].items():
+    register_mixtures(denoiser_rates, domain_rates, name=name)
 
 
 def _normalised(rates: Mapping[str, float], allowed, what: str) -> dict[str, float]:
@@ -229,14 +232,23 @@ def _normalised(rates: Mapping[str, float], allowed, what: str) -> dict[str, flo
 def register_mixtures(
     denoiser_rates: Union[str, Mapping[str, float]] = "ul2",
     domain_rates: Mapping[str, float] = REKA_DOMAIN_RATES,
+    name: str = "ul2",
 ) -> dict[str, dict[str, float]]:
-  """(Re)registers `{domain}_ul2`, `reka_mix_ul2` and `reka_mix_causal`.
+  """(Re)registers `{domain}_{name}` and `reka_mix_{name}` (and, for the default
+  name "ul2", `reka_mix_causal` with the same domain rates).
+
+  Importing this module registers the UL2 rates as `reka_mix_ul2` and U-PaLM's as
+  `reka_mix_upalm`; a gin file picks one with MIXTURE_OR_TASK_NAME. Other rates: call
+  this from your own task module (imported by your gin file, so that data-preparation
+  workers register them too) with a new `name`, e.g.
+  `register_mixtures({"r1": 1, "s": 1}, name="rs")` -> `reka_mix_rs`.
 
   Args:
     denoiser_rates: a preset name ("ul2", "upalm") or {denoiser: rate}; missing or
       zero-rate denoisers are left out. Normalised to sum to 1.
     domain_rates: {domain: rate}, normalised to sum to 1 (Reka's 105 -> 1); missing
       or zero-rate domains are left out.
+    name: the mixtures' suffix.
 
   Returns:
     {"denoiser_rates": ..., "domain_rates": ...}, the normalised rates registered.
@@ -250,18 +262,18 @@ def register_mixtures(
                dict(denoiser_rates), sum(denoiser_rates.values()), denoisers)
   logging.info("Domain rates %s normalised by their sum %.4g to %s",
                dict(domain_rates), sum(domain_rates.values()), domains)
-  _state["denoiser_rates"] = dict(denoiser_rates)
-  _state["domain_rates"] = dict(domain_rates)
+  _state["mixtures"][name] = (dict(denoiser_rates), dict(domain_rates))
 
-  def add(name, tasks):
-    seqio.MixtureRegistry.remove(name)
-    seqio.MixtureRegistry.add(name, tasks)
+  def add(mixture, tasks):
+    seqio.MixtureRegistry.remove(mixture)
+    seqio.MixtureRegistry.add(mixture, tasks)
 
   for domain in DOMAINS:
-    add(domain_mixture_name(domain),
+    add(domain_mixture_name(domain, name),
         [(ul2_task_name(domain, d), rate) for d, rate in denoisers.items()])
-  add("reka_mix_ul2", [(domain_mixture_name(d), r) for d, r in domains.items()])
-  add("reka_mix_causal", [(causal_task_name(d), r) for d, r in domains.items()])
+  add(f"reka_mix_{name}", [(domain_mixture_name(d, name), r) for d, r in domains.items()])
+  if name == "ul2":
+    add("reka_mix_causal", [(causal_task_name(d), r) for d, r in domains.items()])
   return {"denoiser_rates": denoisers, "domain_rates": domains}
 
 

@@ -306,7 +306,7 @@ def test_idempotent_skips_done_shards_and_ignores_tmp(encdec_store, tmp_path, mo
         assert first[k] == second[k]
     # A complete store is returned as is, nothing rewritten.
     written.clear()
-    assert prepare_lib.ensure_prepared(
+    assert prepare_lib.prepare(
         "tt_mix_encdec", {"inputs": 64, "targets": 64}, "encdec", 40, 3, str(out), 2, 1,
         task_modules=(TEST_TASK_MODULE,),
     )["complete"]

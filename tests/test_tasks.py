@@ -137,33 +137,40 @@ def test_registered_rates_are_the_configured_ones():
       {f"{d}_causal": r / 105 for d, r in reka_mix.REKA_DOMAIN_RATES.items()})
 
 
-def test_upalm_preset_and_rate_errors(caplog):
+def _denoiser_shares(mixture_name):
+  mixture = seqio.get_mixture_or_task(mixture_name)
+  total = sum(mixture.get_rate(t) for t in mixture.tasks)
+  return {t.name.rsplit("_", 1)[1]: mixture.get_rate(t) / total for t in mixture.tasks}
+
+
+def test_upalm_preset_named_rates_and_rate_errors(caplog):
+  # U-PaLM's rates are registered at import beside UL2's, under their own names.
+  upalm = {"s": 0.5, "r1": 0.25, "x1": 0.0625, "x2": 0.0625, "x3": 0.0625, "x4": 0.0625}
+  assert _denoiser_shares("code_upalm") == pytest.approx(upalm)
+  mix = seqio.get_mixture_or_task("reka_mix_upalm")
+  assert {t.name for t in mix.tasks if mix.get_rate(t) > 0} == {
+      f"{d}_ul2_{n}" for d in reka_mix.DOMAINS for n in upalm}
+  # A user's own rates under a new name leave the shipped mixtures as they are.
   try:
     with caplog.at_level(logging.INFO):
-      rates = reka_mix.register_mixtures("upalm")
+      rates = reka_mix.register_mixtures({"r1": 1.0, "s": 3.0}, name="rs")
     assert "normalised by their sum 105" in caplog.text
-    code = seqio.get_mixture_or_task("code_ul2")
-    total = sum(code.get_rate(t) for t in code.tasks)
-    got = {t.name.rsplit("_", 1)[1]: code.get_rate(t) / total for t in code.tasks}
-    assert got == pytest.approx(
-        {"s": 0.5, "r1": 0.25, "x1": 0.0625, "x2": 0.0625, "x3": 0.0625, "x4": 0.0625})
-    assert rates["denoiser_rates"] == pytest.approx(got)
-    # The corpus mixture was rebuilt over the new per-domain mixtures.
-    mix = seqio.get_mixture_or_task("reka_mix_ul2")
-    assert {t.name for t in mix.tasks if mix.get_rate(t) > 0} == {
-        f"{d}_ul2_{n}" for d in reka_mix.DOMAINS for n in got}
+    assert _denoiser_shares("math_rs") == pytest.approx({"r1": 0.25, "s": 0.75})
+    assert rates["denoiser_rates"] == pytest.approx({"r1": 0.25, "s": 0.75})
+    assert len(seqio.get_mixture_or_task("reka_mix_rs").tasks) == 10
+    assert len(seqio.get_mixture_or_task("code_ul2").tasks) == 7
     with pytest.raises(ValueError, match=r"Unknown denoiser 'x9'.*'r1'"):
-      reka_mix.register_mixtures({"x9": 1.0})
+      reka_mix.register_mixtures({"x9": 1.0}, name="bad")
     with pytest.raises(ValueError, match=r"Unknown domain 'bio'"):
-      reka_mix.register_mixtures("ul2", {"bio": 1.0})
+      reka_mix.register_mixtures("ul2", {"bio": 1.0}, name="bad")
     with pytest.raises(ValueError, match=r"Unknown denoiser rate preset 'upalm2'"):
-      reka_mix.register_mixtures("upalm2")
+      reka_mix.register_mixtures("upalm2", name="bad")
     with pytest.raises(ValueError, match=r"sum to 0.0"):
-      reka_mix.register_mixtures("ul2", {"code": 0.0})
+      reka_mix.register_mixtures("ul2", {"code": 0.0}, name="bad")
   finally:
-    reka_mix.register_mixtures()
-  code = seqio.get_mixture_or_task("code_ul2")
-  assert len(code.tasks) == 7
+    for name in ["reka_mix_rs", *(f"{d}_rs" for d in reka_mix.DOMAINS)]:
+      seqio.MixtureRegistry.remove(name)
+  assert _denoiser_shares("code_ul2") == pytest.approx(reka_mix.UL2_RATES)
 
 
 def test_unknown_name_suggests_the_nearest_registered_names():
