@@ -59,40 +59,40 @@ _no_autograph = tf.autograph.experimental.do_not_convert
 
 @dataclasses.dataclass(frozen=True)
 class DenoiserSpec:
-  """One UL2 denoiser.
+    """One UL2 denoiser.
 
-  Attributes:
-    name: short id used in task names (`r1`, ..., `s`).
-    kind: "R" (regular span corruption), "X" (extreme) or "S" (sequential, prefix-LM).
-    mean_span: mean noise span length mu for R/X; None for S (one span at the end).
-    noise_density: corruption rate r: fraction of the raw chunk that goes to targets.
-    mode_token: the paradigm token prepended to inputs: "[NLU]", "[NLG]" or "[S2S]".
-  """
+    Attributes:
+      name: short id used in task names (`r1`, ..., `s`).
+      kind: "R" (regular span corruption), "X" (extreme) or "S" (sequential, prefix-LM).
+      mean_span: mean noise span length mu for R/X; None for S (one span at the end).
+      noise_density: corruption rate r: fraction of the raw chunk that goes to targets.
+      mode_token: the paradigm token prepended to inputs: "[NLU]", "[NLG]" or "[S2S]".
+    """
 
-  name: str
-  kind: str
-  mean_span: Optional[float]
-  noise_density: float
-  mode_token: str
+    name: str
+    kind: str
+    mean_span: Optional[float]
+    noise_density: float
+    mode_token: str
 
-  def __post_init__(self):
-    if self.kind not in _KINDS:
-      raise ValueError(
-          f"Denoiser {self.name!r}: kind {self.kind!r} is not one of {_KINDS}; "
-          "use 'R' or 'X' for span corruption and 'S' for prefix-LM.")
-    if not 0.0 < self.noise_density < 1.0:
-      raise ValueError(
-          f"Denoiser {self.name!r}: noise_density {self.noise_density} must be in "
-          "(0, 1), e.g. 0.15 for R, 0.5 for X, 0.25 for S.")
-    if self.kind == "S":
-      if self.mean_span is not None:
-        raise ValueError(
-            f"Denoiser {self.name!r}: an S denoiser has one span at the end, so "
-            f"mean_span must be None, got {self.mean_span}.")
-    elif self.mean_span is None or self.mean_span < 1:
-      raise ValueError(
-          f"Denoiser {self.name!r}: kind {self.kind} needs mean_span >= 1, got "
-          f"{self.mean_span}.")
+    def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise ValueError(
+                f"Denoiser {self.name!r}: kind {self.kind!r} is not one of {_KINDS}; "
+                "use 'R' or 'X' for span corruption and 'S' for prefix-LM.")
+        if not 0.0 < self.noise_density < 1.0:
+            raise ValueError(
+                f"Denoiser {self.name!r}: noise_density {self.noise_density} must be in "
+                "(0, 1), e.g. 0.15 for R, 0.5 for X, 0.25 for S.")
+        if self.kind == "S":
+            if self.mean_span is not None:
+                raise ValueError(
+                    f"Denoiser {self.name!r}: an S denoiser has one span at the end, so "
+                    f"mean_span must be None, got {self.mean_span}.")
+        elif self.mean_span is None or self.mean_span < 1:
+            raise ValueError(
+                f"Denoiser {self.name!r}: kind {self.kind} needs mean_span >= 1, got "
+                f"{self.mean_span}.")
 
 
 # The seven denoisers of UL2 (arXiv 2205.05131 Table 1 as reproduced; SPEC section 1).
@@ -116,11 +116,11 @@ DENOISERS: Mapping[str, DenoiserSpec] = {
 
 def _num_noise_and_spans(length: int, noise_density: float,
                          mean_span: float) -> tuple[int, int]:
-  """Noise tokens and noise spans for a chunk of `length` tokens, as the mask draws them."""
-  length = max(length, 2)  # the mask pads degenerate chunks to 2 tokens, then slices
-  num_noise = min(max(round(length * noise_density), 1), length - 1)
-  num_spans = max(round(num_noise / mean_span), 1)
-  return num_noise, num_spans
+    """Noise tokens and noise spans for a chunk of `length` tokens, as the mask draws them."""
+    length = max(length, 2)  # the mask pads degenerate chunks to 2 tokens, then slices
+    num_noise = min(max(round(length * noise_density), 1), length - 1)
+    num_spans = max(round(num_noise / mean_span), 1)
+    return num_noise, num_spans
 
 
 def random_spans_helper(inputs_length: int,
@@ -128,170 +128,170 @@ def random_spans_helper(inputs_length: int,
                         mean_noise_span_length: float,
                         extra_tokens_per_span_inputs: int = 1,
                         extra_tokens_per_span_targets: int = 1) -> tuple[int, int]:
-  """Raw chunk length and targets length so that span corruption fills the inputs.
+    """Raw chunk length and targets length so that span corruption fills the inputs.
 
-  Port of T5's `random_spans_helper`. The encoded inputs of a chunk of t tokens hold
-  the non-noise tokens, one sentinel per noise span and EOS; the targets hold the noise
-  tokens, one sentinel per span and EOS. The raw length is the largest t whose inputs
-  fit in `inputs_length`. Both lengths are non-decreasing in t, so shorter chunks (the
-  tail of a concatenation) fit as well.
+    Port of T5's `random_spans_helper`. The encoded inputs of a chunk of t tokens hold
+    the non-noise tokens, one sentinel per noise span and EOS; the targets hold the noise
+    tokens, one sentinel per span and EOS. The raw length is the largest t whose inputs
+    fit in `inputs_length`. Both lengths are non-decreasing in t, so shorter chunks (the
+    tail of a concatenation) fit as well.
 
-  Args:
-    inputs_length: length of the encoded inputs, EOS included.
-    noise_density: fraction r of the chunk to corrupt.
-    mean_noise_span_length: mean span length mu.
-    extra_tokens_per_span_inputs: sentinels per noise span in the inputs.
-    extra_tokens_per_span_targets: sentinels per span in the targets.
+    Args:
+      inputs_length: length of the encoded inputs, EOS included.
+      noise_density: fraction r of the chunk to corrupt.
+      mean_noise_span_length: mean span length mu.
+      extra_tokens_per_span_inputs: sentinels per noise span in the inputs.
+      extra_tokens_per_span_targets: sentinels per span in the targets.
 
-  Returns:
-    (tokens_length, targets_length): raw chunk length and the length of its encoded
-    targets, EOS included.
-  """
+    Returns:
+      (tokens_length, targets_length): raw chunk length and the length of its encoded
+      targets, EOS included.
+    """
 
-  def lengths(tokens_length):
-    num_noise, num_spans = _num_noise_and_spans(tokens_length, noise_density,
-                                                mean_noise_span_length)
-    num_nonnoise = tokens_length - num_noise
-    return (num_nonnoise + num_spans * extra_tokens_per_span_inputs + 1,
-            num_noise + num_spans * extra_tokens_per_span_targets + 1)
+    def lengths(tokens_length):
+        num_noise, num_spans = _num_noise_and_spans(tokens_length, noise_density,
+                                                    mean_noise_span_length)
+        num_nonnoise = tokens_length - num_noise
+        return (num_nonnoise + num_spans * extra_tokens_per_span_inputs + 1,
+                num_noise + num_spans * extra_tokens_per_span_targets + 1)
 
-  if inputs_length < 2:
-    raise ValueError(
-        f"random_spans_helper: inputs_length {inputs_length} cannot hold one token "
-        "and EOS; use an inputs length of at least 4.")
-  tokens_length = inputs_length - 1
-  while lengths(tokens_length + 1)[0] <= inputs_length:
-    tokens_length += 1
-  # Cannot undershoot either: a chunk of inputs_length-1 tokens may encode longer than
-  # inputs_length when clipping forces a span onto a tiny chunk.
-  while tokens_length > 1 and lengths(tokens_length)[0] > inputs_length:
-    tokens_length -= 1
-  inputs_len, targets_length = lengths(tokens_length)
-  # T5's "minor hack": at r=0.5 trim one raw token so targets == inputs, which is more
-  # likely a round number. T5 subtracts 1 from targets; we recompute it, which is the
-  # same whenever the trimmed token was a noise token, and never undercounts.
-  if noise_density == 0.5 and targets_length > inputs_len:
-    tokens_length -= 1
-    targets_length = lengths(tokens_length)[1]
-  return tokens_length, targets_length
+    if inputs_length < 2:
+        raise ValueError(
+            f"random_spans_helper: inputs_length {inputs_length} cannot hold one token "
+            "and EOS; use an inputs length of at least 4.")
+    tokens_length = inputs_length - 1
+    while lengths(tokens_length + 1)[0] <= inputs_length:
+        tokens_length += 1
+    # Cannot undershoot either: a chunk of inputs_length-1 tokens may encode longer than
+    # inputs_length when clipping forces a span onto a tiny chunk.
+    while tokens_length > 1 and lengths(tokens_length)[0] > inputs_length:
+        tokens_length -= 1
+    inputs_len, targets_length = lengths(tokens_length)
+    # T5's "minor hack": at r=0.5 trim one raw token so targets == inputs, which is more
+    # likely a round number. T5 subtracts 1 from targets; we recompute it, which is the
+    # same whenever the trimmed token was a noise token, and never undercounts.
+    if noise_density == 0.5 and targets_length > inputs_len:
+        tokens_length -= 1
+        targets_length = lengths(tokens_length)[1]
+    return tokens_length, targets_length
 
 
 def _min_prefix_length(length: int, noise_density: float) -> int:
-  """Shortest S prefix for a chunk of `length` tokens (see `random_prefix_length`)."""
-  max_prefix = length - 1
-  return min(max_prefix, max(1, round((1 - 2 * noise_density) * (length - 1))))
+    """Shortest S prefix for a chunk of `length` tokens (see `random_prefix_length`)."""
+    max_prefix = length - 1
+    return min(max_prefix, max(1, round((1 - 2 * noise_density) * (length - 1))))
 
 
 @dataclasses.dataclass(frozen=True)
 class DenoiserLengths:
-  """What one denoiser makes of given feature lengths.
+    """What one denoiser makes of given feature lengths.
 
-  Attributes:
-    raw_length: tokens of original text per example (the `split_tokens` length).
-    inputs_length: longest encoded inputs (mode token and EOS included).
-    targets_length: longest encoded targets (EOS included); the task's targets
-      feature length must be at least this.
-    num_spans: noise spans in a full-length chunk (sentinels used); 1 for S.
-  """
+    Attributes:
+      raw_length: tokens of original text per example (the `split_tokens` length).
+      inputs_length: longest encoded inputs (mode token and EOS included).
+      targets_length: longest encoded targets (EOS included); the task's targets
+        feature length must be at least this.
+      num_spans: noise spans in a full-length chunk (sentinels used); 1 for S.
+    """
 
-  raw_length: int
-  inputs_length: int
-  targets_length: int
-  num_spans: int
+    raw_length: int
+    inputs_length: int
+    targets_length: int
+    num_spans: int
 
 
 def denoiser_lengths(spec: DenoiserSpec, inputs_length: int) -> DenoiserLengths:
-  """Raw chunk length and the longest inputs/targets `spec` produces.
+    """Raw chunk length and the longest inputs/targets `spec` produces.
 
-  Args:
-    spec: the denoiser.
-    inputs_length: the task's `inputs` feature length (mode token and EOS included).
+    Args:
+      spec: the denoiser.
+      inputs_length: the task's `inputs` feature length (mode token and EOS included).
 
-  Returns:
-    The DenoiserLengths for full-length chunks (shorter chunks produce shorter
-    features).
-  """
-  if spec.kind == "S":
-    # inputs = mode + prefix (at most raw-1 tokens) + EOS.
-    raw = inputs_length - 1
-    if raw < 2:
-      raise ValueError(
-          f"Denoiser {spec.name!r} (S) needs an inputs length of at least 3 (mode "
-          f"token, one prefix token, EOS), got {inputs_length}.")
-    targets = raw - _min_prefix_length(raw, spec.noise_density) + 1
-    return DenoiserLengths(raw, raw + 1, targets, 1)
-  # One input position goes to the mode token; the rest is T5's arithmetic.
-  raw, targets = random_spans_helper(inputs_length - 1, spec.noise_density,
-                                     spec.mean_span)
-  num_noise, num_spans = _num_noise_and_spans(raw, spec.noise_density, spec.mean_span)
-  return DenoiserLengths(raw, 1 + raw - num_noise + num_spans + 1, targets, num_spans)
+    Returns:
+      The DenoiserLengths for full-length chunks (shorter chunks produce shorter
+      features).
+    """
+    if spec.kind == "S":
+        # inputs = mode + prefix (at most raw-1 tokens) + EOS.
+        raw = inputs_length - 1
+        if raw < 2:
+            raise ValueError(
+                f"Denoiser {spec.name!r} (S) needs an inputs length of at least 3 (mode "
+                f"token, one prefix token, EOS), got {inputs_length}.")
+        targets = raw - _min_prefix_length(raw, spec.noise_density) + 1
+        return DenoiserLengths(raw, raw + 1, targets, 1)
+    # One input position goes to the mode token; the rest is T5's arithmetic.
+    raw, targets = random_spans_helper(inputs_length - 1, spec.noise_density,
+                                       spec.mean_span)
+    num_noise, num_spans = _num_noise_and_spans(raw, spec.noise_density, spec.mean_span)
+    return DenoiserLengths(raw, 1 + raw - num_noise + num_spans + 1, targets, num_spans)
 
 
 def _min_inputs_length(spec: DenoiserSpec) -> int:
-  """Smallest inputs length for which `spec` denoises chunks of at least 2 tokens."""
-  for inputs_length in range(3, 64):
-    try:
-      if denoiser_lengths(spec, inputs_length).raw_length >= 2:
-        return inputs_length
-    except ValueError:
-      continue
-  raise AssertionError(f"no inputs length below 64 works for {spec}")
+    """Smallest inputs length for which `spec` denoises chunks of at least 2 tokens."""
+    for inputs_length in range(3, 64):
+        try:
+            if denoiser_lengths(spec, inputs_length).raw_length >= 2:
+                return inputs_length
+        except ValueError:
+            continue
+    raise AssertionError(f"no inputs length below 64 works for {spec}")
 
 
 def validate_feature_lengths(specs: Sequence[DenoiserSpec] | DenoiserSpec,
                              feature_lengths: Optional[Mapping[str, int]]
                              ) -> dict[str, DenoiserLengths]:
-  """Checks that every denoiser's examples fit `feature_lengths` without truncation.
+    """Checks that every denoiser's examples fit `feature_lengths` without truncation.
 
-  SPEC Decisions ("X denoisers need long targets"): with inputs of 512, r=0.5 needs
-  targets of 512. Call this at start-up; the preprocessors call it too.
+    SPEC Decisions ("X denoisers need long targets"): with inputs of 512, r=0.5 needs
+    targets of 512. Call this at start-up; the preprocessors call it too.
 
-  Args:
-    specs: one denoiser or several.
-    feature_lengths: {"inputs": int, "targets": int}, the task feature lengths.
+    Args:
+      specs: one denoiser or several.
+      feature_lengths: {"inputs": int, "targets": int}, the task feature lengths.
 
-  Returns:
-    {denoiser name: DenoiserLengths}.
+    Returns:
+      {denoiser name: DenoiserLengths}.
 
-  Raises:
-    ValueError: naming the denoiser, the length it needs and the length given.
-  """
-  if isinstance(specs, DenoiserSpec):
-    specs = [specs]
-  names = [s.name for s in specs]
-  if not feature_lengths or "inputs" not in feature_lengths or (
-      "targets" not in feature_lengths):
-    raise ValueError(
-        f"UL2 denoisers {names} need feature lengths for 'inputs' and 'targets', "
-        f"got {feature_lengths!r}; pass e.g. sequence_length={{'inputs': 512, "
-        "'targets': 512}} (TASK_FEATURE_LENGTHS in gin).")
-  inputs_length = int(feature_lengths["inputs"])
-  targets_length = int(feature_lengths["targets"])
-  out, too_short = {}, []
-  for spec in specs:
-    needed = _min_inputs_length(spec)
-    if inputs_length < needed:
-      raise ValueError(
-          f"Denoiser {spec.name!r} ({spec.kind}, mean span {spec.mean_span}, noise "
-          f"density {spec.noise_density}) needs an inputs length of at least "
-          f"{needed}, got {inputs_length}; raise TASK_FEATURE_LENGTHS['inputs'].")
-    lengths = denoiser_lengths(spec, inputs_length)
-    if lengths.targets_length > targets_length:
-      too_short.append((spec, lengths.targets_length))
-    out[spec.name] = lengths
-  if too_short:
-    # Name every denoiser that does not fit, so one run shows the whole fix.
-    each = "; ".join(
-        f"denoiser {spec.name!r} ({spec.kind}, mean span {spec.mean_span}, noise "
-        f"density {spec.noise_density}) needs a targets length of at least {needed}"
-        for spec, needed in too_short)
-    worst = max(needed for _, needed in too_short)
-    raise ValueError(
-        f"With inputs length {inputs_length}, {each}; got {targets_length}. Set "
-        f"TASK_FEATURE_LENGTHS['targets'] >= {worst} (X denoisers need targets about "
-        f"as long as inputs) or give {[s.name for s, _ in too_short]} a rate of 0 in "
-        "the mixture.")
-  return out
+    Raises:
+      ValueError: naming the denoiser, the length it needs and the length given.
+    """
+    if isinstance(specs, DenoiserSpec):
+        specs = [specs]
+    names = [s.name for s in specs]
+    if not feature_lengths or "inputs" not in feature_lengths or (
+        "targets" not in feature_lengths):
+        raise ValueError(
+            f"UL2 denoisers {names} need feature lengths for 'inputs' and 'targets', "
+            f"got {feature_lengths!r}; pass e.g. sequence_length={{'inputs': 512, "
+            "'targets': 512}} (TASK_FEATURE_LENGTHS in gin).")
+    inputs_length = int(feature_lengths["inputs"])
+    targets_length = int(feature_lengths["targets"])
+    out, too_short = {}, []
+    for spec in specs:
+        needed = _min_inputs_length(spec)
+        if inputs_length < needed:
+            raise ValueError(
+                f"Denoiser {spec.name!r} ({spec.kind}, mean span {spec.mean_span}, noise "
+                f"density {spec.noise_density}) needs an inputs length of at least "
+                f"{needed}, got {inputs_length}; raise TASK_FEATURE_LENGTHS['inputs'].")
+        lengths = denoiser_lengths(spec, inputs_length)
+        if lengths.targets_length > targets_length:
+            too_short.append((spec, lengths.targets_length))
+        out[spec.name] = lengths
+    if too_short:
+        # Name every denoiser that does not fit, so one run shows the whole fix.
+        each = "; ".join(
+            f"denoiser {spec.name!r} ({spec.kind}, mean span {spec.mean_span}, noise "
+            f"density {spec.noise_density}) needs a targets length of at least {needed}"
+            for spec, needed in too_short)
+        worst = max(needed for _, needed in too_short)
+        raise ValueError(
+            f"With inputs length {inputs_length}, {each}; got {targets_length}. Set "
+            f"TASK_FEATURE_LENGTHS['targets'] >= {worst} (X denoisers need targets about "
+            f"as long as inputs) or give {[s.name for s, _ in too_short]} a rate of 0 in "
+            "the mixture.")
+    return out
 
 
 # ----------------------------------------------------------------------------------
@@ -300,104 +300,104 @@ def validate_feature_lengths(specs: Sequence[DenoiserSpec] | DenoiserSpec,
 
 
 def _random_segmentation(num_items, num_segments, seed):
-  """Splits `num_items` into `num_segments` positive lengths, all splits equally likely."""
-  first_in_segment = tf.pad(
-      seqio.stateless_shuffle(
-          tf.cast(tf.range(num_items - 1) < num_segments - 1, tf.int32), seed),
-      [[1, 0]])
-  segment_id = tf.cumsum(first_in_segment)
-  return tf.math.segment_sum(tf.ones_like(segment_id), segment_id)
+    """Splits `num_items` into `num_segments` positive lengths, all splits equally likely."""
+    first_in_segment = tf.pad(
+        seqio.stateless_shuffle(
+            tf.cast(tf.range(num_items - 1) < num_segments - 1, tf.int32), seed),
+        [[1, 0]])
+    segment_id = tf.cumsum(first_in_segment)
+    return tf.math.segment_sum(tf.ones_like(segment_id), segment_id)
 
 
 def random_spans_noise_mask(length, noise_density: float, mean_span: float,
                             seeds) -> tf.Tensor:
-  """Boolean mask [length] of noise spans, T5's `random_spans_noise_mask`.
+    """Boolean mask [length] of noise spans, T5's `random_spans_noise_mask`.
 
-  num_noise = clip(round(L*r), 1, L-1); num_spans = max(round(num_noise/mu), 1);
-  noise and non-noise tokens are each cut at random into num_spans pieces that
-  alternate, starting with non-noise (so with one span the noise sits at the end).
+    num_noise = clip(round(L*r), 1, L-1); num_spans = max(round(num_noise/mu), 1);
+    noise and non-noise tokens are each cut at random into num_spans pieces that
+    alternate, starting with non-noise (so with one span the noise sits at the end).
 
-  Args:
-    length: int32 scalar, tokens in the chunk.
-    noise_density: r.
-    mean_span: mu.
-    seeds: int32 [2, 2], two stateless seeds.
-  """
-  orig_length = length
-  length = tf.maximum(length, 2)  # avoid degenerate 0/1-token chunks, slice back below
-  num_noise = tf.cast(tf.round(tf.cast(length, tf.float32) * noise_density), tf.int32)
-  num_noise = tf.minimum(tf.maximum(num_noise, 1), length - 1)
-  num_spans = tf.cast(
-      tf.round(tf.cast(num_noise, tf.float32) / mean_span), tf.int32)
-  num_spans = tf.maximum(num_spans, 1)
-  num_nonnoise = length - num_noise
-  noise_lengths = _random_segmentation(num_noise, num_spans, seeds[0])
-  nonnoise_lengths = _random_segmentation(num_nonnoise, num_spans, seeds[1])
-  interleaved = tf.reshape(tf.stack([nonnoise_lengths, noise_lengths], axis=1),
-                           [num_spans * 2])
-  span_starts = tf.cumsum(interleaved)[:-1]
-  span_start_indicator = tf.math.unsorted_segment_sum(
-      tf.ones_like(span_starts), span_starts, length)
-  span_num = tf.cumsum(span_start_indicator)
-  return tf.equal(span_num % 2, 1)[:orig_length]
+    Args:
+      length: int32 scalar, tokens in the chunk.
+      noise_density: r.
+      mean_span: mu.
+      seeds: int32 [2, 2], two stateless seeds.
+    """
+    orig_length = length
+    length = tf.maximum(length, 2)  # avoid degenerate 0/1-token chunks, slice back below
+    num_noise = tf.cast(tf.round(tf.cast(length, tf.float32) * noise_density), tf.int32)
+    num_noise = tf.minimum(tf.maximum(num_noise, 1), length - 1)
+    num_spans = tf.cast(
+        tf.round(tf.cast(num_noise, tf.float32) / mean_span), tf.int32)
+    num_spans = tf.maximum(num_spans, 1)
+    num_nonnoise = length - num_noise
+    noise_lengths = _random_segmentation(num_noise, num_spans, seeds[0])
+    nonnoise_lengths = _random_segmentation(num_nonnoise, num_spans, seeds[1])
+    interleaved = tf.reshape(tf.stack([nonnoise_lengths, noise_lengths], axis=1),
+                             [num_spans * 2])
+    span_starts = tf.cumsum(interleaved)[:-1]
+    span_start_indicator = tf.math.unsorted_segment_sum(
+        tf.ones_like(span_starts), span_starts, length)
+    span_num = tf.cumsum(span_start_indicator)
+    return tf.equal(span_num % 2, 1)[:orig_length]
 
 
 def random_prefix_length(length, noise_density: float, seed) -> tf.Tensor:
-  """S denoiser split point: uniform in [max(1, round((1-2r)(L-1))), L-1].
+    """S denoiser split point: uniform in [max(1, round((1-2r)(L-1))), L-1].
 
-  T5's `random_prefix_noise_mask` is the r=0.5 case (uniform in [1, L-1]); its mask is
-  `range(L) < prefix_length`. A 1-token chunk gets prefix 0 (all target), as in T5.
+    T5's `random_prefix_noise_mask` is the r=0.5 case (uniform in [1, L-1]); its mask is
+    `range(L) < prefix_length`. A 1-token chunk gets prefix 0 (all target), as in T5.
 
-  Args:
-    length: int32 scalar, tokens in the chunk.
-    noise_density: r, the expected fraction of the chunk in the targets.
-    seed: int32 [2].
-  """
-  max_prefix = length - 1
-  min_prefix = tf.cast(
-      tf.round((1.0 - 2.0 * noise_density) * tf.cast(length - 1, tf.float32)),
-      tf.int32)
-  min_prefix = tf.minimum(max_prefix, tf.maximum(min_prefix, 1))
-  return tf.random.stateless_uniform([], minval=min_prefix, maxval=max_prefix + 1,
-                                     dtype=tf.int32, seed=seed)
+    Args:
+      length: int32 scalar, tokens in the chunk.
+      noise_density: r, the expected fraction of the chunk in the targets.
+      seed: int32 [2].
+    """
+    max_prefix = length - 1
+    min_prefix = tf.cast(
+        tf.round((1.0 - 2.0 * noise_density) * tf.cast(length - 1, tf.float32)),
+        tf.int32)
+    min_prefix = tf.minimum(max_prefix, tf.maximum(min_prefix, 1))
+    return tf.random.stateless_uniform([], minval=min_prefix, maxval=max_prefix + 1,
+                                       dtype=tf.int32, seed=seed)
 
 
 def noise_span_to_unique_sentinel(tokens, noise_mask, vocab_size: int) -> tf.Tensor:
-  """Replaces each noise span by one sentinel; span k gets vocab_size-1-k (T5)."""
-  prev_is_noise = tf.pad(noise_mask[:-1], [[1, 0]])
-  first_noise = tf.logical_and(noise_mask, tf.logical_not(prev_is_noise))
-  subsequent_noise = tf.logical_and(noise_mask, prev_is_noise)
-  sentinel = vocab_size - tf.cumsum(tf.cast(first_noise, tokens.dtype))
-  tokens = tf.where(first_noise, sentinel, tokens)
-  return tf.boolean_mask(tokens, tf.logical_not(subsequent_noise))
+    """Replaces each noise span by one sentinel; span k gets vocab_size-1-k (T5)."""
+    prev_is_noise = tf.pad(noise_mask[:-1], [[1, 0]])
+    first_noise = tf.logical_and(noise_mask, tf.logical_not(prev_is_noise))
+    subsequent_noise = tf.logical_and(noise_mask, prev_is_noise)
+    sentinel = vocab_size - tf.cumsum(tf.cast(first_noise, tokens.dtype))
+    tokens = tf.where(first_noise, sentinel, tokens)
+    return tf.boolean_mask(tokens, tf.logical_not(subsequent_noise))
 
 
 def denoise_tokens(tokens, spec: DenoiserSpec, *, vocab_size: int, mode_id: int,
                    seed) -> dict[str, tf.Tensor]:
-  """Turns one raw chunk into {"inputs", "targets"} for `spec` (no EOS yet).
+    """Turns one raw chunk into {"inputs", "targets"} for `spec` (no EOS yet).
 
-  R/X: inputs = [mode] + chunk with each noise span replaced by a sentinel;
-  targets = sentinel_0 span_0 sentinel_1 span_1 ... (T5 span corruption).
-  S: inputs = [mode] + prefix; targets = the rest of the chunk.
+    R/X: inputs = [mode] + chunk with each noise span replaced by a sentinel;
+    targets = sentinel_0 span_0 sentinel_1 span_1 ... (T5 span corruption).
+    S: inputs = [mode] + prefix; targets = the rest of the chunk.
 
-  Args:
-    tokens: int32 [L] chunk of token ids.
-    spec: the denoiser.
-    vocab_size: vocabulary size; sentinels count down from vocab_size-1.
-    mode_id: id of spec.mode_token.
-    seed: int32 [2] stateless seed.
-  """
-  tokens = tf.convert_to_tensor(tokens)
-  length = tf.size(tokens)
-  mode = tf.constant([mode_id], tokens.dtype)
-  seeds = tf.random.experimental.stateless_split(seed, 2)
-  if spec.kind == "S":
-    prefix = random_prefix_length(length, spec.noise_density, seeds[0])
-    return {"inputs": tf.concat([mode, tokens[:prefix]], 0), "targets": tokens[prefix:]}
-  mask = random_spans_noise_mask(length, spec.noise_density, spec.mean_span, seeds)
-  inputs = noise_span_to_unique_sentinel(tokens, mask, vocab_size)
-  targets = noise_span_to_unique_sentinel(tokens, tf.logical_not(mask), vocab_size)
-  return {"inputs": tf.concat([mode, inputs], 0), "targets": targets}
+    Args:
+      tokens: int32 [L] chunk of token ids.
+      spec: the denoiser.
+      vocab_size: vocabulary size; sentinels count down from vocab_size-1.
+      mode_id: id of spec.mode_token.
+      seed: int32 [2] stateless seed.
+    """
+    tokens = tf.convert_to_tensor(tokens)
+    length = tf.size(tokens)
+    mode = tf.constant([mode_id], tokens.dtype)
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    if spec.kind == "S":
+        prefix = random_prefix_length(length, spec.noise_density, seeds[0])
+        return {"inputs": tf.concat([mode, tokens[:prefix]], 0), "targets": tokens[prefix:]}
+    mask = random_spans_noise_mask(length, spec.noise_density, spec.mean_span, seeds)
+    inputs = noise_span_to_unique_sentinel(tokens, mask, vocab_size)
+    targets = noise_span_to_unique_sentinel(tokens, tf.logical_not(mask), vocab_size)
+    return {"inputs": tf.concat([mode, inputs], 0), "targets": targets}
 
 
 # ----------------------------------------------------------------------------------
@@ -407,86 +407,86 @@ def denoise_tokens(tokens, spec: DenoiserSpec, *, vocab_size: int, mode_id: int,
 
 def split_tokens(dataset: tf.data.Dataset, max_tokens_per_segment: int,
                  feature_key: str = "targets") -> tf.data.Dataset:
-  """Splits each example's `feature_key` into pieces of `max_tokens_per_segment`.
+    """Splits each example's `feature_key` into pieces of `max_tokens_per_segment`.
 
-  T5's `split_tokens` with a fixed length: only the last piece of an example may be
-  shorter; empty examples are dropped; other features are dropped.
-  """
-  if max_tokens_per_segment < 1:
-    raise ValueError(
-        f"split_tokens: max_tokens_per_segment must be >= 1, got "
-        f"{max_tokens_per_segment}.")
-  length = max_tokens_per_segment
+    T5's `split_tokens` with a fixed length: only the last piece of an example may be
+    shorter; empty examples are dropped; other features are dropped.
+    """
+    if max_tokens_per_segment < 1:
+        raise ValueError(
+            f"split_tokens: max_tokens_per_segment must be >= 1, got "
+            f"{max_tokens_per_segment}.")
+    length = max_tokens_per_segment
 
-  @_no_autograph
-  def _split(x):
-    tokens = x[feature_key]
-    n = tf.size(tokens)
-    num_segments = (n + length - 1) // length
-    padding = num_segments * length - n
-    padded = tf.pad(tokens, [[0, padding]])
-    lengths = tf.concat([tf.fill([num_segments - 1], length), [length - padding]], 0)
-    return tf.reshape(padded, [num_segments, length]), lengths
+    @_no_autograph
+    def _split(x):
+        tokens = x[feature_key]
+        n = tf.size(tokens)
+        num_segments = (n + length - 1) // length
+        padding = num_segments * length - n
+        padded = tf.pad(tokens, [[0, padding]])
+        lengths = tf.concat([tf.fill([num_segments - 1], length), [length - padding]], 0)
+        return tf.reshape(padded, [num_segments, length]), lengths
 
-  @_no_autograph
-  def _strip(segment, segment_length):
-    return {feature_key: segment[:segment_length]}
+    @_no_autograph
+    def _strip(segment, segment_length):
+        return {feature_key: segment[:segment_length]}
 
-  @_no_autograph
-  def _non_empty(x):
-    return tf.size(x[feature_key]) > 0
+    @_no_autograph
+    def _non_empty(x):
+        return tf.size(x[feature_key]) > 0
 
-  dataset = dataset.filter(_non_empty)
-  dataset = dataset.map(_split, num_parallel_calls=tf.data.AUTOTUNE)
-  dataset = dataset.unbatch()
-  return dataset.map(_strip, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.filter(_non_empty)
+    dataset = dataset.map(_split, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.unbatch()
+    return dataset.map(_strip, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def concat_and_split(dataset: tf.data.Dataset, raw_length: int,
                      feature_key: str = "targets") -> tf.data.Dataset:
-  """Documents -> one token stream -> chunks of exactly `raw_length` tokens.
+    """Documents -> one token stream -> chunks of exactly `raw_length` tokens.
 
-  Lossless and in order; only the chunk at the very end of a finite dataset may be
-  shorter. A scan carries the tokens left over after cutting full chunks (fewer than
-  `raw_length`) from one document to the next; a final flush element emits them.
-  Other features are dropped.
-  """
-  if raw_length < 1:
-    raise ValueError(f"concat_and_split: raw_length must be >= 1, got {raw_length}.")
-  dtype = dataset.element_spec[feature_key].dtype
+    Lossless and in order; only the chunk at the very end of a finite dataset may be
+    shorter. A scan carries the tokens left over after cutting full chunks (fewer than
+    `raw_length`) from one document to the next; a final flush element emits them.
+    Other features are dropped.
+    """
+    if raw_length < 1:
+        raise ValueError(f"concat_and_split: raw_length must be >= 1, got {raw_length}.")
+    dtype = dataset.element_spec[feature_key].dtype
 
-  @_no_autograph
-  def not_last(x):
-    return x[feature_key], False
+    @_no_autograph
+    def not_last(x):
+        return x[feature_key], False
 
-  @_no_autograph
-  def step(leftover, element):
-    tokens, is_last = element
-    stream = tf.concat([leftover, tokens], 0)
-    n = tf.size(stream)
-    cut = tf.where(is_last, n, n // raw_length * raw_length)
-    return stream[cut:], stream[:cut]
+    @_no_autograph
+    def step(leftover, element):
+        tokens, is_last = element
+        stream = tf.concat([leftover, tokens], 0)
+        n = tf.size(stream)
+        cut = tf.where(is_last, n, n // raw_length * raw_length)
+        return stream[cut:], stream[:cut]
 
-  @_no_autograph
-  def non_empty(tokens):
-    return tf.size(tokens) > 0
+    @_no_autograph
+    def non_empty(tokens):
+        return tf.size(tokens) > 0
 
-  @_no_autograph
-  def as_features(tokens):
-    return {feature_key: tokens}
+    @_no_autograph
+    def as_features(tokens):
+        return {feature_key: tokens}
 
-  flush = tf.data.Dataset.from_tensors((tf.zeros([0], dtype), True))
-  pieces = dataset.map(not_last).concatenate(flush).scan(tf.zeros([0], dtype), step)
-  pieces = pieces.filter(non_empty).map(as_features)
-  return split_tokens(pieces, raw_length, feature_key)
+    flush = tf.data.Dataset.from_tensors((tf.zeros([0], dtype), True))
+    pieces = dataset.map(not_last).concatenate(flush).scan(tf.zeros([0], dtype), step)
+    pieces = pieces.filter(non_empty).map(as_features)
+    return split_tokens(pieces, raw_length, feature_key)
 
 
 def _targets_vocabulary(output_features, name: str):
-  if output_features is None or "targets" not in output_features:
-    raise ValueError(
-        f"{name} needs output_features with a 'targets' feature, got "
-        f"{output_features!r}; use it as a preprocessor of a seqio.Task.")
-  return output_features["targets"].vocabulary
+    if output_features is None or "targets" not in output_features:
+        raise ValueError(
+            f"{name} needs output_features with a 'targets' feature, got "
+            f"{output_features!r}; use it as a preprocessor of a seqio.Task.")
+    return output_features["targets"].vocabulary
 
 
 _WARNED_SENTINEL_OVERFLOW = set()
@@ -498,84 +498,84 @@ def ul2_denoise(dataset: tf.data.Dataset,
                 *,
                 spec: DenoiserSpec,
                 mode_tokens: Mapping[str, int]) -> tf.data.Dataset:
-  """SeqIO preprocessor: tokenized documents in "targets" -> one UL2 denoiser's examples.
+    """SeqIO preprocessor: tokenized documents in "targets" -> one UL2 denoiser's examples.
 
-  Use after `seqio.preprocessors.tokenize` and before `seqio.preprocessors.append_eos`,
-  bound with functools.partial(ul2_denoise, spec=..., mode_tokens=MODE_TOKENS).
+    Use after `seqio.preprocessors.tokenize` and before `seqio.preprocessors.append_eos`,
+    bound with functools.partial(ul2_denoise, spec=..., mode_tokens=MODE_TOKENS).
 
-  Args:
-    dataset: examples with int32 token ids in "targets".
-    sequence_length: the task feature lengths {"inputs", "targets"} (seqio passes
-      them); they fix the raw chunk length and are validated.
-    output_features: the task's output features (seqio passes them); the targets
-      vocabulary gives vocab_size for the sentinels.
-    spec: the denoiser.
-    mode_tokens: {"[NLU]": id, "[NLG]": id, "[S2S]": id}.
+    Args:
+      dataset: examples with int32 token ids in "targets".
+      sequence_length: the task feature lengths {"inputs", "targets"} (seqio passes
+        them); they fix the raw chunk length and are validated.
+      output_features: the task's output features (seqio passes them); the targets
+        vocabulary gives vocab_size for the sentinels.
+      spec: the denoiser.
+      mode_tokens: {"[NLU]": id, "[NLG]": id, "[S2S]": id}.
 
-  Returns:
-    A dataset of {"inputs", "targets"} int32 without EOS.
-  """
-  lengths = validate_feature_lengths(spec, sequence_length)[spec.name]
-  vocabulary = _targets_vocabulary(output_features, f"Denoiser {spec.name!r}")
-  if "inputs" in output_features and (
-      output_features["inputs"].vocabulary != vocabulary):
-    raise ValueError(
-        f"Denoiser {spec.name!r} builds inputs from the targets' tokens, so the "
-        "'inputs' and 'targets' features must share one vocabulary; got "
-        f"{output_features['inputs'].vocabulary} and {vocabulary}.")
-  if spec.mode_token not in mode_tokens:
-    raise ValueError(
-        f"Denoiser {spec.name!r}: mode token {spec.mode_token!r} is not in "
-        f"mode_tokens {dict(mode_tokens)}; pass t5x_like.vocabulary.MODE_TOKENS.")
-  mode_id = int(mode_tokens[spec.mode_token])
-  vocab_size = int(vocabulary.vocab_size)
-  extra_ids = getattr(vocabulary, "extra_ids", None)
-  if extra_ids and lengths.num_spans > extra_ids and (
-      (spec.name, lengths.raw_length) not in _WARNED_SENTINEL_OVERFLOW):
-    # T5 has the same overflow (x1 at 512 makes 128 spans for 100 extra ids); the
-    # extra sentinels are ordinary pieces below the extra ids. Warn, do not fail.
-    _WARNED_SENTINEL_OVERFLOW.add((spec.name, lengths.raw_length))
-    logging.warning(
-        "Denoiser %r makes up to %d spans per example but the vocabulary has %d "
-        "extra ids; sentinels past the extra ids reuse ordinary ids %d..%d (T5 "
-        "behaviour). Use fewer inputs tokens or more extra_ids to avoid it.",
-        spec.name, lengths.num_spans, extra_ids, vocab_size - lengths.num_spans,
-        vocab_size - 1 - extra_ids)
+    Returns:
+      A dataset of {"inputs", "targets"} int32 without EOS.
+    """
+    lengths = validate_feature_lengths(spec, sequence_length)[spec.name]
+    vocabulary = _targets_vocabulary(output_features, f"Denoiser {spec.name!r}")
+    if "inputs" in output_features and (
+        output_features["inputs"].vocabulary != vocabulary):
+        raise ValueError(
+            f"Denoiser {spec.name!r} builds inputs from the targets' tokens, so the "
+            "'inputs' and 'targets' features must share one vocabulary; got "
+            f"{output_features['inputs'].vocabulary} and {vocabulary}.")
+    if spec.mode_token not in mode_tokens:
+        raise ValueError(
+            f"Denoiser {spec.name!r}: mode token {spec.mode_token!r} is not in "
+            f"mode_tokens {dict(mode_tokens)}; pass t5x_like.vocabulary.MODE_TOKENS.")
+    mode_id = int(mode_tokens[spec.mode_token])
+    vocab_size = int(vocabulary.vocab_size)
+    extra_ids = getattr(vocabulary, "extra_ids", None)
+    if extra_ids and lengths.num_spans > extra_ids and (
+        (spec.name, lengths.raw_length) not in _WARNED_SENTINEL_OVERFLOW):
+        # T5 has the same overflow (x1 at 512 makes 128 spans for 100 extra ids); the
+        # extra sentinels are ordinary pieces below the extra ids. Warn, do not fail.
+        _WARNED_SENTINEL_OVERFLOW.add((spec.name, lengths.raw_length))
+        logging.warning(
+            "Denoiser %r makes up to %d spans per example but the vocabulary has %d "
+            "extra ids; sentinels past the extra ids reuse ordinary ids %d..%d (T5 "
+            "behaviour). Use fewer inputs tokens or more extra_ids to avoid it.",
+            spec.name, lengths.num_spans, extra_ids, vocab_size - lengths.num_spans,
+            vocab_size - 1 - extra_ids)
 
-  dataset = concat_and_split(dataset, lengths.raw_length)
+    dataset = concat_and_split(dataset, lengths.raw_length)
 
-  @seqio.map_over_dataset(num_seeds=1)
-  @_no_autograph
-  def _denoise(x, seed):
-    return denoise_tokens(x["targets"], spec, vocab_size=vocab_size, mode_id=mode_id,
-                          seed=seed)
+    @seqio.map_over_dataset(num_seeds=1)
+    @_no_autograph
+    def _denoise(x, seed):
+        return denoise_tokens(x["targets"], spec, vocab_size=vocab_size, mode_id=mode_id,
+                              seed=seed)
 
-  return _denoise(dataset)
+    return _denoise(dataset)
 
 
 def causal_lm(dataset: tf.data.Dataset,
               sequence_length: Optional[Mapping[str, int]],
               output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
-  """SeqIO preprocessor: tokenized documents -> chunks of the targets length (LM).
+    """SeqIO preprocessor: tokenized documents -> chunks of the targets length (LM).
 
-  T5's `full_lm`: EOS after each document (so the model sees document boundaries),
-  concatenate, split into chunks of exactly `sequence_length["targets"]` (only the
-  last chunk of a finite dataset may be shorter). Do not append EOS again.
-  """
-  if not sequence_length or "targets" not in sequence_length:
-    raise ValueError(
-        "causal_lm needs a feature length for 'targets', got "
-        f"{sequence_length!r}; pass e.g. sequence_length={{'targets': 1024}}.")
-  targets_length = int(sequence_length["targets"])
-  if targets_length < 2:
-    raise ValueError(
-        f"causal_lm: targets length {targets_length} is too short to predict "
-        "anything; use at least 2.")
-  _targets_vocabulary(output_features, "causal_lm")
-  dataset = seqio.preprocessors.append_eos(dataset, output_features)
-  return concat_and_split(dataset, targets_length)
+    T5's `full_lm`: EOS after each document (so the model sees document boundaries),
+    concatenate, split into chunks of exactly `sequence_length["targets"]` (only the
+    last chunk of a finite dataset may be shorter). Do not append EOS again.
+    """
+    if not sequence_length or "targets" not in sequence_length:
+        raise ValueError(
+            "causal_lm needs a feature length for 'targets', got "
+            f"{sequence_length!r}; pass e.g. sequence_length={{'targets': 1024}}.")
+    targets_length = int(sequence_length["targets"])
+    if targets_length < 2:
+        raise ValueError(
+            f"causal_lm: targets length {targets_length} is too short to predict "
+            "anything; use at least 2.")
+    _targets_vocabulary(output_features, "causal_lm")
+    dataset = seqio.preprocessors.append_eos(dataset, output_features)
+    return concat_and_split(dataset, targets_length)
 
 
 def make_denoiser_preprocessor(spec: DenoiserSpec, mode_tokens: Mapping[str, int]):
-  """`ul2_denoise` bound to one denoiser, ready for a seqio.Task preprocessor list."""
-  return functools.partial(ul2_denoise, spec=spec, mode_tokens=dict(mode_tokens))
+    """`ul2_denoise` bound to one denoiser, ready for a seqio.Task preprocessor list."""
+    return functools.partial(ul2_denoise, spec=spec, mode_tokens=dict(mode_tokens))

@@ -65,19 +65,19 @@ _state = {"corpus_dir": DEFAULT_CORPUS_DIR,
 
 
 def ul2_task_name(domain: str, denoiser: str) -> str:
-  return f"{domain}_ul2_{denoiser}"
+    return f"{domain}_ul2_{denoiser}"
 
 
 def domain_mixture_name(domain: str, name: str = "ul2") -> str:
-  return f"{domain}_{name}"
+    return f"{domain}_{name}"
 
 
 def causal_task_name(domain: str) -> str:
-  return f"{domain}_causal"
+    return f"{domain}_causal"
 
 
 def validation_task_name(domain: str) -> str:
-  return f"{domain}_validation"
+    return f"{domain}_validation"
 
 
 # ----------------------------------------------------------------------------------
@@ -86,80 +86,80 @@ def validation_task_name(domain: str) -> str:
 
 
 def make_source(corpus_dir: Union[str, pathlib.Path], domain: str) -> seqio.DataSource:
-  """The gzipped-TFRecord source of one domain: {"text": bytes} per document."""
-  corpus_dir = pathlib.Path(corpus_dir)
-  return seqio.TFExampleDataSource(
-      split_to_filepattern={
-          split: str(corpus_dir / domain / f"{split}-*-of-*.tfrecord.gz")
-          for split in SPLITS},
-      feature_description={"text": tf.io.FixedLenFeature([], tf.string)},
-      reader_cls=functools.partial(tf.data.TFRecordDataset, compression_type="GZIP"),
-  )
+    """The gzipped-TFRecord source of one domain: {"text": bytes} per document."""
+    corpus_dir = pathlib.Path(corpus_dir)
+    return seqio.TFExampleDataSource(
+        split_to_filepattern={
+            split: str(corpus_dir / domain / f"{split}-*-of-*.tfrecord.gz")
+            for split in SPLITS},
+        feature_description={"text": tf.io.FixedLenFeature([], tf.string)},
+        reader_cls=functools.partial(tf.data.TFRecordDataset, compression_type="GZIP"),
+    )
 
 
 def document_status(text: tf.Tensor) -> tf.Tensor:
-  """0 for a usable document, 1 if empty (only whitespace), 2 if not valid UTF-8.
+    """0 for a usable document, 1 if empty (only whitespace), 2 if not valid UTF-8.
 
-  UTF-8 validity: transcoding with errors="ignore" drops invalid bytes and changes
-  nothing else, so the text is valid iff it comes back unchanged (checked against
-  Python's bytes.decode in tests/test_tasks.py).
-  """
-  valid = tf.equal(
-      tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="ignore",
-                                   replace_control_characters=False), text)
-  empty = tf.equal(tf.strings.strip(text), "")
-  return tf.where(tf.logical_not(valid), _SKIP_NON_UTF8,
-                  tf.where(empty, _SKIP_EMPTY, 0))
+    UTF-8 validity: transcoding with errors="ignore" drops invalid bytes and changes
+    nothing else, so the text is valid iff it comes back unchanged (checked against
+    Python's bytes.decode in tests/test_tasks.py).
+    """
+    valid = tf.equal(
+        tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="ignore",
+                                     replace_control_characters=False), text)
+    empty = tf.equal(tf.strings.strip(text), "")
+    return tf.where(tf.logical_not(valid), _SKIP_NON_UTF8,
+                    tf.where(empty, _SKIP_EMPTY, 0))
 
 
 def filter_documents(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """SeqIO preprocessor: drops empty and non-UTF-8 documents ("text")."""
-  return dataset.filter(lambda x: tf.equal(document_status(x["text"]), 0))
+    """SeqIO preprocessor: drops empty and non-UTF-8 documents ("text")."""
+    return dataset.filter(lambda x: tf.equal(document_status(x["text"]), 0))
 
 
 def count_skipped(domain: str, split: str,
                   corpus_dir: Optional[Union[str, pathlib.Path]] = None
                   ) -> dict[str, int]:
-  """Counts the documents the tasks of `domain` drop, reading the source once.
+    """Counts the documents the tasks of `domain` drop, reading the source once.
 
-  Args:
-    domain: one of DOMAINS.
-    split: "train" or "validation".
-    corpus_dir: the corpus root; default: the one the tasks are registered with.
+    Args:
+      domain: one of DOMAINS.
+      split: "train" or "validation".
+      corpus_dir: the corpus root; default: the one the tasks are registered with.
 
-  Returns:
-    {"documents": all documents, "kept": used, "empty": ..., "non_utf8": ...}.
-  """
-  _check_name(domain, DOMAINS, "domain")
-  _check_name(split, SPLITS, "split")
-  source = make_source(corpus_dir or _state["corpus_dir"], domain)
-  ds = source.get_dataset(split=split, shuffle=False)
-  counts = ds.map(lambda x: tf.one_hot(document_status(x["text"]), 3, dtype=tf.int64))
-  total = counts.reduce(tf.zeros([3], tf.int64), lambda a, b: a + b).numpy()
-  out = {"documents": int(total.sum()), "kept": int(total[0]),
-         "empty": int(total[_SKIP_EMPTY]), "non_utf8": int(total[_SKIP_NON_UTF8])}
-  if out["kept"] != out["documents"]:
-    logging.warning("%s/%s: skipped %d empty and %d non-UTF-8 documents of %d.",
-                    domain, split, out["empty"], out["non_utf8"], out["documents"])
-  return out
+    Returns:
+      {"documents": all documents, "kept": used, "empty": ..., "non_utf8": ...}.
+    """
+    _check_name(domain, DOMAINS, "domain")
+    _check_name(split, SPLITS, "split")
+    source = make_source(corpus_dir or _state["corpus_dir"], domain)
+    ds = source.get_dataset(split=split, shuffle=False)
+    counts = ds.map(lambda x: tf.one_hot(document_status(x["text"]), 3, dtype=tf.int64))
+    total = counts.reduce(tf.zeros([3], tf.int64), lambda a, b: a + b).numpy()
+    out = {"documents": int(total.sum()), "kept": int(total[0]),
+           "empty": int(total[_SKIP_EMPTY]), "non_utf8": int(total[_SKIP_NON_UTF8])}
+    if out["kept"] != out["documents"]:
+        logging.warning("%s/%s: skipped %d empty and %d non-UTF-8 documents of %d.",
+                        domain, split, out["empty"], out["non_utf8"], out["documents"])
+    return out
 
 
 def skipped_documents(name: str, split: str) -> dict[str, dict[str, int]]:
-  """`count_skipped` for every domain a registered task or mixture reads.
+    """`count_skipped` for every domain a registered task or mixture reads.
 
-  For the prepare manifest: {domain: {"documents", "kept", "empty", "non_utf8"}}.
-  """
-  provider = get_mixture_or_task(name)
-  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-  domains = sorted({t.name.split("_")[0] for t in tasks} & set(DOMAINS))
-  return {d: count_skipped(d, split) for d in domains}
+    For the prepare manifest: {domain: {"documents", "kept", "empty", "non_utf8"}}.
+    """
+    provider = get_mixture_or_task(name)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    domains = sorted({t.name.split("_")[0] for t in tasks} & set(DOMAINS))
+    return {d: count_skipped(d, split) for d in domains}
 
 
 @seqio.map_over_dataset
 def _validation_features(x):
-  return {"targets": x["text"],
-          # Python len() counts code points, as UTF8_CHAR does (SPEC section 4).
-          "num_chars": tf.strings.length(x["text"], unit="UTF8_CHAR")}
+    return {"targets": x["text"],
+            # Python len() counts code points, as UTF8_CHAR does (SPEC section 4).
+            "num_chars": tf.strings.length(x["text"], unit="UTF8_CHAR")}
 
 
 # ----------------------------------------------------------------------------------
@@ -168,65 +168,65 @@ def _validation_features(x):
 
 
 def _check_name(value, allowed, what):
-  if value not in allowed:
-    raise ValueError(f"Unknown {what} {value!r}; expected one of {list(allowed)}.")
+    if value not in allowed:
+        raise ValueError(f"Unknown {what} {value!r}; expected one of {list(allowed)}.")
 
 
 def _add_task(name, **kwargs):
-  seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(name, **kwargs)
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(name, **kwargs)
 
 
 def register_tasks(corpus_dir: Union[str, pathlib.Path, None] = None) -> None:
-  """(Re)registers every task over `corpus_dir` (default: the shipped data/corpus).
+    """(Re)registers every task over `corpus_dir` (default: the shipped data/corpus).
 
-  Mixtures hold their tasks, so they are re-registered too, with the current rates.
-  """
-  corpus_dir = pathlib.Path(corpus_dir or DEFAULT_CORPUS_DIR)
-  _state["corpus_dir"] = corpus_dir
-  vocab = vocabulary_lib.get_vocabulary()
-  # Defined once: every task of a mixture must share the same features and vocabulary.
-  ul2_features = {"inputs": seqio.Feature(vocab, add_eos=True),
-                  "targets": seqio.Feature(vocab, add_eos=True)}
-  lm_features = {"targets": seqio.Feature(vocab, add_eos=True)}
-  validation_features = {"targets": seqio.Feature(vocab, add_eos=False)}
-  to_targets = functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"})
-  tokenize = functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)
-  for domain in DOMAINS:
-    source = make_source(corpus_dir, domain)
-    for spec in ul2.DENOISERS.values():
-      _add_task(
-          ul2_task_name(domain, spec.name), source=source,
-          output_features=ul2_features,
-          preprocessors=[
-              filter_documents, to_targets, tokenize,
-              ul2.make_denoiser_preprocessor(spec, vocabulary_lib.MODE_TOKENS),
-              seqio.preprocessors.append_eos,
-          ],
-          metric_fns=[])
-    _add_task(
-        causal_task_name(domain), source=source, output_features=lm_features,
-        preprocessors=[filter_documents, to_targets, tokenize, ul2.causal_lm],
-        metric_fns=[])
-    _add_task(
-        validation_task_name(domain), source=source,
-        output_features=validation_features,
-        preprocessors=[filter_documents, _validation_features, tokenize],
-        metric_fns=[])
-  for name, (denoiser_rates, domain_rates) in _state["mixtures"].items():
-    register_mixtures(denoiser_rates, domain_rates, name=name)
+    Mixtures hold their tasks, so they are re-registered too, with the current rates.
+    """
+    corpus_dir = pathlib.Path(corpus_dir or DEFAULT_CORPUS_DIR)
+    _state["corpus_dir"] = corpus_dir
+    vocab = vocabulary_lib.get_vocabulary()
+    # Defined once: every task of a mixture must share the same features and vocabulary.
+    ul2_features = {"inputs": seqio.Feature(vocab, add_eos=True),
+                    "targets": seqio.Feature(vocab, add_eos=True)}
+    lm_features = {"targets": seqio.Feature(vocab, add_eos=True)}
+    validation_features = {"targets": seqio.Feature(vocab, add_eos=False)}
+    to_targets = functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"})
+    tokenize = functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)
+    for domain in DOMAINS:
+        source = make_source(corpus_dir, domain)
+        for spec in ul2.DENOISERS.values():
+            _add_task(
+                ul2_task_name(domain, spec.name), source=source,
+                output_features=ul2_features,
+                preprocessors=[
+                    filter_documents, to_targets, tokenize,
+                    ul2.make_denoiser_preprocessor(spec, vocabulary_lib.MODE_TOKENS),
+                    seqio.preprocessors.append_eos,
+                ],
+                metric_fns=[])
+        _add_task(
+            causal_task_name(domain), source=source, output_features=lm_features,
+            preprocessors=[filter_documents, to_targets, tokenize, ul2.causal_lm],
+            metric_fns=[])
+        _add_task(
+            validation_task_name(domain), source=source,
+            output_features=validation_features,
+            preprocessors=[filter_documents, _validation_features, tokenize],
+            metric_fns=[])
+    for name, (denoiser_rates, domain_rates) in _state["mixtures"].items():
+        register_mixtures(denoiser_rates, domain_rates, name=name)
 
 
 def _normalised(rates: Mapping[str, float], allowed, what: str) -> dict[str, float]:
-  for key, rate in rates.items():
-    _check_name(key, allowed, what)
-    if not rate >= 0:
-      raise ValueError(f"Rate of {what} {key!r} is {rate}; rates must be >= 0.")
-  total = float(sum(rates.values()))
-  if total <= 0:
-    raise ValueError(
-        f"{what} rates {dict(rates)} sum to {total}; give at least one a positive rate.")
-  return {k: float(v) / total for k, v in rates.items() if v > 0}
+    for key, rate in rates.items():
+        _check_name(key, allowed, what)
+        if not rate >= 0:
+            raise ValueError(f"Rate of {what} {key!r} is {rate}; rates must be >= 0.")
+    total = float(sum(rates.values()))
+    if total <= 0:
+        raise ValueError(
+            f"{what} rates {dict(rates)} sum to {total}; give at least one a positive rate.")
+    return {k: float(v) / total for k, v in rates.items() if v > 0}
 
 
 def register_mixtures(
@@ -234,47 +234,47 @@ def register_mixtures(
     domain_rates: Mapping[str, float] = REKA_DOMAIN_RATES,
     name: str = "ul2",
 ) -> dict[str, dict[str, float]]:
-  """(Re)registers `{domain}_{name}` and `reka_mix_{name}` (and, for the default
-  name "ul2", `reka_mix_causal` with the same domain rates).
+    """(Re)registers `{domain}_{name}` and `reka_mix_{name}` (and, for the default
+    name "ul2", `reka_mix_causal` with the same domain rates).
 
-  Importing this module registers the UL2 rates as `reka_mix_ul2` and U-PaLM's as
-  `reka_mix_upalm`; a gin file picks one with MIXTURE_OR_TASK_NAME. Other rates: call
-  this from your own task module (imported by your gin file, so that data-preparation
-  workers register them too) with a new `name`, e.g.
-  `register_mixtures({"r1": 1, "s": 1}, name="rs")` -> `reka_mix_rs`.
+    Importing this module registers the UL2 rates as `reka_mix_ul2` and U-PaLM's as
+    `reka_mix_upalm`; a gin file picks one with MIXTURE_OR_TASK_NAME. Other rates: call
+    this from your own task module (imported by your gin file, so that data-preparation
+    workers register them too) with a new `name`, e.g.
+    `register_mixtures({"r1": 1, "s": 1}, name="rs")` -> `reka_mix_rs`.
 
-  Args:
-    denoiser_rates: a preset name ("ul2", "upalm") or {denoiser: rate}; missing or
-      zero-rate denoisers are left out. Normalised to sum to 1.
-    domain_rates: {domain: rate}, normalised to sum to 1 (Reka's 105 -> 1); missing
-      or zero-rate domains are left out.
-    name: the mixtures' suffix.
+    Args:
+      denoiser_rates: a preset name ("ul2", "upalm") or {denoiser: rate}; missing or
+        zero-rate denoisers are left out. Normalised to sum to 1.
+      domain_rates: {domain: rate}, normalised to sum to 1 (Reka's 105 -> 1); missing
+        or zero-rate domains are left out.
+      name: the mixtures' suffix.
 
-  Returns:
-    {"denoiser_rates": ..., "domain_rates": ...}, the normalised rates registered.
-  """
-  if isinstance(denoiser_rates, str):
-    _check_name(denoiser_rates, DENOISER_RATE_PRESETS, "denoiser rate preset")
-    denoiser_rates = DENOISER_RATE_PRESETS[denoiser_rates]
-  denoisers = _normalised(denoiser_rates, ul2.DENOISERS, "denoiser")
-  domains = _normalised(domain_rates, DOMAINS, "domain")
-  logging.info("UL2 denoiser rates %s normalised by their sum %.4g to %s",
-               dict(denoiser_rates), sum(denoiser_rates.values()), denoisers)
-  logging.info("Domain rates %s normalised by their sum %.4g to %s",
-               dict(domain_rates), sum(domain_rates.values()), domains)
-  _state["mixtures"][name] = (dict(denoiser_rates), dict(domain_rates))
+    Returns:
+      {"denoiser_rates": ..., "domain_rates": ...}, the normalised rates registered.
+    """
+    if isinstance(denoiser_rates, str):
+        _check_name(denoiser_rates, DENOISER_RATE_PRESETS, "denoiser rate preset")
+        denoiser_rates = DENOISER_RATE_PRESETS[denoiser_rates]
+    denoisers = _normalised(denoiser_rates, ul2.DENOISERS, "denoiser")
+    domains = _normalised(domain_rates, DOMAINS, "domain")
+    logging.info("UL2 denoiser rates %s normalised by their sum %.4g to %s",
+                 dict(denoiser_rates), sum(denoiser_rates.values()), denoisers)
+    logging.info("Domain rates %s normalised by their sum %.4g to %s",
+                 dict(domain_rates), sum(domain_rates.values()), domains)
+    _state["mixtures"][name] = (dict(denoiser_rates), dict(domain_rates))
 
-  def add(mixture, tasks):
-    seqio.MixtureRegistry.remove(mixture)
-    seqio.MixtureRegistry.add(mixture, tasks)
+    def add(mixture, tasks):
+        seqio.MixtureRegistry.remove(mixture)
+        seqio.MixtureRegistry.add(mixture, tasks)
 
-  for domain in DOMAINS:
-    add(domain_mixture_name(domain, name),
-        [(ul2_task_name(domain, d), rate) for d, rate in denoisers.items()])
-  add(f"reka_mix_{name}", [(domain_mixture_name(d, name), r) for d, r in domains.items()])
-  if name == "ul2":
-    add("reka_mix_causal", [(causal_task_name(d), r) for d, r in domains.items()])
-  return {"denoiser_rates": denoisers, "domain_rates": domains}
+    for domain in DOMAINS:
+        add(domain_mixture_name(domain, name),
+            [(ul2_task_name(domain, d), rate) for d, rate in denoisers.items()])
+    add(f"reka_mix_{name}", [(domain_mixture_name(d, name), r) for d, r in domains.items()])
+    if name == "ul2":
+        add("reka_mix_causal", [(causal_task_name(d), r) for d, r in domains.items()])
+    return {"denoiser_rates": denoisers, "domain_rates": domains}
 
 
 # ----------------------------------------------------------------------------------
@@ -283,42 +283,42 @@ def register_mixtures(
 
 
 def get_mixture_or_task(name: str) -> Union[seqio.Task, seqio.Mixture]:
-  """The registered task or mixture `name`, or a ValueError naming the nearest ones."""
-  mixtures, tasks = seqio.MixtureRegistry.names(), seqio.TaskRegistry.names()
-  if name in mixtures:
-    return seqio.MixtureRegistry.get(name)
-  if name in tasks:
-    return seqio.TaskRegistry.get(name)
-  close = difflib.get_close_matches(name, sorted(set(mixtures) | set(tasks)), n=5,
-                                    cutoff=0.5)
-  raise ValueError(
-      f"No SeqIO task or mixture named {name!r}; nearest registered names: "
-      f"{close or 'none'}. Fix MIXTURE_OR_TASK_NAME, or import the module that "
-      "registers it (e.g. `import tasks`).")
+    """The registered task or mixture `name`, or a ValueError naming the nearest ones."""
+    mixtures, tasks = seqio.MixtureRegistry.names(), seqio.TaskRegistry.names()
+    if name in mixtures:
+        return seqio.MixtureRegistry.get(name)
+    if name in tasks:
+        return seqio.TaskRegistry.get(name)
+    close = difflib.get_close_matches(name, sorted(set(mixtures) | set(tasks)), n=5,
+                                      cutoff=0.5)
+    raise ValueError(
+        f"No SeqIO task or mixture named {name!r}; nearest registered names: "
+        f"{close or 'none'}. Fix MIXTURE_OR_TASK_NAME, or import the module that "
+        "registers it (e.g. `import tasks`).")
 
 
 def validate_feature_lengths(name: str, feature_lengths: Mapping[str, int]
                              ) -> dict[str, ul2.DenoiserLengths]:
-  """Start-up check: every UL2 denoiser in `name` fits `feature_lengths`.
+    """Start-up check: every UL2 denoiser in `name` fits `feature_lengths`.
 
-  Raises the ul2 ValueError naming the denoiser and the length it needs. Returns
-  {denoiser: DenoiserLengths} ({} for tasks/mixtures without UL2 denoisers).
-  """
-  provider = get_mixture_or_task(name)
-  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-  if isinstance(provider, seqio.Mixture):
-    tasks = [t for t in tasks if provider.get_rate(t) > 0]
-  specs = {}
-  for task in tasks:
-    denoiser = task.name.rsplit("_ul2_", 1)[-1] if "_ul2_" in task.name else None
-    if denoiser in ul2.DENOISERS:
-      specs[denoiser] = ul2.DENOISERS[denoiser]
-  if not specs:
-    return {}
-  try:
-    return ul2.validate_feature_lengths(list(specs.values()), feature_lengths)
-  except ValueError as e:
-    raise ValueError(f"{name!r}: {e}") from None
+    Raises the ul2 ValueError naming the denoiser and the length it needs. Returns
+    {denoiser: DenoiserLengths} ({} for tasks/mixtures without UL2 denoisers).
+    """
+    provider = get_mixture_or_task(name)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    if isinstance(provider, seqio.Mixture):
+        tasks = [t for t in tasks if provider.get_rate(t) > 0]
+    specs = {}
+    for task in tasks:
+        denoiser = task.name.rsplit("_ul2_", 1)[-1] if "_ul2_" in task.name else None
+        if denoiser in ul2.DENOISERS:
+            specs[denoiser] = ul2.DENOISERS[denoiser]
+    if not specs:
+        return {}
+    try:
+        return ul2.validate_feature_lengths(list(specs.values()), feature_lengths)
+    except ValueError as e:
+        raise ValueError(f"{name!r}: {e}") from None
 
 
 register_tasks()
