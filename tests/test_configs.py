@@ -115,3 +115,14 @@ def test_palm_8b_is_8_63b_to_three_significant_figures():
 
 def test_reka_edge_is_about_7b():
     assert 6.5e9 < partitioning.count_params(model_config("reka_edge_7b_encdec")) < 7.5e9
+
+
+def test_public_api_resolves_every_name():
+    import t5x_like
+    from t5x_like import prepare as prepare_module
+
+    for name in t5x_like.__all__:
+        assert getattr(t5x_like, name) is not None, name
+    assert t5x_like.prepare_store is prepare_module.prepare
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        t5x_like.nope  # noqa: B018
