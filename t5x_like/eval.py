@@ -123,10 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     from t5x_like import train as train_lib
 
-    train_lib.setup_logging()
-    args = train_lib.parse_flags(sys.argv[1:] if argv is None else argv)
-    train_lib.parse_gin(args.gin_file, args.gin_bindings,
-                        [p for p in args.gin_search_paths.split(",") if p])
+    train_lib.setup_process(train_lib.parse_flags(sys.argv[1:] if argv is None else argv))
     from t5x_like import eval as eval_lib  # the registered module, not __main__
 
     return gin.get_configurable(eval_lib.evaluate)()

@@ -110,14 +110,36 @@ def converter_for(model, task_feature_lengths: Mapping[str, int]) -> str:
     return "prefix_lm" if "inputs" in task_feature_lengths else "lm"
 
 
-def _use_cpu_devices(n: int) -> None:
-    """On a CPU-only host, emulate `n` devices (must run before jax's first computation)."""
+def initialize_distributed(coordinator_address: str | None = None,
+                           process_count: int | None = None,
+                           process_index: int | None = None) -> None:
+    """Joins a multi-process run: one process per host (GPU node), all running the same
+    command. With no arguments, jax detects the cluster (SLURM, Open MPI, Cloud TPU);
+    otherwise all three are needed, as in T5X's --coordinator_address flags. On CPU
+    each process emulates mesh devices / process_count devices."""
     import jax
+
+    explicit = (coordinator_address, process_count, process_index)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise ValueError(
+            "Give all of --coordinator_address, --process_count and --process_index (or "
+            "none of them, with --multiprocess, to let jax detect the cluster); got "
+            f"{coordinator_address!r}, {process_count!r}, {process_index!r}.")
+    jax.distributed.initialize(coordinator_address, process_count, process_index)
+
+
+def _use_cpu_devices(n: int) -> None:
+    """On a CPU-only host, emulate the `n` mesh devices over this run's processes (must
+    run before jax's first computation)."""
+    import jax
+    from jax._src import distributed
 
     if "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
+    # Not jax.process_count(): that would start the backends before the update below.
+    processes = distributed.global_state.num_processes or 1
     try:
-        jax.config.update("jax_num_cpu_devices", n)
+        jax.config.update("jax_num_cpu_devices", max(1, n // processes))
     except RuntimeError:
         pass  # backends already up (e.g. called from a test): use what is there.
 
@@ -133,7 +155,12 @@ def _gin_imported_modules() -> list[str]:
 
 
 def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: str):
-    """Prepares (or checks) the ArrayRecord store for this run; returns its directory."""
+    """Prepares (or checks) the ArrayRecord store for this run; returns its directory.
+
+    In a multi-process run process 0 prepares while the others wait; they then find
+    the store complete and only check its manifest."""
+    import jax
+
     from t5x_like import prepare
 
     store_dir = data.store_dir or os.path.join(model_dir, "data")
@@ -141,10 +168,20 @@ def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: 
     task_modules = tuple(dict.fromkeys(("tasks", *_gin_imported_modules())))
     shards = data.prepare_shards or os.cpu_count() or 1
     start = time.perf_counter()
-    manifest = prepare.prepare(
-        data.mixture_or_task_name, dict(data.task_feature_lengths), converter,
-        num_examples, data.seed, store_dir, num_shards=shards, workers=shards,
-        task_modules=task_modules)
+
+    def run():
+        return prepare.prepare(
+            data.mixture_or_task_name, dict(data.task_feature_lengths), converter,
+            num_examples, data.seed, store_dir, num_shards=shards, workers=shards,
+            task_modules=task_modules)
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            run()
+        multihost_utils.sync_global_devices("t5x_like.train: data prepared")
+    manifest = run()
     log.info("data: %s (%d examples, %.1f%% padding) ready in %.1fs", store_dir,
              manifest["num_examples"], 100 * manifest["padding_fraction"],
              time.perf_counter() - start)
@@ -200,8 +237,9 @@ def train(
         raise ValueError(f"train_steps={train_steps} must be ≥ 1 (set TRAIN_STEPS).")
     os.makedirs(model_dir, exist_ok=True)
     config_text = gin.operative_config_str() if gin.config_is_locked() else gin.config_str()
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-        f.write(config_text)
+    if jax.process_index() == 0:
+        with open(os.path.join(model_dir, "config.gin"), "w") as f:
+            f.write(config_text)
     log.info("gin config (also in %s/config.gin):\n%s", model_dir, config_text)
 
     # Mesh and sharding rules: validated before anything is compiled.
@@ -300,7 +338,8 @@ def train(
             summary["eval_end"] = evaluator.run(state, step, writer)
     writer.flush()
     summary.update(end_step=step, train_losses=losses, state=state, graphdef=graphdef)
-    _print_summary(summary, model_dir)
+    if jax.process_index() == 0:
+        _print_summary(summary, model_dir)
     return summary
 
 
@@ -348,6 +387,14 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
                         help="a gin binding such as \"TRAIN_STEPS=100\" (repeatable).")
     parser.add_argument("--gin_search_paths", default="",
                         help="comma-separated directories searched for gin files and includes.")
+    multi = parser.add_argument_group(
+        "multi-process (one process per host or GPU node, all with the same flags)")
+    multi.add_argument("--multiprocess", action="store_true",
+                       help="join a multi-process run, detecting the cluster (SLURM, MPI).")
+    multi.add_argument("--coordinator_address", default=None,
+                       help="host:port of process 0 (then also --process_count/--process_index).")
+    multi.add_argument("--process_count", type=int, default=None)
+    multi.add_argument("--process_index", type=int, default=None)
     args, rest = parser.parse_known_args(argv)
     for item in rest:
         if item.startswith("--gin."):
@@ -380,11 +427,18 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def setup_process(args: argparse.Namespace) -> None:
+    """Logging, multi-process start-up and gin parsing, shared by train and eval."""
     setup_logging()
-    args = parse_flags(sys.argv[1:] if argv is None else argv)
+    if args.multiprocess or args.coordinator_address is not None:
+        initialize_distributed(args.coordinator_address, args.process_count,
+                               args.process_index)
     parse_gin(args.gin_file, args.gin_bindings,
               [p for p in args.gin_search_paths.split(",") if p])
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    setup_process(parse_flags(sys.argv[1:] if argv is None else argv))
     # Through the imported module, not this function's globals: run as `python -m`,
     # this file is `__main__`, a different module object from the one gin registered.
     from t5x_like import train as train_lib

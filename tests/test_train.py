@@ -224,3 +224,70 @@ def test_every_experiment_parses_and_binds_a_model_and_a_mesh(path):
         assert train.converter_for(model, lengths) in ("encdec", "prefix_lm", "lm")
     finally:
         gin.clear_config()
+
+
+MULTIPROCESS_GIN = '''
+include 'models/tiny_llama.gin'
+include 'runs/pretrain.gin'
+include 'meshes/cpu8_fsdp.gin'
+
+MIXTURE_OR_TASK_NAME = 'code_causal'
+TASK_FEATURE_LENGTHS = {'targets': 64}
+TRAIN_STEPS = 4
+BATCH_SIZE = 8
+WARMUP_STEPS = 1
+EVAL_EVERY_STEPS = 1000
+EVAL_WINDOW = 64
+EVAL_STRIDE = 32
+EVAL_MAX_TOKENS = 256
+train.EvalConfig.domains = ['code']
+train.EvalConfig.batch_size = 8
+train.DataConfig.prepare_shards = 1
+train.DataConfig.store_dir = 'store'
+train.train.log_every_steps = 1
+'''
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_evaluate_like_one(tmp_path):
+    """jax.distributed on localhost: 2 processes x 4 CPU devices == 1 process x 8."""
+    (tmp_path / "mp.gin").write_text(MULTIPROCESS_GIN)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    base = [sys.executable, "-m", "t5x_like.train", "--gin_file=mp.gin",
+            f"--gin_search_paths={tmp_path}"]
+    # Two processes first, so that process 0 prepares the store while process 1 waits.
+    port = _free_port()
+    procs = [subprocess.Popen(
+        base + ["--gin.MODEL_DIR='two'", f"--coordinator_address=localhost:{port}",
+                "--process_count=2", f"--process_index={i}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    one = subprocess.run(base + ["--gin.MODEL_DIR='one'"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-4000:]
+
+    from t5x_like import metrics
+
+    def scalars(run, key):
+        return {r["step"]: r[key] for r in metrics.read_jsonl(str(tmp_path / run / "metrics.jsonl"))
+                if key in r}
+
+    losses_one, losses_two = scalars("one", "train/loss"), scalars("two", "train/loss")
+    assert sorted(losses_one) == [1, 2, 3, 4]
+    assert losses_two == pytest.approx(losses_one, abs=1e-5)
+    assert scalars("two", "eval/code/bpc") == pytest.approx(scalars("one", "eval/code/bpc"),
+                                                            rel=1e-5)
+    data_states = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "4").rglob(
+        "process_*.json"))
+    assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]
