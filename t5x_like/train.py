@@ -170,10 +170,17 @@ def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: 
     start = time.perf_counter()
 
     def run():
-        return prepare.prepare(
-            data.mixture_or_task_name, dict(data.task_feature_lengths), converter,
-            num_examples, data.seed, store_dir, num_shards=shards, workers=shards,
-            task_modules=task_modules)
+        try:
+            return prepare.prepare(
+                data.mixture_or_task_name, dict(data.task_feature_lengths), converter,
+                num_examples, data.seed, store_dir, num_shards=shards, workers=shards,
+                task_modules=task_modules)
+        except prepare.ManifestMismatchError as e:
+            raise prepare.ManifestMismatchError(
+                f"{e} In a training run the store is train.DataConfig.store_dir (default "
+                "MODEL_DIR/data) and holds TRAIN_STEPS x BATCH_SIZE rows unless "
+                "train.DataConfig.num_examples says otherwise: point store_dir elsewhere "
+                "or use a new MODEL_DIR.") from None
 
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -293,6 +300,10 @@ def train(
              converter, step_flops.palm, step_flops.maxtext, peak)
 
     summary: dict[str, Any] = {"model_dir": model_dir, "start_step": start_step}
+    if start_step >= train_steps:
+        log.info("%s is already trained to step %d of TRAIN_STEPS=%d: evaluating only. "
+                 "Use a new MODEL_DIR (or delete this one) to train again.", model_dir,
+                 start_step, train_steps)
     key = jax.random.key(seed)
     last_step = min(train_steps, stop_at_step or train_steps)
     losses: list[float] = []
@@ -334,7 +345,7 @@ def train(
                       force=step == last_step)
             progress.update(step)
         progress.close()
-        if evaluator is not None:
+        if evaluator is not None and step > start_step:
             summary["eval_end"] = evaluator.run(state, step, writer)
     writer.flush()
     summary.update(end_step=step, train_losses=losses, state=state, graphdef=graphdef)
@@ -358,6 +369,11 @@ def _print_summary(summary: Mapping[str, Any], model_dir: str) -> None:
         lines.append(f"train loss: first {k} steps {statistics.fmean(losses[:k]):.4f} -> "
                      f"last {k} steps {statistics.fmean(losses[-k:]):.4f}  "
                      f"(steps {summary['start_step']}..{summary['end_step']})")
+    if "eval_start" in summary and "eval_end" not in summary:
+        lines.append(f"{'domain':<14}{'BPC':>10}{'loss':>10}{'acc':>9}   (step "
+                     f"{summary['start_step']}, nothing left to train)")
+        for domain, r in summary["eval_start"].items():
+            lines.append(f"{domain:<14}{r['bpc']:>10.3f}{r['loss']:>10.4f}{r['accuracy']:>9.3f}")
     if "eval_start" in summary and "eval_end" in summary:
         lines.append(f"{'domain':<14}{'BPC start':>10}{'BPC end':>10}{'loss start':>12}"
                      f"{'loss end':>10}{'acc end':>9}")

@@ -40,9 +40,10 @@ def store(tmp_path_factory):
     return str(tmp_path_factory.mktemp("store"))
 
 
-def _train(model_dir, store, mesh_config=FSDP, evaluation=None, **kwargs):
+def _train(model_dir, store, mesh_config=FSDP, evaluation=None, num_examples=STEPS * BATCH,
+           **kwargs):
     data = train.DataConfig(mixture_or_task_name="code_causal", task_feature_lengths=LENGTHS,
-                            batch_size=BATCH, num_examples=STEPS * BATCH, store_dir=store,
+                            batch_size=BATCH, num_examples=num_examples, store_dir=store,
                             prepare_shards=1)
     return train.train(
         model=MODEL, mesh_config=mesh_config, data=data,
@@ -137,6 +138,15 @@ def test_outputs_in_the_model_dir(straight):
                 "train/tflops_per_device/palm"):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     assert any("eval/code/bpc" in r for r in rows)
+
+
+def test_a_store_prepared_otherwise_is_a_clear_error_and_is_kept(tmp_path, store, straight):
+    from t5x_like import prepare
+
+    before = {p: os.path.getmtime(os.path.join(store, p)) for p in os.listdir(store)}
+    with pytest.raises(prepare.ManifestMismatchError, match="train.DataConfig.store_dir"):
+        _train(tmp_path, store, num_examples=2 * STEPS * BATCH)
+    assert {p: os.path.getmtime(os.path.join(store, p)) for p in os.listdir(store)} == before
 
 
 def test_mesh_that_does_not_match_the_devices_is_a_clear_error(tmp_path, store):
