@@ -243,7 +243,9 @@ def train(
     if train_steps < 1:
         raise ValueError(f"train_steps={train_steps} must be ≥ 1 (set TRAIN_STEPS).")
     os.makedirs(model_dir, exist_ok=True)
-    config_text = gin.operative_config_str() if gin.config_is_locked() else gin.config_str()
+    # Operative: the bindings this run used (all of them are evaluated by now, as the
+    # arguments of this call), with the macros and imports that produced them.
+    config_text = gin.operative_config_str()
     if jax.process_index() == 0:
         with open(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(config_text)

@@ -216,6 +216,7 @@ def test_a_users_task_module_trains_through_the_cli(tmp_path):
     assert "step 3/3" in proc.stdout + proc.stderr
     config = (tmp_path / "run" / "config.gin").read_text()
     assert "import my_tasks" in config and "'my_notes_lm'" in config
+    assert "layers.TransformerConfig.emb_dim = 128" in config  # the model it trained
     assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
 
 
