@@ -260,7 +260,13 @@ def train(
             f"--xla_force_host_platform_device_count={mesh_config.num_devices} before starting.")
     mesh = mesh_config.make_mesh()
     rules = mesh_config.rule_set()
-    partitioning.validate_for_mesh(model.cfg, mesh, rules)
+    if num_microbatches < 1 or data.batch_size % num_microbatches:
+        raise ValueError(
+            f"BATCH_SIZE={data.batch_size} must split into NUM_MICROBATCHES="
+            f"{num_microbatches} equal microbatches; pick a divisor of the batch size.")
+    # Each microbatch is sharded over the batch axes like a whole batch.
+    partitioning.validate_for_mesh(model.cfg, mesh, rules,
+                                   batch_size=data.batch_size // num_microbatches)
 
     # Data: SeqIO → prepared store → grain loader.
     converter = converter_for(model, data.task_feature_lengths)

@@ -149,6 +149,14 @@ def test_a_store_prepared_otherwise_is_a_clear_error_and_is_kept(tmp_path, store
     assert {p: os.path.getmtime(os.path.join(store, p)) for p in os.listdir(store)} == before
 
 
+def test_microbatches_that_do_not_split_the_batch_are_a_clear_error(tmp_path, store):
+    with pytest.raises(ValueError, match="BATCH_SIZE=8 must split into NUM_MICROBATCHES=3"):
+        _train(tmp_path, store, num_microbatches=3)
+    # 8 rows in 2 microbatches of 4 cannot be split over 8 devices either.
+    with pytest.raises(ValueError, match="batch size 4 is not divisible by 8"):
+        _train(tmp_path, store, num_microbatches=2)
+
+
 def test_mesh_that_does_not_match_the_devices_is_a_clear_error(tmp_path, store):
     four = partitioning.MeshConfig(shape={"data": 1, "fsdp": 4, "tensor": 1}, rules="fsdp")
     with pytest.raises(ValueError, match="needs 4 devices but jax sees 8"):
