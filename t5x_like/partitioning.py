@@ -422,7 +422,8 @@ def validate_for_mesh(cfg, mesh: Mesh, rules, *, batch_size: int | None = None) 
             )
     if batch_size is not None and batch_size % ways(table[BATCH]):
         raise ValueError(
-            f"Global batch size {batch_size} is not divisible by {ways(table[BATCH])}, the "
+            f"The batch size {batch_size} (global, or per microbatch with gradient "
+            f"accumulation) is not divisible by {ways(table[BATCH])}, the "
             f"data-parallel ways (mesh axes {table[BATCH]!r}); use a multiple of "
             f"{ways(table[BATCH])}."
         )
