@@ -136,3 +136,19 @@ def test_checksum_identifies_model_and_extra_ids(vocab):
 def test_missing_model_file_says_how_to_rebuild(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_tokenizer.py"):
         vocabulary.get_vocabulary(tmp_path / "absent.model")
+
+
+def test_one_tf_tokenizer_serves_every_tf_data_graph_and_keeps_equality():
+    import pickle
+
+    import tensorflow as tf
+
+    vocab = vocabulary.get_vocabulary()
+    text = "def f(x):\n    return x + 1  # ünïcode"
+    expected = vocab.encode(text)
+    for _ in range(2):  # two separately traced pipelines share the cached tokenizer
+        ds = tf.data.Dataset.from_tensors(text).map(vocab.encode_tf)
+        assert next(iter(ds)).numpy().tolist() == expected
+    assert vocab.tf_tokenizer is vocab.tf_tokenizer
+    fresh = pickle.loads(pickle.dumps(vocab))
+    assert fresh == vocab and "_tf_tokenizer" not in fresh.__dict__
