@@ -5,10 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
-# Some machines' pip configs name find-links folders that do not exist; pip warns once
-# per package about them, which says nothing about this project.
+# Drops two notices that say nothing about this project: pip's warning about find-links
+# folders (named by some machines' pip configs) that do not exist, and setuptools' notice
+# that an editable install is one.
 quiet_pip() {
-  .venv/bin/pip "$@" 2> >(grep -v "^WARNING: Location 'file://.*' is ignored" >&2)
+  .venv/bin/pip "$@" 2> >(grep -v "^WARNING: Location 'file://.*' is ignored" \
+    | sed '/BuildBackendWarning: Editable installation/,/with strategy, WheelFile/d' >&2)
 }
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
