@@ -50,7 +50,7 @@ def main():
     mesh = partitioning.make_mesh({"data": 1, "fsdp": args.devices, "tensor": 1})
     rules = partitioning.get_rules(args.rules)
     optimizer = trainer.adamw_llama2(peak_lr=1e-3, warmup_steps=10, total_steps=1000)
-    graphdef, state = train.create_train_state(model, optimizer.tx, mesh, rules, seed=0)
+    graphdef, state, _ = train.init_or_restore(model, optimizer.tx, mesh, rules, seed=0)
     step_fn = trainer.make_train_step(
         graphdef, model.loss_fn, optimizer.schedule,
         state_sharding=trainer.state_shardings(state),

@@ -6,7 +6,8 @@ One step directory holds three items:
   written) with orbax's standard pytree handler;
 - `data`: the data iterator's state as JSON, one file per process
   (`process_{i}-of-{n}.json`, as grain's own handler does), so each host of a
-  multi-host run resumes its own shard. It accepts a grain iterator or anything with
+  multi-host run resumes its own shard; where all processes saved the same (global)
+  state, as t5x_like's loader does, it restores under another process count too. It accepts a grain iterator or anything with
   `get_state()`/`set_state()` (state a dict or JSON bytes), or a plain dict;
 - `config`: the operative gin config text, so a step directory says how it was made.
 
@@ -57,12 +58,7 @@ class _DataStateHandler(ocp.CheckpointHandler):
         path.write_text(json.dumps(args.payload))
 
     def restore(self, directory: epath.Path, *args, **kwargs):
-        path = epath.Path(directory) / _process_file()
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} is missing: the checkpoint was written by a run with a different "
-                "number of processes, or without a data iterator.")
-        return json.loads(path.read_text())
+        return read_data_state(epath.Path(directory), jax.process_index(), jax.process_count())
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -86,8 +82,29 @@ class _DataRestore(ocp.args.CheckpointArgs):
     pass
 
 
-def _process_file() -> str:
-    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+def _process_file(index: int | None = None, count: int | None = None) -> str:
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    return f"process_{index}-of-{count}.json"
+
+
+def read_data_state(directory: epath.Path, process_index: int, process_count: int) -> dict:
+    """This process's saved iterator state. A checkpoint written by another number of
+    processes restores when every process saved the same state (a global state, as
+    t5x_like's loader has: see loader.py); per-process states need the same count."""
+    own = directory / _process_file(process_index, process_count)
+    if own.exists():
+        return json.loads(own.read_text())
+    saved = sorted(directory.glob("process_*-of-*.json"))
+    if not saved:
+        raise FileNotFoundError(f"{directory} holds no data iterator state.")
+    states = {path.read_text() for path in saved}
+    if len(states) == 1:
+        return json.loads(states.pop())
+    raise ValueError(
+        f"{own} is missing: the data iterator state in {directory} was written by "
+        f"{len(saved)} processes, each with its own position ({saved[0].name}, ...), and "
+        f"this run has {process_count}. Resume with the process count that saved it.")
 
 
 def _apply_data_state(payload: dict[str, Any], target: Any) -> Any:

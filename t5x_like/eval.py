@@ -39,8 +39,21 @@ class Evaluator:
     def create(cls, model, graphdef, state_sharding, mesh, rules, cfg,
                converter: str) -> Evaluator:
         """cfg: train.EvalConfig. Reads and tokenizes the validation tasks once."""
+        import math
+
+        import jax
+
         import tasks  # noqa: F401 - registers the {domain}_validation tasks
         from t5x_like import bpc, loader, trainer
+
+        # Every process takes an equal slice of each batch, sharded over the batch axes.
+        batch_axes = [a for a in loader.BATCH_MESH_AXES if a in mesh.axis_names]
+        ways = math.lcm(math.prod(mesh.shape[a] for a in batch_axes), jax.process_count())
+        if cfg.batch_size % ways:
+            raise ValueError(
+                f"train.EvalConfig.batch_size={cfg.batch_size} is not a multiple of {ways} "
+                f"(the mesh's batch axes {batch_axes} and {jax.process_count()} processes "
+                f"split it); set --gin.train.EvalConfig.batch_size={ways * max(1, cfg.batch_size // ways)}.")
 
         streams = {}
         for domain in cfg.domains:
@@ -89,33 +102,37 @@ class Evaluator:
 def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation,
              task_feature_lengths: Mapping[str, int], seed: int = 0) -> dict[str, Any]:
     """Evaluates the newest checkpoint in `model_dir` on every domain; prints a table."""
-    from t5x_like import checkpoints, train as train_lib
-
-    train_lib._use_cpu_devices(mesh_config.num_devices)  # noqa: SLF001 - same process set-up
-    mesh = mesh_config.make_mesh()
-    rules = mesh_config.rule_set()
-    graphdef, state = train_lib.create_train_state(model, optimizer.tx, mesh, rules, seed)
-    with checkpoints.CheckpointManager(os.path.join(model_dir, "checkpoints")) as ckpt:
-        restored = ckpt.restore_latest(state)
-    if restored is None:
-        raise FileNotFoundError(
-            f"No checkpoint under {model_dir}/checkpoints; train first or set MODEL_DIR to a "
-            "directory a training run wrote.")
-    from t5x_like import trainer
-
-    converter = train_lib.converter_for(model, task_feature_lengths)
-    evaluator = Evaluator.create(model, graphdef, trainer.state_shardings(restored.state),
-                                 mesh, rules, evaluation, converter)
     import jax
 
+    from t5x_like import checkpoints, train as train_lib, trainer
+
+    train_lib._use_cpu_devices(mesh_config.num_devices)  # noqa: SLF001 - same process set-up
+    train_lib.check_device_count(mesh_config)
+    directory = os.path.join(model_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"No checkpoints at {directory}; train first or set MODEL_DIR to a directory a "
+            "training run wrote.")
+    mesh = mesh_config.make_mesh()
+    rules = mesh_config.rule_set()
+    with checkpoints.CheckpointManager(directory) as ckpt:
+        graphdef, state, step = train_lib.init_or_restore(
+            model, optimizer.tx, mesh, rules, seed, ckpt)
+    if step is None:
+        raise FileNotFoundError(
+            f"{directory} holds no finished checkpoint; train first or set MODEL_DIR to a "
+            "directory a training run wrote.")
+    converter = train_lib.converter_for(model, task_feature_lengths)
+    evaluator = Evaluator.create(model, graphdef, trainer.state_shardings(state),
+                                 mesh, rules, evaluation, converter)
     with jax.set_mesh(mesh):
-        results = evaluator.run(restored.state, restored.step)
-    print(f"step {restored.step} of {model_dir}")
+        results = evaluator.run(state, step)
+    print(f"step {step} of {model_dir}")
     print(f"{'domain':<14}{'BPC':>8}{'loss':>9}{'acc':>8}{'tokens':>9}{'chars':>10}")
     for domain, r in results.items():
         print(f"{domain:<14}{r['bpc']:>8.3f}{r['loss']:>9.4f}{r['accuracy']:>8.3f}"
               f"{r['tokens']:>9}{r['chars']:>10}")
-    return {"step": restored.step, "results": results}
+    return {"step": step, "results": results}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -172,7 +172,7 @@ class Progress:
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._first: tuple[int, float] | None = None  # (step, time) of the first update
         self._step = start_step
-        self._next_milestone = 0.1
+        self._next_tenth = 1  # the next 10% mark to print a line at
         self._drawn = False
 
     def rate(self) -> float:
@@ -201,9 +201,9 @@ class Progress:
             self._drawn = True
             return
         span = max(self.total_steps - self.start_step, 1)
-        if (step - self.start_step) / span >= self._next_milestone or step >= self.total_steps:
-            while (step - self.start_step) / span >= self._next_milestone:
-                self._next_milestone += 0.1
+        tenths = 10 * (step - self.start_step) // span  # integers: no 0.1-sum drift
+        if tenths >= self._next_tenth or step >= self.total_steps:
+            self._next_tenth = tenths + 1
             self.stream.write(self.bar() + "\n")
             self.stream.flush()
 

@@ -465,14 +465,24 @@ def create_sharded(model, mesh: Mesh, rules, seed: int = 0) -> nnx.Module:
     materialised on one.
     """
     factory = _as_factory(model, seed)
-    rules = get_rules(rules)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        abstract = nnx.eval_shape(factory)
-        graphdef, abstract_state = nnx.split(abstract)
-        shardings = nnx.get_named_sharding(abstract_state, mesh)
-        make_state = jax.jit(lambda: nnx.state(factory()), out_shardings=shardings)
-        state = make_state()
+    graphdef, abstract_state = abstract_sharded(factory, mesh, rules)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(rules)):
+        state = jax.jit(lambda: nnx.state(factory()), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def abstract_sharded(model, mesh: Mesh, rules, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) of what `create_sharded` would build, without allocating: each
+    leaf a jax.ShapeDtypeStruct carrying its NamedSharding (a checkpoint restore
+    target, so a restored model is never also initialised)."""
+    factory = _as_factory(model, seed)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(rules)):
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(factory))
+        shardings = nnx.get_named_sharding(abstract_state, mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract_state, shardings)
+    return graphdef, state
 
 
 def state_shardings(module: nnx.Module, mesh: Mesh, rules) -> nnx.State:

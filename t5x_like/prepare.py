@@ -437,7 +437,8 @@ def _prepare_shard(spec: _Spec, shard_index: int, out_dir: str) -> dict:
 # ----------------------------------------------------------------------------- manifest
 
 
-def _read_manifest(out_dir: str) -> dict | None:
+def read_manifest(out_dir: str) -> dict | None:
+    """The manifest of a store, complete or not; None where there is none."""
     path = os.path.join(out_dir, MANIFEST_NAME)
     if not os.path.exists(path):
         return None
@@ -460,7 +461,7 @@ def _check_spec(out_dir: str, manifest: Mapping, requested: Mapping) -> None:
 
 def load_manifest(out_dir: str) -> dict:
     """Returns the manifest of a complete store, or an error saying how to make one."""
-    manifest = _read_manifest(out_dir)
+    manifest = read_manifest(out_dir)
     if manifest is None or not manifest.get("complete"):
         raise FileNotFoundError(
             f"No complete prepared store at {out_dir} (manifest.json "
@@ -573,7 +574,7 @@ def prepare(
     }
 
     os.makedirs(out_dir, exist_ok=True)
-    existing = _read_manifest(out_dir)
+    existing = read_manifest(out_dir)
     if existing is not None:
         _check_spec(out_dir, existing, requested)
         if existing.get("complete"):

@@ -21,6 +21,7 @@ and losses as a run that never stopped (tests/test_train.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -55,7 +56,9 @@ class DataConfig:
     num_examples: packed rows to prepare; default train_steps × batch_size (one epoch).
     store_dir: where the prepared ArrayRecord store lives; default MODEL_DIR/data.
     prepare_shards: ArrayRecord shards = SeqIO shards prepared in parallel (default:
-      one per core; every shard pays each task's pipeline set-up once).
+      what an existing store has, else one per core; every shard pays each task's
+      pipeline set-up once). Part of the store's identity: the shards hold other
+      examples when their count changes.
     """
 
     mixture_or_task_name: str
@@ -144,6 +147,17 @@ def _use_cpu_devices(n: int) -> None:
         pass  # backends already up (e.g. called from a test): use what is there.
 
 
+def check_device_count(mesh_config) -> None:
+    import jax
+
+    if mesh_config.num_devices != jax.device_count():
+        raise ValueError(
+            f"The mesh {mesh_config.global_shape} needs {mesh_config.num_devices} devices but "
+            f"jax sees {jax.device_count()} ({jax.devices()[0].platform}). Pick a mesh gin file "
+            "that matches (gin_configs/meshes/), or on CPU set XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={mesh_config.num_devices} before starting.")
+
+
 def _gin_imported_modules() -> list[str]:
     """Modules that gin files imported (user task modules), for prepare's workers."""
     names = []
@@ -166,7 +180,9 @@ def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: 
     store_dir = data.store_dir or os.path.join(model_dir, "data")
     num_examples = data.num_examples or train_steps * data.batch_size
     task_modules = tuple(dict.fromkeys(("tasks", *_gin_imported_modules())))
-    shards = data.prepare_shards or os.cpu_count() or 1
+    # A store made on a machine with another core count is still this run's store.
+    existing = prepare.read_manifest(store_dir)
+    shards = data.prepare_shards or (existing or {}).get("num_shards") or os.cpu_count() or 1
     start = time.perf_counter()
 
     def run():
@@ -178,8 +194,9 @@ def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: 
         except prepare.ManifestMismatchError as e:
             raise prepare.ManifestMismatchError(
                 f"{e} In a training run the store is train.DataConfig.store_dir (default "
-                "MODEL_DIR/data) and holds TRAIN_STEPS x BATCH_SIZE rows unless "
-                "train.DataConfig.num_examples says otherwise: point store_dir elsewhere "
+                "MODEL_DIR/data), holds TRAIN_STEPS x BATCH_SIZE rows unless "
+                "train.DataConfig.num_examples says otherwise, in "
+                "train.DataConfig.prepare_shards shards: point store_dir elsewhere "
                 "or use a new MODEL_DIR.") from None
 
     if jax.process_count() > 1:
@@ -195,15 +212,26 @@ def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: 
     return store_dir
 
 
-def create_train_state(model, tx, mesh, rules, seed: int):
-    """(graphdef, state) of model + optimizer, every array created in its shard."""
+def init_or_restore(model, tx, mesh, rules, seed: int, ckpt=None, data_iterator=None):
+    """(graphdef, state, restored step or None) of model + optimizer.
+
+    With a checkpoint in `ckpt`, the newest one is read straight into this mesh's
+    shards (and `data_iterator` set to where it was); otherwise the state is
+    initialised in its shards. Never both: a restored run holds one copy of the state.
+    """
     from flax import nnx
 
     from t5x_like import partitioning, trainer
 
-    module = partitioning.create_sharded(
-        lambda: trainer.TrainState(model.make_module(nnx.Rngs(seed)), tx), mesh, rules)
-    return nnx.split(module)
+    def factory():
+        return trainer.TrainState(model.make_module(nnx.Rngs(seed)), tx)
+
+    if ckpt is not None and ckpt.latest_step() is not None:
+        graphdef, target = partitioning.abstract_sharded(factory, mesh, rules)
+        restored = ckpt.restore_latest(target, data_iterator=data_iterator)
+        return graphdef, restored.state, restored.step
+    graphdef, state = nnx.split(partitioning.create_sharded(factory, mesh, rules))
+    return graphdef, state, None
 
 
 # ---------------------------------------------------------------------------
@@ -242,6 +270,11 @@ def train(
 
     if train_steps < 1:
         raise ValueError(f"train_steps={train_steps} must be ≥ 1 (set TRAIN_STEPS).")
+    if log_every_steps < 1 or evaluation.every_steps < 1:
+        raise ValueError(
+            f"log_every_steps={log_every_steps} and EvalConfig.every_steps="
+            f"{evaluation.every_steps} must be ≥ 1 (to turn evaluation off: "
+            "train.EvalConfig.enabled = False).")
     os.makedirs(model_dir, exist_ok=True)
     # Operative: the bindings this run used (all of them are evaluated by now, as the
     # arguments of this call), with the macros and imports that produced them.
@@ -252,12 +285,7 @@ def train(
     log.info("gin config (also in %s/config.gin):\n%s", model_dir, config_text)
 
     # Mesh and sharding rules: validated before anything is compiled.
-    if mesh_config.num_devices != jax.device_count():
-        raise ValueError(
-            f"The mesh {mesh_config.global_shape} needs {mesh_config.num_devices} devices but "
-            f"jax sees {jax.device_count()} ({jax.devices()[0].platform}). Pick a mesh gin file "
-            "that matches (gin_configs/meshes/), or on CPU set XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={mesh_config.num_devices} before starting.")
+    check_device_count(mesh_config)
     mesh = mesh_config.make_mesh()
     rules = mesh_config.rule_set()
     if num_microbatches < 1 or data.batch_size % num_microbatches:
@@ -276,15 +304,14 @@ def train(
     data_iter = data_loader.iterator()
 
     # Train state, restored from the newest checkpoint when there is one.
-    graphdef, state = create_train_state(model, optimizer.tx, mesh, rules, seed)
     ckpt = checkpoints.CheckpointManager(
         os.path.join(model_dir, "checkpoints"), save_interval_steps=checkpoint.save_every_steps,
         max_to_keep=checkpoint.keep, async_save=checkpoint.async_save)
-    restored = ckpt.restore_latest(state, data_iterator=data_iter)
-    if restored is not None:
-        state = restored.state
-        log.info("resumed from %s at step %d", ckpt.directory, restored.step)
-    start_step = int(jax.device_get(nnx_step(graphdef, state)))
+    graphdef, state, restored_step = init_or_restore(
+        model, optimizer.tx, mesh, rules, seed, ckpt, data_iterator=data_iter)
+    if restored_step is not None:
+        log.info("resumed from %s at step %d", ckpt.directory, restored_step)
+    start_step = restored_step or 0
 
     state_sharding = trainer.state_shardings(state)
     batch_sharding = loader.batch_sharding(mesh)
@@ -316,33 +343,45 @@ def train(
     last_step = min(train_steps, stop_at_step or train_steps)
     losses: list[float] = []
     step = start_step
-    with jax.set_mesh(mesh), ckpt:
+    with jax.set_mesh(mesh), ckpt, contextlib.closing(writer):
         if evaluator is not None:
             summary["eval_start"] = evaluator.run(state, start_step, writer)
         progress = metrics.Progress(last_step, start_step)
+        t_start = time.perf_counter()
         window: list[dict[str, Any]] = []
-        t_last = time.perf_counter()
+        timed = 0  # steps of the window that count towards step time
         while step < last_step:
             batch = loader.to_global_batch(next(data_iter), mesh)
             state, step_metrics = train_step(state, batch, key)
             step += 1
             window.append(step_metrics)
+            if step == start_step + 1:
+                # The first step compiles: step times start after it.
+                jax.block_until_ready(step_metrics)
+                log.info("first step (compilation included) took %.1fs",
+                         time.perf_counter() - t_start)
+                t_last = time.perf_counter()
+            else:
+                timed += 1
             if step % log_every_steps == 0 or step == last_step:
                 fetched = jax.device_get(window)
                 now = time.perf_counter()
-                step_time = (now - t_last) / len(fetched)
-                t_last = now
                 losses.extend(float(m["loss"]) for m in fetched)
-                scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-                tflops, mfu = flops.mfu(step_flops, step_time, jax.device_count(), peak)
-                scalars.update({
-                    "step_time_s": step_time,
-                    "tokens_per_s": tokens_per_step / step_time,
-                    "tflops_per_device/palm": tflops.palm,
-                    "tflops_per_device/maxtext": tflops.maxtext,
-                    "mfu/palm": mfu.palm,
-                    "mfu/maxtext": mfu.maxtext,
-                })
+                # Means over the window; the *_sum counters are for accumulation only.
+                scalars = {k: float(np.mean([m[k] for m in fetched]))
+                           for k in fetched[-1] if not k.endswith("_sum")}
+                if timed:
+                    step_time = (now - t_last) / timed
+                    tflops, mfu = flops.mfu(step_flops, step_time, jax.device_count(), peak)
+                    scalars.update({
+                        "step_time_s": step_time,
+                        "tokens_per_s": tokens_per_step / step_time,
+                        "tflops_per_device/palm": tflops.palm,
+                        "tflops_per_device/maxtext": tflops.maxtext,
+                        "mfu/palm": mfu.palm,
+                        "mfu/maxtext": mfu.maxtext,
+                    })
+                t_last, timed = now, 0
                 writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
                 progress.log(step, metrics.format_line(step, train_steps, scalars))
                 window = []
@@ -355,18 +394,10 @@ def train(
         progress.close()
         if evaluator is not None and step > start_step:
             summary["eval_end"] = evaluator.run(state, step, writer)
-    writer.flush()
     summary.update(end_step=step, train_losses=losses, state=state, graphdef=graphdef)
     if jax.process_index() == 0:
         _print_summary(summary, model_dir)
     return summary
-
-
-def nnx_step(graphdef, state):
-    """The optimizer step counter inside a train-state pytree."""
-    from flax import nnx
-
-    return nnx.merge(graphdef, state).step
 
 
 def _print_summary(summary: Mapping[str, Any], model_dir: str) -> None:

@@ -99,6 +99,23 @@ def test_bytes_state_plain_dict_and_grain_iterator(tmp_path):
     assert next(new_ds_it) == expected_next and expected_next not in seen
 
 
+def test_data_state_under_another_process_count(tmp_path):
+    """A global iterator state (the same file from every process) restores under any
+    process count; per-process states only under the count that wrote them."""
+    from etils import epath
+
+    directory = epath.Path(tmp_path)
+    for p in range(2):
+        (directory / f"process_{p}-of-2.json").write_text('{"format": "dict", "state": {"i": 4}}')
+    assert checkpoints.read_data_state(directory, 1, 2)["state"] == {"i": 4}
+    for index, count in [(0, 1), (3, 4)]:
+        assert checkpoints.read_data_state(directory, index, count)["state"] == {"i": 4}
+    (directory / "process_1-of-2.json").write_text('{"format": "dict", "state": {"i": 5}}')
+    assert checkpoints.read_data_state(directory, 1, 2)["state"] == {"i": 5}
+    with pytest.raises(ValueError, match="written by 2 processes.*this run has 1"):
+        checkpoints.read_data_state(directory, 0, 1)
+
+
 def test_save_interval_and_keep_last_k(tmp_path):
     _, state = _state(0)
     with checkpoints.CheckpointManager(tmp_path, save_interval_steps=2, max_to_keep=2) as mgr:
