@@ -141,10 +141,11 @@ def train_flops_per_step(cfg, batch_size: int, feature_lengths: dict[str, int]) 
 # Peak FLOP/s and MFU
 
 # bf16 dense tensor-core peak per GPU (datasheets; SPEC Decisions). Matched by substring
-# of `device.device_kind` (e.g. "NVIDIA H100 80GB HBM3"). H100 PCIe is lower (756e12):
-# listed first so the substring "H100" does not claim it.
+# of `device.device_kind` (e.g. "NVIDIA H100 80GB HBM3"). H100 PCIe (756e12) and NVL
+# (835e12) are lower: listed first so the substring "H100" does not claim them.
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),
     ("H200", 989e12),
     ("A100", 312e12),
