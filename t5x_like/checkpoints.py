@@ -7,8 +7,9 @@ One step directory holds three items:
 - `data`: the data iterator's state as JSON, one file per process
   (`process_{i}-of-{n}.json`, as grain's own handler does), so each host of a
   multi-host run resumes its own shard; where all processes saved the same (global)
-  state, as t5x_like's loader does, it restores under another process count too. It accepts a grain iterator or anything with
-  `get_state()`/`set_state()` (state a dict or JSON bytes), or a plain dict;
+  state, as t5x_like's loader does, it restores under another process count too. It
+  accepts a grain iterator or anything with `get_state()`/`set_state()` (state a dict
+  or JSON bytes), or a plain dict;
 - `config`: the operative gin config text, so a step directory says how it was made.
 
 Restoring reads arrays straight into the shardings of a target (abstract) state built
@@ -54,7 +55,7 @@ class _DataStateHandler(ocp.CheckpointHandler):
 
     def save(self, directory: epath.Path, *args, **kwargs):
         args = kwargs.get("args", args[-1] if args else None)
-        path = epath.Path(directory) / _process_file()
+        path = epath.Path(directory) / _process_file(jax.process_index(), jax.process_count())
         path.write_text(json.dumps(args.payload))
 
     def restore(self, directory: epath.Path, *args, **kwargs):
@@ -82,9 +83,7 @@ class _DataRestore(ocp.args.CheckpointArgs):
     pass
 
 
-def _process_file(index: int | None = None, count: int | None = None) -> str:
-    index = jax.process_index() if index is None else index
-    count = jax.process_count() if count is None else count
+def _process_file(index: int, count: int) -> str:
     return f"process_{index}-of-{count}.json"
 
 

@@ -47,13 +47,12 @@ class Evaluator:
         from t5x_like import bpc, loader, trainer
 
         # Every process takes an equal slice of each batch, sharded over the batch axes.
-        batch_axes = [a for a in loader.BATCH_MESH_AXES if a in mesh.axis_names]
-        ways = math.lcm(math.prod(mesh.shape[a] for a in batch_axes), jax.process_count())
+        ways = math.lcm(loader.num_batch_shards(mesh), jax.process_count())
         if cfg.batch_size % ways:
             raise ValueError(
                 f"train.EvalConfig.batch_size={cfg.batch_size} is not a multiple of {ways} "
-                f"(the mesh's batch axes {batch_axes} and {jax.process_count()} processes "
-                f"split it); set --gin.train.EvalConfig.batch_size={ways * max(1, cfg.batch_size // ways)}.")
+                f"(the mesh's batch shards and {jax.process_count()} processes split it); "
+                f"set --gin.train.EvalConfig.batch_size={ways * max(1, cfg.batch_size // ways)}.")
 
         streams = {}
         for domain in cfg.domains:

@@ -231,6 +231,11 @@ def batch_sharding(mesh, batch_axes: Sequence[str] = BATCH_MESH_AXES):
     return NamedSharding(mesh, PartitionSpec(axes or None))
 
 
+def num_batch_shards(mesh, batch_axes: Sequence[str] = BATCH_MESH_AXES) -> int:
+    """How many ways `batch_sharding` splits the batch dimension."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.axis_names]))
+
+
 def to_global_batch(
     local_batch: Mapping[str, np.ndarray], mesh, batch_axes: Sequence[str] = BATCH_MESH_AXES
 ) -> dict[str, Any]:
@@ -242,15 +247,15 @@ def to_global_batch(
     import jax
 
     sharding = batch_sharding(mesh, batch_axes)
-    num_batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.axis_names]))
+    shards = num_batch_shards(mesh, batch_axes)
     out = {}
     for name, local_BL in local_batch.items():
         global_rows = local_BL.shape[0] * jax.process_count()
-        if global_rows % num_batch_shards:
+        if global_rows % shards:
             raise ValueError(
                 f"Global batch {global_rows} (feature {name}) is not divisible by the "
-                f"{num_batch_shards} batch shards of mesh axes {tuple(batch_axes)} "
-                f"{dict(mesh.shape)}; pick a batch size that is a multiple of {num_batch_shards}."
+                f"{shards} batch shards of mesh axes {tuple(batch_axes)} "
+                f"{dict(mesh.shape)}; pick a batch size that is a multiple of {shards}."
             )
         out[name] = jax.make_array_from_process_local_data(sharding, local_BL)
     return out

@@ -148,6 +148,7 @@ def _use_cpu_devices(n: int) -> None:
 
 
 def check_device_count(mesh_config) -> None:
+    """The mesh must use every device jax sees (train and eval check it first)."""
     import jax
 
     if mesh_config.num_devices != jax.device_count():
@@ -226,10 +227,11 @@ def init_or_restore(model, tx, mesh, rules, seed: int, ckpt=None, data_iterator=
     def factory():
         return trainer.TrainState(model.make_module(nnx.Rngs(seed)), tx)
 
-    if ckpt is not None and ckpt.latest_step() is not None:
+    step = ckpt.latest_step() if ckpt is not None else None
+    if step is not None:
         graphdef, target = partitioning.abstract_sharded(factory, mesh, rules)
-        restored = ckpt.restore_latest(target, data_iterator=data_iterator)
-        return graphdef, restored.state, restored.step
+        restored = ckpt.restore(step, target, data_iterator=data_iterator)
+        return graphdef, restored.state, step
     graphdef, state = nnx.split(partitioning.create_sharded(factory, mesh, rules))
     return graphdef, state, None
 
