@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from t5x_like import loader as loader_lib  # noqa: E402
 from t5x_like import prepare as prepare_lib  # noqa: E402
+from t5x_like import store  # noqa: E402
 
 
 def _bench_loader(loader, num_batches, mesh=None):
@@ -62,17 +63,18 @@ def main():
     parser.add_argument("--num_batches", type=int, default=200, help="per loader repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="store dir (default: a fresh tmp dir)")
-    parser.add_argument("--task_module", action="append", default=None)
+    parser.add_argument("--task_module", action="append", default=None,
+                        help="module registering the mixture (repeatable); default: tasks")
     parser.add_argument("--model_tokens_per_s", type=float, default=None)
     args = parser.parse_args()
 
     out = args.out or tempfile.mkdtemp(prefix="loader_bench_")
-    fresh = not os.path.exists(os.path.join(out, prepare_lib.MANIFEST_NAME))
+    fresh = not os.path.exists(os.path.join(out, store.MANIFEST_NAME))
     start = time.perf_counter()
     manifest = prepare_lib.prepare(
         args.mixture, args.feature_lengths, args.converter, args.num_examples, 0, out,
         args.num_shards, args.workers,
-        task_modules=tuple(args.task_module or prepare_lib.DEFAULT_TASK_MODULES),
+        task_modules=tuple(args.task_module or ["tasks"]),
     )
     prepare_s = time.perf_counter() - start
     rows = manifest["num_examples"]

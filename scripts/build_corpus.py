@@ -7,7 +7,7 @@ standard library that this machine's interpreter ships, and Debian packages
 templated, so token statistics, bits-per-character and tokenizer behaviour measured on
 this corpus mean something.
 
-Output (the contract in docs/CONTRACTS.md):
+Output (the contract in docs/ARCHITECTURE.md):
   data/corpus/{domain}/{split}-{i:05d}-of-{n:05d}.tfrecord.gz
       gzipped TFRecord of tf.train.Example with one bytes feature `text` (UTF-8);
       4 shards for `train`, 1 for `validation`.

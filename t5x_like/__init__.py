@@ -1,53 +1,75 @@
 """t5x_like: a JAX training stack for PaLM/Llama decoder-only and UL2 encoder-decoder LMs.
 
-The public API, in data-flow order. Names resolve on first use (PEP 562), so
-`import t5x_like` stays cheap and `python -m t5x_like.prepare` does not pull in jax
-before it needs to:
+The public API, in data-flow order:
 
     from t5x_like import TransformerConfig, EncoderDecoderModel, MeshConfig, adamw_llama2
+
+Names resolve on first use (PEP 562), so `import t5x_like` stays cheap and the spawned
+data-preparation workers do not pull in jax before they need it; the imports under
+TYPE_CHECKING say where each name lives, for readers, type checkers and
+go-to-definition.
 """
 
-import importlib
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # noqa: SIM108 - imports for readers and tools only
+    # ruff: noqa: F401
+    from t5x_like.bpc import bits_per_character, load_bpc_eval
+    from t5x_like.checkpoints import CheckpointManager
+    from t5x_like.evaluation import EvalConfig, evaluate
+    from t5x_like.flops import mfu
+    from t5x_like.layers import TransformerConfig
+    from t5x_like.loader import Loader, to_global_batch
+    from t5x_like.models import DecoderOnlyModel, EncoderDecoderModel, model_for
+    from t5x_like.partitioning import (MeshConfig, count_params, create_sharded,
+                                       validate_for_mesh)
+    from t5x_like.prepare import prepare as prepare_store
+    from t5x_like.trainer import (TrainState, adafactor_palm, adamw_llama2, make_eval_step,
+                                  make_train_step)
+    from t5x_like.vocabulary import get_vocabulary
+
+# name -> (module, attribute); kept equal to the imports above by tests/test_init.py.
 _EXPORTS = {
     # data
-    "get_vocabulary": "vocabulary",
-    "prepare_store": "prepare",
-    "Loader": "loader",
-    "to_global_batch": "loader",
-    "load_bpc_eval": "bpc",
-    "bits_per_character": "bpc",
+    "get_vocabulary": ("vocabulary", "get_vocabulary"),
+    "prepare_store": ("prepare", "prepare"),
+    "Loader": ("loader", "Loader"),
+    "to_global_batch": ("loader", "to_global_batch"),
+    "load_bpc_eval": ("bpc", "load_bpc_eval"),
+    "bits_per_character": ("bpc", "bits_per_character"),
     # model
-    "TransformerConfig": "layers",
-    "DecoderOnlyModel": "models",
-    "EncoderDecoderModel": "models",
-    "MeshConfig": "partitioning",
-    "create_sharded": "partitioning",
-    "validate_for_mesh": "partitioning",
-    "count_params": "partitioning",
+    "TransformerConfig": ("layers", "TransformerConfig"),
+    "DecoderOnlyModel": ("models", "DecoderOnlyModel"),
+    "EncoderDecoderModel": ("models", "EncoderDecoderModel"),
+    "model_for": ("models", "model_for"),
+    "MeshConfig": ("partitioning", "MeshConfig"),
+    "create_sharded": ("partitioning", "create_sharded"),
+    "validate_for_mesh": ("partitioning", "validate_for_mesh"),
+    "count_params": ("partitioning", "count_params"),
     # training
-    "adamw_llama2": "trainer",
-    "adafactor_palm": "trainer",
-    "TrainState": "trainer",
-    "make_train_step": "trainer",
-    "make_eval_step": "trainer",
-    "CheckpointManager": "checkpoints",
-    "train_flops_per_step": "flops",
-    "mfu": "flops",
-    # entry points (the modules `train` and `prepare` keep their names; their
-    # functions are t5x_like.train.train and t5x_like.prepare.prepare)
-    "evaluate": "eval",
+    "adamw_llama2": ("trainer", "adamw_llama2"),
+    "adafactor_palm": ("trainer", "adafactor_palm"),
+    "TrainState": ("trainer", "TrainState"),
+    "make_train_step": ("trainer", "make_train_step"),
+    "make_eval_step": ("trainer", "make_eval_step"),
+    "CheckpointManager": ("checkpoints", "CheckpointManager"),
+    "mfu": ("flops", "mfu"),
+    # evaluation (the entry points keep their modules: t5x_like.train.train,
+    # t5x_like.prepare.prepare, python -m t5x_like.eval)
+    "EvalConfig": ("evaluation", "EvalConfig"),
+    "evaluate": ("evaluation", "evaluate"),
 }
-
-_ALIASES = {"prepare_store": "prepare"}
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError(f"module 't5x_like' has no attribute {name!r}")
-    module = importlib.import_module(f"t5x_like.{_EXPORTS[name]}")
-    return getattr(module, _ALIASES.get(name, name))
+    module, attribute = _EXPORTS[name]
+    return getattr(importlib.import_module(f"t5x_like.{module}"), attribute)
 
 
 def __dir__():

@@ -1,4 +1,4 @@
-"""Bits-per-character evaluation windows (SPEC section 4, arXiv 2404.09937).
+"""Bits-per-character evaluation windows (docs/FORMULAS.md; arXiv 2404.09937).
 
 BPC = total negative log-likelihood in bits / characters of the raw text
     = total_nll_nats / (total_chars · ln 2).
@@ -40,9 +40,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from t5x_like import mixtures
+from t5x_like.vocabulary import MODE_TOKENS
+
 DEFAULT_WINDOW = 1900
 DEFAULT_STRIDE = 512
-S2S_MODE_ID = 5  # t5x_like.vocabulary.MODE_TOKENS["[S2S]"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +101,8 @@ class BpcEval:
         return math.ceil(len(self.windows) / batch_size)
 
     def batches(
-        self, batch_size: int, form: str = "decoder", *, mode_token_id: int = S2S_MODE_ID
+        self, batch_size: int, form: str = "decoder", *,
+        mode_token_id: int = MODE_TOKENS["[S2S]"]
     ) -> Iterator[dict[str, np.ndarray]]:
         """Yields fixed-shape batches of all windows in order ("decoder" or "encdec")."""
         if form not in ("decoder", "encdec"):
@@ -168,9 +171,7 @@ def load_bpc_eval(
     The task must give one example per document with `targets` (all its tokens) and
     `num_chars` (its length in characters), as `{domain}_validation` does.
     """
-    from t5x_like import prepare as prepare_lib
-
-    task = prepare_lib.resolve_mixture_or_task(task_name)
+    task = mixtures.get_mixture_or_task(task_name)
     ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1)
     if max_documents is not None:
         ds = ds.take(max_documents)

@@ -1,6 +1,6 @@
 """Model FLOPs of a training step in two labelled conventions, peak FLOP/s, and MFU.
 
-SPEC section 3 and its Decisions: every number is reported twice, because the two
+docs/FORMULAS.md ("Model FLOPs and MFU"): every number is reported twice, because the two
 conventions people quote differ by ~20% at long sequence lengths (Llama-3-8B at 8192
 tokens: 61.06 GFLOP/token by PaLM, 51.47 by MaxText).
 
@@ -10,7 +10,7 @@ tokens: 61.06 GFLOP/token by PaLM, 51.47 by MaxText).
 - **maxtext** (`calculate_tflops_training_per_device`): the matmuls one by one: gated
   MLP as 3 matmuls, QKV and output projections, the unembedding (the embedding lookup is
   free), and causal attention halved (Megatron/NeMo).
-- **encoder-decoder** (SPEC section 3 [D]; neither paper covers it): a per-example
+- **encoder-decoder** (our derivation; neither paper covers it): a per-example
   forward count times 3. The two conventions differ only in the decoder's causal
   self-attention, counted whole (palm) or halved (maxtext); embeddings free in both.
 
@@ -53,32 +53,6 @@ def _num_mlp_matrices(cfg) -> int:
     return 3 if getattr(cfg, "mlp_activation", "swiglu") in _GATED else 2
 
 
-def _attention_params(cfg) -> int:
-    D, H, G, K = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    return D * H * K + 2 * D * G * K + H * K * D  # wq, wk + wv, wo
-
-
-def num_params(cfg) -> int:
-    """Parameters of the network `cfg` describes (analytic; equals the NNX model's count).
-
-    Norms: one scale per sub-layer input (a parallel block has one norm, a sequential one
-    has one per sub-layer) plus a final norm per stack, as `layers.py` builds them.
-    """
-    D, F, V = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
-    mlp = _num_mlp_matrices(cfg) * D * F
-    attn = _attention_params(cfg)
-    parallel = cfg.block == "parallel"
-    enc_layer = attn + mlp + (1 if parallel else 2) * D
-    dec_layer = attn + mlp + (1 if parallel else 2) * D
-    if cfg.num_encoder_layers:
-        dec_layer += attn + (0 if parallel else D)  # cross-attention (+ its norm)
-    total = V * D + (0 if cfg.tie_embeddings else D * V) + D  # embed, head, final norm
-    total += cfg.num_decoder_layers * dec_layer
-    if cfg.num_encoder_layers:
-        total += cfg.num_encoder_layers * enc_layer + D  # + encoder's final norm
-    return total
-
-
 def palm_flops_per_token(num_params: float, num_layers: int, num_heads: int,
                          head_dim: int, seq_len: int) -> float:
     """PaLM appendix B: 6N + 12·L·H·Q·T training FLOPs per token (attention not halved)."""
@@ -97,15 +71,16 @@ def maxtext_flops_per_token(cfg, seq_len: int) -> float:
     return 3.0 * ((ffn + qkv + proj) * L + emb) + 3.0 * attn * L
 
 
-def decoder_only_flops_per_token(cfg, seq_len: int) -> Flops:
-    """Training FLOPs per token of a decoder-only model at sequence length `seq_len`."""
-    palm = palm_flops_per_token(num_params(cfg), cfg.num_decoder_layers, cfg.num_heads,
+def decoder_only_flops_per_token(cfg, seq_len: int, num_params: int) -> Flops:
+    """Training FLOPs per token of a decoder-only model at sequence length `seq_len`;
+    `num_params` is the model's exact count (models.py: `model.num_params`)."""
+    palm = palm_flops_per_token(num_params, cfg.num_decoder_layers, cfg.num_heads,
                                 cfg.head_dim, seq_len)
     return Flops(palm=palm, maxtext=maxtext_flops_per_token(cfg, seq_len))
 
 
 def encoder_decoder_flops_per_example(cfg, inputs_len: int, targets_len: int) -> Flops:
-    """Training FLOPs per (inputs, targets) example, SPEC section 3 [D]: 3 × forward."""
+    """Training FLOPs per (inputs, targets) example (docs/FORMULAS.md): 3 × forward."""
     D, F, V = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
     H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     S_e, S_d = inputs_len, targets_len
@@ -123,24 +98,10 @@ def encoder_decoder_flops_per_example(cfg, inputs_len: int, targets_len: int) ->
     return Flops(palm=3.0 * forward(1.0), maxtext=3.0 * forward(0.5))
 
 
-def train_flops_per_step(cfg, batch_size: int, feature_lengths: dict[str, int]) -> Flops:
-    """Training FLOPs of one step of `batch_size` sequences (whole global batch).
-
-    `feature_lengths` uses the task's names: {"targets": T} for decoder-only (a prefix-LM
-    packs inputs and targets into T, so pass the packed length), {"inputs": S_e,
-    "targets": S_d} for encoder-decoder. Gradient accumulation does not change it.
-    """
-    if cfg.num_encoder_layers:
-        return encoder_decoder_flops_per_example(
-            cfg, feature_lengths["inputs"], feature_lengths["targets"]) * batch_size
-    seq_len = feature_lengths["targets"] + feature_lengths.get("inputs", 0)
-    return decoder_only_flops_per_token(cfg, seq_len) * (batch_size * seq_len)
-
-
 # ---------------------------------------------------------------------------
 # Peak FLOP/s and MFU
 
-# bf16 dense tensor-core peak per GPU (datasheets; SPEC Decisions). Matched by substring
+# bf16 dense tensor-core peak per GPU (datasheets; docs/FORMULAS.md). Matched by substring
 # of `device.device_kind` (e.g. "NVIDIA H100 80GB HBM3"). H100 PCIe (756e12) and NVL
 # (835e12) are lower: listed first so the substring "H100" does not claim them.
 PEAK_BF16_FLOPS = (

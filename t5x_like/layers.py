@@ -51,7 +51,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 class TransformerConfig:
     """Everything that defines a network; one instance, passed whole, drives every variant.
 
-    Sizes are gin-bound per model (gin_configs/models/*.gin); see SPEC section 2.
+    Sizes are gin-bound per model (gin_configs/models/*.gin); see docs/MODELS.md.
     """
 
     vocab_size: int

@@ -36,46 +36,17 @@ Checkpointing the iterator (for t5x_like/checkpoints.py):
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
-from t5x_like import prepare as prepare_lib
-
-# Mesh axes the batch dimension is split over (t5x_like/partitioning.py mesh names).
-BATCH_MESH_AXES = ("data", "fsdp")
+from t5x_like import partitioning, store
 
 _STATE_FIELDS = ("global_batch_size", "seed", "shuffle", "num_epochs", "store")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """How a record's bytes split into features."""
-
-    names: tuple[str, ...]
-    lengths: tuple[int, ...]
-
-    @property
-    def row_width(self) -> int:
-        return sum(self.lengths)
-
-    def parse_batch(self, records: Sequence[bytes]) -> dict[str, np.ndarray]:
-        flat_BW = np.frombuffer(b"".join(records), dtype="<i4").reshape(len(records), self.row_width)
-        out, offset = {}, 0
-        for name, length in zip(self.names, self.lengths):
-            # Contiguous copies: jax transfers them without another copy.
-            out[name] = np.ascontiguousarray(flat_BW[:, offset : offset + length], dtype=np.int32)
-            offset += length
-        return out
-
-
-def _store_fingerprint(manifest: Mapping) -> str:
-    keys = ("mixture", "split", "seed", "converter", "num_examples", "vocabulary_checksum")
-    return "|".join(f"{k}={manifest[k]}" for k in keys) + f"|lengths={manifest['model_feature_lengths']}"
 
 
 class LoaderIterator(grain.DatasetIterator):
@@ -147,8 +118,6 @@ class Loader:
         prefetch_buffer_size: int = 4,
     ):
         if process_index is None or process_count is None:
-            import jax
-
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if global_batch_size <= 0 or global_batch_size % process_count:
@@ -160,16 +129,13 @@ class Loader:
             raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
         if num_epochs is not None and num_epochs <= 0:
             raise ValueError(f"num_epochs must be positive or None (forever), got {num_epochs}.")
-        self.manifest = prepare_lib.load_manifest(store_dir)
+        self.manifest = store.load_manifest(store_dir)
         self.store_dir = store_dir
         self.global_batch_size = global_batch_size
         self.per_process_batch_size = global_batch_size // process_count
         self.process_index, self.process_count = process_index, process_count
         self.num_epochs = num_epochs
-        self._layout = _Layout(
-            tuple(f["name"] for f in self.manifest["features"]),
-            tuple(int(f["shape"][0]) for f in self.manifest["features"]),
-        )
+        self._layout = store.RecordLayout.from_manifest(self.manifest)
         self.feature_lengths = dict(zip(self._layout.names, self._layout.lengths))
 
         paths = [os.path.join(store_dir, name) for name in self.manifest["shards"]]
@@ -197,7 +163,7 @@ class Loader:
             "seed": int(seed),
             "shuffle": bool(shuffle),
             "num_epochs": num_epochs,
-            "store": _store_fingerprint(self.manifest),
+            "store": store.fingerprint(self.manifest),
         }
 
     def check_steps(self, num_steps: int) -> None:
@@ -223,38 +189,21 @@ class Loader:
         return it
 
 
-def batch_sharding(mesh, batch_axes: Sequence[str] = BATCH_MESH_AXES):
-    """NamedSharding splitting dim 0 over the mesh's batch axes (those it has)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(axes or None))
-
-
-def num_batch_shards(mesh, batch_axes: Sequence[str] = BATCH_MESH_AXES) -> int:
-    """How many ways `batch_sharding` splits the batch dimension."""
-    return int(np.prod([mesh.shape[a] for a in batch_axes if a in mesh.axis_names]))
-
-
-def to_global_batch(
-    local_batch: Mapping[str, np.ndarray], mesh, batch_axes: Sequence[str] = BATCH_MESH_AXES
-) -> dict[str, Any]:
+def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh) -> dict[str, Any]:
     """Turns this process's numpy batch [B, L] into global jax.Arrays [G, L] on `mesh`.
 
     Rows are split over the mesh's ("data", "fsdp") axes and replicated over the others
     ("tensor"); each process contributes the rows of its addressable devices.
     """
-    import jax
-
-    sharding = batch_sharding(mesh, batch_axes)
-    shards = num_batch_shards(mesh, batch_axes)
+    sharding = partitioning.batch_sharding(mesh)
+    shards = partitioning.num_batch_shards(mesh)
     out = {}
     for name, local_BL in local_batch.items():
         global_rows = local_BL.shape[0] * jax.process_count()
         if global_rows % shards:
             raise ValueError(
                 f"Global batch {global_rows} (feature {name}) is not divisible by the "
-                f"{shards} batch shards of mesh axes {tuple(batch_axes)} "
+                f"{shards} batch shards of mesh axes {partitioning.BATCH_MESH_AXES} "
                 f"{dict(mesh.shape)}; pick a batch size that is a multiple of {shards}."
             )
         out[name] = jax.make_array_from_process_local_data(sharding, local_BL)

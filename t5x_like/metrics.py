@@ -1,15 +1,16 @@
-"""Metric output: TensorBoard events + a JSONL file, a one-line console log, a progress bar.
+"""What a run reports: metric files, speed (step time, tokens/s, MFU), console lines.
 
 - `create_writer(logdir)`: clu's TensorBoard `SummaryWriter` (asynchronous, so writing
   events never stalls a step) and `JsonlWriter` (`logdir/metrics.jsonl`, one JSON object
   per write: easy to `grep`, `jq` or `pandas.read_json(lines=True)` without TensorFlow),
   joined by clu's `MultiWriter`. We do not use `create_default_writer`: it adds a
   LoggingWriter that would repeat every scalar the console line already shows.
-- `format_line`: one line per log period: step, loss, lr, gradient norm, step time,
-  tokens/s, TFLOP/s per device and MFU, each in both FLOP conventions, labelled.
-- `Progress`: a one-line progress bar with rate and ETA (a TTY gets it redrawn in place,
-  a log file a line every 10%). In-house rather than clu's `ReportProgress`, which
-  only logs "x steps/s, ETA" through absl and sets work-unit notes.
+- `StepMeter`: step time, tokens/s, TFLOP/s per device and MFU over each log window,
+  in both FLOP conventions, with the first step (compilation) and evaluation time left
+  out; also the ETA.
+- `format_line`: one console line per log period; `progress_bar`: tqdm's bar on a
+  terminal (nothing in a log file, where the lines carry the ETA);
+  `format_eval_table`: the per-domain evaluation table of train and eval.
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any
 
+import jax
 import numpy as np
+import tqdm
 from clu import metric_writers
 from clu.metric_writers import interface
+
+from t5x_like import flops
 
 JSONL_NAME = "metrics.jsonl"
 
@@ -115,6 +120,70 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------
+# Speed
+
+
+class StepMeter:
+    """Speed of the training steps between two log lines, with an ETA.
+
+    Call `step_done` after dispatching each step, `exclude` with the seconds spent on
+    anything else (evaluation), and `window` after the window's metrics were fetched
+    (fetching waits for the steps, so the clock then covers their whole run). The first
+    step of a run compiles: `step_done` waits for it, reports its time and starts the
+    clock after it, so step times and MFU are those of the compiled step.
+    """
+
+    def __init__(self, step_flops: flops.Flops, tokens_per_step: int, num_devices: int,
+                 peak_per_device: float, clock=time.perf_counter):
+        self.step_flops, self.tokens_per_step = step_flops, tokens_per_step
+        self.num_devices, self.peak = num_devices, peak_per_device
+        self._clock = clock
+        self._created = clock()
+        self._window_start: float | None = None
+        self._timed = 0  # steps of this window that count
+        self.step_time_s = math.nan  # of the latest window
+
+    def step_done(self, step_metrics: Any = None) -> float | None:
+        """Counts one dispatched step; for the first, waits and returns its seconds."""
+        if self._window_start is None:
+            jax.block_until_ready(step_metrics)
+            self._window_start = self._clock()
+            return self._window_start - self._created
+        self._timed += 1
+        return None
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` of non-training work out of the current window (or, before
+        the first step, out of its reported time)."""
+        if self._window_start is None:
+            self._created += seconds
+        else:
+            self._window_start += seconds
+
+    def window(self) -> dict[str, float]:
+        """Speed scalars of the steps since the last call ({} if none was timed)."""
+        now = self._clock()
+        timed, start = self._timed, self._window_start
+        self._window_start, self._timed = now, 0
+        if not timed or start is None:
+            return {}
+        self.step_time_s = (now - start) / timed
+        tflops, mfu = flops.mfu(self.step_flops, self.step_time_s, self.num_devices, self.peak)
+        return {
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_step / self.step_time_s,
+            "tflops_per_device/palm": tflops.palm,
+            "tflops_per_device/maxtext": tflops.maxtext,
+            "mfu/palm": mfu.palm,
+            "mfu/maxtext": mfu.maxtext,
+        }
+
+    def eta_s(self, steps_left: int) -> float:
+        """Seconds to go at the latest window's step time (nan before one was timed)."""
+        return steps_left * self.step_time_s
+
+
+# ---------------------------------------------------------------------------
 # Console
 
 
@@ -125,7 +194,17 @@ def _si(value: float) -> str:
     return f"{value:.0f}"
 
 
-def format_line(step: int, total_steps: int, scalars: Mapping[str, float]) -> str:
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def format_line(step: int, total_steps: int, scalars: Mapping[str, float],
+                eta_s: float | None = None) -> str:
     """One console line per log period from the train scalars (missing keys skipped).
 
     Keys read: loss, learning_rate, grad_norm, step_time_s, tokens_per_s,
@@ -144,80 +223,41 @@ def format_line(step: int, total_steps: int, scalars: Mapping[str, float]) -> st
     if "mfu/palm" in scalars:
         parts.append("MFU palm {:.1%} maxtext {:.1%}".format(
             scalars["mfu/palm"], scalars["mfu/maxtext"]))
+    if eta_s is not None and math.isfinite(eta_s):
+        parts.append(f"ETA {_duration(eta_s)}")
     return " | ".join(parts)
 
 
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+def progress_bar(total_steps: int, start_step: int) -> tqdm.tqdm:
+    """tqdm's bar (rate, ETA) over the steps, drawn only on a terminal. Print lines
+    with `tqdm.tqdm.write` while it is open, so they do not garble it."""
+    return tqdm.tqdm(total=total_steps, initial=start_step, unit="step", disable=None,
+                     file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-class Progress:
-    """A progress bar over steps `start_step..total_steps` with steps/s and ETA.
+def format_eval_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """The per-domain evaluation table: BPC and loss of every labelled evaluation
+    (e.g. {"start": ..., "end": ...}, or one unlabelled {"": ...}), then accuracy,
+    scored tokens and characters of the last one.
 
-    The rate is measured from the first `update` on, so the first step's compile time
-    does not inflate the ETA. On a TTY the bar is redrawn in place (`log` prints its line
-    above it); otherwise a bar line is printed every 10% of the run.
+    results: {label: {domain: {"bpc", "loss", "accuracy", "tokens", "chars"}}}.
     """
+    labels = list(results)
+    last = results[labels[-1]]
 
-    def __init__(self, total_steps: int, start_step: int = 0, *, stream: TextIO | None = None,
-                 width: int = 30, clock=time.perf_counter):
-        self.total_steps, self.start_step = total_steps, start_step
-        self.stream = stream or sys.stderr
-        self.width, self._clock = width, clock
-        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._first: tuple[int, float] | None = None  # (step, time) of the first update
-        self._step = start_step
-        self._next_tenth = 1  # the next 10% mark to print a line at
-        self._drawn = False
+    def head(name: str, label: str) -> str:
+        return f"{name} {label}".strip()
 
-    def rate(self) -> float:
-        """Steps per second since the first update (nan before two updates)."""
-        if self._first is None or self._step <= self._first[0]:
-            return float("nan")
-        return (self._step - self._first[0]) / max(self._clock() - self._first[1], 1e-9)
-
-    def bar(self) -> str:
-        span = max(self.total_steps - self.start_step, 1)
-        done = min(max((self._step - self.start_step) / span, 0.0), 1.0)
-        filled = int(done * self.width)
-        rate = self.rate()
-        eta = (self.total_steps - self._step) / rate if rate > 0 else float("nan")
-        rate_text = f"{rate:.2f} steps/s" if math.isfinite(rate) else "- steps/s"
-        return (f"[{'#' * filled}{'.' * (self.width - filled)}] {self._step}/{self.total_steps} "
-                f"{done:4.0%} {rate_text} ETA {_duration(eta)}")
-
-    def update(self, step: int) -> None:
-        self._step = step
-        if self._first is None:
-            self._first = (step, self._clock())
-        if self._tty:
-            self.stream.write("\r" + self.bar())
-            self.stream.flush()
-            self._drawn = True
-            return
-        span = max(self.total_steps - self.start_step, 1)
-        tenths = 10 * (step - self.start_step) // span  # integers: no 0.1-sum drift
-        if tenths >= self._next_tenth or step >= self.total_steps:
-            self._next_tenth = tenths + 1
-            self.stream.write(self.bar() + "\n")
-            self.stream.flush()
-
-    def log(self, step: int, line: str) -> None:
-        """Prints `line` (e.g. `format_line(...)`) without garbling the bar."""
-        if self._tty and self._drawn:
-            self.stream.write("\r\033[K")
-        self.stream.write(line + "\n")
-        if self._tty and self._drawn:
-            self.stream.write(self.bar())
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self._tty and self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-        self._drawn = False
+    header = [f"{'domain':<14}"]
+    header += [f"{head('BPC', label):>11}" for label in labels]
+    header += [f"{head('loss', label):>12}" for label in labels]
+    header += [f"{head('acc', labels[-1]):>9}", f"{'tokens':>9}", f"{'chars':>10}"]
+    lines = ["".join(header)]
+    for domain, end in last.items():
+        row = [f"{domain:<14}"]
+        row += [f"{results[label][domain]['bpc']:>11.3f}" for label in labels]
+        row += [f"{results[label][domain]['loss']:>12.4f}" for label in labels]
+        row += [f"{end['accuracy']:>9.3f}", f"{int(end['tokens']):>9}",
+                f"{int(end['chars']):>10}"]
+        lines.append("".join(row))
+    return "\n".join(lines)

@@ -1,17 +1,24 @@
-"""The model contract train/eval/infer use: build the network, loss, per-example scores.
+"""The model contract train/eval/infer use: the network, its data form, loss, scores.
 
 A model object holds only the config; the NNX module (the parameters) is passed to each
 method, so train/eval code can `nnx.split`/`nnx.merge`, shard and differentiate it freely.
-Batches are dicts of int32 [B, L] arrays with SeqIO's feature names (docs/CONTRACTS.md).
+Batches are dicts of int32 [B, L] arrays with SeqIO's feature names (docs/ARCHITECTURE.md).
 Absent `*_segment_ids` / `*_positions` mean unpacked rows; padding is then read from the
 tokens (0 = pad): `decoder_target_tokens` for the decoder (its inputs start with the
 shifted-in 0), `encoder_input_tokens` for the encoder.
+
+The model decides its family, here and nowhere else: the class (encoder-decoder or
+decoder-only, `model_for(cfg)` for a bare config) and, for a decoder-only model, the
+task features (with "inputs": prefix LM; without: causal LM). Callers ask the model for
+everything that follows from it: `converter_name` (the packed SeqIO feature converter),
+`tokens_per_example`, `bpc_form`, `train_flops_per_step`, `get_initial_batch`.
 
 Loss (float32 throughout): weighted token cross-entropy, summed over weighted tokens and
 divided by their number, plus PaLM's z-loss `z_loss · log²Z` averaged the same way.
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
@@ -19,27 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t5x_like import flops, partitioning
 from t5x_like.layers import TransformerConfig
-from t5x_like.network import Decoder, EncoderDecoder
+from t5x_like.network import Decoder, EncoderDecoder, segments_and_positions
 
 Batch = Mapping[str, jax.Array]
 
 
-def _arange_like(tokens_BL):
-    return jnp.broadcast_to(jnp.arange(tokens_BL.shape[1], dtype=jnp.int32)[None, :],
-                            tokens_BL.shape)
-
-
 def _segments_and_positions(batch: Batch, prefix: str, pad_source: str):
     """(segment_ids, positions) from the batch, or their unpacked defaults."""
-    tokens_BL = batch[pad_source]
-    segment_ids_BL = batch.get(f"{prefix}_segment_ids")
-    if segment_ids_BL is None:
-        segment_ids_BL = (tokens_BL > 0).astype(jnp.int32)
-    positions_BL = batch.get(f"{prefix}_positions")
-    if positions_BL is None:
-        positions_BL = _arange_like(tokens_BL)
-    return segment_ids_BL, positions_BL
+    return segments_and_positions(batch[pad_source], batch.get(f"{prefix}_segment_ids"),
+                                  batch.get(f"{prefix}_positions"), zero_is_padding=True)
 
 
 def _loss_weights(batch: Batch):
@@ -61,12 +58,41 @@ def token_losses(logits_BLV, targets_BL, z_loss: float):
 
 
 class _LanguageModel:
-    """Loss and scoring shared by both families; subclasses say how to get logits."""
+    """Loss and scoring shared by both families; subclasses say how to get logits and
+    what form their data takes."""
 
     module_class: type
+    bpc_form: str  # how bpc.py lays out a scoring window: "encdec" or "decoder"
 
     def __init__(self, cfg: TransformerConfig):
+        self._check_config(cfg)
         self.cfg = cfg
+
+    def _check_config(self, cfg: TransformerConfig) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.cfg})"
+
+    @functools.cached_property
+    def num_params(self) -> int:
+        """Exact parameter count, from shapes only (nothing is allocated)."""
+        return partitioning.count_params(self.make_module)
+
+    def converter_name(self, task_feature_lengths: Mapping[str, int]) -> str:
+        """The packed SeqIO feature converter of this model's rows (store.py names):
+        "encdec", "prefix_lm" or "lm"."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def tokens_per_example(self, task_feature_lengths: Mapping[str, int]) -> int:
+        """Token positions one packed row feeds the model (inputs and targets)."""
+        return sum(int(task_feature_lengths[k]) for k in ("inputs", "targets")
+                   if k in task_feature_lengths)
+
+    def train_flops_per_step(self, batch_size: int,
+                             task_feature_lengths: Mapping[str, int]) -> flops.Flops:
+        """Model FLOPs of one training step of `batch_size` rows, both conventions."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def make_module(self, rngs: nnx.Rngs | int = 0) -> nnx.Module:
         """Build the NNX network with freshly initialised float32 parameters.
@@ -130,6 +156,24 @@ class DecoderOnlyModel(_LanguageModel):
     """Decoder-only LM: causal LM, or prefix LM when `decoder_causal_attention` is present."""
 
     module_class = Decoder
+    bpc_form = "decoder"
+
+    def _check_config(self, cfg: TransformerConfig) -> None:
+        if cfg.num_encoder_layers:
+            raise ValueError(
+                f"DecoderOnlyModel: num_encoder_layers={cfg.num_encoder_layers}; a "
+                "decoder-only model has none. Use models.EncoderDecoderModel in the model "
+                "gin file, or set num_encoder_layers = 0.")
+
+    def converter_name(self, task_feature_lengths: Mapping[str, int]) -> str:
+        # T5X's DecoderFeatureConverter rule: task inputs make it a prefix LM.
+        return "prefix_lm" if "inputs" in task_feature_lengths else "lm"
+
+    def train_flops_per_step(self, batch_size, task_feature_lengths):
+        # A prefix LM packs inputs and targets into one decoder sequence.
+        seq_len = self.tokens_per_example(task_feature_lengths)
+        per_token = flops.decoder_only_flops_per_token(self.cfg, seq_len, self.num_params)
+        return per_token * (batch_size * seq_len)
 
     def logits(self, module: Decoder, batch: Batch, rng=None):
         segment_ids_BL, positions_BL = _segments_and_positions(
@@ -148,7 +192,7 @@ class DecoderOnlyModel(_LanguageModel):
         length = feature_lengths["targets"] + feature_lengths.get("inputs", 0)
         names = ["decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
                  "decoder_segment_ids", "decoder_positions"]
-        if "inputs" in feature_lengths:
+        if self.converter_name(feature_lengths) == "prefix_lm":
             names.append("decoder_causal_attention")
         return {n: np.zeros((batch_size, length), np.int32) for n in names}
 
@@ -157,6 +201,22 @@ class EncoderDecoderModel(_LanguageModel):
     """Encoder-decoder LM (UL2 denoisers in inputs/targets form)."""
 
     module_class = EncoderDecoder
+    bpc_form = "encdec"
+
+    def _check_config(self, cfg: TransformerConfig) -> None:
+        if not cfg.num_encoder_layers:
+            raise ValueError(
+                "EncoderDecoderModel: num_encoder_layers=0; an encoder-decoder needs at least "
+                "one encoder layer. Use models.DecoderOnlyModel in the model gin file, or "
+                "set num_encoder_layers.")
+
+    def converter_name(self, task_feature_lengths: Mapping[str, int]) -> str:
+        return "encdec"
+
+    def train_flops_per_step(self, batch_size, task_feature_lengths):
+        return flops.encoder_decoder_flops_per_example(
+            self.cfg, task_feature_lengths["inputs"], task_feature_lengths["targets"]
+        ) * batch_size
 
     def logits(self, module: EncoderDecoder, batch: Batch, rng=None):
         enc_segment_ids_BM, enc_positions_BM = _segments_and_positions(
@@ -178,3 +238,9 @@ class EncoderDecoderModel(_LanguageModel):
                                 "decoder_loss_weights", "decoder_segment_ids",
                                 "decoder_positions")})
         return batch
+
+
+def model_for(cfg: TransformerConfig) -> DecoderOnlyModel | EncoderDecoderModel:
+    """The model a bare config describes (encoder layers: encoder-decoder). Gin model
+    files name the class themselves; this is for code that holds only a config."""
+    return EncoderDecoderModel(cfg) if cfg.num_encoder_layers else DecoderOnlyModel(cfg)

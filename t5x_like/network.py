@@ -24,9 +24,17 @@ from t5x_like.layers import (
 )
 
 
-def _defaults(tokens_BL, segment_ids_BL, positions_BL):
+def segments_and_positions(tokens_BL, segment_ids_BL=None, positions_BL=None, *,
+                           zero_is_padding: bool = False):
+    """The given segment ids / positions, or the defaults of one unpacked example per row.
+
+    Default segment ids: 1 on every token, or, with `zero_is_padding`, on the non-zero
+    tokens only (0 on padding); default positions 0..L-1. The one place these defaults
+    are made (models.py asks with its padding-bearing feature).
+    """
     if segment_ids_BL is None:
-        segment_ids_BL = jnp.ones(tokens_BL.shape, jnp.int32)
+        segment_ids_BL = ((tokens_BL != 0) if zero_is_padding
+                          else jnp.ones(tokens_BL.shape, bool)).astype(jnp.int32)
     if positions_BL is None:
         positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1], dtype=jnp.int32)[None, :],
                                         tokens_BL.shape)
@@ -68,7 +76,8 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens_BL, *, segment_ids_BL=None, positions_BL=None,
                  causal_attention_BL=None, rng=None):
-        segment_ids_BL, positions_BL = _defaults(tokens_BL, segment_ids_BL, positions_BL)
+        segment_ids_BL, positions_BL = segments_and_positions(tokens_BL, segment_ids_BL,
+                                                              positions_BL)
         emb_rng, stack_rng = _split(rng, 2)
         x_BLD = dropout(self.embed(tokens_BL), self.cfg.dropout_rate, emb_rng)
         x_BLD = self.decoder(x_BLD, mask_B1LL=causal_mask(segment_ids_BL, causal_attention_BL),
@@ -96,7 +105,8 @@ class EncoderDecoder(nnx.Module):
         self.output = _Output(cfg, rngs=rngs)
 
     def encode(self, tokens_BM, *, segment_ids_BM=None, positions_BM=None, rng=None):
-        segment_ids_BM, positions_BM = _defaults(tokens_BM, segment_ids_BM, positions_BM)
+        segment_ids_BM, positions_BM = segments_and_positions(tokens_BM, segment_ids_BM,
+                                                              positions_BM)
         emb_rng, stack_rng = _split(rng, 2)
         x_BMD = dropout(self.embed(tokens_BM), self.cfg.dropout_rate, emb_rng)
         x_BMD = self.encoder(x_BMD, mask_B1LL=bidirectional_mask(segment_ids_BM),
@@ -105,9 +115,10 @@ class EncoderDecoder(nnx.Module):
 
     def decode(self, encoded_BMD, tokens_BL, *, encoder_segment_ids_BM=None, segment_ids_BL=None,
                positions_BL=None, rng=None):
-        if encoder_segment_ids_BM is None:
-            encoder_segment_ids_BM = jnp.ones(encoded_BMD.shape[:2], jnp.int32)
-        segment_ids_BL, positions_BL = _defaults(tokens_BL, segment_ids_BL, positions_BL)
+        encoder_segment_ids_BM, _ = segments_and_positions(encoded_BMD[:, :, 0],
+                                                           encoder_segment_ids_BM)
+        segment_ids_BL, positions_BL = segments_and_positions(tokens_BL, segment_ids_BL,
+                                                              positions_BL)
         emb_rng, stack_rng = _split(rng, 2)
         x_BLD = dropout(self.embed(tokens_BL), self.cfg.dropout_rate, emb_rng)
         x_BLD = self.decoder(x_BLD, mask_B1LL=causal_mask(segment_ids_BL),
@@ -120,10 +131,10 @@ class EncoderDecoder(nnx.Module):
                  encoder_positions_BM=None, decoder_segment_ids_BL=None,
                  decoder_positions_BL=None, rng=None):
         enc_rng, dec_rng = _split(rng, 2)
+        encoder_segment_ids_BM, encoder_positions_BM = segments_and_positions(
+            encoder_tokens_BM, encoder_segment_ids_BM, encoder_positions_BM)
         encoded_BMD = self.encode(encoder_tokens_BM, segment_ids_BM=encoder_segment_ids_BM,
                                   positions_BM=encoder_positions_BM, rng=enc_rng)
-        if encoder_segment_ids_BM is None:
-            encoder_segment_ids_BM = jnp.ones(encoder_tokens_BM.shape, jnp.int32)
         return self.decode(encoded_BMD, decoder_tokens_BL,
                            encoder_segment_ids_BM=encoder_segment_ids_BM,
                            segment_ids_BL=decoder_segment_ids_BL,

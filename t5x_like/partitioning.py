@@ -5,13 +5,17 @@ constants below; a rule preset maps them to the mesh axes (`data`, `fsdp`, `tens
 The same model and gin config then run on 8 CPU-emulated devices, one GPU node or a
 cluster: only the mesh shape and the preset name change.
 
-Typical use (what train.py does):
+Functions that need a model take a zero-argument factory of the NNX module (e.g. a
+models.py model's `make_module`), never a config: this module knows axes and meshes,
+not model families. Typical use (what train.py does):
 
     mesh_cfg = MeshConfig(shape={"data": 1, "fsdp": 8, "tensor": 1}, rules="fsdp")
     mesh, rules = mesh_cfg.make_mesh(), mesh_cfg.rule_set()
-    validate_for_mesh(cfg, mesh, rules)      # clear errors before anything compiles
-    module = create_sharded(model_factory(cfg), mesh, rules)
+    validate_for_mesh(model.make_module, mesh, rules)   # clear errors before compiling
+    module = create_sharded(model.make_module, mesh, rules)
 """
+from __future__ import annotations
+
 import dataclasses
 import difflib
 import math
@@ -19,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -46,7 +49,7 @@ Rules = tuple[tuple[str, MeshAxes], ...]
 
 # The batch is split over every data-parallel axis; `fsdp` is data parallel for
 # activations and parameter sharding for weights (ZeRO-3).
-_BATCH_AXES = ("data", "fsdp")
+BATCH_MESH_AXES = ("data", "fsdp")
 
 
 def _preset(**mesh_axes_of: MeshAxes) -> Rules:
@@ -59,21 +62,21 @@ def _preset(**mesh_axes_of: MeshAxes) -> Rules:
 
 RULE_PRESETS: dict[str, Rules] = {
     # Pure data parallelism: parameters replicated, batch over data x fsdp.
-    "dp": _preset(batch=_BATCH_AXES),
+    "dp": _preset(batch=BATCH_MESH_AXES),
     # ZeRO-3 / FSDP: every parameter has an `embed` dimension, so sharding embed over
     # `fsdp` divides each parameter's bytes by the fsdp size. Scanned layers stay
     # whole on the `layers` axis (scan slices one layer per step).
-    "fsdp": _preset(batch=_BATCH_AXES, embed="fsdp"),
+    "fsdp": _preset(batch=BATCH_MESH_AXES, embed="fsdp"),
     # FSDP + Megatron tensor parallelism. kv_heads stay replicated over `tensor`: a
     # multi-query model has one kv head, which cannot be split, and GQA's kv
     # projections are small (Llama 3 8B: a quarter of wq each).
     "fsdp_tp": _preset(
-        batch=_BATCH_AXES, embed="fsdp", heads="tensor", mlp="tensor", vocab="tensor"
+        batch=BATCH_MESH_AXES, embed="fsdp", heads="tensor", mlp="tensor", vocab="tensor"
     ),
     # As fsdp_tp, and kv heads split over `tensor` too: for MHA/GQA models whose
     # num_kv_heads divides by the tensor size (validate_for_mesh checks).
     "fsdp_tp_kv": _preset(
-        batch=_BATCH_AXES,
+        batch=BATCH_MESH_AXES,
         embed="fsdp",
         heads="tensor",
         kv_heads="tensor",
@@ -291,47 +294,31 @@ class MeshConfig:
         return make_hybrid_mesh(self.shape, self.dcn_shape, devices)
 
 
-def data_sharding(mesh: Mesh, rules) -> NamedSharding:
-    """Sharding of a [batch, length] input array: batch over the data-parallel axes."""
-    return NamedSharding(mesh, logical_to_mesh_spec((BATCH, LENGTH), rules, "the input batch"))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a [batch, ...] input array: dim 0 over the mesh's batch axes."""
+    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(axes or None))
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    """How many ways `batch_sharding` splits the batch dimension."""
+    return math.prod(mesh.shape[a] for a in BATCH_MESH_AXES if a in mesh.axis_names)
 
 
 # ------------------------------------------------------------- abstract model, counts
 
 
-def model_factory(cfg, seed: int = 0) -> Callable[[], nnx.Module]:
-    """A zero-argument constructor of the network `cfg` describes.
-
-    Encoder-decoder when cfg.num_encoder_layers > 0, decoder-only otherwise.
-    """
-    from t5x_like import network  # network imports this module for the axis names.
-
-    cls = network.EncoderDecoder if getattr(cfg, "num_encoder_layers", 0) else network.Decoder
-    return lambda: cls(cfg, rngs=nnx.Rngs(seed))
+ModuleFactory = Callable[[], nnx.Module]
 
 
-def _as_factory(model, seed: int = 0) -> Callable[[], nnx.Module]:
-    """A TransformerConfig, a models.py model (has make_module) or a constructor."""
-    if hasattr(model, "emb_dim"):
-        return model_factory(model, seed)
-    if hasattr(model, "make_module"):
-        return lambda: model.make_module(seed)
-    if not callable(model):
-        raise TypeError(
-            f"Expected a TransformerConfig, a model with make_module, or a zero-argument "
-            f"constructor of an nnx.Module; got {type(model).__name__}."
-        )
-    return model
-
-
-def abstract_params(model) -> nnx.State:
-    """Parameter shapes and logical axes, without allocating (a cfg, a model or a factory).
+def abstract_params(factory: ModuleFactory) -> nnx.State:
+    """Parameter shapes and logical axes of `factory()`, without allocating.
 
     Variables hold jax.ShapeDtypeStruct; their `out_sharding` metadata is the logical
     spec. No mesh is needed: eager sharding is off while tracing.
     """
     with nnx.use_eager_sharding(False):
-        module = nnx.eval_shape(_as_factory(model))
+        module = nnx.eval_shape(factory)
     return nnx.state(module, nnx.Param)
 
 
@@ -339,10 +326,11 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def _param_table(model) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
+def _param_table(factory: ModuleFactory
+                 ) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
     """{'path/to/param': (shape, logical axes)}, checked: one logical name per dim."""
     out = {}
-    for path, v in nnx.to_flat_state(abstract_params(model)):
+    for path, v in nnx.to_flat_state(abstract_params(factory)):
         name, shape = _path_str(path), tuple(v.shape)
         logical = v.get_metadata().get("out_sharding")
         if logical is None:
@@ -359,37 +347,50 @@ def _param_table(model) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ..
     return out
 
 
-def count_params(model) -> int:
-    """Exact number of parameters (a cfg, a model or a factory), from shapes only."""
-    return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(abstract_params(model)))
+def count_params(factory: ModuleFactory) -> int:
+    """Exact number of parameters of `factory()`, from shapes only."""
+    return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(abstract_params(factory)))
 
 
-def param_shapes(model) -> dict[str, tuple[int, ...]]:
+def param_shapes(factory: ModuleFactory) -> dict[str, tuple[int, ...]]:
     """{'path/to/param': shape} for every parameter, from shapes only."""
-    return {name: shape for name, (shape, _) in _param_table(model).items()}
+    return {name: shape for name, (shape, _) in _param_table(factory).items()}
 
 
-def logical_specs(model) -> dict[str, tuple[str | None, ...]]:
+def logical_specs(factory: ModuleFactory) -> dict[str, tuple[str | None, ...]]:
     """{'path/to/param': logical axes} for every parameter, e.g. ('embed', 'mlp')."""
-    return {name: logical for name, (_, logical) in _param_table(model).items()}
+    return {name: logical for name, (_, logical) in _param_table(factory).items()}
 
 
-def param_partition_specs(model, rules) -> dict[str, PartitionSpec]:
+def param_partition_specs(factory: ModuleFactory, rules) -> dict[str, PartitionSpec]:
     """{'path/to/param': PartitionSpec} under a rule set (preset name or rules)."""
     return {
         path: logical_to_mesh_spec(logical, rules, path)
-        for path, logical in logical_specs(model).items()
+        for path, logical in logical_specs(factory).items()
     }
 
 
-def validate_for_mesh(cfg, mesh: Mesh, rules, *, batch_size: int | None = None) -> None:
-    """Raises ValueError, before anything is compiled, if `cfg` cannot run on `mesh`.
+def _sizes_of_axes(table) -> dict[str, int]:
+    """{logical axis: size} read off the parameters: the config size each axis carries
+    (every parameter with a 'heads' dimension has num_heads there, and so on)."""
+    sizes = {}
+    for shape, logical in table.values():
+        for size, name in zip(shape, logical):
+            if name in _CONFIG_FIELD_OF_AXIS:
+                sizes.setdefault(name, size)
+    return sizes
+
+
+def validate_for_mesh(factory: ModuleFactory, mesh: Mesh, rules, *,
+                      batch_size: int | None = None) -> None:
+    """Raises ValueError, before anything is compiled, if `factory()` cannot run on `mesh`.
 
     Checks: rules name only known logical and mesh axes; every logical axis has a
-    rule; every sharded config size (heads, kv heads, MLP, vocab, embed) divides by
-    the mesh axes it is sharded over; every parameter dimension likewise; no tensor
-    maps two dimensions to one mesh axis; no mesh axis of size > 1 is left unused;
-    the global batch size (if given) divides by the data-parallel ways.
+    rule; every sharded size (heads, kv heads, MLP, vocab, embed; named by its
+    TransformerConfig field) divides by the mesh axes it is sharded over; every
+    parameter dimension likewise; no tensor maps two dimensions to one mesh axis; no
+    mesh axis of size > 1 is left unused; the global batch size (if given) divides by
+    the data-parallel ways.
     """
     rules = get_rules(rules)
     table = dict(rules)
@@ -427,9 +428,10 @@ def validate_for_mesh(cfg, mesh: Mesh, rules, *, batch_size: int | None = None) 
             f"data-parallel ways (mesh axes {table[BATCH]!r}); use a multiple of "
             f"{ways(table[BATCH])}."
         )
+    params = _param_table(factory)
+    axis_sizes = _sizes_of_axes(params)
     for name, field in _CONFIG_FIELD_OF_AXIS.items():
-        value = getattr(cfg, field, None)
-        n = ways(table[name])
+        value, n = axis_sizes.get(name), ways(table[name])
         if value is not None and n > 1 and value % n:
             hint = ""
             if name == KV_HEADS:
@@ -440,7 +442,7 @@ def validate_for_mesh(cfg, mesh: Mesh, rules, *, batch_size: int | None = None) 
                 f"{table[name]!r} that logical axis {name!r} is sharded over; choose "
                 f"{field} a multiple of {n} or a smaller {table[name]!r} axis.{hint}"
             )
-    for path, (shape, logical) in _param_table(cfg).items():
+    for path, (shape, logical) in params.items():
         spec = logical_to_mesh_spec(logical, rules, path)
         for dim, (axes, size) in enumerate(zip(spec, shape)):
             n = ways(axes)
@@ -455,16 +457,13 @@ def validate_for_mesh(cfg, mesh: Mesh, rules, *, batch_size: int | None = None) 
 # ---------------------------------------------------------------------- sharded init
 
 
-def create_sharded(model, mesh: Mesh, rules, seed: int = 0) -> nnx.Module:
-    """Builds the module with every variable created directly in its shard.
+def create_sharded(factory: ModuleFactory, mesh: Mesh, rules) -> nnx.Module:
+    """Builds `factory()` with every variable created directly in its shard.
 
-    `model`: a TransformerConfig, a models.py model (DecoderOnlyModel, ...) or a
-    zero-argument constructor of an nnx.Module. Shapes come from
-    eval_shape, shardings from the logical axes and rules, and the initialiser runs
-    under jit with those out_shardings, so a model too large for one device is never
-    materialised on one.
+    Shapes come from eval_shape, shardings from the logical axes and rules, and the
+    initialiser runs under jit with those out_shardings, so a model too large for one
+    device is never materialised on one.
     """
-    factory = _as_factory(model, seed)
     graphdef, abstract_state = abstract_sharded(factory, mesh, rules)
     shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(rules)):
@@ -472,11 +471,11 @@ def create_sharded(model, mesh: Mesh, rules, seed: int = 0) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
-def abstract_sharded(model, mesh: Mesh, rules, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_sharded(factory: ModuleFactory, mesh: Mesh, rules
+                     ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state) of what `create_sharded` would build, without allocating: each
     leaf a jax.ShapeDtypeStruct carrying its NamedSharding (a checkpoint restore
     target, so a restored model is never also initialised)."""
-    factory = _as_factory(model, seed)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(rules)):
         graphdef, abstract_state = nnx.split(nnx.eval_shape(factory))
         shardings = nnx.get_named_sharding(abstract_state, mesh)
@@ -485,8 +484,9 @@ def abstract_sharded(model, mesh: Mesh, rules, seed: int = 0) -> tuple[nnx.Graph
     return graphdef, state
 
 
-def state_shardings(module: nnx.Module, mesh: Mesh, rules) -> nnx.State:
-    """NamedShardings of a module's state under rules (for jit in/out_shardings)."""
+def logical_shardings(module: nnx.Module, mesh: Mesh, rules) -> nnx.State:
+    """The NamedShardings a module's state should have under `rules` (from its logical
+    axes; for a state that has them already, `jax.tree.map(lambda x: x.sharding, ...)`)."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(rules)):
         return nnx.get_named_sharding(nnx.state(module), mesh)
 
@@ -502,9 +502,10 @@ def per_device_param_bytes(module: nnx.Module) -> dict[Any, int]:
 
 __all__ = [
     "BATCH", "LENGTH", "EMBED", "MLP", "HEADS", "KV_HEADS", "HEAD_DIM", "VOCAB", "LAYERS",
-    "LOGICAL_AXES", "MESH_AXES", "RULE_PRESETS", "MeshConfig", "get_rules",
-    "logical_to_mesh_spec", "make_mesh", "make_hybrid_mesh", "hybrid_mesh_shape",
-    "data_sharding", "model_factory", "abstract_params", "count_params", "logical_specs",
-    "param_shapes", "param_partition_specs", "validate_for_mesh", "create_sharded",
-    "state_shardings", "per_device_param_bytes",
+    "LOGICAL_AXES", "MESH_AXES", "BATCH_MESH_AXES", "RULE_PRESETS", "MeshConfig",
+    "get_rules", "logical_to_mesh_spec", "make_mesh", "make_hybrid_mesh",
+    "hybrid_mesh_shape", "batch_sharding", "num_batch_shards", "abstract_params",
+    "count_params", "logical_specs", "param_shapes", "param_partition_specs",
+    "validate_for_mesh", "create_sharded", "abstract_sharded", "logical_shardings",
+    "per_device_param_bytes",
 ]

@@ -1,11 +1,11 @@
 """The training entry point: `python -m t5x_like.train --gin_file=... --gin.NAME=VALUE`.
 
-One function, `train(...)`, joins the parts in the order data flows:
+`train(...)` joins the parts in the order data flows:
 
   gin → tasks (SeqIO registry) → prepare (ArrayRecord store) → loader (grain)
-      → sharded train state (partitioning) → jitted train step (trainer)
+      → sharded train state (partitioning, trainer) → jitted train step (trainer)
       → orbax checkpoints (checkpoints) and clu metrics with MFU (metrics, flops)
-      → per-domain evaluation with bits per character (eval)
+      → per-domain evaluation with bits per character (evaluation)
 
 Gin binds `train` and the small frozen dataclasses below (gin_configs/runs/*.gin); the
 library modules it calls never import gin. The macros T5X users know
@@ -20,7 +20,6 @@ and losses as a run that never stopped (tests/test_train.py).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
@@ -32,15 +31,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gin
+import jax
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_GIN_SEARCH_PATHS = (os.path.join(_REPO_ROOT, "gin_configs"), _REPO_ROOT)
+from t5x_like import (checkpoints, flops, launch, loader, metrics, partitioning, prepare,
+                      store, trainer)
+from t5x_like.evaluation import EvalConfig, Evaluator
 
 log = logging.getLogger("t5x_like.train")
 
 
 # ---------------------------------------------------------------------------
-# Configuration groups (bound by gin, plain frozen dataclasses)
+# Configuration groups (bound by gin, plain frozen dataclasses, checked on creation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,14 @@ class DataConfig:
     store_dir: str | None = None
     prepare_shards: int | None = None
 
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"BATCH_SIZE={self.batch_size} must be ≥ 1.")
+        for name in ("num_examples", "prepare_shards"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"train.DataConfig.{name}={value} must be ≥ 1 (or None).")
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -78,111 +90,53 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = True
 
+    def __post_init__(self):
+        if self.save_every_steps < 1 or self.keep < 1:
+            raise ValueError(
+                f"train.CheckpointConfig: save_every_steps={self.save_every_steps} and "
+                f"keep={self.keep} must be ≥ 1.")
+
 
 @dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """Per-domain evaluation (loss, token accuracy, bits per character).
+class RunSummary:
+    """What `train` returns: where the run is and what it measured (not its state; the
+    state is in the checkpoint of `end_step`)."""
 
-    Runs before the first step, every `every_steps` and after the last step, over the
-    `{domain}_validation` tasks, in windows of `window` tokens moved by `stride`
-    (SPEC section 4; the reference uses 1900/512, the demo less). `max_documents` and
-    `max_tokens` cap each domain's stream at whole documents (None: all).
-    `batch_size` windows per eval step.
-    """
+    model_dir: str
+    start_step: int
+    end_step: int
+    train_losses: tuple[float, ...]
+    eval_start: Mapping[str, Mapping[str, float]] | None = None
+    eval_end: Mapping[str, Mapping[str, float]] | None = None
 
-    every_steps: int = 100
-    domains: Sequence[str] = ("code", "stem", "web", "math", "multilingual")
-    window: int = 1900
-    stride: int = 512
-    max_documents: int | None = None
-    max_tokens: int | None = None
-    batch_size: int = 16
-    enabled: bool = True
+
+def _check_run(train_steps: int, log_every_steps: int, num_microbatches: int,
+               batch_size: int) -> None:
+    if train_steps < 1:
+        raise ValueError(f"train_steps={train_steps} must be ≥ 1 (set TRAIN_STEPS).")
+    if log_every_steps < 1:
+        raise ValueError(f"log_every_steps={log_every_steps} must be ≥ 1.")
+    if num_microbatches < 1 or batch_size % num_microbatches:
+        raise ValueError(
+            f"BATCH_SIZE={batch_size} must split into NUM_MICROBATCHES={num_microbatches} "
+            "equal microbatches; pick a divisor of the batch size.")
 
 
 # ---------------------------------------------------------------------------
-# Pieces of `train`, each a few lines, in data-flow order
+# Pieces of `train`, in data-flow order
 
 
-def converter_for(model, task_feature_lengths: Mapping[str, int]) -> str:
-    """The SeqIO feature converter a model trains with (T5X: the model decides)."""
-    from t5x_like import models
-
-    if isinstance(model, models.EncoderDecoderModel):
-        return "encdec"
-    return "prefix_lm" if "inputs" in task_feature_lengths else "lm"
-
-
-def initialize_distributed(coordinator_address: str | None = None,
-                           process_count: int | None = None,
-                           process_index: int | None = None) -> None:
-    """Joins a multi-process run: one process per host (GPU node), all running the same
-    command. With no arguments, jax detects the cluster (SLURM, Open MPI, Cloud TPU);
-    otherwise all three are needed, as in T5X's --coordinator_address flags. On CPU
-    each process emulates mesh devices / process_count devices."""
-    import jax
-
-    explicit = (coordinator_address, process_count, process_index)
-    if any(v is not None for v in explicit) and any(v is None for v in explicit):
-        raise ValueError(
-            "Give all of --coordinator_address, --process_count and --process_index (or "
-            "none of them, with --multiprocess, to let jax detect the cluster); got "
-            f"{coordinator_address!r}, {process_count!r}, {process_index!r}.")
-    jax.distributed.initialize(coordinator_address, process_count, process_index)
-
-
-def _use_cpu_devices(n: int) -> None:
-    """On a CPU-only host, emulate the `n` mesh devices over this run's processes (must
-    run before jax's first computation)."""
-    import jax
-    from jax._src import distributed
-
-    if "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return
-    # Not jax.process_count(): that would start the backends before the update below.
-    processes = distributed.global_state.num_processes or 1
-    try:
-        jax.config.update("jax_num_cpu_devices", max(1, n // processes))
-    except RuntimeError:
-        pass  # backends already up (e.g. called from a test): use what is there.
-
-
-def check_device_count(mesh_config) -> None:
-    """The mesh must use every device jax sees (train and eval check it first)."""
-    import jax
-
-    if mesh_config.num_devices != jax.device_count():
-        raise ValueError(
-            f"The mesh {mesh_config.global_shape} needs {mesh_config.num_devices} devices but "
-            f"jax sees {jax.device_count()} ({jax.devices()[0].platform}). Pick a mesh gin file "
-            "that matches (gin_configs/meshes/), or on CPU set XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={mesh_config.num_devices} before starting.")
-
-
-def _gin_imported_modules() -> list[str]:
-    """Modules that gin files imported (user task modules), for prepare's workers."""
-    names = []
-    for statement in getattr(gin.config, "_IMPORTS", ()):
-        name = getattr(statement, "module", None)
-        if name and not name.startswith(("t5x_like", "__gin__")):
-            names.append(name)
-    return sorted(set(names))
-
-
-def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: str):
+def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: str) -> str:
     """Prepares (or checks) the ArrayRecord store for this run; returns its directory.
 
     In a multi-process run process 0 prepares while the others wait; they then find
-    the store complete and only check its manifest."""
-    import jax
-
-    from t5x_like import prepare
-
+    the store complete and only check its manifest. Worker processes import the task
+    modules the gin files imported (`launch.gin_imports()`).
+    """
     store_dir = data.store_dir or os.path.join(model_dir, "data")
     num_examples = data.num_examples or train_steps * data.batch_size
-    task_modules = tuple(dict.fromkeys(("tasks", *_gin_imported_modules())))
     # A store made on a machine with another core count is still this run's store.
-    existing = prepare.read_manifest(store_dir)
+    existing = store.read_manifest(store_dir)
     shards = data.prepare_shards or (existing or {}).get("num_shards") or os.cpu_count() or 1
     start = time.perf_counter()
 
@@ -191,7 +145,7 @@ def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: 
             return prepare.prepare(
                 data.mixture_or_task_name, dict(data.task_feature_lengths), converter,
                 num_examples, data.seed, store_dir, num_shards=shards, workers=shards,
-                task_modules=task_modules)
+                task_modules=launch.gin_imports())
         except prepare.ManifestMismatchError as e:
             raise prepare.ManifestMismatchError(
                 f"{e} In a training run the store is train.DataConfig.store_dir (default "
@@ -201,8 +155,6 @@ def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: 
                 "or use a new MODEL_DIR.") from None
 
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         if jax.process_index() == 0:
             run()
         multihost_utils.sync_global_devices("t5x_like.train: data prepared")
@@ -213,27 +165,43 @@ def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: 
     return store_dir
 
 
-def init_or_restore(model, tx, mesh, rules, seed: int, ckpt=None, data_iterator=None):
-    """(graphdef, state, restored step or None) of model + optimizer.
+def _write_operative_config(model_dir: str) -> str:
+    """The bindings this run used (all evaluated by now, as the arguments of `train`),
+    with the macros and imports that produced them: logged and written to config.gin."""
+    config_text = gin.operative_config_str()
+    os.makedirs(model_dir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(model_dir, "config.gin"), "w") as f:
+            f.write(config_text)
+    log.info("gin config (also in %s/config.gin):\n%s", model_dir, config_text)
+    return config_text
 
-    With a checkpoint in `ckpt`, the newest one is read straight into this mesh's
-    shards (and `data_iterator` set to where it was); otherwise the state is
-    initialised in its shards. Never both: a restored run holds one copy of the state.
-    """
-    from flax import nnx
 
-    from t5x_like import partitioning, trainer
+def _mean_scalars(fetched: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Means over a log window; the *_sum counters are for accumulation only."""
+    return {k: float(np.mean([m[k] for m in fetched]))
+            for k in fetched[-1] if not k.endswith("_sum")}
 
-    def factory():
-        return trainer.TrainState(model.make_module(nnx.Rngs(seed)), tx)
 
-    step = ckpt.latest_step() if ckpt is not None else None
-    if step is not None:
-        graphdef, target = partitioning.abstract_sharded(factory, mesh, rules)
-        restored = ckpt.restore(step, target, data_iterator=data_iterator)
-        return graphdef, restored.state, step
-    graphdef, state = nnx.split(partitioning.create_sharded(factory, mesh, rules))
-    return graphdef, state, None
+def _print_summary(summary: RunSummary) -> None:
+    lines = ["", "=" * 72, f"run summary ({summary.model_dir})"]
+    losses = summary.train_losses
+    if losses:
+        k = max(1, min(10, len(losses) // 10))
+        lines.append(f"train loss: first {k} steps {statistics.fmean(losses[:k]):.4f} -> "
+                     f"last {k} steps {statistics.fmean(losses[-k:]):.4f}  "
+                     f"(steps {summary.start_step}..{summary.end_step})")
+    if summary.eval_end is not None:
+        lines.append(metrics.format_eval_table({"start": summary.eval_start,
+                                                "end": summary.eval_end}))
+    elif summary.eval_start is not None:
+        lines.append(f"(step {summary.start_step}, nothing left to train)")
+        lines.append(metrics.format_eval_table({"": summary.eval_start}))
+    lines += [f"checkpoints: {os.path.join(summary.model_dir, 'checkpoints')}",
+              f"TensorBoard: tensorboard --logdir {summary.model_dir}   metrics: "
+              f"{os.path.join(summary.model_dir, metrics.JSONL_NAME)}",
+              "=" * 72]
+    print("\n".join(lines), flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -254,8 +222,8 @@ def train(
     num_microbatches: int = 1,
     seed: int = 0,
     stop_at_step: int | None = None,
-) -> dict[str, Any]:
-    """Trains `model` on `data` for `train_steps` steps; returns a summary dict.
+) -> RunSummary:
+    """Trains `model` on `data` for `train_steps` steps; returns the run's summary.
 
     model: a models.py model (DecoderOnlyModel / EncoderDecoderModel).
     mesh_config: partitioning.MeshConfig (mesh shape and rule preset).
@@ -264,252 +232,108 @@ def train(
       for preemption drills and exact-resume tests; the schedule still spans
       `train_steps`.
     """
-    _use_cpu_devices(mesh_config.num_devices)
-    import jax
-    import numpy as np
-
-    from t5x_like import checkpoints, eval as eval_lib, flops, loader, metrics, partitioning, trainer
-
-    if train_steps < 1:
-        raise ValueError(f"train_steps={train_steps} must be ≥ 1 (set TRAIN_STEPS).")
-    if log_every_steps < 1 or evaluation.every_steps < 1:
-        raise ValueError(
-            f"log_every_steps={log_every_steps} and EvalConfig.every_steps="
-            f"{evaluation.every_steps} must be ≥ 1 (to turn evaluation off: "
-            "train.EvalConfig.enabled = False).")
-    os.makedirs(model_dir, exist_ok=True)
-    # Operative: the bindings this run used (all of them are evaluated by now, as the
-    # arguments of this call), with the macros and imports that produced them.
-    config_text = gin.operative_config_str()
-    if jax.process_index() == 0:
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
-            f.write(config_text)
-    log.info("gin config (also in %s/config.gin):\n%s", model_dir, config_text)
-
-    # Mesh and sharding rules: validated before anything is compiled.
-    check_device_count(mesh_config)
-    mesh = mesh_config.make_mesh()
-    rules = mesh_config.rule_set()
-    if num_microbatches < 1 or data.batch_size % num_microbatches:
-        raise ValueError(
-            f"BATCH_SIZE={data.batch_size} must split into NUM_MICROBATCHES="
-            f"{num_microbatches} equal microbatches; pick a divisor of the batch size.")
+    _check_run(train_steps, log_every_steps, num_microbatches, data.batch_size)
+    launch.use_cpu_devices(mesh_config.num_devices)
+    config_text = _write_operative_config(model_dir)
+    mesh, rules = launch.mesh_for(mesh_config)
     # Each microbatch is sharded over the batch axes like a whole batch.
-    partitioning.validate_for_mesh(model.cfg, mesh, rules,
+    partitioning.validate_for_mesh(model.make_module, mesh, rules,
                                    batch_size=data.batch_size // num_microbatches)
-
-    # Data: SeqIO → prepared store → grain loader.
-    converter = converter_for(model, data.task_feature_lengths)
-    store_dir = prepare_data(data, converter, train_steps, model_dir)
-    data_loader = loader.Loader(store_dir, data.batch_size, seed=data.seed)
-    data_loader.check_steps(train_steps)
-    data_iter = data_loader.iterator()
-
-    # Train state, restored from the newest checkpoint when there is one.
+    data_iter = _data_iterator(data, model, train_steps, model_dir)
     ckpt = checkpoints.CheckpointManager(
         os.path.join(model_dir, "checkpoints"), save_interval_steps=checkpoint.save_every_steps,
         max_to_keep=checkpoint.keep, async_save=checkpoint.async_save)
-    graphdef, state, restored_step = init_or_restore(
+    graphdef, state, restored_step = trainer.init_or_restore(
         model, optimizer.tx, mesh, rules, seed, ckpt, data_iterator=data_iter)
-    if restored_step is not None:
-        log.info("resumed from %s at step %d", ckpt.directory, restored_step)
-    start_step = restored_step or 0
-
+    start_step = step = _resumed_at(restored_step, train_steps, model_dir)
     state_sharding = trainer.state_shardings(state)
-    batch_sharding = loader.batch_sharding(mesh)
     train_step = trainer.make_train_step(
         graphdef, model.loss_fn, optimizer.schedule, num_microbatches=num_microbatches,
-        state_sharding=state_sharding, batch_sharding=batch_sharding, rules=rules)
-    evaluator = eval_lib.Evaluator.create(
-        model, graphdef, state_sharding, mesh, rules, evaluation, converter,
-    ) if evaluation.enabled else None
-
-    # Metrics: FLOPs in both conventions, peak measured (CPU) or from the datasheet (GPU).
-    lengths = dict(data.task_feature_lengths)
-    step_flops = flops.train_flops_per_step(model.cfg, data.batch_size, lengths)
-    peak = flops.peak_flops_per_device()
-    tokens_per_step = data.batch_size * sum(data_loader.feature_lengths[k] for k in (
-        ("encoder_input_tokens", "decoder_target_tokens") if converter == "encdec"
-        else ("decoder_target_tokens",)))
+        state_sharding=state_sharding, batch_sharding=partitioning.batch_sharding(mesh),
+        rules=rules)
+    evaluator = Evaluator.create(model, graphdef, state_sharding, mesh, rules,
+                                 evaluation) if evaluation.enabled else None
+    meter = _make_meter(model, data, mesh)
     writer = metrics.create_writer(model_dir, enabled=jax.process_index() == 0)
-    log.info("model: %s parameters; %s per step: %.3e FLOPs (PaLM), %.3e (MaxText); "
-             "peak %.3e FLOP/s per device", f"{partitioning.count_params(model):,}",
-             converter, step_flops.palm, step_flops.maxtext, peak)
-
-    summary: dict[str, Any] = {"model_dir": model_dir, "start_step": start_step}
-    if start_step >= train_steps:
-        log.info("%s is already trained to step %d of TRAIN_STEPS=%d: evaluating only. "
-                 "Use a new MODEL_DIR (or delete this one) to train again.", model_dir,
-                 start_step, train_steps)
-    key = jax.random.key(seed)
-    last_step = min(train_steps, stop_at_step or train_steps)
+    key, last_step = jax.random.key(seed), min(train_steps, stop_at_step or train_steps)
     losses: list[float] = []
-    step = start_step
-    with jax.set_mesh(mesh), ckpt, contextlib.closing(writer):
-        if evaluator is not None:
-            summary["eval_start"] = evaluator.run(state, start_step, writer)
-        progress = metrics.Progress(last_step, start_step)
-        t_start = time.perf_counter()
-        window: list[dict[str, Any]] = []
-        timed = 0  # steps of the window that count towards step time
+    window: list[dict[str, Any]] = []
+
+    def evaluate(at_step: int):
+        results = evaluator.run(state, at_step, writer) if evaluator else None
+        meter.exclude(evaluator.last_seconds if evaluator else 0.0)  # not in step time
+        return results
+
+    def log_window():
+        fetched = jax.device_get(window)  # waits for the steps: the meter's clock is fair
+        losses.extend(float(m["loss"]) for m in fetched)
+        scalars = {**_mean_scalars(fetched), **meter.window()}
+        writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+        tqdm.tqdm.write(metrics.format_line(step, train_steps, scalars,
+                                            meter.eta_s(last_step - step)), file=sys.stderr)
+        window.clear()
+
+    with jax.set_mesh(mesh), ckpt, contextlib.closing(writer), \
+            metrics.progress_bar(last_step, start_step) as bar:
+        eval_start, eval_end = evaluate(start_step), None
         while step < last_step:
             batch = loader.to_global_batch(next(data_iter), mesh)
             state, step_metrics = train_step(state, batch, key)
             step += 1
             window.append(step_metrics)
-            if step == start_step + 1:
-                # The first step compiles: step times start after it.
-                jax.block_until_ready(step_metrics)
-                log.info("first step (compilation included) took %.1fs",
-                         time.perf_counter() - t_start)
-                t_last = time.perf_counter()
-            else:
-                timed += 1
+            if (compile_s := meter.step_done(step_metrics)) is not None:
+                log.info("first step (compilation included) took %.1fs", compile_s)
             if step % log_every_steps == 0 or step == last_step:
-                fetched = jax.device_get(window)
-                now = time.perf_counter()
-                losses.extend(float(m["loss"]) for m in fetched)
-                # Means over the window; the *_sum counters are for accumulation only.
-                scalars = {k: float(np.mean([m[k] for m in fetched]))
-                           for k in fetched[-1] if not k.endswith("_sum")}
-                if timed:
-                    step_time = (now - t_last) / timed
-                    tflops, mfu = flops.mfu(step_flops, step_time, jax.device_count(), peak)
-                    scalars.update({
-                        "step_time_s": step_time,
-                        "tokens_per_s": tokens_per_step / step_time,
-                        "tflops_per_device/palm": tflops.palm,
-                        "tflops_per_device/maxtext": tflops.maxtext,
-                        "mfu/palm": mfu.palm,
-                        "mfu/maxtext": mfu.maxtext,
-                    })
-                t_last, timed = now, 0
-                writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-                progress.log(step, metrics.format_line(step, train_steps, scalars))
-                window = []
-            if evaluator is not None and step % evaluation.every_steps == 0 and step < last_step:
-                evaluator.run(state, step, writer)
-                t_last += evaluator.last_seconds  # step time excludes evaluation
+                log_window()
+            if step % evaluation.every_steps == 0 and step < last_step:
+                evaluate(step)
             ckpt.save(step, state, data_iterator=data_iter, config_text=config_text,
                       force=step == last_step)
-            progress.update(step)
-        progress.close()
-        if evaluator is not None and step > start_step:
-            summary["eval_end"] = evaluator.run(state, step, writer)
-    summary.update(end_step=step, train_losses=losses, state=state, graphdef=graphdef)
+            bar.update(1)
+        if step > start_step:
+            eval_end = evaluate(step)
+    summary = RunSummary(model_dir, start_step, step, tuple(losses), eval_start, eval_end)
     if jax.process_index() == 0:
-        _print_summary(summary, model_dir)
+        _print_summary(summary)
     return summary
 
 
-def _print_summary(summary: Mapping[str, Any], model_dir: str) -> None:
-    losses = summary["train_losses"]
-    lines = ["", "=" * 72, f"run summary ({model_dir})"]
-    if losses:
-        k = max(1, min(10, len(losses) // 10))
-        lines.append(f"train loss: first {k} steps {statistics.fmean(losses[:k]):.4f} -> "
-                     f"last {k} steps {statistics.fmean(losses[-k:]):.4f}  "
-                     f"(steps {summary['start_step']}..{summary['end_step']})")
-    if "eval_start" in summary and "eval_end" not in summary:
-        lines.append(f"{'domain':<14}{'BPC':>10}{'loss':>10}{'acc':>9}   (step "
-                     f"{summary['start_step']}, nothing left to train)")
-        for domain, r in summary["eval_start"].items():
-            lines.append(f"{domain:<14}{r['bpc']:>10.3f}{r['loss']:>10.4f}{r['accuracy']:>9.3f}")
-    if "eval_start" in summary and "eval_end" in summary:
-        lines.append(f"{'domain':<14}{'BPC start':>10}{'BPC end':>10}{'loss start':>12}"
-                     f"{'loss end':>10}{'acc end':>9}")
-        for domain, end in summary["eval_end"].items():
-            start = summary["eval_start"][domain]
-            lines.append(f"{domain:<14}{start['bpc']:>10.3f}{end['bpc']:>10.3f}"
-                         f"{start['loss']:>12.4f}{end['loss']:>10.4f}{end['accuracy']:>9.3f}")
-    lines += [f"checkpoints: {os.path.join(model_dir, 'checkpoints')}",
-              f"TensorBoard: tensorboard --logdir {model_dir}   metrics: "
-              f"{os.path.join(model_dir, 'metrics.jsonl')}",
-              "=" * 72]
-    print("\n".join(lines), flush=True)
+def _data_iterator(data: DataConfig, model, train_steps: int, model_dir: str):
+    """The run's data: SeqIO → prepared store → grain iterator (at step 0; a restored
+    checkpoint moves it)."""
+    store_dir = prepare_data(data, model.converter_name(data.task_feature_lengths),
+                             train_steps, model_dir)
+    data_loader = loader.Loader(store_dir, data.batch_size, seed=data.seed)
+    data_loader.check_steps(train_steps)
+    return data_loader.iterator()
 
 
-# ---------------------------------------------------------------------------
-# CLI
+def _resumed_at(restored_step: int | None, train_steps: int, model_dir: str) -> int:
+    if restored_step is None:
+        return 0
+    log.info("resumed from %s at step %d", model_dir, restored_step)
+    if restored_step >= train_steps:
+        log.info("%s is already trained to step %d of TRAIN_STEPS=%d: evaluating only. "
+                 "Use a new MODEL_DIR (or delete this one) to train again.", model_dir,
+                 restored_step, train_steps)
+    return restored_step
 
 
-def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-    """T5X-style flags: --gin_file (repeatable), --gin.NAME=VALUE, --gin_search_paths."""
-    parser = argparse.ArgumentParser(
-        prog="python -m t5x_like.train",
-        description="Train a model configured by gin files and bindings.")
-    parser.add_argument("--gin_file", action="append", default=[],
-                        help="gin file to parse (repeatable), found on the search paths.")
-    parser.add_argument("--gin_bindings", action="append", default=[],
-                        help="a gin binding such as \"TRAIN_STEPS=100\" (repeatable).")
-    parser.add_argument("--gin_search_paths", default="",
-                        help="comma-separated directories searched for gin files and includes.")
-    multi = parser.add_argument_group(
-        "multi-process (one process per host or GPU node, all with the same flags)")
-    multi.add_argument("--multiprocess", action="store_true",
-                       help="join a multi-process run, detecting the cluster (SLURM, MPI).")
-    multi.add_argument("--coordinator_address", default=None,
-                       help="host:port of process 0 (then also --process_count/--process_index).")
-    multi.add_argument("--process_count", type=int, default=None)
-    multi.add_argument("--process_index", type=int, default=None)
-    args, rest = parser.parse_known_args(argv)
-    for item in rest:
-        if item.startswith("--gin."):
-            name, sep, value = item[len("--gin."):].partition("=")
-            if not sep:
-                parser.error(f"{item!r}: expected --gin.NAME=VALUE, e.g. --gin.TRAIN_STEPS=100")
-            args.gin_bindings.append(f"{name} = {value}")
-        else:
-            parser.error(f"unrecognised argument {item!r}")
-    if not args.gin_file:
-        parser.error("at least one --gin_file is required, e.g. "
-                     "--gin_file=gin_configs/experiments/demo_encdec_ul2.gin")
-    return args
+def _make_meter(model, data: DataConfig, mesh) -> metrics.StepMeter:
+    """Speed meter of this run: FLOPs in both conventions against the peak (measured on
+    CPU, the datasheet's on GPU)."""
+    lengths = data.task_feature_lengths
+    step_flops = model.train_flops_per_step(data.batch_size, lengths)
+    peak = flops.peak_flops_per_device()
+    log.info("model: %s parameters; %s per step: %.3e FLOPs (PaLM), %.3e (MaxText); "
+             "peak %.3e FLOP/s per device", f"{model.num_params:,}",
+             model.converter_name(lengths), step_flops.palm, step_flops.maxtext, peak)
+    return metrics.StepMeter(step_flops, data.batch_size * model.tokens_per_example(lengths),
+                             mesh.size, peak)
 
 
-def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
-              search_paths: Sequence[str] = ()) -> None:
-    """Parses gin files and bindings, with our search paths and the cwd on sys.path."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # a user's task module beside their gin file
-    for path in (*search_paths, *DEFAULT_GIN_SEARCH_PATHS):
-        if path:
-            gin.add_config_file_search_path(path)
-    # gin also looks an include up as a file inside a Python package ("runs/x.gin" →
-    # package `runs`); a plain directory such as ./runs then crashes its lookup. Files
-    # here are found on the search paths, so keep only the plain file reader.
-    gin.config._FILE_READERS[:] = [  # noqa: SLF001 - gin has no public way to drop one
-        (reader, exists) for reader, exists in gin.config._FILE_READERS  # noqa: SLF001
-        if getattr(exists, "__module__", "") != "gin.resource_reader"]
-    gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
-
-
-def setup_process(args: argparse.Namespace) -> None:
-    """Logging, multi-process start-up and gin parsing, shared by train and eval."""
-    setup_logging()
-    if args.multiprocess or args.coordinator_address is not None:
-        initialize_distributed(args.coordinator_address, args.process_count,
-                               args.process_index)
-    parse_gin(args.gin_file, args.gin_bindings,
-              [p for p in args.gin_search_paths.split(",") if p])
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    setup_process(parse_flags(sys.argv[1:] if argv is None else argv))
-    # Through the imported module, not this function's globals: run as `python -m`,
-    # this file is `__main__`, a different module object from the one gin registered.
-    from t5x_like import train as train_lib
-
-    return gin.get_configurable(train_lib.train)()
-
-
-def setup_logging() -> None:
-    """Our loggers at INFO on the console; libraries (gin, absl, orbax) at WARNING."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for name in ("t5x_like", "tasks"):
-        logging.getLogger(name).setLevel(logging.INFO)
+def main(argv: Sequence[str] | None = None) -> RunSummary:
+    return launch.run("t5x_like.train.train", argv)
 
 
 if __name__ == "__main__":

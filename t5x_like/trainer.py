@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from t5x_like import partitioning
+
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -92,7 +94,7 @@ def adamw_llama2(
     final_lr_fraction: float = 0.1,
     decay_mask: Any = default_decay_mask,
 ) -> Optimizer:
-    """Llama 2's AdamW (SPEC section 2): β=(0.9, 0.95), eps 1e-5, wd 0.1, clip 1.0.
+    """Llama 2's AdamW (docs/MODELS.md): β=(0.9, 0.95), eps 1e-5, wd 0.1, clip 1.0.
 
     Schedule: linear warmup from 0 to `peak_lr` over `warmup_steps`, then cosine down to
     `final_lr_fraction * peak_lr` at `total_steps` (and constant after). Weight decay is
@@ -143,7 +145,7 @@ def adafactor_palm(
     weight_decay_lr_exponent: float = 2.0,
     decay_mask: Any = None,
 ) -> Optimizer:
-    """PaLM's Adafactor (SPEC section 2): Adam with parameter scaling, no factorisation.
+    """PaLM's Adafactor (docs/MODELS.md): Adam with parameter scaling, no factorisation.
 
     - second moment: β2(k) = 1 − k^−0.8 for the k-th update (k = 1, 2, ...), which is
       optax's `decay_rate=0.8` (it uses (count+1)^−0.8 with count from 0); unfactored
@@ -209,6 +211,29 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation
     return nnx.split(TrainState(model, tx))
 
 
+def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: int,
+                    ckpt=None, data_iterator=None):
+    """(graphdef, state, restored step or None) of `model` + optimizer on `mesh`.
+
+    model: a models.py model (its `make_module` builds the network).
+    ckpt: a checkpoints.CheckpointManager or None. With a checkpoint in it, the newest
+      one is read straight into this mesh's shards (and `data_iterator` set to where it
+      was); otherwise the state is initialised in its shards from `seed`. Never both: a
+      restored run holds one copy of the state.
+    """
+
+    def factory():
+        return TrainState(model.make_module(nnx.Rngs(seed)), tx)
+
+    step = ckpt.latest_step() if ckpt is not None else None
+    if step is not None:
+        graphdef, target = partitioning.abstract_sharded(factory, mesh, rules)
+        restored = ckpt.restore(step, target, data_iterator=data_iterator)
+        return graphdef, restored.state, step
+    graphdef, state = nnx.split(partitioning.create_sharded(factory, mesh, rules))
+    return graphdef, state, None
+
+
 def state_shardings(state: nnx.State) -> nnx.State:
     """The sharding of every array in `state` (to pin jit in/out shardings)."""
     return jax.tree.map(lambda x: x.sharding, state)
@@ -260,7 +285,31 @@ def _check_metrics(metrics: Mapping[str, Any]) -> None:
         raise KeyError(
             f"loss_fn metrics lack {_WEIGHT_KEY!r} (got {sorted(metrics)}); gradient "
             "accumulation needs each microbatch's loss-weight total, see the model contract "
-            "in docs/CONTRACTS.md.")
+            "in docs/ARCHITECTURE.md.")
+
+
+def _accumulate(grads_and_metrics, params, batch: Batch, step_key: jax.Array,
+                num_microbatches: int):
+    """Gradient accumulation: (grads, metrics) of the whole batch from a scan over its
+    microbatches, each weighted by its loss-weight total (exactly the big batch's)."""
+
+    def body(grad_sum, xs):
+        index, microbatch = xs
+        grads, metrics = grads_and_metrics(microbatch, jax.random.fold_in(step_key, index))
+        weight = metrics[_WEIGHT_KEY].astype(jnp.float32)
+        # loss_i = S_i / W_i, so Σ W_i·∇loss_i / Σ W_i = ∇(Σ S_i / Σ W_i).
+        grad_sum = jax.tree.map(
+            lambda acc, g: acc + weight * g.astype(jnp.float32), grad_sum, grads)
+        return grad_sum, metrics
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    indices = jnp.arange(num_microbatches)
+    micro_KB = _split_microbatches(batch, num_microbatches)
+    grad_sum, metrics_K = jax.lax.scan(body, zeros, (indices, micro_KB))
+    metrics = _combine_metrics(metrics_K)
+    total_weight = jnp.maximum(metrics[_WEIGHT_KEY], 1e-8)
+    grads = jax.tree.map(lambda g, p: (g / total_weight).astype(p.dtype), grad_sum, params)
+    return grads, metrics
 
 
 def _in_shardings(state_sharding, batch_sharding, *rest):
@@ -344,24 +393,8 @@ def make_train_step(
             grads, metrics = grads_and_metrics(batch, jax.random.fold_in(step_key, 0))
             metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         else:
-            micro_KB = _split_microbatches(batch, num_microbatches)
-
-            def body(grad_sum, xs):
-                index, microbatch = xs
-                grads, metrics = grads_and_metrics(microbatch, jax.random.fold_in(step_key, index))
-                weight = metrics[_WEIGHT_KEY].astype(jnp.float32)
-                # loss_i = S_i / W_i, so Σ W_i·∇loss_i / Σ W_i = ∇(Σ S_i / Σ W_i).
-                grad_sum = jax.tree.map(
-                    lambda acc, g: acc + weight * g.astype(jnp.float32), grad_sum, grads)
-                return grad_sum, metrics
-
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-            indices = jnp.arange(num_microbatches)
-            grad_sum, metrics_K = jax.lax.scan(body, zeros, (indices, micro_KB))
-            metrics = _combine_metrics(metrics_K)
-            total_weight = jnp.maximum(metrics[_WEIGHT_KEY], 1e-8)
-            grads = jax.tree.map(lambda g, p: (g / total_weight).astype(p.dtype),
-                                 grad_sum, params)
+            grads, metrics = _accumulate(grads_and_metrics, params, batch, step_key,
+                                         num_microbatches)
 
         metrics["grad_norm"] = optax.global_norm(grads)
         if schedule is not None:

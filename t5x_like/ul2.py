@@ -3,8 +3,9 @@
 A port of T5's span-corruption machinery (`t5.data.preprocessors` @ e081111c:
 `random_spans_helper`, `random_spans_noise_mask`, `noise_span_to_unique_sentinel`,
 `split_tokens`, prefix-LM; `reduce_concat_tokens` replaced, see below) to plain
-tf.data, so that the `t5` package (which downgrades seqio) stays out of the product. ../shared/SPEC.md
-section 1 has the reference semantics; the numbers are tested in tests/test_ul2.py.
+tf.data, so that the `t5` package (which downgrades seqio) stays out of the product.
+docs/FORMULAS.md ("UL2 mixture of denoisers") has the semantics and sources; the
+numbers are tested in tests/test_ul2.py.
 
 Chain per denoiser, as UL2's `ul2_objective` and T5's `span_corruption` do:
   tokenized documents -> one concatenated token stream cut into chunks of the raw
@@ -12,14 +13,14 @@ Chain per denoiser, as UL2's `ul2_objective` and T5's `span_corruption` do:
 
 Deviations from T5/UL2, each deliberate:
 - The mode token is one reserved id (`[NLU]` R, `[NLG]` X, `[S2S]` S) prepended to
-  the inputs, not the string encoded as text (SPEC Decisions); the raw length is
+  the inputs, not the string encoded as text; the raw length is
   computed for `inputs_length - 1` so the mode id never causes truncation.
 - `random_spans_helper` applies the same clipping as the noise mask
   (noise in [1, L-1], at least one span) so that its lengths are exact for tiny
   inputs too; for the usual lengths the numbers are T5's (tested).
 - S is T5's prefix-LM generalised to a noise density r: the prefix length is uniform
   in [max(1, round((1-2r)(L-1))), L-1]. r=0.5 is exactly T5's `random_prefix_noise_mask`
-  (split anywhere); we use r=0.25 (SPEC: "~0.25 [U]"), i.e. on average the last 25%
+  (split anywhere); we use r=0.25, i.e. on average the last 25%
   of the chunk is the target and the prefix is never shorter than half the chunk.
   Why 0.25 and not 0.5: UL2 describes S as continuing a long prefix, and with 0.5 a
   quarter of S examples would have a prefix under 25% of the chunk.
@@ -46,6 +47,8 @@ from typing import Mapping, Optional, Sequence
 
 import seqio
 import tensorflow as tf
+
+from t5x_like import mixtures
 
 # S (prefix-LM) noise density: expected fraction of the chunk that becomes targets.
 S_NOISE_DENSITY = 0.25
@@ -95,7 +98,7 @@ class DenoiserSpec:
                 f"{self.mean_span}.")
 
 
-# The seven denoisers of UL2 (arXiv 2205.05131 Table 1 as reproduced; SPEC section 1).
+# The seven denoisers of UL2 (arXiv 2205.05131 Table 1 as reproduced; docs/FORMULAS.md).
 DENOISERS: Mapping[str, DenoiserSpec] = {
     d.name: d for d in (
         DenoiserSpec("r1", "R", 3.0, 0.15, "[NLU]"),
@@ -243,7 +246,7 @@ def validate_feature_lengths(specs: Sequence[DenoiserSpec] | DenoiserSpec,
                              ) -> dict[str, DenoiserLengths]:
     """Checks that every denoiser's examples fit `feature_lengths` without truncation.
 
-    SPEC Decisions ("X denoisers need long targets"): with inputs of 512, r=0.5 needs
+    X denoisers need long targets (docs/FORMULAS.md): with inputs of 512, r=0.5 needs
     targets of 512. Call this at start-up; the preprocessors call it too.
 
     Args:
@@ -579,3 +582,27 @@ def causal_lm(dataset: tf.data.Dataset,
 def make_denoiser_preprocessor(spec: DenoiserSpec, mode_tokens: Mapping[str, int]):
     """`ul2_denoise` bound to one denoiser, ready for a seqio.Task preprocessor list."""
     return functools.partial(ul2_denoise, spec=spec, mode_tokens=dict(mode_tokens))
+
+
+def denoiser_of(task: seqio.Task) -> Optional[DenoiserSpec]:
+    """The UL2 denoiser a task applies (from its preprocessor list), or None."""
+    for preprocessor in task.preprocessors:
+        if isinstance(preprocessor, functools.partial) and preprocessor.func is ul2_denoise:
+            return preprocessor.keywords["spec"]
+    return None
+
+
+def validate_mixture_lengths(name: str, feature_lengths: Mapping[str, int]
+                             ) -> dict[str, DenoiserLengths]:
+    """Start-up check: every UL2 denoiser of a task or mixture fits `feature_lengths`.
+
+    Raises the `validate_feature_lengths` error, prefixed with `name`. Returns
+    {denoiser: DenoiserLengths} ({} for tasks/mixtures without UL2 denoisers).
+    """
+    specs = {spec.name: spec for spec in map(denoiser_of, mixtures.leaf_tasks(name)) if spec}
+    if not specs:
+        return {}
+    try:
+        return validate_feature_lengths(list(specs.values()), feature_lengths)
+    except ValueError as e:
+        raise ValueError(f"{name!r}: {e}") from None

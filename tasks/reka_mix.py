@@ -6,14 +6,15 @@ Importing registers (no file I/O; datasets are built only by get_dataset):
 - Task `{domain}_causal` (feature targets; concatenated documents, EOS between them),
 - Task `{domain}_validation`: one example per document, `targets` = its tokens
   (no EOS, no chunking) and `num_chars` = Python len() of its text, for bits per
-  character (SPEC section 4). Use it with split="validation" and sequence_length=None.
+  character (docs/FORMULAS.md). Use it with split="validation" and sequence_length=None.
 - Mixture `{domain}_ul2` over the denoisers, `reka_mix_ul2` over the domains,
   `reka_mix_causal` over the causal tasks; `{domain}_upalm` and `reka_mix_upalm` the
   same with U-PaLM's denoiser rates.
 
-Domains and names are pinned in docs/CONTRACTS.md. Every source document that is empty
-(only whitespace) or not valid UTF-8 is dropped before tokenizing; `count_skipped`
-counts them with the same predicate.
+Domains and names are pinned in docs/ARCHITECTURE.md. Every source document that is
+empty (only whitespace) or not valid UTF-8 is dropped before tokenizing
+(`t5x_like.documents.filter_documents`); `count_skipped` counts them with the same
+predicate.
 
 Rates are plain Python (`register_mixtures`); a gin file picks a registered mixture by
 name, and a user module can register other rates under a new name. Example:
@@ -25,7 +26,6 @@ name, and a user module can register other rates under a new name. Example:
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import pathlib
@@ -34,14 +34,15 @@ from typing import Mapping, Optional, Union
 import seqio
 import tensorflow as tf
 
-from t5x_like import ul2
+from t5x_like import documents, mixtures, ul2
 from t5x_like import vocabulary as vocabulary_lib
 
 DOMAINS = ("code", "stem", "web", "math", "multilingual")
 SPLITS = ("train", "validation")
 DEFAULT_CORPUS_DIR = pathlib.Path(__file__).resolve().parent.parent / "data" / "corpus"
 
-# UL2 default (SPEC Decisions): S at 0.2, the six R/X denoisers share 0.8 equally.
+# UL2 default (docs/FORMULAS.md, "UL2"): S at 0.2, the six R/X denoisers share 0.8
+# equally.
 UL2_RATES: Mapping[str, float] = {
     **{name: 0.8 / 6 for name in ("r1", "r2", "x1", "x2", "x3", "x4")}, "s": 0.2}
 # U-PaLM's UL2R (arXiv 2210.11399 section 2.3): 50% S, 25% R (mu=3, r=0.15 = r1),
@@ -55,8 +56,6 @@ DENOISER_RATE_PRESETS: Mapping[str, Mapping[str, float]] = {
 # register_mixtures divides by the sum and logs it.
 REKA_DOMAIN_RATES: Mapping[str, float] = {
     "code": 25.0, "stem": 30.0, "web": 25.0, "math": 10.0, "multilingual": 15.0}
-
-_SKIP_EMPTY, _SKIP_NON_UTF8 = 1, 2
 
 # What the last register_* calls used, so that re-registering tasks keeps the rates.
 _state = {"corpus_dir": DEFAULT_CORPUS_DIR,
@@ -97,26 +96,6 @@ def make_source(corpus_dir: Union[str, pathlib.Path], domain: str) -> seqio.Data
     )
 
 
-def document_status(text: tf.Tensor) -> tf.Tensor:
-    """0 for a usable document, 1 if empty (only whitespace), 2 if not valid UTF-8.
-
-    UTF-8 validity: transcoding with errors="ignore" drops invalid bytes and changes
-    nothing else, so the text is valid iff it comes back unchanged (checked against
-    Python's bytes.decode in tests/test_tasks.py).
-    """
-    valid = tf.equal(
-        tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="ignore",
-                                     replace_control_characters=False), text)
-    empty = tf.equal(tf.strings.strip(text), "")
-    return tf.where(tf.logical_not(valid), _SKIP_NON_UTF8,
-                    tf.where(empty, _SKIP_EMPTY, 0))
-
-
-def filter_documents(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """SeqIO preprocessor: drops empty and non-UTF-8 documents ("text")."""
-    return dataset.filter(lambda x: tf.equal(document_status(x["text"]), 0))
-
-
 def count_skipped(domain: str, split: str,
                   corpus_dir: Optional[Union[str, pathlib.Path]] = None
                   ) -> dict[str, int]:
@@ -132,12 +111,8 @@ def count_skipped(domain: str, split: str,
     """
     _check_name(domain, DOMAINS, "domain")
     _check_name(split, SPLITS, "split")
-    source = make_source(corpus_dir or _state["corpus_dir"], domain)
-    ds = source.get_dataset(split=split, shuffle=False)
-    counts = ds.map(lambda x: tf.one_hot(document_status(x["text"]), 3, dtype=tf.int64))
-    total = counts.reduce(tf.zeros([3], tf.int64), lambda a, b: a + b).numpy()
-    out = {"documents": int(total.sum()), "kept": int(total[0]),
-           "empty": int(total[_SKIP_EMPTY]), "non_utf8": int(total[_SKIP_NON_UTF8])}
+    out = documents.count_skipped(make_source(corpus_dir or _state["corpus_dir"], domain),
+                                  split)
     if out["kept"] != out["documents"]:
         logging.warning("%s/%s: skipped %d empty and %d non-UTF-8 documents of %d.",
                         domain, split, out["empty"], out["non_utf8"], out["documents"])
@@ -149,8 +124,7 @@ def skipped_documents(name: str, split: str) -> dict[str, dict[str, int]]:
 
     For the prepare manifest: {domain: {"documents", "kept", "empty", "non_utf8"}}.
     """
-    provider = get_mixture_or_task(name)
-    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    tasks = mixtures.leaf_tasks(name)
     domains = sorted({t.name.split("_")[0] for t in tasks} & set(DOMAINS))
     return {d: count_skipped(d, split) for d in domains}
 
@@ -158,7 +132,7 @@ def skipped_documents(name: str, split: str) -> dict[str, dict[str, int]]:
 @seqio.map_over_dataset
 def _validation_features(x):
     return {"targets": x["text"],
-            # Python len() counts code points, as UTF8_CHAR does (SPEC section 4).
+            # Python len() counts code points, as UTF8_CHAR does (docs/FORMULAS.md).
             "num_chars": tf.strings.length(x["text"], unit="UTF8_CHAR")}
 
 
@@ -199,19 +173,19 @@ def register_tasks(corpus_dir: Union[str, pathlib.Path, None] = None) -> None:
                 ul2_task_name(domain, spec.name), source=source,
                 output_features=ul2_features,
                 preprocessors=[
-                    filter_documents, to_targets, tokenize,
+                    documents.filter_documents, to_targets, tokenize,
                     ul2.make_denoiser_preprocessor(spec, vocabulary_lib.MODE_TOKENS),
                     seqio.preprocessors.append_eos,
                 ],
                 metric_fns=[])
         _add_task(
             causal_task_name(domain), source=source, output_features=lm_features,
-            preprocessors=[filter_documents, to_targets, tokenize, ul2.causal_lm],
+            preprocessors=[documents.filter_documents, to_targets, tokenize, ul2.causal_lm],
             metric_fns=[])
         _add_task(
             validation_task_name(domain), source=source,
             output_features=validation_features,
-            preprocessors=[filter_documents, _validation_features, tokenize],
+            preprocessors=[documents.filter_documents, _validation_features, tokenize],
             metric_fns=[])
     for name, (denoiser_rates, domain_rates) in _state["mixtures"].items():
         register_mixtures(denoiser_rates, domain_rates, name=name)
@@ -275,50 +249,6 @@ def register_mixtures(
     if name == "ul2":
         add("reka_mix_causal", [(causal_task_name(d), r) for d, r in domains.items()])
     return {"denoiser_rates": denoisers, "domain_rates": domains}
-
-
-# ----------------------------------------------------------------------------------
-# Look-up and validation helpers
-# ----------------------------------------------------------------------------------
-
-
-def get_mixture_or_task(name: str) -> Union[seqio.Task, seqio.Mixture]:
-    """The registered task or mixture `name`, or a ValueError naming the nearest ones."""
-    mixtures, tasks = seqio.MixtureRegistry.names(), seqio.TaskRegistry.names()
-    if name in mixtures:
-        return seqio.MixtureRegistry.get(name)
-    if name in tasks:
-        return seqio.TaskRegistry.get(name)
-    close = difflib.get_close_matches(name, sorted(set(mixtures) | set(tasks)), n=5,
-                                      cutoff=0.5)
-    raise ValueError(
-        f"No SeqIO task or mixture named {name!r}; nearest registered names: "
-        f"{close or 'none'}. Fix MIXTURE_OR_TASK_NAME, or import the module that "
-        "registers it (e.g. `import tasks`).")
-
-
-def validate_feature_lengths(name: str, feature_lengths: Mapping[str, int]
-                             ) -> dict[str, ul2.DenoiserLengths]:
-    """Start-up check: every UL2 denoiser in `name` fits `feature_lengths`.
-
-    Raises the ul2 ValueError naming the denoiser and the length it needs. Returns
-    {denoiser: DenoiserLengths} ({} for tasks/mixtures without UL2 denoisers).
-    """
-    provider = get_mixture_or_task(name)
-    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-    if isinstance(provider, seqio.Mixture):
-        tasks = [t for t in tasks if provider.get_rate(t) > 0]
-    specs = {}
-    for task in tasks:
-        denoiser = task.name.rsplit("_ul2_", 1)[-1] if "_ul2_" in task.name else None
-        if denoiser in ul2.DENOISERS:
-            specs[denoiser] = ul2.DENOISERS[denoiser]
-    if not specs:
-        return {}
-    try:
-        return ul2.validate_feature_lengths(list(specs.values()), feature_lengths)
-    except ValueError as e:
-        raise ValueError(f"{name!r}: {e}") from None
 
 
 register_tasks()

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from t5x_like import bpc
+from t5x_like import bpc, vocabulary
 from test_prepare import test_tasks  # noqa: F401  (fixture)
 
 
@@ -81,7 +81,7 @@ def test_encdec_windows_put_context_in_the_encoder_in_s2s_mode():
             enc_len = int(batch["encoder_segment_ids"][row].sum())
             encoder = batch["encoder_input_tokens"][row, :enc_len]
             targets = batch["decoder_target_tokens"][row, :m]
-            assert encoder[0] == bpc.S2S_MODE_ID
+            assert encoder[0] == vocabulary.MODE_TOKENS["[S2S]"]
             np.testing.assert_array_equal(batch["decoder_input_tokens"][row, :m], np.concatenate([[0], targets[:-1]]))
             assert batch["decoder_loss_weights"][row].sum() == m
             start = len(scored)  # spans come in stream order

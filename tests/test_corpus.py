@@ -1,7 +1,7 @@
 """The shipped demo corpus (data/corpus): layout, content and metadata.
 
 The corpus is built by scripts/build_corpus.py and consumed by tasks/ through the
-contract in docs/CONTRACTS.md; these tests pin that contract and the properties the
+contract in docs/ARCHITECTURE.md; these tests pin that contract and the properties the
 rest of the stack relies on (real text, valid UTF-8, disjoint splits, a validation
 split big enough for bits-per-character, at least six languages).
 """

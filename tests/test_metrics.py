@@ -1,13 +1,12 @@
 """Tests for metrics.py: JSONL + TensorBoard events written, console line, progress bar."""
 
 import glob
-import io
 import os
 
 import numpy as np
 import pytest
 
-from t5x_like import metrics
+from t5x_like import flops, metrics
 
 
 def test_writer_writes_jsonl_and_tensorboard_events(tmp_path):
@@ -73,33 +72,36 @@ class _Clock:
         return self.now
 
 
-def test_progress_rate_eta_and_milestones():
-    clock, out = _Clock(), io.StringIO()
-    progress = metrics.Progress(100, start_step=0, stream=out, clock=clock, width=10)
-    clock.now = 50.0  # first step: compile time, not counted in the rate
-    progress.update(1)
-    for step in range(2, 51):
+def test_step_meter_leaves_out_compilation_and_evaluation():
+    clock = _Clock()
+    meter = metrics.StepMeter(flops.Flops(8e12, 4e12), tokens_per_step=1000, num_devices=4,
+                              peak_per_device=2e12, clock=clock)
+    clock.now = 50.0  # first step: compile time, not counted in step times
+    assert meter.step_done() == 50.0
+    assert meter.window() == {}  # nothing timed yet
+    for _ in range(10):
         clock.now += 0.5
-        progress.update(step)
-    assert progress.rate() == pytest.approx(2.0)
-    assert progress.bar() == "[#####.....] 50/100  50% 2.00 steps/s ETA 0m25s"
-    progress.log(50, "step 50/100 | loss 1.0")
-    progress.close()
-    lines = out.getvalue().splitlines()
-    assert len([l for l in lines if l.startswith("[")]) == 5  # every 10% on a non-TTY
-    assert "step 50/100 | loss 1.0" in lines
+        assert meter.step_done() is None
+    meter.exclude(3.0)  # an evaluation between two steps
+    clock.now += 3.0
+    scalars = meter.window()
+    assert scalars["step_time_s"] == pytest.approx(0.5)
+    assert scalars["tokens_per_s"] == pytest.approx(2000.0)
+    assert scalars["tflops_per_device/palm"] == pytest.approx(4.0)
+    assert (scalars["mfu/palm"], scalars["mfu/maxtext"]) == pytest.approx((2.0, 1.0))
+    assert meter.eta_s(50) == pytest.approx(25.0)
+    line = metrics.format_line(50, 100, {"loss": 1.0}, meter.eta_s(50))
+    assert line == "step  50/100 | loss 1.0000 | ETA 0m25s"
 
 
-def test_progress_on_a_tty_redraws_in_place():
-    class _Tty(io.StringIO):
-        def isatty(self):
-            return True
-
-    out, clock = _Tty(), _Clock()
-    progress = metrics.Progress(4, start_step=2, stream=out, clock=clock)
-    progress.update(3)
-    progress.log(3, "hello")
-    progress.update(4)
-    progress.close()
-    text = out.getvalue()
-    assert text.count("\r") >= 2 and "hello\n" in text and text.endswith("\n")
+def test_eval_table_has_one_column_per_evaluation():
+    result = {"bpc": 2.5, "loss": 5.25, "accuracy": 0.125, "tokens": 100, "chars": 400}
+    table = metrics.format_eval_table({"start": {"code": {**result, "bpc": 4.0}},
+                                       "end": {"code": result}})
+    header, row = table.splitlines()
+    assert header.split() == ["domain", "BPC", "start", "BPC", "end", "loss", "start",
+                              "loss", "end", "acc", "end", "tokens", "chars"]
+    assert row.split() == ["code", "4.000", "2.500", "5.2500", "5.2500", "0.125", "100",
+                           "400"]
+    assert metrics.format_eval_table({"": {"code": result}}).splitlines()[0].split() == [
+        "domain", "BPC", "loss", "acc", "tokens", "chars"]

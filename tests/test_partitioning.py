@@ -25,7 +25,7 @@ from t5x_like.partitioning import (
 )
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_configs import MODEL_GINS, model_config  # noqa: E402
+from test_configs import MODEL_GINS, factory, model_config  # noqa: E402
 
 GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden"
 TINY = ("tiny_palm", "tiny_llama", "tiny_encdec")
@@ -45,8 +45,7 @@ def _mesh(name):
 
 
 def _model(cfg):
-    cls = models.EncoderDecoderModel if cfg.is_encoder_decoder else models.DecoderOnlyModel
-    return cls(cfg)
+    return models.model_for(cfg)
 
 
 def test_eight_emulated_devices():
@@ -101,8 +100,8 @@ def test_every_param_of_every_model_resolves_under_every_preset(path):
     """No DuplicateSpecError, no unknown name, layers never split: all shipped models."""
     cfg = model_config(path.stem)
     for preset in PRESETS:
-        logical = partitioning.logical_specs(cfg)
-        specs = partitioning.param_partition_specs(cfg, preset)
+        logical = partitioning.logical_specs(factory(cfg))
+        specs = partitioning.param_partition_specs(factory(cfg), preset)
         for name, spec in specs.items():
             mesh_axes = [a for axes in spec for a in partitioning._mesh_axes_tuple(axes)]
             assert len(mesh_axes) == len(set(mesh_axes)), (name, spec)
@@ -134,9 +133,9 @@ def _spec_json(spec):
 
 def _golden_record(model_name, preset):
     cfg = model_config(model_name)
-    shapes = partitioning.param_shapes(cfg)
-    logical = partitioning.logical_specs(cfg)
-    specs = partitioning.param_partition_specs(cfg, preset)
+    shapes = partitioning.param_shapes(factory(cfg))
+    logical = partitioning.logical_specs(factory(cfg))
+    specs = partitioning.param_partition_specs(factory(cfg), preset)
     return {
         "model": model_name,
         "preset": preset,
@@ -264,16 +263,16 @@ def test_sizes_that_do_not_divide_the_mesh_fail_in_validate(field, value, preset
     if preset == "fsdp":
         mesh = partitioning.make_mesh({"data": 4, "fsdp": 2})
     with pytest.raises(ValueError, match=match):
-        partitioning.validate_for_mesh(cfg, mesh, rules)
+        partitioning.validate_for_mesh(factory(cfg), mesh, rules)
 
 
 def test_mqa_under_kv_sharding_points_to_fsdp_tp():
     cfg = model_config("tiny_palm")  # 1 kv head
     mesh = partitioning.make_mesh({"fsdp": 2, "tensor": 4})
     with pytest.raises(ValueError, match=r"num_kv_heads=1 is not divisible by 4.*preset 'fsdp_tp'"):
-        partitioning.validate_for_mesh(cfg, mesh, "fsdp_tp_kv")
-    partitioning.validate_for_mesh(cfg, mesh, "fsdp_tp")  # kv heads replicated: fine
-    partitioning.validate_for_mesh(model_config("tiny_llama"), partitioning.make_mesh(
+        partitioning.validate_for_mesh(factory(cfg), mesh, "fsdp_tp_kv")
+    partitioning.validate_for_mesh(factory(cfg), mesh, "fsdp_tp")  # kv heads replicated: fine
+    partitioning.validate_for_mesh(factory(model_config("tiny_llama")), partitioning.make_mesh(
         {"fsdp": 4, "tensor": 2}), "fsdp_tp_kv")  # 2 kv heads over tensor 2: fine
 
 
@@ -281,23 +280,23 @@ def test_rules_missing_a_logical_axis_fail_in_validate():
     rules = tuple(r for r in RULE_PRESETS["fsdp"] if r[0] != HEADS)
     mesh = partitioning.make_mesh({"fsdp": 8})
     with pytest.raises(ValueError, match=r"Logical axes \['heads'\] have no rule"):
-        partitioning.validate_for_mesh(model_config("tiny_llama"), mesh, rules)
+        partitioning.validate_for_mesh(factory(model_config("tiny_llama")), mesh, rules)
     match = r"Logical axis 'heads' of .*self_attention/w[qo] has no rule"
     with pytest.raises(ValueError, match=match):
-        partitioning.param_partition_specs(model_config("tiny_llama"), rules)
+        partitioning.param_partition_specs(factory(model_config("tiny_llama")), rules)
 
 
 def test_batch_size_must_split_over_the_data_parallel_axes():
     mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with pytest.raises(ValueError, match=r"batch size 6 .* is not divisible by 4.*\('data', 'fsdp'\)"):
-        partitioning.validate_for_mesh(model_config("tiny_llama"), mesh, "fsdp_tp", batch_size=6)
-    partitioning.validate_for_mesh(model_config("tiny_llama"), mesh, "fsdp_tp", batch_size=8)
+        partitioning.validate_for_mesh(factory(model_config("tiny_llama")), mesh, "fsdp_tp", batch_size=6)
+    partitioning.validate_for_mesh(factory(model_config("tiny_llama")), mesh, "fsdp_tp", batch_size=8)
 
 
 def test_unused_mesh_axis_fails_in_validate():
     mesh = partitioning.make_mesh({"fsdp": 2, "tensor": 4})
     with pytest.raises(ValueError, match="Mesh axis 'tensor' has size 4 but no rule uses it"):
-        partitioning.validate_for_mesh(model_config("tiny_llama"), mesh, "fsdp")
+        partitioning.validate_for_mesh(factory(model_config("tiny_llama")), mesh, "fsdp")
 
 
 def test_validation_of_a_70b_model_compiles_nothing():
@@ -310,9 +309,9 @@ def test_validation_of_a_70b_model_compiles_nothing():
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         mesh = partitioning.make_mesh({"fsdp": 1, "tensor": 8})
-        partitioning.validate_for_mesh(model_config("llama3_70b"), mesh, "fsdp_tp_kv")
+        partitioning.validate_for_mesh(factory(model_config("llama3_70b")), mesh, "fsdp_tp_kv")
         with pytest.raises(ValueError, match="num_kv_heads=1 is not divisible by 8"):
-            partitioning.validate_for_mesh(model_config("palm_62b"), mesh, "fsdp_tp_kv")
+            partitioning.validate_for_mesh(factory(model_config("palm_62b")), mesh, "fsdp_tp_kv")
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
@@ -321,14 +320,14 @@ def test_validation_of_a_70b_model_compiles_nothing():
 @pytest.mark.parametrize("model_name", TINY)
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
 def test_tiny_models_validate_on_the_test_meshes(model_name, mesh_name):
-    partitioning.validate_for_mesh(model_config(model_name), *_mesh(mesh_name))
+    partitioning.validate_for_mesh(factory(model_config(model_name)), *_mesh(mesh_name))
 
 
 # ------------------------------------------------------------------------ sharded init
 
 
 def test_abstract_params_allocate_nothing():
-    state = partitioning.abstract_params(model_config("llama3_70b"))
+    state = partitioning.abstract_params(factory(model_config("llama3_70b")))
     leaves = [v.get_value() for _, v in nnx.to_flat_state(state)]
     assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
 
@@ -343,8 +342,8 @@ def _sharded_module(model_name, mesh_name):
     if key not in _MODULES:
         cfg = model_config(model_name)
         mesh, rules = _mesh(mesh_name)
-        partitioning.validate_for_mesh(cfg, mesh, rules)
-        _MODULES[key] = partitioning.create_sharded(_model(cfg), mesh, rules)
+        partitioning.validate_for_mesh(factory(cfg), mesh, rules)
+        _MODULES[key] = partitioning.create_sharded(_model(cfg).make_module, mesh, rules)
     return _MODULES[key]
 
 
@@ -357,14 +356,14 @@ def _params(module):
 def test_fsdp_splits_every_parameter_eight_ways(model_name):
     cfg = model_config(model_name)
     module = _sharded_module(model_name, "fsdp")
-    total = 4 * partitioning.count_params(cfg)  # float32
+    total = 4 * partitioning.count_params(factory(cfg))  # float32
     per_device = partitioning.per_device_param_bytes(module)
     assert len(per_device) == 8
     for device, nbytes in per_device.items():
         assert abs(nbytes - total / 8) <= 0.01 * total / 8, (device, nbytes, total)
     # Each array carries exactly the pinned spec, and the values do not depend on the
     # sharding (threefry is partitionable): the same as a single-device init.
-    specs = partitioning.param_partition_specs(cfg, "fsdp")
+    specs = partitioning.param_partition_specs(factory(cfg), "fsdp")
     reference = _params(_sharded_module(model_name, "cpu1"))
     for name, array in _params(module).items():
         assert array.sharding.spec == specs[name], name
@@ -402,16 +401,16 @@ def _loss_and_grads(model_name, mesh_name):
     cfg = model_config(model_name)
     model = _model(cfg)
     mesh, rules = _mesh(mesh_name)
-    partitioning.validate_for_mesh(cfg, mesh, rules)
+    partitioning.validate_for_mesh(factory(cfg), mesh, rules)
     if (model_name, mesh_name) in _MODULES or mesh_name != "fsdp_tp":
         module = _sharded_module(model_name, mesh_name)
     else:
         # Same parameters resharded (saves compiling the initialiser once more).
         reference = _sharded_module(model_name, "cpu1")
         graphdef, state = nnx.split(reference)
-        state = jax.device_put(state, partitioning.state_shardings(reference, mesh, rules))
+        state = jax.device_put(state, partitioning.logical_shardings(reference, mesh, rules))
         module = nnx.merge(graphdef, state)
-    batch = jax.device_put(_batch(cfg), partitioning.data_sharding(mesh, rules))
+    batch = jax.device_put(_batch(cfg), partitioning.batch_sharding(mesh))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         @nnx.jit
         def step(module, batch):

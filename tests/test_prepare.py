@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from t5x_like import prepare as prepare_lib
+from t5x_like import mixtures, store
 
 TEST_TASK_MODULE = "t5x_like_test_tasks"
 
@@ -174,7 +175,7 @@ def read_rows(out_dir):
     """All rows of a store as {feature: [N, L]} in shard order (the loader's parse, by hand)."""
     from array_record.python import array_record_module
 
-    manifest = prepare_lib.load_manifest(str(out_dir))
+    manifest = store.load_manifest(str(out_dir))
     rows = []
     for name in manifest["shards"]:
         reader = array_record_module.ArrayRecordReader(os.path.join(out_dir, name))
@@ -262,7 +263,7 @@ def test_prefix_lm_store(test_tasks, tmp_path):
 
 
 def test_nested_mixture_rates_are_flattened(test_tasks):
-    rates = prepare_lib.leaf_tasks_and_rates("tt_mix_nested")
+    rates = mixtures.leaf_tasks_and_rates("tt_mix_nested")
     assert dict(rates) == pytest.approx({"tt_a_encdec": 0.375, "tt_b_encdec": 0.625})
 
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import tasks  # noqa: F401  (registers)
 from tasks import reka_mix
-from t5x_like import ul2
+from t5x_like import documents, mixtures, ul2
 from t5x_like import vocabulary as vocabulary_lib
 
 DENOISERS = list(ul2.DENOISERS)
@@ -175,17 +175,17 @@ def test_upalm_preset_named_rates_and_rate_errors(caplog):
 
 def test_unknown_name_suggests_the_nearest_registered_names():
     with pytest.raises(ValueError, match=r"'reka_mix_u2'.*'reka_mix_ul2'"):
-        reka_mix.get_mixture_or_task("reka_mix_u2")
+        mixtures.get_mixture_or_task("reka_mix_u2")
     with pytest.raises(ValueError, match=r"'code_ul2_x5'.*'code_ul2_x"):
-        reka_mix.get_mixture_or_task("code_ul2_x5")
-    assert reka_mix.get_mixture_or_task("web_causal").name == "web_causal"
+        mixtures.get_mixture_or_task("code_ul2_x5")
+    assert mixtures.get_mixture_or_task("web_causal").name == "web_causal"
 
 
 def test_too_short_feature_lengths_name_the_denoiser_and_length():
     with pytest.raises(ValueError, match=r"'reka_mix_ul2'.*'x1'.*at least 510;.*got 114"):
-        reka_mix.validate_feature_lengths("reka_mix_ul2", {"inputs": 512, "targets": 114})
-    assert reka_mix.validate_feature_lengths("reka_mix_causal", {"targets": 64}) == {}
-    lengths = reka_mix.validate_feature_lengths("code_ul2", {"inputs": 512, "targets": 512})
+        ul2.validate_mixture_lengths("reka_mix_ul2", {"inputs": 512, "targets": 114})
+    assert ul2.validate_mixture_lengths("reka_mix_causal", {"targets": 64}) == {}
+    lengths = ul2.validate_mixture_lengths("code_ul2", {"inputs": 512, "targets": 512})
     assert set(lengths) == set(DENOISERS)
     # The task itself refuses when seqio builds it.
     task = seqio.get_mixture_or_task("math_ul2_x4")
@@ -215,7 +215,7 @@ def test_empty_and_non_utf8_documents_are_skipped_and_counted(tmp_path):
             python_ok = bool(d.decode("utf-8").strip())
         except UnicodeDecodeError:
             python_ok = False
-        assert (int(reka_mix.document_status(tf.constant(d))) == 0) == python_ok, d
+        assert (int(documents.document_status(tf.constant(d))) == 0) == python_ok, d
     try:
         reka_mix.register_tasks(tmp_path)
         task = seqio.get_mixture_or_task("code_validation")

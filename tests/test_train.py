@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t5x_like import layers, models, partitioning, train, trainer
+import tasks  # noqa: F401  (registers code_causal and the validation tasks)
+from t5x_like import (checkpoints, evaluation, launch, layers, models, partitioning, train,
+                      trainer)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, LENGTHS = 6, 8, {"targets": 64}
@@ -33,13 +35,18 @@ MODEL = models.DecoderOnlyModel(layers.TransformerConfig(
     dtype="float32", scan_layers=True))
 FSDP = partitioning.MeshConfig(shape={"data": 1, "fsdp": 8, "tensor": 1}, rules="fsdp")
 FSDP_TP = partitioning.MeshConfig(shape={"data": 1, "fsdp": 2, "tensor": 4}, rules="fsdp_tp")
-EVAL = train.EvalConfig(every_steps=1000, domains=("code", "math"), window=64, stride=32,
-                        max_tokens=256, batch_size=8)
+EVAL = evaluation.EvalConfig(every_steps=1000, domains=("code", "math"), window=64, stride=32,
+                             max_tokens=256, batch_size=8)
+EVAL_OFF = evaluation.EvalConfig(enabled=False)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return str(tmp_path_factory.mktemp("store"))
+
+
+def _optimizer():
+    return trainer.adamw_llama2(peak_lr=3e-3, warmup_steps=2, total_steps=STEPS)
 
 
 def _train(model_dir, store, mesh_config=FSDP, evaluation=None, num_examples=STEPS * BATCH,
@@ -49,14 +56,24 @@ def _train(model_dir, store, mesh_config=FSDP, evaluation=None, num_examples=STE
                             prepare_shards=prepare_shards)
     return train.train(
         model=MODEL, mesh_config=mesh_config, data=data,
-        optimizer=trainer.adamw_llama2(peak_lr=3e-3, warmup_steps=2, total_steps=STEPS),
-        train_steps=STEPS, model_dir=str(model_dir),
+        optimizer=_optimizer(), train_steps=STEPS, model_dir=str(model_dir),
         checkpoint=train.CheckpointConfig(save_every_steps=2, keep=5),
-        evaluation=evaluation or train.EvalConfig(enabled=False), log_every_steps=1, **kwargs)
+        evaluation=evaluation or EVAL_OFF, log_every_steps=1, **kwargs)
+
+
+def _final_state(summary, mesh_config=FSDP):
+    """The run's train state at its last step, read back from its checkpoint onto
+    `mesh_config` (train returns a summary, the state lives in the checkpoint)."""
+    mesh, rules = launch.mesh_for(mesh_config)
+    with checkpoints.CheckpointManager(os.path.join(summary.model_dir, "checkpoints")) as ckpt:
+        graphdef, state, step = trainer.init_or_restore(MODEL, _optimizer().tx, mesh, rules,
+                                                        0, ckpt)
+    assert step == summary.end_step
+    return nnx.merge(graphdef, state)
 
 
 def _params(summary):
-    state = nnx.merge(summary["graphdef"], summary["state"])
+    state = _final_state(summary)
     return {"/".join(map(str, path)): np.asarray(jax.device_get(v.get_value()))
             for path, v in nnx.to_flat_state(nnx.state(state.model, nnx.Param))}
 
@@ -73,23 +90,23 @@ def stopped(tmp_path_factory, store):
     """A run of the same schedule stopped (with a checkpoint) half-way."""
     model_dir = tmp_path_factory.mktemp("stopped")
     summary = _train(model_dir, store, stop_at_step=STEPS // 2)
-    assert summary["end_step"] == STEPS // 2
+    assert summary.end_step == STEPS // 2
     return summary
 
 
 def _continue(stopped, model_dir, store, **kwargs):
-    shutil.copytree(stopped["model_dir"], model_dir)
+    shutil.copytree(stopped.model_dir, model_dir)
     return _train(model_dir, store, **kwargs)
 
 
 def test_exact_resume_gives_bitwise_the_same_params_and_losses(tmp_path, store, straight,
                                                                stopped):
     resumed = _continue(stopped, tmp_path / "run", store)
-    assert resumed["start_step"] == STEPS // 2
-    losses = stopped["train_losses"] + resumed["train_losses"]
+    assert resumed.start_step == STEPS // 2
+    losses = stopped.train_losses + resumed.train_losses
     assert len(losses) == STEPS
-    assert losses == straight["train_losses"]  # bitwise: same floats
-    assert straight["train_losses"][-1] < straight["train_losses"][0]
+    assert losses == straight.train_losses  # bitwise: same floats
+    assert straight.train_losses[-1] < straight.train_losses[0]
     a, b = _params(straight), _params(resumed)
     assert a.keys() == b.keys()
     for name in a:
@@ -99,31 +116,28 @@ def test_exact_resume_gives_bitwise_the_same_params_and_losses(tmp_path, store, 
 def test_resume_under_another_mesh_and_rule_preset(tmp_path, store, straight, stopped):
     resumed = _continue(stopped, tmp_path / "run", store, mesh_config=FSDP_TP,
                         stop_at_step=STEPS // 2 + 1)
-    specs = [v.get_value().sharding.spec for _, v in nnx.to_flat_state(resumed["state"])
+    specs = [v.get_value().sharding.spec
+             for _, v in nnx.to_flat_state(nnx.state(_final_state(resumed, FSDP_TP)))
              if hasattr(v.get_value(), "sharding")]
     assert any("tensor" in jax.tree.leaves(tuple(spec)) for spec in specs)  # really fsdp_tp
-    assert resumed["train_losses"] == pytest.approx(
-        straight["train_losses"][STEPS // 2: STEPS // 2 + 1], abs=1e-5)
+    assert resumed.train_losses == pytest.approx(
+        straight.train_losses[STEPS // 2: STEPS // 2 + 1], abs=1e-5)
 
 
 def test_standalone_eval_of_the_last_checkpoint_equals_the_in_training_eval(straight):
-    from t5x_like import eval as eval_lib
-
-    result = eval_lib.evaluate(
-        model=MODEL, mesh_config=FSDP_TP,
-        optimizer=trainer.adamw_llama2(peak_lr=3e-3, warmup_steps=2, total_steps=STEPS),
-        model_dir=straight["model_dir"], evaluation=EVAL, task_feature_lengths=LENGTHS)
+    result = evaluation.evaluate(model=MODEL, mesh_config=FSDP_TP, optimizer=_optimizer(),
+                                 model_dir=straight.model_dir, evaluation=EVAL)
     assert result["step"] == STEPS
-    for domain, expected in straight["eval_end"].items():
+    for domain, expected in straight.eval_end.items():
         got = result["results"][domain]
         assert got["tokens"] == expected["tokens"] and got["chars"] == expected["chars"]
         assert got["bpc"] == pytest.approx(expected["bpc"], rel=1e-5)
-    start, end = straight["eval_start"], straight["eval_end"]
+    start, end = straight.eval_start, straight.eval_end
     assert all(end[d]["bpc"] < start[d]["bpc"] for d in EVAL.domains)
 
 
 def test_outputs_in_the_model_dir(straight):
-    model_dir = straight["model_dir"]
+    model_dir = straight.model_dir
     assert os.path.isfile(os.path.join(model_dir, "config.gin"))
     steps = sorted(int(os.path.basename(p)) for p in
                    glob.glob(os.path.join(model_dir, "checkpoints", "*")) if
@@ -159,7 +173,7 @@ def test_the_shard_count_of_an_existing_store_is_kept_by_default(tmp_path, store
     # The store has 1 shard; a run on a machine with another core count reuses it.
     with mock.patch("os.cpu_count", return_value=3):
         summary = _train(tmp_path, store, prepare_shards=None, stop_at_step=1)
-    assert summary["end_step"] == 1
+    assert summary.end_step == 1
 
 
 def test_an_eval_batch_the_mesh_cannot_split_is_a_clear_error(tmp_path, store):
@@ -222,7 +236,7 @@ TRAIN_STEPS = 3
 WARMUP_STEPS = 1
 BATCH_SIZE = 8
 EVAL_EVERY_STEPS = 1000
-train.EvalConfig.enabled = False
+evaluation.EvalConfig.enabled = False
 train.DataConfig.prepare_shards = 1
 '''
 
@@ -252,14 +266,14 @@ def test_a_users_task_module_trains_through_the_cli(tmp_path):
 def test_every_experiment_parses_and_binds_a_model_and_a_mesh(path):
     gin.clear_config()
     try:
-        train.parse_gin([path], ["MODEL_DIR = '/tmp/unused'"])
+        launch.parse_gin([path], ["MODEL_DIR = '/tmp/unused'"])
         model = gin.query_parameter("%MODEL").scoped_configurable_fn()
         mesh_config = gin.query_parameter("%MESH_CONFIG").scoped_configurable_fn()
         lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
         assert mesh_config.num_devices == 8 and mesh_config.rules == "fsdp"
-        partitioning.validate_for_mesh(model.cfg, mesh_config.make_mesh(), mesh_config.rule_set(),
+        partitioning.validate_for_mesh(model.make_module, mesh_config.make_mesh(), mesh_config.rule_set(),
                                        batch_size=gin.query_parameter("%BATCH_SIZE"))
-        assert train.converter_for(model, lengths) in ("encdec", "prefix_lm", "lm")
+        assert model.converter_name(lengths) in ("encdec", "prefix_lm", "lm")
     finally:
         gin.clear_config()
 
@@ -278,8 +292,8 @@ EVAL_EVERY_STEPS = 1000
 EVAL_WINDOW = 64
 EVAL_STRIDE = 32
 EVAL_MAX_TOKENS = 256
-train.EvalConfig.domains = ['code']
-train.EvalConfig.batch_size = 8
+evaluation.EvalConfig.domains = ['code']
+evaluation.EvalConfig.batch_size = 8
 train.DataConfig.prepare_shards = 1
 train.DataConfig.store_dir = 'store'
 train.train.log_every_steps = 1

@@ -13,8 +13,8 @@ import tensorflow as tf
 
 from t5x_like import ul2
 
-VOCAB_SIZE = 8192  # the shipped vocabulary's size (docs/CONTRACTS.md)
-MODE_TOKENS = {"[NLU]": 3, "[NLG]": 4, "[S2S]": 5}  # docs/CONTRACTS.md
+VOCAB_SIZE = 8192  # the shipped vocabulary's size (docs/ARCHITECTURE.md)
+MODE_TOKENS = {"[NLU]": 3, "[NLG]": 4, "[S2S]": 5}  # docs/ARCHITECTURE.md
 # Synthetic text ids stay below this, so any id >= it in an output is a sentinel.
 MAX_TEXT_ID = VOCAB_SIZE - 512
 VOCAB = seqio.PassThroughVocabulary(size=VOCAB_SIZE, eos_id=1)
@@ -84,7 +84,7 @@ def _reconstruct(inputs, targets):
 
 
 def test_random_spans_helper_reproduces_t5_numbers():
-    # (mu, r) -> (raw, targets) at inputs 512 (SPEC section 1, from T5's code).
+    # (mu, r) -> (raw, targets) at inputs 512 (docs/FORMULAS.md, from T5's code).
     expected = {(3, .15): (568, 114), (8, .15): (588, 100), (3, .5): (766, 512),
                 (8, .5): (908, 512), (64, .15): (600, 92), (64, .5): (1006, 512)}
     for (mu, r), lengths in expected.items():

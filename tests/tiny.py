@@ -3,7 +3,6 @@
 Kept out of conftest.py (shared by every engineer); import with `from tiny import ...`
 (pytest puts tests/ on sys.path).
 """
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import pytest
 from flax import nnx
 
 from t5x_like.layers import TransformerConfig
-from t5x_like.models import DecoderOnlyModel, EncoderDecoderModel
+from t5x_like.models import model_for
 from t5x_like.partitioning import EMBED, LAYERS
 
 _TINY = dict(vocab_size=64, emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
@@ -23,10 +22,6 @@ _TINY = dict(vocab_size=64, emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
 def tiny_config(**overrides) -> TransformerConfig:
     """A 2-layer float32 GQA config small enough to compile in about a second."""
     return TransformerConfig(**{**_TINY, **overrides})
-
-
-def model_for(cfg: TransformerConfig):
-    return EncoderDecoderModel(cfg) if cfg.is_encoder_decoder else DecoderOnlyModel(cfg)
 
 
 def abstract_module(cfg: TransformerConfig, seed: int = 0):

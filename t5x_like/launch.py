@@ -1,0 +1,199 @@
+"""Process start-up shared by the entry points (train, eval, infer): flags, gin, logging,
+multi-process initialisation and the device count.
+
+An entry point's `main` is `launch.run(configurable)`: it parses the T5X-style flags
+(`--gin_file`, `--gin.NAME=VALUE`, `--gin_bindings`, `--gin_search_paths`, the
+multi-process flags), sets up logging, joins a multi-process run when asked, parses the
+gin files and calls the gin-configured function. Library code below the entry points
+never imports gin.
+
+Device start-up has two steps, because jax's CPU device count can only be set before
+its backends start: `use_cpu_devices(n)` (before any computation) and then
+`mesh_for(mesh_config)`, which checks the count and builds the mesh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import gin
+import jax
+from jax._src import distributed as _jax_distributed
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_GIN_SEARCH_PATHS = (os.path.join(REPO_ROOT, "gin_configs"), REPO_ROOT)
+
+# Python modules that the parsed gin files import (`import my_tasks`): the task modules
+# that worker processes must import too, so that they see the same SeqIO registry.
+_gin_imports: list[str] = []
+
+
+# ---------------------------------------------------------------------------
+# Flags and gin
+
+
+def parse_flags(argv: Sequence[str], prog: str = "python -m t5x_like.train",
+                description: str = "") -> argparse.Namespace:
+    """T5X-style flags: --gin_file (repeatable), --gin.NAME=VALUE, --gin_search_paths,
+    and the multi-process flags."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help="gin file to parse (repeatable), found on the search paths.")
+    parser.add_argument("--gin_bindings", action="append", default=[],
+                        help="a gin binding such as \"TRAIN_STEPS=100\" (repeatable).")
+    parser.add_argument("--gin_search_paths", default="",
+                        help="comma-separated directories searched for gin files and includes.")
+    multi = parser.add_argument_group(
+        "multi-process (one process per host or GPU node, all with the same flags)")
+    multi.add_argument("--multiprocess", action="store_true",
+                       help="join a multi-process run, detecting the cluster (SLURM, MPI).")
+    multi.add_argument("--coordinator_address", default=None,
+                       help="host:port of process 0 (then also --process_count/--process_index).")
+    multi.add_argument("--process_count", type=int, default=None)
+    multi.add_argument("--process_index", type=int, default=None)
+    args, rest = parser.parse_known_args(argv)
+    for item in rest:
+        if item.startswith("--gin."):
+            name, sep, value = item[len("--gin."):].partition("=")
+            if not sep:
+                parser.error(f"{item!r}: expected --gin.NAME=VALUE, e.g. --gin.TRAIN_STEPS=100")
+            args.gin_bindings.append(f"{name} = {value}")
+        else:
+            parser.error(f"unrecognised argument {item!r}")
+    if not args.gin_file:
+        parser.error("at least one --gin_file is required, e.g. "
+                     "--gin_file=experiments/demo_encdec_ul2.gin")
+    return args
+
+
+def _drop_package_resource_reader() -> None:
+    """Keeps gin from looking includes up as resources of Python packages.
+
+    gin tries "runs/pretrain.gin" as a file inside a package named `runs` before the
+    search paths; a plain directory ./runs (our MODEL_DIRs live there) is a namespace
+    package without a file, and gin's lookup then crashes with a TypeError. Our files
+    are always found on the search paths, so only the plain file reader is kept. gin
+    offers no public way to remove a reader (tests/test_launch.py pins the behaviour).
+    """
+    readers = gin.config._FILE_READERS  # noqa: SLF001
+    readers[:] = [(reader, exists) for reader, exists in readers
+                  if getattr(exists, "__module__", "") != "gin.resource_reader"]
+
+
+def _imports_of(parsed: gin.config.ParsedConfigFileIncludesAndImports) -> list[str]:
+    names = list(parsed.imports)
+    for include in parsed.includes:
+        names += _imports_of(include)
+    return names
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
+              search_paths: Sequence[str] = ()) -> list[str]:
+    """Parses gin files then bindings (later ones win), with our search paths and the
+    working directory on sys.path (a user's task module beside their gin file).
+
+    Returns the Python modules the files import, also kept for `gin_imports()`.
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for path in (*search_paths, *DEFAULT_GIN_SEARCH_PATHS):
+        if path:
+            gin.add_config_file_search_path(path)
+    _drop_package_resource_reader()
+    parsed = gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
+    imported = [name for p in parsed for name in _imports_of(p)]
+    _gin_imports[:] = sorted({name for name in imported
+                              if not name.startswith(("t5x_like", "__gin__"))})
+    return list(_gin_imports)
+
+
+def gin_imports() -> list[str]:
+    """The Python modules (other than t5x_like's) that the parsed gin files imported."""
+    return list(_gin_imports)
+
+
+# ---------------------------------------------------------------------------
+# Logging, processes, devices
+
+
+def setup_logging() -> None:
+    """Our loggers at INFO on the console; libraries (gin, absl, orbax) at WARNING."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # force: a library that logged while being imported has already given the root
+    # logger Python's default handler.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for name in ("t5x_like", "tasks"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           process_count: int | None = None,
+                           process_index: int | None = None) -> None:
+    """Joins a multi-process run: one process per host (GPU node), all running the same
+    command. With no arguments, jax detects the cluster (SLURM, Open MPI, Cloud TPU);
+    otherwise all three are needed, as in T5X's --coordinator_address flags. On CPU
+    each process emulates mesh devices / process_count devices."""
+    explicit = (coordinator_address, process_count, process_index)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise ValueError(
+            "Give all of --coordinator_address, --process_count and --process_index (or "
+            "none of them, with --multiprocess, to let jax detect the cluster); got "
+            f"{coordinator_address!r}, {process_count!r}, {process_index!r}.")
+    jax.distributed.initialize(coordinator_address, process_count, process_index)
+
+
+def use_cpu_devices(n: int) -> None:
+    """On a CPU-only host, emulate the `n` mesh devices over this run's processes.
+
+    Must run before jax's first computation; a no-op when XLA_FLAGS already sets the
+    count or the backends are up (e.g. inside a test process).
+    """
+    if "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    # Not jax.process_count(): that would start the backends before the update below.
+    processes = _jax_distributed.global_state.num_processes or 1
+    try:
+        jax.config.update("jax_num_cpu_devices", max(1, n // processes))
+    except RuntimeError:
+        pass  # backends already up: use what is there.
+
+
+def mesh_for(mesh_config) -> tuple[jax.sharding.Mesh, Any]:
+    """(mesh, logical-axis rules) of a partitioning.MeshConfig, after checking that the
+    mesh uses every device jax sees."""
+    if mesh_config.num_devices != jax.device_count():
+        raise ValueError(
+            f"The mesh {mesh_config.global_shape} needs {mesh_config.num_devices} devices but "
+            f"jax sees {jax.device_count()} ({jax.devices()[0].platform}). Pick a mesh gin file "
+            "that matches (gin_configs/meshes/), or on CPU set XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={mesh_config.num_devices} before starting.")
+    return mesh_config.make_mesh(), mesh_config.rule_set()
+
+
+# ---------------------------------------------------------------------------
+# The entry point
+
+
+def run(configurable: str, argv: Sequence[str] | None = None,
+        prog: str = "python -m t5x_like.train") -> Any:
+    """Parses flags and gin, starts logging and processes, and calls the configurable.
+
+    `configurable` is the gin-registered function by its full name, e.g.
+    "t5x_like.train.train": run as `python -m`, an entry point's file is `__main__`, a
+    second module object that gin never registered, so the name (not the function
+    object) says which one gin calls.
+    """
+    args = parse_flags(sys.argv[1:] if argv is None else argv, prog=prog)
+    setup_logging()
+    if args.multiprocess or args.coordinator_address is not None:
+        initialize_distributed(args.coordinator_address, args.process_count,
+                               args.process_index)
+    parse_gin(args.gin_file, args.gin_bindings,
+              [p for p in args.gin_search_paths.split(",") if p])
+    return gin.get_configurable(configurable)()

@@ -1,0 +1,249 @@
+"""The prepared-example store: an ArrayRecord file per shard plus a JSON manifest.
+
+`prepare.py` writes stores and `loader.py` reads them; this module is the format
+between them, defined once: file names, the manifest, what identifies a store, and the
+byte layout of a record.
+
+Layout of a store directory:
+  manifest.json                                what was asked for and what was written
+  train-00003-of-00008.array_record            one ArrayRecord file per SeqIO shard
+  train-00003-of-00008.done.json               per-shard done record (counts), written last
+
+Record: one packed row; the int32 arrays of the model features in the fixed order of
+`CONVERTER_FEATURES[converter]` (also listed in `manifest["features"]`), concatenated as
+raw little-endian bytes. Raw bytes parse at 100-200k rows/s, far faster than
+tf.train.Example.
+
+Identity: the fields of `StoreSpec` define what a store contains. A store is reused
+only when every one of them matches; any difference is a `ManifestMismatchError` that
+names it, and nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# Model features written per feature converter (seqio's EncDec / PrefixLM / LM packed
+# converters), in record order. Fixed here, not taken from dict order, so that the byte
+# layout of a record never depends on tf.data internals.
+CONVERTER_FEATURES = {
+    "encdec": (
+        "encoder_input_tokens",
+        "encoder_segment_ids",
+        "encoder_positions",
+        "decoder_input_tokens",
+        "decoder_target_tokens",
+        "decoder_loss_weights",
+        "decoder_segment_ids",
+        "decoder_positions",
+    ),
+    "prefix_lm": (
+        "decoder_input_tokens",
+        "decoder_target_tokens",
+        "decoder_loss_weights",
+        "decoder_segment_ids",
+        "decoder_positions",
+        "decoder_causal_attention",
+    ),
+    "lm": (
+        "decoder_input_tokens",
+        "decoder_target_tokens",
+        "decoder_loss_weights",
+        "decoder_segment_ids",
+        "decoder_positions",
+    ),
+}
+# Task features each converter consumes (seqio's TASK_FEATURES).
+CONVERTER_TASK_FEATURES = {
+    "encdec": ("inputs", "targets"),
+    "prefix_lm": ("inputs", "targets"),
+    "lm": ("targets",),
+}
+
+
+class ManifestMismatchError(ValueError):
+    """The store at a directory was prepared with other settings than the ones requested."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSpec:
+    """What a store contains: every field is part of its identity."""
+
+    mixture: str
+    split: str
+    seed: int
+    converter: str
+    task_feature_lengths: dict[str, int]
+    num_examples: int
+    num_shards: int
+    shuffle_buffer_size: int
+    vocabulary_checksum: str
+
+    def __post_init__(self):
+        if self.converter not in CONVERTER_FEATURES:
+            raise ValueError(f"Unknown converter {self.converter!r}; expected one of "
+                             f"{sorted(CONVERTER_FEATURES)}.")
+        expected = set(CONVERTER_TASK_FEATURES[self.converter])
+        if set(self.task_feature_lengths) != expected:
+            raise ValueError(
+                f"Converter {self.converter!r} takes task feature lengths for "
+                f"{sorted(expected)}, got {dict(self.task_feature_lengths)}. Fix "
+                f"--feature_lengths (e.g. {','.join(f'{k}=512' for k in sorted(expected))}).")
+        bad = {k: v for k, v in self.task_feature_lengths.items() if int(v) <= 0}
+        if bad:
+            raise ValueError(f"Feature lengths must be positive, got {bad}.")
+        if self.num_examples <= 0 or self.num_shards <= 0:
+            raise ValueError(f"num_examples and num_shards must be positive, got "
+                             f"{self.num_examples}, {self.num_shards}.")
+        if self.num_shards > self.num_examples:
+            raise ValueError(
+                f"num_shards={self.num_shards} exceeds num_examples={self.num_examples}; "
+                "every shard needs at least one row. Lower --num_shards.")
+        # Normalised so that a spec compares equal to its manifest copy.
+        object.__setattr__(self, "task_feature_lengths",
+                           {str(k): int(v) for k, v in sorted(self.task_feature_lengths.items())})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check_against(self, store_dir: str, manifest: Mapping[str, Any]) -> None:
+        """Raises ManifestMismatchError naming every field the stored manifest differs in."""
+        requested = self.as_dict()
+        mismatched = {k: (manifest.get(k), v) for k, v in requested.items()
+                      if manifest.get(k) != v}
+        if mismatched:
+            details = "; ".join(f"{k}: store has {a!r}, requested {b!r}"
+                                for k, (a, b) in mismatched.items())
+            raise ManifestMismatchError(
+                f"The store {store_dir} was prepared with other settings ({details}). "
+                f"Nothing was changed. Fix: pass a new --out directory, or delete "
+                f"{store_dir} to rebuild it with the requested settings.")
+
+    def shard_files(self) -> list[str]:
+        return [shard_file_name(self.split, i, self.num_shards) for i in range(self.num_shards)]
+
+    def examples_per_shard(self) -> list[int]:
+        return examples_per_shard(self.num_examples, self.num_shards)
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def shard_file_name(split: str, index: int, num_shards: int) -> str:
+    return f"{split}-{index:05d}-of-{num_shards:05d}.array_record"
+
+
+def done_file_name(split: str, index: int, num_shards: int) -> str:
+    return f"{split}-{index:05d}-of-{num_shards:05d}.done.json"
+
+
+def examples_per_shard(num_examples: int, num_shards: int) -> list[int]:
+    """Splits N rows over K shards as evenly as possible (the first N % K get one more)."""
+    base, extra = divmod(num_examples, num_shards)
+    return [base + (1 if i < extra else 0) for i in range(num_shards)]
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes `path` whole or not at all (tmp name, fsync, rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_manifest(store_dir: str) -> dict | None:
+    """The manifest of a store, complete or not; None where there is none."""
+    path = os.path.join(store_dir, MANIFEST_NAME)
+    return read_json(path) if os.path.exists(path) else None
+
+
+def load_manifest(store_dir: str) -> dict:
+    """The manifest of a complete store, or an error saying how to make one."""
+    manifest = read_manifest(store_dir)
+    if manifest is None or not manifest.get("complete"):
+        raise FileNotFoundError(
+            f"No complete prepared store at {store_dir} (manifest.json "
+            f"{'missing' if manifest is None else 'marks it incomplete'}). Run "
+            f"`python -m t5x_like.prepare ... --out {store_dir}` (it resumes a partial store).")
+    return manifest
+
+
+def fingerprint(manifest: Mapping[str, Any]) -> str:
+    """A short text that changes whenever the store's rows would: for iterator states."""
+    keys = ("mixture", "split", "seed", "converter", "num_examples", "vocabulary_checksum")
+    return ("|".join(f"{k}={manifest[k]}" for k in keys)
+            + f"|lengths={manifest['model_feature_lengths']}")
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordLayout:
+    """How a record's bytes split into model features."""
+
+    names: tuple[str, ...]
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def of(cls, converter: str, model_feature_lengths: Mapping[str, int]) -> RecordLayout:
+        names = CONVERTER_FEATURES[converter]
+        return cls(names, tuple(int(model_feature_lengths[n]) for n in names))
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> RecordLayout:
+        return cls(tuple(f["name"] for f in manifest["features"]),
+                   tuple(int(f["shape"][0]) for f in manifest["features"]))
+
+    @property
+    def row_width(self) -> int:
+        return sum(self.lengths)
+
+    def manifest_features(self) -> list[dict[str, Any]]:
+        return [{"name": n, "dtype": "int32", "shape": [k]}
+                for n, k in zip(self.names, self.lengths)]
+
+    def encode(self, row: Mapping[str, np.ndarray]) -> bytes:
+        """One packed row (a dict of 1-D int arrays) as record bytes."""
+        parts = []
+        for name, length in zip(self.names, self.lengths):
+            array = np.asarray(row[name], dtype="<i4")
+            if array.shape != (length,):
+                raise ValueError(f"Feature {name} has shape {array.shape}, expected ({length},).")
+            parts.append(array.tobytes())
+        return b"".join(parts)
+
+    def parse_batch(self, records: Sequence[bytes]) -> dict[str, np.ndarray]:
+        """Records → {feature: int32 [len(records), length]} (one parse per batch)."""
+        flat_BW = np.frombuffer(b"".join(records), dtype="<i4").reshape(
+            len(records), self.row_width)
+        out, offset = {}, 0
+        for name, length in zip(self.names, self.lengths):
+            # Contiguous copies: jax transfers them without another copy.
+            out[name] = np.ascontiguousarray(flat_BW[:, offset:offset + length], dtype=np.int32)
+            offset += length
+        return out

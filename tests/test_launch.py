@@ -1,0 +1,55 @@
+"""Start-up shared by the entry points: flags, gin parsing, the imports gin files make."""
+
+import gin
+import pytest
+
+from t5x_like import launch
+
+
+@pytest.fixture
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def test_flags_collect_gin_files_and_bindings():
+    args = launch.parse_flags(["--gin_file=a.gin", "--gin.TRAIN_STEPS=7",
+                               "--gin_bindings=BATCH_SIZE = 8", "--gin_file=b.gin"])
+    assert args.gin_file == ["a.gin", "b.gin"]
+    assert args.gin_bindings == ["BATCH_SIZE = 8", "TRAIN_STEPS = 7"]
+    with pytest.raises(SystemExit):
+        launch.parse_flags(["--gin.TRAIN_STEPS"])  # no value
+    with pytest.raises(SystemExit):
+        launch.parse_flags(["--gin.TRAIN_STEPS=1"])  # no gin file
+
+
+def test_an_include_is_found_although_a_directory_of_its_name_is_in_the_cwd(
+        tmp_path, monkeypatch, clean_gin):
+    """gin's package-resource reader crashes on a plain ./runs directory (a namespace
+    package) when a file includes 'runs/...'; launch keeps only the file reader."""
+    (tmp_path / "runs").mkdir()  # where MODEL_DIRs live
+    configs = tmp_path / "configs"
+    (configs / "runs").mkdir(parents=True)
+    (configs / "runs" / "base.gin").write_text("X = 1\n")
+    (configs / "exp.gin").write_text("include 'runs/base.gin'\nimport json\nY = %X\n")
+    monkeypatch.chdir(tmp_path)
+    imported = launch.parse_gin(["exp.gin"], ["Z = 3"], [str(configs)])
+    assert gin.query_parameter("%X") == 1
+    assert gin.query_parameter("%Z") == 3
+    assert imported == ["json"] == launch.gin_imports()
+
+
+def test_the_shipped_experiments_import_the_shipped_tasks(clean_gin):
+    imported = launch.parse_gin(["experiments/demo_encdec_ul2.gin"], [])
+    assert imported == ["tasks"]  # t5x_like's own modules are not task modules
+
+
+def test_a_mesh_that_does_not_match_the_devices_is_refused():
+    from t5x_like import partitioning
+
+    four = partitioning.MeshConfig(shape={"fsdp": 4}, rules="fsdp")
+    with pytest.raises(ValueError, match="needs 4 devices but jax sees 8"):
+        launch.mesh_for(four)
+    mesh, rules = launch.mesh_for(partitioning.MeshConfig(shape={"fsdp": 8}, rules="fsdp"))
+    assert mesh.size == 8 and rules == partitioning.RULE_PRESETS["fsdp"]
