@@ -13,7 +13,25 @@ go-to-definition.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING
+
+# Worker processes that t5x_like spawns (data preparation) die with their parent, even
+# when it is killed with SIGKILL: set here, the first code a spawned child runs, before
+# its seconds of imports. The parent names itself in WORKER_PARENT_ENV before spawning;
+# sys.orig_argv, since spawn replaces sys.argv with the parent's before this runs.
+WORKER_PARENT_ENV = "T5X_LIKE_WORKER_PARENT"
+if "--multiprocessing-fork" in sys.orig_argv and WORKER_PARENT_ENV in os.environ:
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except OSError:
+        pass
+    if os.getppid() != int(os.environ[WORKER_PARENT_ENV]):
+        os._exit(1)  # the parent died before the signal was armed
 
 if TYPE_CHECKING:  # noqa: SIM108 - imports for readers and tools only
     # ruff: noqa: F401

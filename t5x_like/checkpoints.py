@@ -1,6 +1,6 @@
 """Checkpoints: orbax CheckpointManager over the train state, data iterator and config.
 
-One step directory holds three items:
+One step directory holds these items:
 - `state`: the train-state pytree (`nnx.split(TrainState)[1]`: params, optimizer
   state, step), saved asynchronously (the training loop continues while it is
   written) with orbax's standard pytree handler;
@@ -10,7 +10,17 @@ One step directory holds three items:
   state, as t5x_like's loader does, it restores under another process count too. It
   accepts a grain iterator or anything with `get_state()`/`set_state()` (state a dict
   or JSON bytes), or a plain dict;
-- `config`: the operative gin config text, so a step directory says how it was made.
+- `config`: the operative gin config text, so a step directory says how it was made;
+- `integrity`: a 32-bit checksum per state array (the wrap-around sum of its words, on
+  device), so that a damaged array is found on restore; a state with a NaN or Inf is
+  never saved (`NonFiniteStateError`);
+- `run`: what the run says about itself (JSON, optional): its identity (model, data,
+  optimizer, schedule) for checks on resume, and host-side state such as the loss
+  history of the spike guard.
+
+`restore_latest` reads the newest checkpoint; when it is damaged (incomplete, its
+metadata missing, a file truncated or a bit flipped) the step directory is moved aside
+to `damaged/` (never deleted), the reason is logged, and the next newest is tried.
 
 Restoring reads arrays straight into the shardings of a target (abstract) state built
 for the *current* mesh and rule preset, so a run saved under one layout resumes under
@@ -23,15 +33,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
-STATE, DATA, CONFIG = "state", "data", "config"
+STATE, DATA, CONFIG, INTEGRITY, RUN = "state", "data", "config", "integrity", "run"
+DAMAGED_DIR = "damaged"
+
+log = logging.getLogger("t5x_like.checkpoints")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint is readable but was written by another model or run."""
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A step directory cannot be read back as it was written."""
+
+
+class NonFiniteStateError(ValueError):
+    """The state holds NaN or Inf: it is not saved."""
 
 
 # ---------------------------------------------------------------------------
@@ -100,7 +129,7 @@ def read_data_state(directory: epath.Path, process_index: int, process_count: in
     states = {path.read_text() for path in saved}
     if len(states) == 1:
         return json.loads(states.pop())
-    raise ValueError(
+    raise CheckpointMismatchError(
         f"{own} is missing: the data iterator state in {directory} was written by "
         f"{len(saved)} processes, each with its own position ({saved[0].name}, ...), and "
         f"this run has {process_count}. Resume with the process count that saved it.")
@@ -147,7 +176,7 @@ def _check_compatible(stored: Any, target: Any, where: str) -> None:
     if problems:
         shown = "\n".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
                                             if len(problems) > 20 else "")
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"the checkpoint at {where} does not match the model ({len(problems)} "
             f"differences):\n{shown}\nThe model config differs from the one that wrote this "
             "checkpoint: use the same model config, or a new model_dir. Nothing in the "
@@ -171,6 +200,36 @@ def abstract_like(state: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# Integrity: checksums and finiteness, computed on device
+
+
+def _words_u32(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    unsigned = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _checksums_and_finite(state: Any) -> tuple[list[jax.Array], jax.Array]:
+    leaves = jax.tree.leaves(state)
+    sums = [jnp.sum(_words_u32(x), dtype=jnp.uint32) for x in leaves]
+    finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return sums, jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
+
+
+def integrity(state: Any) -> tuple[dict[str, int], bool]:
+    """({array path: 32-bit checksum}, whether every float is finite) of a state.
+
+    The checksum is the sum of the array's 32-bit words modulo 2**32: one flipped bit
+    anywhere changes it, and it costs one pass over the arrays on their own devices.
+    """
+    sums, finite = jax.device_get(_checksums_and_finite(state))
+    names = list(_flat_shapes(state))
+    return {name: int(v) for name, v in zip(names, sums)}, bool(finite)
+
+
+# ---------------------------------------------------------------------------
 # The manager
 
 
@@ -182,17 +241,18 @@ class Restored:
     state: Any
     data: Any = None  # the data iterator (state set), or its state if no iterator given
     config_text: str | None = None
+    run: dict[str, Any] | None = None  # the `run` item, if the checkpoint has one
 
 
 class CheckpointManager:
-    """Orbax CheckpointManager with this project's three items and checks.
+    """Orbax CheckpointManager with this project's items and checks.
 
     Use as a context manager (or call `close()`): it waits for in-flight async saves on
     exit, including when the training loop raises, so the last save is never torn.
     """
 
     def __init__(self, directory: str | epath.PathLike, *, save_interval_steps: int = 1000,
-                 max_to_keep: int | None = 3, async_save: bool = True):
+                 max_to_keep: int | None = 3, async_save: bool = True, create: bool = True):
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps={save_interval_steps} must be ≥ 1.")
         # orbax rejects relative local paths; users pass MODEL_DIR relative to the cwd.
@@ -204,7 +264,7 @@ class CheckpointManager:
             save_interval_steps=save_interval_steps,
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=create,
         )
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -213,29 +273,46 @@ class CheckpointManager:
                 STATE: ocp.StandardCheckpointHandler(),
                 DATA: _DataStateHandler(),
                 CONFIG: ocp.JsonCheckpointHandler(),
+                INTEGRITY: ocp.JsonCheckpointHandler(),
+                RUN: ocp.JsonCheckpointHandler(),
             },
         )
+
+    @property
+    def save_interval_steps(self) -> int:
+        return self._save_interval_steps
 
     # -- saving --
 
     def save(self, step: int, state: Any, *, data_iterator: Any = None,
-             config_text: str | None = None, force: bool = False) -> bool:
-        """Starts saving `state` (and the iterator state, config) at `step` if it is due.
+             config_text: str | None = None, run: Mapping[str, Any] | None = None,
+             force: bool = False) -> bool:
+        """Starts saving `state` (and the iterator state, config, run item) at `step` if
+        it is due.
 
         Due means a multiple of `save_interval_steps` (or `force=True`, e.g. the last
-        step). The data iterator's state is captured now, synchronously, so the loop may
-        advance the iterator while the arrays are being written. Returns whether a save
-        started.
+        step). The data iterator's state and the checksums are taken now, synchronously,
+        so the loop may go on while the arrays are being written. Returns whether a save
+        started. Raises NonFiniteStateError, saving nothing, if the state holds a NaN
+        or Inf.
         """
         # Our own rule rather than orbax's should_save, which also saves the first step
         # it sees whatever its number: a resumed run would write an off-interval step.
         if not force and step % self._save_interval_steps:
             return False
-        items = {STATE: ocp.args.StandardSave(state)}
+        checksums, finite = integrity(state)
+        if not finite:
+            raise NonFiniteStateError(
+                f"the train state at step {step} holds NaN or Inf values; it was not saved "
+                f"to {self.directory}, whose checkpoints stay as they were.")
+        items = {STATE: ocp.args.StandardSave(state),
+                 INTEGRITY: ocp.args.JsonSave({"uint32_word_sums": checksums})}
         if data_iterator is not None:
             items[DATA] = _DataSave(_capture_data_state(data_iterator))
         if config_text is not None:
             items[CONFIG] = ocp.args.JsonSave({"operative_config": config_text})
+        if run is not None:
+            items[RUN] = ocp.args.JsonSave(dict(run))
         return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def wait_until_finished(self) -> None:
@@ -256,6 +333,18 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def newest_run_item(self) -> dict[str, Any] | None:
+        """The `run` item of the newest checkpoint, read alone (None if there is none or
+        it cannot be read: `restore_latest` then finds out why)."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(
+                **{RUN: ocp.args.JsonRestore()}))[RUN]
+        except Exception:  # noqa: BLE001 - a missing or damaged item: not this check's job
+            return None
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
@@ -264,34 +353,84 @@ class CheckpointManager:
 
         `target_state` is the state as the current run would build it (arrays or
         ShapeDtypeStructs with shardings; see `abstract_like`), possibly on another mesh
-        or rule preset than the one that saved. Raises ValueError, before reading any
-        array, if the stored shapes differ from the target's.
+        or rule preset than the one that saved. Raises CheckpointMismatchError, before
+        reading any array, if the stored shapes differ from the target's, and
+        DamagedCheckpointError if the step cannot be read back as it was written.
         """
         where = self.directory / str(step)
-        stored = self._manager.item_metadata(step)[STATE]
+        try:
+            stored = self._manager.item_metadata(step)[STATE]
+        except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many kinds
+            raise DamagedCheckpointError(f"{where}: its metadata cannot be read ({e!r})") from e
+        if stored is None:
+            raise DamagedCheckpointError(f"{where}: it has no '{STATE}' item metadata")
         _check_compatible(getattr(stored, "tree", stored), target_state, str(where))
-        step_dir_items = {p.name for p in where.iterdir()} if where.exists() else set()
+        present = {p.name for p in where.iterdir()} if where.exists() else set()
         items = {STATE: ocp.args.StandardRestore(abstract_like(target_state))}
-        if DATA in step_dir_items:
+        items.update({name: ocp.args.JsonRestore() for name in (CONFIG, INTEGRITY, RUN)
+                      if name in present})
+        if DATA in present:
             items[DATA] = _DataRestore()
-        if CONFIG in step_dir_items:
-            items[CONFIG] = ocp.args.JsonRestore()
-        out = self._manager.restore(step, args=ocp.args.Composite(**items))
-        data = None
-        if DATA in items:
-            data = _apply_data_state(out[DATA], data_iterator)
         elif data_iterator is not None:
-            raise ValueError(
-                f"checkpoint {where} has no data iterator state, but a data iterator was given "
-                "to restore; it was saved without one. Restore without data_iterator and "
-                "position the data yourself, or start from a checkpoint that has it.")
-        config_text = out[CONFIG]["operative_config"] if CONFIG in items else None
-        return Restored(step=step, state=out[STATE], data=data, config_text=config_text)
+            raise DamagedCheckpointError(
+                f"{where} has no data iterator state, but a data iterator was given "
+                "to restore; it was saved without one.")
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e.__cause__, CheckpointMismatchError):
+                raise e.__cause__ from None
+            raise DamagedCheckpointError(f"{where}: its arrays cannot be read ({e!r})") from e
+        _verify(out, items, where)
+        data = _apply_data_state(out[DATA], data_iterator) if DATA in items else None
+        return Restored(step=step, state=out[STATE], data=data,
+                        config_text=out[CONFIG]["operative_config"] if CONFIG in items else None,
+                        run=out[RUN] if RUN in items else None)
 
     def restore_latest(self, target_state: Any, *, data_iterator: Any = None
                        ) -> Restored | None:
-        """Restores the newest finished checkpoint, or returns None if there is none."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        return self.restore(step, target_state, data_iterator=data_iterator)
+        """Restores the newest good checkpoint, or returns None if there is none.
+
+        A damaged newest checkpoint is reported with its path and the reason, moved
+        aside to `damaged/` (nothing is deleted), and the next newest is tried.
+        CheckpointMismatchError (another model wrote it) is raised, moving nothing.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return self.restore(step, target_state, data_iterator=data_iterator)
+            except DamagedCheckpointError as e:
+                moved = self.move_aside(step, DAMAGED_DIR)
+                reason = str(e).splitlines()[0][:400]
+                log.warning("checkpoint %s is damaged and was moved to %s; falling back to "
+                            "the previous one. Reason: %s", self.directory / str(step), moved,
+                            reason)
+        return None
+
+    def move_aside(self, step: int, into: str) -> epath.Path:
+        """Moves step directory `step` to `<directory>/<into>/<step>-<time>` (nothing is
+        deleted; orbax no longer lists it)."""
+        self._manager.wait_until_finished()
+        target = self.directory / into / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"t5x_like.checkpoints: moved {step}")
+        self._manager.reload()
+        return target
+
+
+def _verify(out: Any, items: Mapping[str, Any], where: epath.Path) -> None:
+    """Raises DamagedCheckpointError if the restored arrays' checksums differ from the
+    ones saved with them (a flipped bit, a truncated file read as zeros)."""
+    if INTEGRITY not in items:
+        return  # written before checksums existed
+    saved = out[INTEGRITY]["uint32_word_sums"]
+    checksums, _ = integrity(out[STATE])
+    bad = [name for name, value in checksums.items() if saved.get(name) != value]
+    if bad:
+        raise DamagedCheckpointError(
+            f"{where}: {len(bad)} array(s) differ from what was saved, e.g. {bad[0]} "
+            f"(checksum {checksums[bad[0]]} != saved {saved.get(bad[0])})")

@@ -72,17 +72,22 @@ class Evaluator:
     mesh: Any
     last_seconds: float = 0.0  # wall time of the latest run
 
+    @staticmethod
+    def check_batch_size(batch_size: int, mesh) -> None:
+        """Every process takes an equal slice of each eval batch, sharded over the batch
+        axes: the batch must divide both ways."""
+        ways = math.lcm(partitioning.num_batch_shards(mesh), jax.process_count())
+        if batch_size % ways:
+            raise ValueError(
+                f"evaluation.EvalConfig.batch_size={batch_size} is not a multiple of {ways} "
+                f"(the mesh's batch shards and {jax.process_count()} processes split it); "
+                f"set --gin.evaluation.EvalConfig.batch_size={ways * max(1, batch_size // ways)}.")
+
     @classmethod
     def create(cls, model, graphdef, state_sharding, mesh, rules, cfg: EvalConfig) -> Evaluator:
         """Reads and tokenizes the `{domain}_validation` tasks once (their module must be
         imported: the shipped gin files import `tasks`)."""
-        # Every process takes an equal slice of each batch, sharded over the batch axes.
-        ways = math.lcm(partitioning.num_batch_shards(mesh), jax.process_count())
-        if cfg.batch_size % ways:
-            raise ValueError(
-                f"evaluation.EvalConfig.batch_size={cfg.batch_size} is not a multiple of {ways} "
-                f"(the mesh's batch shards and {jax.process_count()} processes split it); "
-                f"set --gin.evaluation.EvalConfig.batch_size={ways * max(1, cfg.batch_size // ways)}.")
+        cls.check_batch_size(cfg.batch_size, mesh)
         streams = {
             domain: bpc.load_bpc_eval(f"{domain}_validation", window=cfg.window,
                                       stride=cfg.stride, max_documents=cfg.max_documents,
@@ -134,19 +139,19 @@ def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation: EvalC
             f"No checkpoints at {directory}; train first or set MODEL_DIR to a directory a "
             "training run wrote.")
     with checkpoints.CheckpointManager(directory) as ckpt:
-        graphdef, state, step = trainer.init_or_restore(
+        graphdef, state, restored = trainer.init_or_restore(
             model, optimizer.tx, mesh, rules, seed, ckpt)
-    if step is None:
+    if restored is None:
         raise FileNotFoundError(
             f"{directory} holds no finished checkpoint; train first or set MODEL_DIR to a "
             "directory a training run wrote.")
     evaluator = Evaluator.create(model, graphdef, trainer.state_shardings(state), mesh, rules,
                                  evaluation)
     with jax.set_mesh(mesh):
-        results = evaluator.run(state, step)
-    print(f"step {step} of {model_dir}")
+        results = evaluator.run(state, restored.step)
+    print(f"step {restored.step} of {model_dir}")
     print(metrics.format_eval_table({"": results}))
-    return {"step": step, "results": results}
+    return {"step": restored.step, "results": results}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -15,8 +15,10 @@ its backends start: `use_cpu_devices(n)` (before any computation) and then
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +27,15 @@ import gin
 import jax
 from jax._src import distributed as _jax_distributed
 
+from t5x_like import guards
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_GIN_SEARCH_PATHS = (os.path.join(REPO_ROOT, "gin_configs"), REPO_ROOT)
+
+DEBUG_ENV = "T5X_LIKE_DEBUG"
+# What a user can fix in their configuration: reported as one paragraph, exit code 2
+# (the full traceback with --debug). Anything else is a bug and shows its traceback.
+CONFIG_ERRORS = (ValueError, TypeError, KeyError, OSError, ImportError)
 
 # Python modules that the parsed gin files import (`import my_tasks`): the task modules
 # that worker processes must import too, so that they see the same SeqIO registry.
@@ -48,6 +57,9 @@ def parse_flags(argv: Sequence[str], prog: str = "python -m t5x_like.train",
                         help="a gin binding such as \"TRAIN_STEPS=100\" (repeatable).")
     parser.add_argument("--gin_search_paths", default="",
                         help="comma-separated directories searched for gin files and includes.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of configuration errors (or set "
+                             f"{DEBUG_ENV}=1).")
     multi = parser.add_argument_group(
         "multi-process (one process per host or GPU node, all with the same flags)")
     multi.add_argument("--multiprocess", action="store_true",
@@ -112,6 +124,23 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     return list(_gin_imports)
 
 
+def check_bindings(bindings: Sequence[str]) -> None:
+    """A command-line macro that nothing references (a misspelt `--gin.TRAIN_STPES=6`)
+    is an error naming it and the nearest macros that are used. gin itself already
+    refuses unknown configurables and parameters."""
+    text = gin.config_str()
+    referenced = set(re.findall(r"%([A-Za-z_]\w*)", text))
+    for binding in bindings:
+        name = binding.split("=", 1)[0].strip()
+        if re.fullmatch(r"[A-Za-z_]\w*", name) and name not in referenced:
+            near = difflib.get_close_matches(name, sorted(referenced), n=3, cutoff=0.6)
+            raise ValueError(
+                f"The binding {binding.strip()!r} sets the macro {name}, which nothing in "
+                f"the config uses, so it would change nothing. Did you mean "
+                f"{' or '.join(near) if near else 'a macro of the gin files'}? Macros in use: "
+                f"{', '.join(sorted(referenced))}.")
+
+
 def gin_imports() -> list[str]:
     """The Python modules (other than t5x_like's) that the parsed gin files imported."""
     return list(_gin_imports)
@@ -124,10 +153,14 @@ def gin_imports() -> list[str]:
 def setup_logging() -> None:
     """Our loggers at INFO on the console; libraries (gin, absl, orbax) at WARNING."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # force: a library that logged while being imported has already given the root
-    # logger Python's default handler.
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        # A library that logged while being imported gave the root logger Python's
+        # default console handler; ours replaces it (others, e.g. pytest's, stay).
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+                        datefmt="%H:%M:%S")
     for name in ("t5x_like", "tasks"):
         logging.getLogger(name).setLevel(logging.INFO)
 
@@ -187,13 +220,24 @@ def run(configurable: str, argv: Sequence[str] | None = None,
     `configurable` is the gin-registered function by its full name, e.g.
     "t5x_like.train.train": run as `python -m`, an entry point's file is `__main__`, a
     second module object that gin never registered, so the name (not the function
-    object) says which one gin calls.
+    object) says which one gin calls. A configuration error (CONFIG_ERRORS) is printed
+    as one paragraph and exits with code 2, a run a guard stopped (guards.RunStopped)
+    with code 1; `--debug` shows the traceback instead.
     """
     args = parse_flags(sys.argv[1:] if argv is None else argv, prog=prog)
     setup_logging()
-    if args.multiprocess or args.coordinator_address is not None:
-        initialize_distributed(args.coordinator_address, args.process_count,
-                               args.process_index)
-    parse_gin(args.gin_file, args.gin_bindings,
-              [p for p in args.gin_search_paths.split(",") if p])
-    return gin.get_configurable(configurable)()
+    try:
+        if args.multiprocess or args.coordinator_address is not None:
+            initialize_distributed(args.coordinator_address, args.process_count,
+                                   args.process_index)
+        parse_gin(args.gin_file, args.gin_bindings,
+                  [p for p in args.gin_search_paths.split(",") if p])
+        check_bindings(args.gin_bindings)
+        return gin.get_configurable(configurable)()
+    except (*CONFIG_ERRORS, guards.RunStopped) as e:
+        if args.debug or os.environ.get(DEBUG_ENV):
+            raise
+        message = str(e).strip() or type(e).__name__
+        print(f"{prog}: {'stopped' if isinstance(e, guards.RunStopped) else 'error'}: "
+              f"{message}\n(run with --debug for the traceback)", file=sys.stderr, flush=True)
+        raise SystemExit(1 if isinstance(e, guards.RunStopped) else 2) from None

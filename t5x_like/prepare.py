@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -40,12 +41,14 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import seqio
 import tensorflow as tf
 from array_record.python import array_record_module
 
+import t5x_like
 from t5x_like import documents, mixtures, store, vocabulary
 from t5x_like.store import ManifestMismatchError  # noqa: F401 - raised from prepare()
 
@@ -184,14 +187,16 @@ def _mixed_dataset(spec: store.StoreSpec, shard_index: int,
 
 @dataclasses.dataclass
 class _ShardCounts:
-    """What a shard's rows hold, counted while they are written."""
+    """What a shard's rows hold, counted while they are written, and their SHA-256."""
 
     tokens: dict[str, int]
     loss_tokens: int = 0
     segments: int = 0
     rows: int = 0
+    digest: Any = dataclasses.field(default_factory=hashlib.sha256)
 
-    def add(self, row: Mapping[str, np.ndarray]) -> None:
+    def add(self, row: Mapping[str, np.ndarray], record: bytes) -> None:
+        self.digest.update(record)
         for f in self.tokens:
             self.tokens[f] += int(np.count_nonzero(row[_TOKEN_SEGMENTS[f]]))
         self.loss_tokens += int(np.count_nonzero(row["decoder_loss_weights"]))
@@ -206,8 +211,9 @@ def _write_rows(ds, num_rows: int, layout: store.RecordLayout, tmp_path: str) ->
     writer = array_record_module.ArrayRecordWriter(tmp_path, "group_size:1")
     try:
         for row in ds.take(num_rows).as_numpy_iterator():
-            writer.write(layout.encode(row))
-            counts.add(row)
+            record = layout.encode(row)
+            writer.write(record)
+            counts.add(row, record)
     finally:
         writer.close()
     return counts
@@ -261,6 +267,7 @@ def _prepare_shard(job: _Job, shard_index: int, out_dir: str) -> dict:
         "task_counts": {leaves[i][0]: int(c) for i, c in enumerate(task_counts)},
         "tokens": counts.tokens,
         "loss_tokens": counts.loss_tokens,
+        "sha256": counts.digest.hexdigest(),
         "seconds": round(time.time() - start, 3),
     }
     store.write_json(os.path.join(
@@ -276,13 +283,49 @@ def _run_shards(job: _Job, todo: Sequence[int], out_dir: str, workers: int) -> N
         for i in todo:
             _prepare_shard(job, i, out_dir)
         return
-    # spawn, not fork: TensorFlow's threads do not survive fork. Workers get sys.path.
+    # spawn, not fork: TensorFlow's threads do not survive fork. Workers get sys.path,
+    # and die with this process, even by kill -9 (t5x_like/__init__.py).
+    os.environ[t5x_like.WORKER_PARENT_ENV] = str(os.getpid())
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)),
-                                                mp_context=context) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context)
+    try:
         futures = [pool.submit(_prepare_shard, job, i, out_dir) for i in todo]
         for future in concurrent.futures.as_completed(futures):
             future.result()
+    except BaseException:
+        # A failed shard or Ctrl-C: stop the others now rather than after their shards.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _usable_existing(out_dir: str, spec: store.StoreSpec) -> dict | None:
+    """The manifest of a store already at `out_dir` that serves `spec`, or None.
+
+    A complete store serves a request for fewer rows with otherwise the same settings
+    (a shorter run reads a prefix of its batches' order). An incomplete store of other
+    settings (a preparation that failed or was killed) is moved aside to
+    `<out_dir>.incomplete-<time>`, so the corrected command can start; a complete store
+    of other settings is an error that changes nothing.
+    """
+    existing = store.read_manifest(out_dir)
+    if existing is None:
+        return None
+    if existing.get("complete") and existing.get("num_examples", 0) >= spec.num_examples:
+        spec = dataclasses.replace(spec, num_examples=existing["num_examples"])
+    try:
+        spec.check_against(out_dir, existing)
+    except store.ManifestMismatchError:
+        if existing.get("complete"):
+            raise
+        aside = f"{out_dir.rstrip(os.sep)}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(out_dir, aside)
+        logging.warning("%s held an unfinished store of other settings; moved it to %s.",
+                        out_dir, aside)
+        return None
+    return existing
 
 
 def _initial_manifest(spec: store.StoreSpec, leaves: Sequence[tuple[str, float]]) -> dict:
@@ -321,7 +364,8 @@ def _completed_manifest(manifest: dict, spec: store.StoreSpec, out_dir: str,
         "loss_tokens": sum(r["loss_tokens"] for r in records),
         "padding_fraction": 1.0 - sum(tokens.values()) / sum(positions.values()),
         "padding_fraction_per_feature": {f: 1.0 - tokens[f] / positions[f] for f in tokens},
-        "skipped_documents": documents.skipped_documents(spec.mixture, spec.split),
+        "unusable_documents": documents.unusable_documents(spec.mixture, spec.split),
+        "shard_sha256": [r["sha256"] for r in records],
         "shard_seconds": [r["seconds"] for r in records],
     }
 
@@ -365,33 +409,53 @@ def prepare(
     Raises:
       ManifestMismatchError: the store exists with other settings (nothing is deleted).
     """
-    task_feature_lengths = _parse_task_feature_lengths(task_feature_lengths)
     mixtures.import_task_modules(task_modules)
+    spec = make_spec(mixture, task_feature_lengths, converter, num_examples, seed,
+                     num_shards=num_shards, split=split,
+                     shuffle_buffer_size=shuffle_buffer_size)
+    return prepare_spec(spec, out_dir, workers, task_modules=task_modules)
+
+
+def make_spec(mixture: str, task_feature_lengths: Mapping[str, int] | str, converter: str,
+              num_examples: int, seed: int, *, num_shards: int = 8, split: str = "train",
+              shuffle_buffer_size: int = 128) -> store.StoreSpec:
+    """The identity of the store `prepare` would write (the tasks must be registered)."""
     leaves = mixtures.leaf_tasks_and_rates(mixture)
-    spec = store.StoreSpec(
+    return store.StoreSpec(
         mixture=mixture, split=split, seed=int(seed), converter=converter,
-        task_feature_lengths=task_feature_lengths, num_examples=int(num_examples),
-        num_shards=int(num_shards), shuffle_buffer_size=int(shuffle_buffer_size),
+        task_feature_lengths=_parse_task_feature_lengths(task_feature_lengths),
+        num_examples=int(num_examples), num_shards=int(num_shards),
+        shuffle_buffer_size=int(shuffle_buffer_size),
         vocabulary_checksum=_mixture_vocabulary_checksum(leaves))
 
-    os.makedirs(out_dir, exist_ok=True)
+
+def check_store(out_dir: str, spec: store.StoreSpec) -> None:
+    """Raises ManifestMismatchError, writing nothing, when a complete store of other
+    settings is at `out_dir` (an unfinished one would be moved aside by prepare)."""
     existing = store.read_manifest(out_dir)
-    if existing is not None:
-        spec.check_against(out_dir, existing)
-        if existing.get("complete"):
-            return existing
+    if existing is not None and existing.get("complete"):
+        _usable_existing(out_dir, spec)
+
+
+def prepare_spec(spec: store.StoreSpec, out_dir: str, workers: int | None = None, *,
+                 task_modules: Sequence[str] = ()) -> dict:
+    """`prepare` for a spec from `make_spec`: writes (or resumes, or reuses) the store."""
+    existing = _usable_existing(out_dir, spec)
+    if existing is not None and existing.get("complete"):
+        return existing
+    os.makedirs(out_dir, exist_ok=True)
+    leaves = mixtures.leaf_tasks_and_rates(spec.mixture)
     manifest = _initial_manifest(spec, leaves)
     # Written before any shard so that a killed run still leaves the spec to check against.
     if existing is None:
         store.write_json(os.path.join(out_dir, store.MANIFEST_NAME), manifest)
-
-    todo = [i for i in range(num_shards) if not os.path.exists(
-        os.path.join(out_dir, store.done_file_name(split, i, num_shards)))]
-    logging.info("prepare %s: %d of %d shards to write into %s", mixture, len(todo),
-                 num_shards, out_dir)
+    todo = [i for i in range(spec.num_shards) if not os.path.exists(
+        os.path.join(out_dir, store.done_file_name(spec.split, i, spec.num_shards)))]
+    logging.info("prepare %s: %d of %d shards to write into %s", spec.mixture, len(todo),
+                 spec.num_shards, out_dir)
     start = time.time()
     _run_shards(_Job(spec, tuple(task_modules)), todo, out_dir,
-                workers or min(num_shards, os.cpu_count() or 1))
+                workers or min(spec.num_shards, os.cpu_count() or 1))
     manifest = _completed_manifest(manifest, spec, out_dir, leaves)
     manifest["prepare_seconds_this_run"] = round(time.time() - start, 3)
     store.write_json(os.path.join(out_dir, store.MANIFEST_NAME), manifest)

@@ -195,8 +195,11 @@ def load_manifest(store_dir: str) -> dict:
 def fingerprint(manifest: Mapping[str, Any]) -> str:
     """A short text that changes whenever the store's rows would: for iterator states."""
     keys = ("mixture", "split", "seed", "converter", "num_examples", "vocabulary_checksum")
-    return ("|".join(f"{k}={manifest[k]}" for k in keys)
+    text = ("|".join(f"{k}={manifest[k]}" for k in keys)
             + f"|lengths={manifest['model_feature_lengths']}")
+    if "shard_sha256" in manifest:  # stores written before the hashes keep their text
+        text += "|sha256=" + ",".join(h[:16] for h in manifest["shard_sha256"])
+    return text
 
 
 # ----------------------------------------------------------------------------- records

@@ -25,19 +25,17 @@ import dataclasses
 import logging
 import os
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gin
 import jax
-import numpy as np
-import tqdm
 from jax.experimental import multihost_utils
 
-from t5x_like import (checkpoints, flops, launch, loader, metrics, partitioning, prepare,
-                      store, trainer)
+from t5x_like import (checkpoints, flops, guards, launch, loader, metrics, mixtures,
+                      partitioning, prepare, store, trainer, ul2)
+from t5x_like import loop as loop_lib
 from t5x_like.evaluation import EvalConfig, Evaluator
 
 log = logging.getLogger("t5x_like.train")
@@ -100,7 +98,11 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
     """What `train` returns: where the run is and what it measured (not its state; the
-    state is in the checkpoint of `end_step`)."""
+    state is in the checkpoint of `end_step`).
+
+    stopped_by: None when the run reached TRAIN_STEPS, else what stopped it first
+      ("SIGTERM", "SIGINT", "preemption notice", "stop_at_step").
+    """
 
     model_dir: str
     start_step: int
@@ -108,6 +110,9 @@ class RunSummary:
     train_losses: tuple[float, ...]
     eval_start: Mapping[str, Mapping[str, float]] | None = None
     eval_end: Mapping[str, Mapping[str, float]] | None = None
+    stopped_by: str | None = None
+    nonfinite_steps: int = 0
+    rewinds: int = 0
 
 
 def _check_run(train_steps: int, log_every_steps: int, num_microbatches: int,
@@ -122,37 +127,79 @@ def _check_run(train_steps: int, log_every_steps: int, num_microbatches: int,
             "equal microbatches; pick a divisor of the batch size.")
 
 
+def _check_data(data: DataConfig, converter: str) -> None:
+    """Before anything is written: the mixture exists, its tasks have the features the
+    model's converter needs, and every UL2 denoiser fits the lengths."""
+    needed = store.CONVERTER_TASK_FEATURES[converter]
+    if set(data.task_feature_lengths) != set(needed):
+        raise ValueError(
+            f"TASK_FEATURE_LENGTHS={dict(data.task_feature_lengths)} does not fit the model's "
+            f"{converter!r} form, which takes lengths for {list(needed)}.")
+    for task in mixtures.leaf_tasks(data.mixture_or_task_name):
+        missing = [f for f in needed if f not in task.output_features]
+        if missing:
+            raise ValueError(
+                f"Task {task.name!r} of {data.mixture_or_task_name!r} has no {missing} "
+                f"feature, which the model's {converter!r} form needs (it has "
+                f"{sorted(task.output_features)}). A causal LM takes targets only.")
+    ul2.validate_mixture_lengths(data.mixture_or_task_name, data.task_feature_lengths)
+
+
+def _run_identity(model, data: DataConfig, optimizer, train_steps: int,
+                  num_microbatches: int, seed: int) -> dict[str, dict[str, Any]]:
+    """What makes this run this run: a resumed run must match it field by field."""
+    cfg = dataclasses.asdict(model.cfg)
+    for numerically_neutral in ("scan_layers", "remat_policy"):
+        cfg.pop(numerically_neutral)
+    return {
+        "model": {"class": type(model).__name__, **cfg},
+        "data": {"mixture_or_task_name": data.mixture_or_task_name,
+                 "task_feature_lengths": dict(data.task_feature_lengths),
+                 "batch_size": data.batch_size, "seed": data.seed},
+        "optimizer": dict(optimizer.description),
+        "schedule": {"train_steps": train_steps, "num_microbatches": num_microbatches,
+                     "seed": seed},
+    }
+
+
 # ---------------------------------------------------------------------------
 # Pieces of `train`, in data-flow order
 
 
-def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: str) -> str:
-    """Prepares (or checks) the ArrayRecord store for this run; returns its directory.
+def store_for(data: DataConfig, converter: str, train_steps: int, model_dir: str):
+    """(directory, store.StoreSpec) of this run's prepared store, checked against a store
+    already there (a ManifestMismatchError that writes nothing)."""
+    store_dir = data.store_dir or os.path.join(model_dir, "data")
+    # A store made on a machine with another core count is still this run's store.
+    existing = store.read_manifest(store_dir)
+    shards = data.prepare_shards or (existing or {}).get("num_shards") or os.cpu_count() or 1
+    spec = prepare.make_spec(data.mixture_or_task_name, data.task_feature_lengths, converter,
+                             data.num_examples or train_steps * data.batch_size, data.seed,
+                             num_shards=shards)
+    try:
+        prepare.check_store(store_dir, spec)
+    except prepare.ManifestMismatchError as e:
+        raise prepare.ManifestMismatchError(
+            f"{e} In a training run the store is train.DataConfig.store_dir (default "
+            "MODEL_DIR/data), holds TRAIN_STEPS x BATCH_SIZE rows unless "
+            "train.DataConfig.num_examples says otherwise, in "
+            "train.DataConfig.prepare_shards shards: point store_dir elsewhere "
+            "or use a new MODEL_DIR.") from None
+    return store_dir, spec
+
+
+def prepare_data(store_dir: str, spec) -> dict:
+    """Prepares (or reuses) the run's store; returns its manifest.
 
     In a multi-process run process 0 prepares while the others wait; they then find
     the store complete and only check its manifest. Worker processes import the task
     modules the gin files imported (`launch.gin_imports()`).
     """
-    store_dir = data.store_dir or os.path.join(model_dir, "data")
-    num_examples = data.num_examples or train_steps * data.batch_size
-    # A store made on a machine with another core count is still this run's store.
-    existing = store.read_manifest(store_dir)
-    shards = data.prepare_shards or (existing or {}).get("num_shards") or os.cpu_count() or 1
     start = time.perf_counter()
 
     def run():
-        try:
-            return prepare.prepare(
-                data.mixture_or_task_name, dict(data.task_feature_lengths), converter,
-                num_examples, data.seed, store_dir, num_shards=shards, workers=shards,
-                task_modules=launch.gin_imports())
-        except prepare.ManifestMismatchError as e:
-            raise prepare.ManifestMismatchError(
-                f"{e} In a training run the store is train.DataConfig.store_dir (default "
-                "MODEL_DIR/data), holds TRAIN_STEPS x BATCH_SIZE rows unless "
-                "train.DataConfig.num_examples says otherwise, in "
-                "train.DataConfig.prepare_shards shards: point store_dir elsewhere "
-                "or use a new MODEL_DIR.") from None
+        return prepare.prepare_spec(spec, store_dir, workers=spec.num_shards,
+                                    task_modules=launch.gin_imports())
 
     if jax.process_count() > 1:
         if jax.process_index() == 0:
@@ -162,7 +209,28 @@ def prepare_data(data: DataConfig, converter: str, train_steps: int, model_dir: 
     log.info("data: %s (%d examples, %.1f%% padding) ready in %.1fs", store_dir,
              manifest["num_examples"], 100 * manifest["padding_fraction"],
              time.perf_counter() - start)
-    return store_dir
+    for label, counts in (manifest.get("unusable_documents") or {}).items():
+        unusable = counts["empty"] + counts["non_utf8"]
+        if unusable:
+            log.warning(
+                "%s: %d of %d source documents are empty or blank (%d) or not valid UTF-8 "
+                "(%d); %s", label, unusable, counts["documents"], counts["empty"],
+                counts["non_utf8"], "they are dropped." if counts["dropped"] else
+                "they are trained on: add t5x_like.documents.filter_documents to the task's "
+                "preprocessors, or fix the source.")
+    return manifest
+
+
+def data_scalars(manifest: Mapping[str, Any]) -> dict[str, float]:
+    """What the run's data holds, for the metrics: padding, examples per task, and the
+    unusable documents per source."""
+    out = {"data/padding_fraction": manifest["padding_fraction"]}
+    total = max(1, sum(manifest["task_counts"].values()))
+    out.update({f"data/task_share/{name}": count / total
+                for name, count in manifest["task_counts"].items()})
+    for label, counts in (manifest.get("unusable_documents") or {}).items():
+        out.update({f"data/unusable/{label}/{k}": counts[k] for k in ("empty", "non_utf8")})
+    return out
 
 
 def _write_operative_config(model_dir: str) -> str:
@@ -175,12 +243,6 @@ def _write_operative_config(model_dir: str) -> str:
             f.write(config_text)
     log.info("gin config (also in %s/config.gin):\n%s", model_dir, config_text)
     return config_text
-
-
-def _mean_scalars(fetched: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Means over a log window; the *_sum counters are for accumulation only."""
-    return {k: float(np.mean([m[k] for m in fetched]))
-            for k in fetched[-1] if not k.endswith("_sum")}
 
 
 def _print_summary(summary: RunSummary) -> None:
@@ -197,6 +259,13 @@ def _print_summary(summary: RunSummary) -> None:
     elif summary.eval_start is not None:
         lines.append(f"(step {summary.start_step}, nothing left to train)")
         lines.append(metrics.format_eval_table({"": summary.eval_start}))
+    if summary.nonfinite_steps or summary.rewinds:
+        lines.append(f"guards: {summary.nonfinite_steps} non-finite steps skipped, "
+                     f"{summary.rewinds} loss-spike rewinds")
+    if summary.stopped_by not in (None, "stop_at_step"):
+        lines.append(f"stopped by {summary.stopped_by} at step {summary.end_step}: checkpoint "
+                     f"saved in {os.path.join(summary.model_dir, 'checkpoints')}; run the same "
+                     "command to resume.")
     lines += [f"checkpoints: {os.path.join(summary.model_dir, 'checkpoints')}",
               f"TensorBoard: tensorboard --logdir {summary.model_dir}   metrics: "
               f"{os.path.join(summary.model_dir, metrics.JSONL_NAME)}",
@@ -218,34 +287,82 @@ def train(
     model_dir: str,
     checkpoint: CheckpointConfig = CheckpointConfig(),
     evaluation: EvalConfig = EvalConfig(),
+    guard: guards.GuardConfig = guards.GuardConfig(),
     log_every_steps: int = 10,
     num_microbatches: int = 1,
     seed: int = 0,
     stop_at_step: int | None = None,
+    allow_resume_changes: Sequence[str] = (),
+    drills: guards.FaultDrills = guards.FaultDrills(),
 ) -> RunSummary:
-    """Trains `model` on `data` for `train_steps` steps; returns the run's summary.
+    """Trains `model` (a models.py model) on `data` for `train_steps` steps on the mesh of
+    `mesh_config` with `optimizer` (a trainer.Optimizer); returns the run's summary.
 
-    model: a models.py model (DecoderOnlyModel / EncoderDecoderModel).
-    mesh_config: partitioning.MeshConfig (mesh shape and rule preset).
-    optimizer: trainer.Optimizer (tx + schedule), e.g. trainer.adamw_llama2(...).
-    stop_at_step: stop (with a checkpoint) at this step although the run is longer:
-      for preemption drills and exact-resume tests; the schedule still spans
-      `train_steps`.
+    Everything is checked before anything in `model_dir` is written; a second trainer on
+    the same `model_dir` is refused. `stop_at_step`: stop with a checkpoint there (the
+    schedule still spans `train_steps`). `allow_resume_changes`: identity fields
+    ("schedule.train_steps", "optimizer", ...) that may differ from the checkpoint's.
     """
     _check_run(train_steps, log_every_steps, num_microbatches, data.batch_size)
     launch.use_cpu_devices(mesh_config.num_devices)
-    config_text = _write_operative_config(model_dir)
     mesh, rules = launch.mesh_for(mesh_config)
     # Each microbatch is sharded over the batch axes like a whole batch.
     partitioning.validate_for_mesh(model.make_module, mesh, rules,
                                    batch_size=data.batch_size // num_microbatches)
-    data_iter = _data_iterator(data, model, train_steps, model_dir)
-    ckpt = checkpoints.CheckpointManager(
-        os.path.join(model_dir, "checkpoints"), save_interval_steps=checkpoint.save_every_steps,
-        max_to_keep=checkpoint.keep, async_save=checkpoint.async_save)
-    graphdef, state, restored_step = trainer.init_or_restore(
-        model, optimizer.tx, mesh, rules, seed, ckpt, data_iterator=data_iter)
-    start_step = step = _resumed_at(restored_step, train_steps, model_dir)
+    converter = model.converter_name(data.task_feature_lengths)
+    _check_data(data, converter)
+    if evaluation.enabled:
+        Evaluator.check_batch_size(evaluation.batch_size, mesh)
+    identity = _run_identity(model, data, optimizer, train_steps, num_microbatches, seed)
+    ckpt_dir = os.path.join(model_dir, "checkpoints")
+    if os.path.isdir(ckpt_dir):
+        with checkpoints.CheckpointManager(ckpt_dir, create=False) as existing:
+            guards.check_resume((existing.newest_run_item() or {}).get("identity"), identity,
+                                allow_resume_changes)
+    data_steps = train_steps + guard.reserve_batches(checkpoint.save_every_steps)
+    store_dir, spec = store_for(data, converter, data_steps, model_dir)
+
+    with guards.RunLock(model_dir), guards.PreemptionWatcher() as watcher:
+        config_text = _write_operative_config(model_dir)
+        data_iter, manifest = _data_iterator(data, store_dir, spec, data_steps)
+        with checkpoints.CheckpointManager(
+                ckpt_dir, save_interval_steps=checkpoint.save_every_steps,
+                max_to_keep=checkpoint.keep, async_save=checkpoint.async_save) as ckpt:
+            graphdef, state, restored = trainer.init_or_restore(
+                model, optimizer.tx, mesh, rules, seed, ckpt, data_iterator=data_iter)
+            run = (restored.run or {}) if restored else {}
+            guards.check_resume(run.get("identity"), identity, allow_resume_changes)
+            start_step = _resumed_at(restored, train_steps, model_dir)
+            train_step, evaluator = _compile(model, optimizer, mesh, rules, graphdef, state,
+                                             num_microbatches, evaluation)
+            loop = loop_lib.TrainLoop(
+                train_step=train_step, state=state, data_iter=data_iter, mesh=mesh,
+                key=jax.random.key(seed), ckpt=ckpt,
+                writer=metrics.create_writer(model_dir, enabled=jax.process_index() == 0),
+                meter=_make_meter(model, data, mesh),
+                guards=guards.LossGuards(guard, run.get("guards")), drills=drills,
+                evaluator=evaluator, run_item={"identity": identity}, config_text=config_text,
+                train_steps=train_steps, log_every=log_every_steps,
+                eval_every=evaluation.every_steps, step=start_step)
+            with jax.set_mesh(mesh), contextlib.closing(loop.writer):
+                loop.writer.write_scalars(start_step, data_scalars(manifest))
+                eval_start = loop.evaluate()
+                stopped_by = loop.run(min(train_steps, stop_at_step or train_steps), watcher)
+                # A signal asks for a quick exit: no final evaluation then.
+                preempted = stopped_by not in (None, "stop_at_step")
+                eval_end = loop.evaluate() if loop.step > start_step and not preempted else None
+    summary = RunSummary(model_dir, start_step, loop.step,
+                         tuple(v for s, v in sorted(loop.losses.items()) if s > start_step),
+                         eval_start, eval_end, stopped_by, loop.guards.nonfinite_total,
+                         loop.guards.rewinds)
+    if jax.process_index() == 0:
+        _print_summary(summary)
+    return summary
+
+
+def _compile(model, optimizer, mesh, rules, graphdef, state, num_microbatches: int,
+             evaluation: EvalConfig):
+    """The jitted train step and the evaluator (None when evaluation is off)."""
     state_sharding = trainer.state_shardings(state)
     train_step = trainer.make_train_step(
         graphdef, model.loss_fn, optimizer.schedule, num_microbatches=num_microbatches,
@@ -253,70 +370,27 @@ def train(
         rules=rules)
     evaluator = Evaluator.create(model, graphdef, state_sharding, mesh, rules,
                                  evaluation) if evaluation.enabled else None
-    meter = _make_meter(model, data, mesh)
-    writer = metrics.create_writer(model_dir, enabled=jax.process_index() == 0)
-    key, last_step = jax.random.key(seed), min(train_steps, stop_at_step or train_steps)
-    losses: list[float] = []
-    window: list[dict[str, Any]] = []
-
-    def evaluate(at_step: int):
-        results = evaluator.run(state, at_step, writer) if evaluator else None
-        meter.exclude(evaluator.last_seconds if evaluator else 0.0)  # not in step time
-        return results
-
-    def log_window():
-        fetched = jax.device_get(window)  # waits for the steps: the meter's clock is fair
-        losses.extend(float(m["loss"]) for m in fetched)
-        scalars = {**_mean_scalars(fetched), **meter.window()}
-        writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-        tqdm.tqdm.write(metrics.format_line(step, train_steps, scalars,
-                                            meter.eta_s(last_step - step)), file=sys.stderr)
-        window.clear()
-
-    with jax.set_mesh(mesh), ckpt, contextlib.closing(writer), \
-            metrics.progress_bar(last_step, start_step) as bar:
-        eval_start, eval_end = evaluate(start_step), None
-        while step < last_step:
-            batch = loader.to_global_batch(next(data_iter), mesh)
-            state, step_metrics = train_step(state, batch, key)
-            step += 1
-            window.append(step_metrics)
-            if (compile_s := meter.step_done(step_metrics)) is not None:
-                log.info("first step (compilation included) took %.1fs", compile_s)
-            if step % log_every_steps == 0 or step == last_step:
-                log_window()
-            if step % evaluation.every_steps == 0 and step < last_step:
-                evaluate(step)
-            ckpt.save(step, state, data_iterator=data_iter, config_text=config_text,
-                      force=step == last_step)
-            bar.update(1)
-        if step > start_step:
-            eval_end = evaluate(step)
-    summary = RunSummary(model_dir, start_step, step, tuple(losses), eval_start, eval_end)
-    if jax.process_index() == 0:
-        _print_summary(summary)
-    return summary
+    return train_step, evaluator
 
 
-def _data_iterator(data: DataConfig, model, train_steps: int, model_dir: str):
-    """The run's data: SeqIO → prepared store → grain iterator (at step 0; a restored
-    checkpoint moves it)."""
-    store_dir = prepare_data(data, model.converter_name(data.task_feature_lengths),
-                             train_steps, model_dir)
+def _data_iterator(data: DataConfig, store_dir: str, spec, train_steps: int):
+    """The run's data: prepared store → grain iterator (at step 0; a restored checkpoint
+    moves it), and the store's manifest."""
+    prepare_data(store_dir, spec)
     data_loader = loader.Loader(store_dir, data.batch_size, seed=data.seed)
     data_loader.check_steps(train_steps)
-    return data_loader.iterator()
+    return data_loader.iterator(), data_loader.manifest
 
 
-def _resumed_at(restored_step: int | None, train_steps: int, model_dir: str) -> int:
-    if restored_step is None:
+def _resumed_at(restored, train_steps: int, model_dir: str) -> int:
+    if restored is None:
         return 0
-    log.info("resumed from %s at step %d", model_dir, restored_step)
-    if restored_step >= train_steps:
+    log.info("resumed from %s at step %d", model_dir, restored.step)
+    if restored.step >= train_steps:
         log.info("%s is already trained to step %d of TRAIN_STEPS=%d: evaluating only. "
                  "Use a new MODEL_DIR (or delete this one) to train again.", model_dir,
-                 restored_step, train_steps)
-    return restored_step
+                 restored.step, train_steps)
+    return restored.step
 
 
 def _make_meter(model, data: DataConfig, mesh) -> metrics.StepMeter:

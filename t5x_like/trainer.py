@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -51,10 +52,12 @@ _WEIGHT_KEY = "weight_sum"
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-    """An optax transformation and the learning-rate schedule it uses (for logging)."""
+    """An optax transformation, the learning-rate schedule it uses (for logging), and a
+    description of both (name and settings: what a resumed run must match)."""
 
     tx: optax.GradientTransformation
     schedule: optax.Schedule
+    description: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 _NO_DECAY_NAMES = ("norm", "scale", "bias")
@@ -81,6 +84,13 @@ def default_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(_decays, params)
 
 
+def _describe(value: Any) -> Any:
+    """A JSON-able stand-in for a setting that may be a function (e.g. a decay mask)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return getattr(value, "__qualname__", type(value).__name__)
+
+
 def adamw_llama2(
     peak_lr: float,
     warmup_steps: int,
@@ -101,10 +111,17 @@ def adamw_llama2(
     decoupled (AdamW: `p -= lr * wd * p`) and masked by `decay_mask` (see
     `default_decay_mask`; pass `None` to decay every parameter).
     """
-    if not 0 <= warmup_steps < total_steps:
-        raise ValueError(
-            f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps}); "
-            "raise total_steps or shorten the warmup.")
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be ≥ 1 (TRAIN_STEPS).")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps} must be ≥ 0 (WARMUP_STEPS).")
+    if warmup_steps >= total_steps:
+        # A smoke run (--gin.TRAIN_STEPS=6) of an experiment whose warm-up is longer.
+        shortened = total_steps // 10
+        logging.getLogger("t5x_like.trainer").warning(
+            "WARMUP_STEPS=%d is not shorter than TRAIN_STEPS=%d: warming up for %d steps "
+            "(a tenth of the run) instead.", warmup_steps, total_steps, shortened)
+        warmup_steps = shortened
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak_lr,
@@ -117,7 +134,11 @@ def adamw_llama2(
         optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                     mask=decay_mask),
     )
-    return Optimizer(tx=tx, schedule=schedule)
+    description = dict(name="adamw_llama2", peak_lr=peak_lr, warmup_steps=warmup_steps,
+                       total_steps=total_steps, b1=b1, b2=b2, eps=eps,
+                       weight_decay=weight_decay, clip_norm=clip_norm,
+                       final_lr_fraction=final_lr_fraction, decay_mask=_describe(decay_mask))
+    return Optimizer(tx=tx, schedule=schedule, description=description)
 
 
 def palm_schedule(base_lr: float = 1e-2, constant_steps: int = 10_000) -> optax.Schedule:
@@ -177,7 +198,12 @@ def adafactor_palm(
             weight_decay_mask=decay_mask,
         ),
     )
-    return Optimizer(tx=tx, schedule=schedule)
+    description = dict(name="adafactor_palm", base_lr=base_lr, constant_steps=constant_steps,
+                       b1=b1, decay_rate=decay_rate, clip_norm=clip_norm,
+                       update_clipping=update_clipping,
+                       weight_decay_lr_exponent=weight_decay_lr_exponent,
+                       decay_mask=_describe(decay_mask))
+    return Optimizer(tx=tx, schedule=schedule, description=description)
 
 
 def adafactor_beta2(step: int | jax.Array, decay_rate: float = 0.8) -> jax.Array:
@@ -213,23 +239,25 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation
 
 def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: int,
                     ckpt=None, data_iterator=None):
-    """(graphdef, state, restored step or None) of `model` + optimizer on `mesh`.
+    """(graphdef, state, restored) of `model` + optimizer on `mesh`.
 
     model: a models.py model (its `make_module` builds the network).
-    ckpt: a checkpoints.CheckpointManager or None. With a checkpoint in it, the newest
-      one is read straight into this mesh's shards (and `data_iterator` set to where it
-      was); otherwise the state is initialised in its shards from `seed`. Never both: a
-      restored run holds one copy of the state.
+    ckpt: a checkpoints.CheckpointManager or None. With a good checkpoint in it, the
+      newest one is read straight into this mesh's shards (and `data_iterator` set to
+      where it was; damaged ones are moved aside on the way) and `restored` is the
+      checkpoints.Restored (step, run item, ...); otherwise the state is initialised
+      in its shards from `seed` and `restored` is None. Never both: a restored run
+      holds one copy of the state.
     """
 
     def factory():
         return TrainState(model.make_module(nnx.Rngs(seed)), tx)
 
-    step = ckpt.latest_step() if ckpt is not None else None
-    if step is not None:
+    if ckpt is not None and ckpt.latest_step() is not None:
         graphdef, target = partitioning.abstract_sharded(factory, mesh, rules)
-        restored = ckpt.restore(step, target, data_iterator=data_iterator)
-        return graphdef, restored.state, step
+        restored = ckpt.restore_latest(target, data_iterator=data_iterator)
+        if restored is not None:
+            return graphdef, restored.state, restored
     graphdef, state = nnx.split(partitioning.create_sharded(factory, mesh, rules))
     return graphdef, state, None
 
@@ -312,6 +340,16 @@ def _accumulate(grads_and_metrics, params, batch: Batch, step_key: jax.Array,
     return grads, metrics
 
 
+def _keep_if_not_finite(new_state, old_state, metrics: dict[str, jax.Array]):
+    """(state, metrics) of a step: `old_state` when the loss, gradient norm or the new
+    parameters' norm is NaN or Inf (counted in metrics["nonfinite"]), else `new_state`."""
+    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+              & jnp.isfinite(metrics["param_norm"]))
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                        old_state), metrics
+
+
 def _in_shardings(state_sharding, batch_sharding, *rest):
     if state_sharding is None and batch_sharding is None:
         return None  # let jit take the inputs' own shardings
@@ -358,22 +396,31 @@ def make_train_step(
       state_sharding, batch_sharding: shardings of the state pytree and of the batch
         (e.g. `state_shardings(state)` and a NamedSharding over the batch axes); None lets
         jit propagate whatever the inputs carry. The output state keeps `state_sharding`.
-      rules: the logical-axis rule set (partitioning.get_rules) the model's activation
-        constraints resolve with; call the step under `jax.set_mesh(mesh)`. Without
-        them the constraints are no-ops and XLA's propagation may shard activations on
-        the embed dimension like the FSDP weights (4x slower on 8 CPU devices).
+      rules: the logical-axis rule set the model's activation constraints resolve with;
+        call the step under `jax.set_mesh(mesh)` (without both the constraints are
+        no-ops, and FSDP on 8 CPU devices ran 4x slower).
       donate: donate the input state buffers (the caller must not use them afterwards).
 
     `key` is `jax.random.key(seed)`, the same every step: the step's rng is
     `fold_in(key, step)`, microbatch i's is `fold_in(that, i)`.
     Metrics: the model's metrics combined exactly over microbatches, plus
-    `learning_rate`, `grad_norm` (global L2 norm before clipping) and `param_norm`.
+    `learning_rate`, `grad_norm` (global L2 norm before clipping), `param_norm` and
+    `nonfinite` (1.0 when the step was rejected, see below).
+
+    Non-finite guard: when the loss, the gradient norm or the updated parameters' norm
+    is NaN or Inf, the step returns the state it was given (parameters, optimizer state
+    and step counter unchanged), decided inside the compiled step: no host round trip.
+    `loss_scale` (1.0 in training) multiplies the loss and its gradients: the fault
+    drills of guards.FaultDrills use NaN or a large factor to rehearse the guards.
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches={num_microbatches} must be ≥ 1.")
 
     @_with_rules(rules)
-    def step_fn(state: nnx.State, batch: Batch, key: jax.Array):
+    def step_fn(state: nnx.State, batch: Batch, key: jax.Array, loss_scale):
+        # A copy of the containers: the optimizer update below mutates the Variables
+        # that `state` and the merged module share.
+        old_state = jax.tree.map(lambda x: x, state)
         train_state = nnx.merge(graphdef, state)
         model = train_state.model
         step = train_state.optimizer.step[...]
@@ -396,19 +443,35 @@ def make_train_step(
             grads, metrics = _accumulate(grads_and_metrics, params, batch, step_key,
                                          num_microbatches)
 
+        grads = jax.tree.map(lambda g: (loss_scale * g).astype(g.dtype), grads)
+        metrics["loss"] = loss_scale * metrics["loss"]
         metrics["grad_norm"] = optax.global_norm(grads)
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
         train_state.optimizer.update(model, grads)
         metrics["param_norm"] = optax.global_norm(nnx.state(model, nnx.Param))
-        return nnx.state(train_state), metrics
+        return _keep_if_not_finite(nnx.state(train_state), old_state, metrics)
 
-    return jax.jit(
+    return _jit_train_step(step_fn, state_sharding, batch_sharding, donate)
+
+
+def _jit_train_step(step_fn, state_sharding, batch_sharding, donate: bool):
+    """`train_step(state, batch, key, loss_scale=1.0)` over the jitted `step_fn`, with
+    `.lower(...)` for ahead-of-time compilation."""
+    jitted = jax.jit(
         step_fn,
-        in_shardings=_in_shardings(state_sharding, batch_sharding, None),
+        in_shardings=_in_shardings(state_sharding, batch_sharding, None, None),
         out_shardings=(state_sharding, None) if state_sharding is not None else None,
         donate_argnums=(0,) if donate else (),
     )
+
+    # jit takes no keyword arguments beside in_shardings: `loss_scale` goes positionally.
+    def train_step(state, batch, key, loss_scale=1.0):
+        return jitted(state, batch, key, jnp.float32(loss_scale))
+
+    train_step.lower = lambda state, batch, key, loss_scale=1.0: jitted.lower(
+        state, batch, key, jnp.float32(loss_scale))
+    return train_step
 
 
 def make_eval_step(

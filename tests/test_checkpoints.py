@@ -225,3 +225,74 @@ def test_waits_for_async_save_when_the_loop_raises(tmp_path):
     with checkpoints.CheckpointManager(tmp_path) as mgr:
         assert mgr.latest_step() == 3
         _assert_trees_equal(mgr.restore(3, state).state, state)
+
+
+def _two_steps(directory):
+    """Checkpoints at steps 1 and 2 of a real train state; returns {step: host state}."""
+    _, state = _state(0)
+    saved = {}
+    with checkpoints.CheckpointManager(directory, save_interval_steps=1, max_to_keep=5,
+                                       async_save=False) as mgr:
+        for step in (1, 2):
+            state, _ = _STEP(state, _batch(step), jax.random.key(0))
+            saved[step] = jax.device_get(state)
+            mgr.save(step, state, data_iterator={"next_index": step},
+                     run={"identity": {"schedule": {"train_steps": 20}}, "step": step})
+    return saved
+
+
+def _biggest_array_file(step_dir):
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()
+                and "ocdbt" in str(p) and "/d/" in str(p)), key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+    f = _biggest_array_file(step_dir)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip_a_bit(step_dir):
+    f = _biggest_array_file(step_dir)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+
+
+def _drop_metadata(step_dir):
+    (step_dir / "state" / "_METADATA").unlink()
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_bit, _drop_metadata],
+                         ids=["truncated", "bit-flipped", "no-metadata"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, caplog):
+    saved = _two_steps(tmp_path)
+    damage(tmp_path / "2")
+    good_before = _listing(tmp_path / "1")
+    with checkpoints.CheckpointManager(tmp_path) as mgr, caplog.at_level("WARNING"):
+        restored = mgr.restore_latest(_state(0)[1], data_iterator=_Iterator())
+        assert mgr.all_steps() == [1]
+    assert restored.step == 1 and restored.data.next_index == 1 and restored.run["step"] == 1
+    _assert_trees_equal(jax.device_get(restored.state), saved[1])
+    assert f"{tmp_path / '2'} is damaged and was moved to" in caplog.text
+    moved = list((tmp_path / "damaged").iterdir())  # moved aside, not deleted
+    assert len(moved) == 1 and moved[0].name.startswith("2-")
+    assert _listing(tmp_path / "1") == good_before  # the good one untouched
+
+
+def test_a_state_with_nan_is_never_saved(tmp_path):
+    _, state = _state(0)
+    bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan)
+                       if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    with checkpoints.CheckpointManager(tmp_path, save_interval_steps=1) as mgr:
+        mgr.save(1, state)
+        with pytest.raises(checkpoints.NonFiniteStateError, match="step 2 holds NaN or Inf"):
+            mgr.save(2, bad)
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [1]
+
+
+def test_newest_run_item_is_read_alone(tmp_path):
+    _two_steps(tmp_path)
+    with checkpoints.CheckpointManager(tmp_path, create=False) as mgr:
+        assert mgr.newest_run_item() == {"identity": {"schedule": {"train_steps": 20}},
+                                         "step": 2}

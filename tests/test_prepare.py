@@ -347,3 +347,43 @@ def test_parallel_workers_match_serial(test_tasks, tmp_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert manifest["complete"] and len(glob.glob(str(tmp_path / "parallel" / "*.done.json"))) == 2
+
+
+def test_an_unfinished_store_of_other_settings_is_moved_aside_not_blocking(
+        encdec_store, tmp_path):
+    """A preparation that failed or was killed with wrong settings does not block the
+    corrected command: its store is moved aside (kept), the new one is written."""
+    out = tmp_path / "store"
+    shutil.copytree(encdec_store, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    rebuilt = _prepare(out, n=40, shards=2, seed=5)
+    assert rebuilt["complete"] and rebuilt["seed"] == 5
+    aside = [p for p in os.listdir(tmp_path) if p.startswith("store.incomplete-")]
+    assert len(aside) == 1
+    assert json.loads((tmp_path / aside[0] / "manifest.json").read_text())["seed"] == 3
+
+
+def test_a_complete_store_serves_a_shorter_request(encdec_store, tmp_path):
+    out = tmp_path / "store"
+    shutil.copytree(encdec_store, out)
+    before = sorted(os.listdir(out))
+    manifest = _prepare(out, **{**ENCDEC_STORE_ARGS, "n": 16})
+    assert manifest["num_examples"] == 40 and sorted(os.listdir(out)) == before
+    with pytest.raises(prepare_lib.ManifestMismatchError, match="num_examples"):
+        _prepare(out, **{**ENCDEC_STORE_ARGS, "n": 48})
+
+
+def test_each_shard_records_the_hash_of_its_rows(encdec_store):
+    import hashlib
+
+    manifest, _ = read_rows(encdec_store)
+    from array_record.python import array_record_module
+
+    for name, expected in zip(manifest["shards"], manifest["shard_sha256"]):
+        reader = array_record_module.ArrayRecordReader(os.path.join(encdec_store, name))
+        digest = hashlib.sha256(b"".join(reader.read_all())).hexdigest()
+        reader.close()
+        assert digest == expected
+    assert "sha256=" in store.fingerprint(manifest)

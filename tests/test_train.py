@@ -66,9 +66,9 @@ def _final_state(summary, mesh_config=FSDP):
     `mesh_config` (train returns a summary, the state lives in the checkpoint)."""
     mesh, rules = launch.mesh_for(mesh_config)
     with checkpoints.CheckpointManager(os.path.join(summary.model_dir, "checkpoints")) as ckpt:
-        graphdef, state, step = trainer.init_or_restore(MODEL, _optimizer().tx, mesh, rules,
-                                                        0, ckpt)
-    assert step == summary.end_step
+        graphdef, state, restored = trainer.init_or_restore(MODEL, _optimizer().tx, mesh,
+                                                            rules, 0, ckpt)
+    assert restored.step == summary.end_step
     return nnx.merge(graphdef, state)
 
 
@@ -343,3 +343,78 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
     data_states = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "4").rglob(
         "process_*.json"))
     assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+SPIKE_GUARD = dict(spike_factor=3.0, spike_window=3, spike_rewind_steps=2,
+                   spike_skip_batches=3, max_rewinds=2)
+
+
+def _spiky(model_dir, store, **kwargs):
+    """A run whose batch 3 (step 4) spikes (its loss and gradients × 1000): the guard goes
+    back to checkpoint 2 and reads on from batch 5 (2 + 3 skipped)."""
+    from t5x_like import guards
+
+    return _train(model_dir, store, num_examples=(STEPS + 14) * BATCH,
+                  guard=guards.GuardConfig(**SPIKE_GUARD),
+                  drills=guards.FaultDrills(spike_at_batches=(3,)), **kwargs)
+
+
+@pytest.mark.slow
+def test_a_loss_spike_rewinds_skips_and_keeps_exact_resume(tmp_path):
+    spiky_store = str(tmp_path / "store")
+    straight_spiky = _spiky(tmp_path / "a", spiky_store)
+    assert straight_spiky.rewinds == 1 and straight_spiky.end_step == STEPS
+    # Stopped before the spike and resumed: the same rewind (its checkpoint 3 is of
+    # the abandoned path: moved aside), the same end, bitwise.
+    stopped = _spiky(tmp_path / "b", spiky_store, stop_at_step=3)
+    assert stopped.rewinds == 0 and stopped.end_step == 3
+    resumed = _spiky(tmp_path / "b", spiky_store)
+    assert resumed.rewinds == 1 and resumed.end_step == STEPS
+    abandoned = os.listdir(tmp_path / "b" / "checkpoints" / "abandoned")
+    assert [d.split("-")[0] for d in abandoned] == ["3"]
+    a, b = _params(straight_spiky), _params(resumed)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # The spike's update is gone: without the drill the same data order ends elsewhere.
+    assert straight_spiky.train_losses[-1] < 50
+
+
+def test_resuming_on_data_that_no_longer_gives_the_same_examples_is_refused(tmp_path):
+    """The corpus of a task changed and its store was prepared again: the saved data
+    position would read other examples, so the resume is refused, naming the store."""
+    import seqio
+
+    from t5x_like import vocabulary
+
+    notes = tmp_path / "notes.txt"
+
+    @seqio.map_over_dataset
+    def lines_to_targets(line):
+        return {"targets": line}
+
+    seqio.TaskRegistry.remove("t13_notes")
+    seqio.TaskRegistry.add(
+        "t13_notes", source=seqio.TextLineDataSource({"train": str(notes)}),
+        preprocessors=[lines_to_targets, seqio.preprocessors.tokenize,
+                       seqio.preprocessors.append_eos],
+        output_features={"targets": seqio.Feature(vocabulary.get_vocabulary(), add_eos=True)})
+    with open(os.path.join(REPO, "data", "PROVENANCE.md"), encoding="utf-8") as f:
+        lines = [line.strip() for line in f if len(line.strip()) > 20]
+    data = train.DataConfig(mixture_or_task_name="t13_notes", task_feature_lengths=LENGTHS,
+                            batch_size=BATCH, prepare_shards=1)
+
+    def run(**kwargs):
+        return train.train(model=MODEL, mesh_config=FSDP, data=data, optimizer=_optimizer(),
+                           train_steps=STEPS, model_dir=str(tmp_path / "run"),
+                           checkpoint=train.CheckpointConfig(save_every_steps=2),
+                           evaluation=EVAL_OFF, **kwargs)
+
+    try:
+        notes.write_text("\n".join(lines * 4) + "\n", encoding="utf-8")
+        assert run(stop_at_step=2).end_step == 2
+        notes.write_text("\n".join(reversed(lines * 4)) + "\n", encoding="utf-8")
+        shutil.rmtree(tmp_path / "run" / "data")  # prepared again, from the new text
+        with pytest.raises(ValueError, match=r"Cannot resume the data iterator.*store"):
+            run()
+    finally:
+        seqio.TaskRegistry.remove("t13_notes")

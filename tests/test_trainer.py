@@ -290,3 +290,39 @@ def test_real_model_grad_accumulation():
     for name in ("loss", "accuracy", "grad_norm", "weight_sum"):
         np.testing.assert_allclose(m2[name], m1[name], rtol=2e-5, err_msg=name)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), p1, p2)
+
+
+def test_a_non_finite_step_leaves_the_whole_state_unchanged():
+    """NaN gradients (the drill's loss_scale) → the state that went in comes out, bitwise,
+    with the optimizer's step counter; the next good step trains as if it never happened."""
+    graphdef, state = _state(_ADAMW)
+    step = trainer.make_train_step(graphdef, _loss_fn, _ADAMW.schedule, donate=False)
+    key = jax.random.key(0)
+    state1, m1 = step(state, _batch(0), key)
+    poisoned, m_nan = step(state1, _batch(1), key, float("nan"))
+    assert float(m_nan["nonfinite"]) == 1.0 and float(m1["nonfinite"]) == 0.0
+    assert not np.isfinite(float(m_nan["grad_norm"]))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 state1, poisoned)
+    after_skip, _ = step(poisoned, _batch(1), key)
+    straight, _ = step(state1, _batch(1), key)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 straight, after_skip)
+
+
+def test_loss_scale_multiplies_loss_and_gradients():
+    graphdef, state = _state(_ADAMW)
+    step = trainer.make_train_step(graphdef, _loss_no_rng, _ADAMW.schedule, donate=False)
+    _, m1 = step(state, _batch(0), jax.random.key(0))
+    _, m3 = step(state, _batch(0), jax.random.key(0), 3.0)
+    np.testing.assert_allclose(float(m3["loss"]), 3 * float(m1["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m3["grad_norm"]), 3 * float(m1["grad_norm"]), rtol=1e-5)
+
+
+def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(caplog):
+    with caplog.at_level("WARNING"):
+        opt = trainer.adamw_llama2(1e-3, warmup_steps=2000, total_steps=6)
+    assert "warming up for 0 steps" in caplog.text
+    assert float(opt.schedule(0)) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="warmup_steps=-1 must be ≥ 0"):
+        trainer.adamw_llama2(1e-3, warmup_steps=-1, total_steps=6)
