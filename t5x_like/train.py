@@ -36,8 +36,8 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from t5x_like import (checkpoints, flops, launch, loader, metrics, partitioning, prepare,
-                      store, trainer)
+from t5x_like import (checkpoints, flops, launch, loader, metrics, mixtures, partitioning,
+                      prepare, store, trainer, vocabulary)
 from t5x_like.evaluation import EvalConfig, Evaluator
 
 log = logging.getLogger("t5x_like.train")
@@ -301,6 +301,10 @@ def train(
 def _data_iterator(data: DataConfig, model, train_steps: int, model_dir: str):
     """The run's data: SeqIO → prepared store → grain iterator (at step 0; a restored
     checkpoint moves it)."""
+    # Before any preparation: a model too small for the tokenizer must not train.
+    provider = mixtures.get_mixture_or_task(data.mixture_or_task_name)
+    for feature in provider.output_features.values():
+        vocabulary.check_model_covers(feature.vocabulary, model.cfg.vocab_size)
     store_dir = prepare_data(data, model.converter_name(data.task_feature_lengths),
                              train_steps, model_dir)
     data_loader = loader.Loader(store_dir, data.batch_size, seed=data.seed)
