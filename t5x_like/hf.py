@@ -7,34 +7,15 @@ params-only checkpoint (checkpoints.save_params) plus a model gin file. Export d
 reverse for a decoder-only, sequential, SwiGLU model, loadable by
 `transformers.LlamaForCausalLM.from_pretrained`.
 
-Layout (per layer i; HF names below `model.layers.{i}.`; N layers, H query heads,
-G kv heads, K head dim; with scan_layers our layer tensors gain a leading N axis):
-
-  ours                                  Hugging Face               ours from HF
-  self_attention/wq [D, H, K]           self_attn.q_proj [H·K, D]  reshape(H, K, D), to (D, H, K)
-  self_attention/wk, wv [D, G, K]       k_proj, v_proj [G·K, D]    reshape(G, K, D), to (D, G, K)
-  self_attention/wo [H, K, D]           o_proj [D, H·K]            reshape(D, H, K), to (H, K, D)
-  mlp/wi_0, wi_1 [D, F]                 mlp.gate_proj, up_proj [F, D]   transpose
-  mlp/wo [F, D]                         mlp.down_proj [D, F]       transpose
-  pre_self_attention_norm/scale [D]     input_layernorm            as is
-  pre_mlp_norm/scale [D]                post_attention_layernorm   as is
-  embed/embedding [V, D]                model.embed_tokens         as is
-  output/final_norm/scale [D]           model.norm                 as is
-  output/lm_head/kernel [D, V]          lm_head [V, D]             transpose (untied only)
-
-RoPE: `layers.apply_rope` rotates the half-split pairs (x[j], x[j + K/2]), as Hugging
-Face's `rotate_half` does, so HF weights map with no permutation. Meta's original
-checkpoints rotate interleaved pairs (x[2j], x[2j+1]); their wq/wk need
-`interleaved_to_half_split` on the head-dim axis (and `half_split_to_interleaved` back).
-
-Tied embeddings: HF's tied Llama logits are x·Eᵀ; ours are x·Eᵀ/√D unless
-`scale_tied_logits=False`, which import sets. Export writes a scaled tied model as an
-untied one whose head is E/√D (the same logits up to float32 rounding).
-
-Refused, naming the option: RoPE scaling of any kind (Llama 3.1/3.2's 'llama3'
-included: apply_rope has no frequency scaling), attention or MLP biases, sliding
-windows, activations other than silu, attention dropout, families other than llama
-(and mistral without a sliding window, which is the same network).
+The tensor mapping is one table (`_GLOBAL`, `_LAYER` below), used in both directions;
+docs/MODELS.md shows it with the config mapping, the RoPE conventions and what is
+refused. In short: our RoPE and Hugging Face's are both half-split, so HF weights need
+no permutation (Meta's original interleaved checkpoints need
+`interleaved_to_half_split` on wq/wk); HF's tied logits are x·Eᵀ, ours x·Eᵀ/√D unless
+`scale_tied_logits=False` (import sets it; export writes a scaled tied model untied,
+head E/√D); import refuses, naming the option, whatever our network would compute
+differently (RoPE scaling such as Llama 3.1's, biases, sliding windows, non-silu
+activations), and export refuses what Llama cannot express.
 """
 
 from __future__ import annotations
@@ -418,8 +399,10 @@ def read_hf_params(hf_dir: str | os.PathLike, cfg: TransformerConfig) -> nnx.Sta
                          f"{left[:5]}{' ...' if len(left) > 5 else ''}; its config.json "
                          "does not describe them. Refusing rather than dropping weights.")
     state = {}
-    for path, parts in values.items():
+    for path in list(values):  # popped: one parameter's layers are copied at a time
+        parts = values.pop(path)
         value = np.stack(parts) if cfg.scan_layers and path[:2] == _LAYERS_PATH else parts[0]
+        del parts
         state[path] = flat[path].replace(jnp.asarray(value))
     return nnx.from_flat_state(state)
 
@@ -451,8 +434,10 @@ def _hf_tensors(cfg: TransformerConfig, params: nnx.State
 
     def thunk(slot):
         def get():
-            value = np.asarray(flat[slot.path][...], np.float32)
-            return slot.layout.to_hf(value if slot.layer is None else value[slot.layer])
+            value = flat[slot.path][...]
+            if slot.layer is not None:  # slice before copying: one layer leaves the device
+                value = value[slot.layer]
+            return slot.layout.to_hf(np.asarray(value, np.float32))
         return get
 
     out = [(s.hf_name, s.layout.hf_shape(shape), thunk(s)) for s, shape in _slots(cfg, shapes)]

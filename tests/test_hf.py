@@ -22,7 +22,8 @@ from tiny import build, jit_apply, make_module, random_tokens, strict_rank_promo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 256
-ATOL = 1e-4  # float32 throughout; measured differences are ~2e-6 on logits of size ~5
+ATOL = 1e-4  # float32 throughout; measured: 1.4e-6 to 2.2e-6 on logits up to ~5, 1.6e-5 on
+# the tied models' logits up to ~60 (unscaled x·Eᵀ with N(0, 1) embeddings)
 HF_SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                 max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=500_000.0)
@@ -238,9 +239,9 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, cha
 def test_export_refuses_what_llama_cannot_express(tmp_path, changes, words):
     cfg = tiny_config(**{"block": "sequential", **changes})
     with pytest.raises(ValueError) as err:
-        hf.check_exportable(cfg)
+        hf.write_hf(tmp_path / "out", cfg, nnx.state(make_module(cfg), nnx.Param))
     assert all(w in str(err.value) for w in words)
-    assert not (tmp_path / "config.json").exists()
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_large_exports_are_sharded_with_an_index(tmp_path):
