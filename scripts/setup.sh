@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.11) and installs t5x_like with its pinned dependencies.
+# Creates .venv (Python 3.11) and installs t5x_like with its pinned dependencies, the
+# test tools and the interop extra (torch, transformers: the reference of tests/test_hf.py).
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,4 +17,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
   quiet_pip install -q --upgrade pip
 fi
-quiet_pip install -q -e '.[test]'
+quiet_pip install -q -e '.[test,interop]'

@@ -434,3 +434,119 @@ def _verify(out: Any, items: Mapping[str, Any], where: epath.Path) -> None:
         raise DamagedCheckpointError(
             f"{where}: {len(bad)} array(s) differ from what was saved, e.g. {bad[0]} "
             f"(checksum {checksums[bad[0]]} != saved {saved.get(bad[0])})")
+
+
+# ---------------------------------------------------------------------------
+# Params-only checkpoints: what `python -m t5x_like.hf import` writes and what
+# fine-tuning / inference start from. One orbax step directory holding `params` (the
+# model's nnx.Param state) and `config` (the model gin text), the same items and
+# handlers as a training step directory, so both are read by `restore_params`.
+
+PARAMS = "params"
+
+
+def _absolute(directory: str | epath.PathLike) -> epath.Path:
+    # orbax rejects relative local paths (as in CheckpointManager).
+    path = epath.Path(directory)
+    if not path.is_absolute() and "://" not in str(directory):
+        path = epath.Path(os.path.abspath(str(directory)))
+    return path
+
+
+def save_params(directory: str | epath.PathLike, params: Any, *,
+                config_text: str | None = None) -> epath.Path:
+    """Writes `params` (e.g. `nnx.state(module, nnx.Param)`) as a params-only checkpoint.
+
+    `directory` becomes an orbax step directory with the items `params` and, when
+    given, `config` ({"operative_config": text}, as in training checkpoints). It must
+    not exist yet: a params checkpoint is written once, never over another one.
+    """
+    path = _absolute(directory)
+    if path.exists():
+        raise FileExistsError(
+            f"{path} already exists; a params checkpoint is written into a new directory. "
+            "Pick another --out, or delete the old one first.")
+    items = {PARAMS: ocp.args.StandardSave(params)}
+    if config_text is not None:
+        items[CONFIG] = ocp.args.JsonSave({"operative_config": config_text})
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        checkpointer.save(path, args=ocp.args.Composite(**items))
+    finally:
+        checkpointer.close()
+    return path
+
+
+def _newest_step_dir(directory: epath.Path) -> epath.Path | None:
+    """The newest finished step of a CheckpointManager directory (orbax writes a step
+    under a temporary name and renames it to the bare number when it is complete)."""
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+    return directory / str(max(steps)) if steps else None
+
+
+def params_source(path: str | epath.PathLike) -> tuple[epath.Path, tuple[str, ...]]:
+    """(orbax pytree directory, key path of the params inside it) for `path`, one of:
+
+    - a params-only checkpoint (`<path>/params`);
+    - a training step directory (`<path>/state`, params under `model`);
+    - a CheckpointManager directory (`<model_dir>/checkpoints`: its newest step);
+    - a model dir (`<model_dir>/checkpoints`, its newest step).
+    """
+    path = _absolute(path)
+    if (path / PARAMS).is_dir():
+        return path / PARAMS, ()
+    if (path / STATE).is_dir():
+        return path / STATE, ("model",)
+    for directory in (path, path / "checkpoints"):
+        step_dir = _newest_step_dir(directory) if directory.is_dir() else None
+        if step_dir is not None:
+            return params_source(step_dir)
+    raise FileNotFoundError(
+        f"{path} holds no parameters: expected a params checkpoint (a `{PARAMS}` item, as "
+        f"`python -m t5x_like.hf import` writes), a training step directory (a `{STATE}` "
+        "item), or a checkpoints / model directory with numbered steps. Pass one of those.")
+
+
+def _subtree(tree: Any, keys: tuple[str, ...], where: epath.Path) -> Any:
+    for key in keys:
+        if not isinstance(tree, Mapping) or key not in tree:
+            raise ValueError(f"{where} has no `{key}` subtree; it is not a train state "
+                             "saved by t5x_like (expected {model: ..., optimizer: ...}).")
+        tree = tree[key]
+    return tree
+
+
+def _wrap(tree: Any, keys: tuple[str, ...]) -> Any:
+    for key in reversed(keys):
+        tree = {key: tree}
+    return tree
+
+
+def restore_params(path: str | epath.PathLike, target_params: Any) -> Any:
+    """Reads parameters onto the shapes, dtypes and shardings of `target_params`.
+
+    `path`: a params-only checkpoint or a training checkpoint (see `params_source`);
+    from a training checkpoint only the `model` subtree of its `state` item is read,
+    never the optimizer state. `target_params`: the model's params (nnx.State of
+    arrays or ShapeDtypeStructs carrying shardings, e.g. from
+    `partitioning.abstract_sharded` filtered to nnx.Param). Raises ValueError before
+    reading any array when the stored shapes differ, naming the first differing
+    parameter with both shapes.
+    """
+    item_dir, keys = params_source(path)
+    # The item's own handler: a Checkpointer would look for step metadata in the item.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        stored = _subtree(handler.metadata(item_dir).tree, keys, item_dir)
+        try:
+            _check_compatible(stored, target_params, str(item_dir))
+        except ValueError as e:
+            raise type(e)(f"{e} A params checkpoint written by `python -m t5x_like.hf "
+                          "import` needs the model gin file it wrote (--gin_out).") from None
+        target = _wrap(abstract_like(target_params), keys)
+        restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+    finally:
+        handler.close()
+    return _subtree(restored, keys, item_dir)

@@ -140,6 +140,20 @@ def check_bindings(bindings: Sequence[str]) -> None:
                 f"{' or '.join(near) if near else 'a macro of the gin files'}? Macros in use: "
                 f"{', '.join(sorted(referenced))}.")
 
+def gin_macro(name: str) -> Any:
+    """The object the parsed gin macro `name` stands for (e.g. MODEL_CONFIG), built
+    with its bindings: for commands that need a model's config but run no
+    gin-configured function (`python -m t5x_like.hf export`)."""
+    try:
+        value = gin.query_parameter(f"{name}/macro.value")
+    except ValueError:
+        raise ValueError(f"the gin files bind no macro {name!r}; include a model gin file "
+                         "(gin_configs/models/*.gin, or the one `hf import --gin_out` "
+                         "wrote).") from None
+    if isinstance(value, gin.config.ConfigurableReference):
+        return value.scoped_configurable_fn()
+    return value
+
 
 def gin_imports() -> list[str]:
     """The Python modules (other than t5x_like's) that the parsed gin files imported."""

@@ -67,6 +67,9 @@ class TransformerConfig:
     norm_eps: float = 1e-6  # Llama uses 1e-5.
     rope_theta: float = 10_000.0  # Llama 3 uses 500,000.
     tie_embeddings: bool = True  # tied: logits = x·Eᵀ/√D (PaLM); untied: separate head.
+    # Tied logits divided by √D (PaLM, our models) or not (Hugging Face's tied Llama
+    # models, e.g. Llama 3.2 1B and SmolLM: x·Eᵀ). Read only when tie_embeddings.
+    scale_tied_logits: bool = True
     dropout_rate: float = 0.0
     dtype: str = "bfloat16"  # compute dtype; parameters are always float32.
     scan_layers: bool = True
@@ -224,10 +227,12 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table; when tied, also the output projection (logits·1/√D)."""
+    """Token embedding table; when tied, also the output projection (x·Eᵀ, times 1/√D
+    when cfg.scale_tied_logits)."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.dtype = cfg.compute_dtype
+        self.scale_logits = cfg.scale_tied_logits
         # PaLM: embeddings N(0, 1); with tied logits scaled by 1/√D the logits start O(1).
         self.embedding = _normal_param(rngs, (cfg.vocab_size, cfg.emb_dim), (VOCAB, EMBED), 1.0)
 
@@ -239,6 +244,8 @@ class Embed(nnx.Module):
         logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD.astype(self.dtype),
                                 self.embedding[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
+        if not self.scale_logits:
+            return logits_BLV
         return logits_BLV / jnp.sqrt(jnp.float32(x_BLD.shape[-1]))
 
 

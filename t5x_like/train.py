@@ -34,7 +34,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from t5x_like import (checkpoints, flops, guards, launch, loader, metrics, mixtures,
-                      partitioning, prepare, store, trainer, ul2)
+                      partitioning, prepare, store, trainer, ul2, vocabulary)
 from t5x_like import loop as loop_lib
 from t5x_like.evaluation import EvalConfig, Evaluator
 
@@ -127,15 +127,20 @@ def _check_run(train_steps: int, log_every_steps: int, num_microbatches: int,
             "equal microbatches; pick a divisor of the batch size.")
 
 
-def _check_data(data: DataConfig, converter: str) -> None:
+def _check_data(data: DataConfig, converter: str, vocab_size: int) -> None:
     """Before anything is written: the mixture exists, its tasks have the features the
-    model's converter needs, and every UL2 denoiser fits the lengths."""
+    model's converter needs and a vocabulary the model covers, and every UL2 denoiser
+    fits the lengths."""
     needed = store.CONVERTER_TASK_FEATURES[converter]
     if set(data.task_feature_lengths) != set(needed):
         raise ValueError(
             f"TASK_FEATURE_LENGTHS={dict(data.task_feature_lengths)} does not fit the model's "
             f"{converter!r} form, which takes lengths for {list(needed)}.")
-    for task in mixtures.leaf_tasks(data.mixture_or_task_name):
+    tasks = mixtures.leaf_tasks(data.mixture_or_task_name)
+    vocabularies = {id(f.vocabulary): f.vocabulary for t in tasks for f in t.output_features.values()}
+    for vocab in vocabularies.values():  # a model too small for the tokenizer must not train
+        vocabulary.check_model_covers(vocab, vocab_size)
+    for task in tasks:
         missing = [f for f in needed if f not in task.output_features]
         if missing:
             raise ValueError(
@@ -310,7 +315,7 @@ def train(
     partitioning.validate_for_mesh(model.make_module, mesh, rules,
                                    batch_size=data.batch_size // num_microbatches)
     converter = model.converter_name(data.task_feature_lengths)
-    _check_data(data, converter)
+    _check_data(data, converter, model.cfg.vocab_size)
     if evaluation.enabled:
         Evaluator.check_batch_size(evaluation.batch_size, mesh)
     identity = _run_identity(model, data, optimizer, train_steps, num_microbatches, seed)

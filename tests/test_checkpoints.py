@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from t5x_like import checkpoints, layers, models, trainer
+from t5x_like import checkpoints, layers, models, partitioning, trainer
 
 CFG = layers.TransformerConfig(
     vocab_size=64, emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
@@ -296,3 +296,57 @@ def test_newest_run_item_is_read_alone(tmp_path):
     with checkpoints.CheckpointManager(tmp_path, create=False) as mgr:
         assert mgr.newest_run_item() == {"identity": {"schedule": {"train_steps": 20}},
                                          "step": 2}
+
+# ------------------------------------------------------------------------------ params only
+
+
+def _params(seed=0, cfg=CFG):
+    return nnx.state(models.DecoderOnlyModel(cfg).make_module(seed), nnx.Param)
+
+
+def test_params_checkpoint_round_trip_with_its_config(tmp_path):
+    params = _params(0)
+    path = checkpoints.save_params(tmp_path / "imported", params, config_text="MODEL = 1\n")
+    assert {"params", "config"} <= {p.name for p in path.iterdir()}
+    restored = checkpoints.restore_params(path, checkpoints.abstract_like(_params(1)))
+    _assert_trees_equal(restored, params)
+    assert "MODEL = 1" in (path / "config" / "metadata").read_text()
+    with pytest.raises(FileExistsError, match="already exists"):
+        checkpoints.save_params(path, params)
+
+
+def test_restore_params_reads_the_model_of_a_training_checkpoint_onto_another_mesh(tmp_path):
+    model = models.DecoderOnlyModel(CFG)
+    fsdp = partitioning.make_mesh({"fsdp": 8})
+    with checkpoints.CheckpointManager(tmp_path / "run" / "checkpoints") as mgr:
+        graphdef, state, restored_step = trainer.init_or_restore(
+            model, _ADAMW.tx, fsdp, "fsdp", seed=3, ckpt=mgr)
+        assert restored_step is None
+        mgr.save(1, state, force=True)
+    expected = trainer.params_of(graphdef, state)
+    _, abstract = partitioning.abstract_sharded(
+        model.make_module, partitioning.make_mesh({"fsdp": 2, "tensor": 4}), "fsdp_tp")
+    target = abstract.filter(nnx.Param)
+    for path in (tmp_path / "run", tmp_path / "run" / "checkpoints",
+                 tmp_path / "run" / "checkpoints" / "1"):
+        restored = checkpoints.restore_params(path, target)
+        _assert_trees_equal(restored, expected)  # the params only: no optimizer leaves
+        jax.tree.map(lambda x, t: x.sharding == t.sharding or pytest.fail(f"{x.sharding}"),
+                     restored, target)
+
+
+def test_restore_params_names_the_first_mismatching_parameter_and_both_shapes(tmp_path):
+    path = checkpoints.save_params(tmp_path / "p", _params(0))
+    other = models.DecoderOnlyModel(layers.TransformerConfig(**{**CFG.__dict__, "mlp_dim": 80}))
+    with pytest.raises(ValueError) as err:
+        checkpoints.restore_params(path, partitioning.abstract_params(other.make_module))
+    lines = str(err.value).splitlines()
+    assert "3 differences" in lines[0]
+    assert lines[1].strip() == ("decoder/layers/mlp/wi_0/value: checkpoint shape (2, 32, 64) "
+                                "!= model shape (2, 32, 80)")
+    assert "--gin_out" in lines[-1]
+
+
+def test_restore_params_from_a_directory_without_parameters_says_what_it_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no parameters.*params checkpoint"):
+        checkpoints.restore_params(tmp_path, checkpoints.abstract_like(_params(0)))

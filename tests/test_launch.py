@@ -45,6 +45,15 @@ def test_the_shipped_experiments_import_the_shipped_tasks(clean_gin):
     assert imported == ["tasks"]  # t5x_like's own modules are not task modules
 
 
+def test_gin_macro_builds_what_a_macro_names(clean_gin):
+    launch.parse_gin(["models/tiny_llama.gin"], ["layers.TransformerConfig.num_decoder_layers = 3"])
+    cfg = launch.gin_macro("MODEL_CONFIG")
+    assert (cfg.num_decoder_layers, cfg.z_loss, cfg.block) == (3, 0.0, "sequential")
+    assert launch.gin_macro("MODEL").cfg == cfg
+    with pytest.raises(ValueError, match="bind no macro 'MESH_CONFIG'.*model gin file"):
+        launch.gin_macro("MESH_CONFIG")
+
+
 def test_a_mesh_that_does_not_match_the_devices_is_refused():
     from t5x_like import partitioning
 

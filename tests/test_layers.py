@@ -190,6 +190,17 @@ def test_rmsnorm_matches_numpy():
     assert_close(norm(jnp.asarray(x)), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [True, False])
+def test_tied_logits_are_x_dot_embedding_scaled_only_when_asked(scale):
+    """PaLM's tied logits x·Eᵀ/√D (the default) and Hugging Face's tied Llama x·Eᵀ."""
+    cfg = tiny_config(scale_tied_logits=scale)
+    embed = build(lambda: layers.Embed(cfg, rngs=nnx.Rngs(0)))
+    x = np.random.default_rng(7).normal(size=(2, 3, cfg.emb_dim)).astype(np.float32)
+    ref = x @ np.asarray(embed.embedding[...]).T
+    assert_close(embed.attend(jnp.asarray(x)), ref / math.sqrt(cfg.emb_dim) if scale else ref,
+                 atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ blocks
 
 

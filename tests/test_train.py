@@ -196,6 +196,16 @@ def test_mesh_that_does_not_match_the_devices_is_a_clear_error(tmp_path, store):
         _train(tmp_path, store, mesh_config=four)
 
 
+def test_a_model_smaller_than_the_tokenizer_is_refused_before_data_is_prepared(tmp_path):
+    small = models.DecoderOnlyModel(dataclasses.replace(MODEL.cfg, vocab_size=4096))
+    data = train.DataConfig(mixture_or_task_name="code_causal", task_feature_lengths=LENGTHS,
+                            batch_size=BATCH, store_dir=str(tmp_path / "store"))
+    with pytest.raises(ValueError, match="vocab_size=4096 is smaller than the vocabulary's 8192"):
+        train.train(model=small, mesh_config=FSDP, data=data, optimizer=_optimizer(),
+                    train_steps=STEPS, model_dir=str(tmp_path / "run"), evaluation=EVAL_OFF)
+    assert not (tmp_path / "store").exists()
+
+
 USER_TASKS = '''
 """A user's own SeqIO task, written the way a T5X user writes one."""
 import os

@@ -152,3 +152,108 @@ def test_one_tf_tokenizer_serves_every_tf_data_graph_and_keeps_equality():
     assert vocab.tf_tokenizer is vocab.tf_tokenizer
     fresh = pickle.loads(pickle.dumps(vocab))
     assert fresh == vocab and "_tf_tokenizer" not in fresh.__dict__
+
+
+# ------------------------------------------------------------------------------ tokenizer.json
+
+
+def _byte_level_bpe(path, vocab_size=400):
+    """A tiny byte-level BPE built like Llama 3's: no special tokens while training, so
+    id 0 is a real token ("!", the first byte of the alphabet), specials appended last."""
+    import tokenizers
+    from tokenizers import decoders, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    docs = [d for domain in DOMAINS for d in validation_docs(domain, 5)]
+    tok.train_from_iterator(docs, trainer)
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    tok.save(str(path))
+    return tok, docs
+
+
+@pytest.fixture(scope="module")
+def hf_vocab(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok, docs = _byte_level_bpe(path)
+    vocab = vocabulary.HfTokenizerVocabulary(path, eos_token="<|end_of_text|>",
+                                             bos_token="<|begin_of_text|>")
+    return vocab, tok, docs
+
+
+def test_hf_tokenizer_vocabulary_encodes_like_the_tokenizer_and_round_trips(hf_vocab):
+    vocab, tok, docs = hf_vocab
+    assert vocab.vocab_size == tok.get_vocab_size() == 402 and vocab.extra_ids == 0
+    assert (vocab.bos_id, vocab.eos_id, vocab.unk_id) == (400, 401, None)
+    assert vocab.decode([0]) == "!"  # SeqIO's pad id is a real token here, as in Llama 3
+    for text in docs:
+        ids = vocab.encode(text)
+        assert ids == tok.encode(text, add_special_tokens=False).ids
+        assert vocab.decode(ids) == text
+        assert vocab.decode([*ids, vocab.eos_id, 0, 0, 17]) == text  # through the first EOS
+
+
+def test_hf_tokenizer_vocabulary_in_tf_graphs_and_a_seqio_task(hf_vocab):
+    import tensorflow as tf
+
+    vocab, _, docs = hf_vocab
+    texts = docs[:6]
+    ds = tf.data.Dataset.from_tensor_slices(texts).map(vocab.encode_tf)
+    assert [x.numpy().tolist() for x in ds] == [vocab.encode(t) for t in texts]
+    # decode_tf: padded rows with 0 (= "!") after EOS decode without trailing "!!"
+    rows = [vocab.encode(t)[:20] + [vocab.eos_id] for t in texts[:2]]
+    width = max(map(len, rows)) + 3
+    ids = tf.constant([row + [0] * (width - len(row)) for row in rows], tf.int32)
+    decoded = [t.decode() for t in vocab.decode_tf(ids).numpy()]
+    assert decoded == [vocab.decode(row) for row in rows] and not decoded[0].endswith("!")
+    assert vocab.decode_tf(ids[0]).numpy().decode() == decoded[0]
+
+    name = "test_hf_tokenizer_task"
+    seqio.TaskRegistry.add(
+        name, source=seqio.FunctionDataSource(
+            lambda split, shuffle_files: tf.data.Dataset.from_tensor_slices(texts),
+            splits=["train"]),
+        preprocessors=[seqio.map_over_dataset(lambda t: {"targets": t}),
+                       seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+        output_features={"targets": seqio.Feature(vocab, add_eos=True)})
+    try:
+        examples = list(seqio.get_mixture_or_task(name).get_dataset(
+            None, split="train", shuffle=False).as_numpy_iterator())
+    finally:
+        seqio.TaskRegistry.remove(name)
+    assert [e["targets"].tolist() for e in examples] == [
+        vocab.encode(t) + [vocab.eos_id] for t in texts]
+
+
+def test_hf_tokenizer_vocabulary_identity_and_bad_tokens(hf_vocab, tmp_path):
+    import pickle
+
+    vocab, _, _ = hf_vocab
+    same = vocabulary.HfTokenizerVocabulary(vocab.path, eos_token="<|end_of_text|>",
+                                            bos_token="<|begin_of_text|>")
+    other_eos = vocabulary.HfTokenizerVocabulary(vocab.path, eos_token="<|begin_of_text|>")
+    assert same == vocab and pickle.loads(pickle.dumps(vocab)) == vocab
+    assert vocabulary.vocabulary_checksum(same) == vocabulary.vocabulary_checksum(vocab)
+    assert vocabulary.vocabulary_checksum(other_eos) != vocabulary.vocabulary_checksum(vocab)
+    with pytest.raises(ValueError, match="eos_token='</s>' is not a token"):
+        vocabulary.HfTokenizerVocabulary(vocab.path, eos_token="</s>")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        vocabulary.HfTokenizerVocabulary(tmp_path / "absent.json")
+
+
+def test_check_model_covers(hf_vocab, vocab, caplog):
+    tokenizer_vocab, _, _ = hf_vocab
+    with pytest.raises(ValueError, match=r"vocab_size=401 is smaller than the vocabulary's 402"):
+        vocabulary.check_model_covers(tokenizer_vocab, 401)
+    with pytest.raises(ValueError, match=r"vocab_size=4096 .* 8192 ids"):
+        vocabulary.check_model_covers(vocab, 4096)
+    with caplog.at_level("WARNING", logger="t5x_like.vocabulary"):
+        vocabulary.check_model_covers(vocab, 8192)  # tiny models: exact
+        vocabulary.check_model_covers(tokenizer_vocab, 1024)  # padded to a multiple of 1024
+        assert not caplog.records
+        vocabulary.check_model_covers(vocab, 128_256)  # llama3_8b with the demo tokenizer
+    assert len(caplog.records) == 1
+    assert "vocab_size=128256" in caplog.text and "8192 ids" in caplog.text
