@@ -222,6 +222,7 @@ def train(
     num_microbatches: int = 1,
     seed: int = 0,
     stop_at_step: int | None = None,
+    peak_flops_per_device: float | None = None,
 ) -> RunSummary:
     """Trains `model` on `data` for `train_steps` steps; returns the run's summary.
 
@@ -231,9 +232,10 @@ def train(
     stop_at_step: stop (with a checkpoint) at this step although the run is longer:
       for preemption drills and exact-resume tests; the schedule still spans
       `train_steps`.
+    peak_flops_per_device: MFU's peak for a device hardware.DEVICE_SPECS lacks.
     """
     _check_run(train_steps, log_every_steps, num_microbatches, data.batch_size)
-    launch.use_cpu_devices(mesh_config.num_devices)
+    launch.start_devices(mesh_config)
     config_text = _write_operative_config(model_dir)
     mesh, rules = launch.mesh_for(mesh_config)
     # Each microbatch is sharded over the batch axes like a whole batch.
@@ -253,7 +255,7 @@ def train(
         rules=rules)
     evaluator = Evaluator.create(model, graphdef, state_sharding, mesh, rules,
                                  evaluation) if evaluation.enabled else None
-    meter = _make_meter(model, data, mesh)
+    meter = _make_meter(model, data, mesh, peak_flops_per_device)
     writer = metrics.create_writer(model_dir, enabled=jax.process_index() == 0)
     key, last_step = jax.random.key(seed), min(train_steps, stop_at_step or train_steps)
     losses: list[float] = []
@@ -319,12 +321,12 @@ def _resumed_at(restored_step: int | None, train_steps: int, model_dir: str) -> 
     return restored_step
 
 
-def _make_meter(model, data: DataConfig, mesh) -> metrics.StepMeter:
+def _make_meter(model, data: DataConfig, mesh, peak: float | None) -> metrics.StepMeter:
     """Speed meter of this run: FLOPs in both conventions against the peak (measured on
-    CPU, the datasheet's on GPU)."""
+    CPU, the datasheet's for the compute dtype on GPU and TPU, or `peak`)."""
     lengths = data.task_feature_lengths
     step_flops = model.train_flops_per_step(data.batch_size, lengths)
-    peak = flops.peak_flops_per_device()
+    peak = flops.peak_flops_per_device(dtype=model.cfg.dtype, override=peak)
     log.info("model: %s parameters; %s per step: %.3e FLOPs (PaLM), %.3e (MaxText); "
              "peak %.3e FLOP/s per device", f"{model.num_params:,}",
              model.converter_name(lengths), step_flops.palm, step_flops.maxtext, peak)
