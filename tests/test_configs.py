@@ -20,6 +20,7 @@ MESH_GINS = sorted((GIN_DIR / "meshes").glob("*.gin"))
 def build_macro(path: pathlib.Path, macro: str):
     """Parses one gin file in a clean config and builds the object its macro names."""
     gin.clear_config()
+    gin.add_config_file_search_path(str(GIN_DIR))  # for includes (meshes/xla_flags/gpu.gin)
     try:
         gin.parse_config_file(str(path))
         return gin.query_parameter(f"{macro}/macro.value").scoped_configurable_fn()

@@ -216,7 +216,7 @@ def test_hybrid_mesh_places_ici_within_a_node_and_dcn_across():
         for f in range(16):
             # Each run of 8 along fsdp is one node (NVLink); nodes differ along dcn.
             assert array[d, f, 0].process_index == 2 * d + f // 8
-    with pytest.raises(ValueError, match=r"needs 4 nodes \(process_index\) of 8 devices"):
+    with pytest.raises(ValueError, match=r"needs 4 nodes of 8 devices each \(32\) but 16"):
         partitioning.make_hybrid_mesh(ici, {"data": 4, "fsdp": 1}, devices[:16])
 
 
