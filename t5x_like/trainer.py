@@ -189,12 +189,43 @@ def adafactor_beta2(step: int | jax.Array, decay_rate: float = 0.8) -> jax.Array
 # Train state
 
 
+def _placeholders_replicated(tx: optax.GradientTransformation
+                             ) -> optax.GradientTransformation:
+    """`tx` whose initial state keeps a parameter's logical axes only on leaves of that
+    parameter's shape.
+
+    NNX gives each optimizer leaf made from a parameter that parameter's axes and
+    shards it so on a mesh. Optax's Adafactor also keeps a shape-(1,) placeholder per
+    parameter (the factored statistics an unfactored run never fills), which cannot
+    carry a matrix's axes: sharded initialisation failed on every mesh. Those become
+    plain arrays, replicated. (A leaf is matched to its parameter by path: the state
+    mirrors the parameter tree below its own fields.)
+    """
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+    def init(params):
+        shapes = {path: jnp.shape(leaf.get_value()) for path, leaf in
+                  jax.tree_util.tree_flatten_with_path(params, is_leaf=is_var)[0]}
+
+        def unbox(path, leaf):
+            if is_var(leaf):
+                own = next((shape for p, shape in shapes.items()
+                            if tuple(path[-len(p):]) == p), None)
+                if own is not None and own != jnp.shape(leaf.get_value()):
+                    return leaf.get_value()
+            return leaf
+
+        return jax.tree_util.tree_map_with_path(unbox, tx.init(params), is_leaf=is_var)
+
+    return optax.GradientTransformation(init, tx.update)
+
+
 class TrainState(nnx.Module):
     """The model, its optimizer state, and the step counter (`optimizer.step`)."""
 
     def __init__(self, model: nnx.Module, tx: optax.GradientTransformation):
         self.model = model
-        self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        self.optimizer = nnx.Optimizer(model, _placeholders_replicated(tx), wrt=nnx.Param)
 
     @property
     def step(self) -> jax.Array:
