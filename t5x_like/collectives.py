@@ -293,7 +293,7 @@ def _consumers(computations: Mapping[str, list[str]]
     return out
 
 
-_PASS_THROUGH = {"get-tuple-element", "bitcast", "copy", "convert"}
+_PASS_THROUGH = {"get-tuple-element", "bitcast", "copy", "convert", "collective-permute"}
 
 
 def _opcodes(lines: Sequence[str]) -> set[str]:
@@ -302,7 +302,8 @@ def _opcodes(lines: Sequence[str]) -> set[str]:
 
 def _only_sliced(name: str, consumers, computations: Mapping[str, list[str]]) -> bool:
     """Whether every use of `name`, through element reads, casts and copies, is a
-    dynamic slice (an op, or a fusion that slices): XLA:CPU's all-reduce +
+    dynamic slice (an op, or a fusion that slices), perhaps after a reshuffle between
+    devices (collective-permute): XLA:CPU's all-reduce +
     dynamic-slice spelling of a reduce-scatter."""
     uses = consumers.get(name, [])
     for user, opcode, called in uses:
@@ -315,6 +316,70 @@ def _only_sliced(name: str, consumers, computations: Mapping[str, list[str]]) ->
     return bool(uses)
 
 
+def _tuple_elements(computations: Mapping[str, list[str]]) -> dict[tuple[str, int], list[str]]:
+    """{(tuple-valued instruction, index): the get-tuple-element instructions reading it}."""
+    out: dict[tuple[str, int], list[str]] = {}
+    for lines in computations.values():
+        for line in lines:
+            read = re.search(r"%([\w.-]+) = .*get-tuple-element\(%([\w.-]+)\), index=(\d+)",
+                             line)
+            if read:
+                out.setdefault((read.group(2), int(read.group(3))), []).append(read.group(1))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """What `parse` reads once per HLO module."""
+
+    computations: Mapping[str, list[str]]
+    consumers: Mapping[str, list[tuple[str, str, str | None]]]
+    elements: Mapping[tuple[str, int], list[str]]
+
+
+def _sliced_buffers(name: str, num_buffers: int, program: _Program) -> list[bool]:
+    """Per buffer of an all-reduce: is it only ever sliced afterwards? (A combined
+    all-reduce carries several; each is read by its own get-tuple-element.)"""
+    def sliced(user: str) -> bool:
+        return _only_sliced(user, program.consumers, program.computations)
+
+    if num_buffers == 1:
+        return [sliced(name)]
+    return [bool(program.elements.get((name, i)))
+            and all(sliced(read) for read in program.elements[(name, i)])
+            for i in range(num_buffers)]
+
+
+def _collectives_of(parts, count: int, mesh_shape, ici_shape, program: _Program
+                    ) -> list[Collective]:
+    """The Collective(s) of one instruction: an all-reduce's buffers that are only
+    sliced afterwards (a reduce-scatter) apart from the others."""
+    name, type_str, opcode, rest = parts
+    op = opcode.removesuffix("-start")
+    arrays = _arrays(type_str)
+    if opcode.endswith("-start") and len(arrays) > 1:
+        arrays = arrays[len(arrays) // 2:]  # (operands..., results...)
+    groups = replica_groups(rest, math.prod(mesh_shape.values()))
+    axes, nodes = _span(groups, mesh_shape, ici_shape)
+    size = groups.shape[1]
+    flags = [False] * len(arrays)
+    if op == "all-reduce" and size > 1 and not opcode.endswith("-start"):
+        flags = _sliced_buffers(name, len(arrays), program)
+    widened = (re.search(r"to_apply=%\S*_promoted\b", rest) is not None
+               and all(dtype == "f32" for dtype, _ in arrays))
+    out = []
+    for sliced in (False, True):
+        part = [array for array, flag in zip(arrays, flags) if flag == sliced]
+        if part:
+            nbytes = sum(b for _, b in part) * (size if op == "reduce-scatter" else 1)
+            dtype = max(part, key=lambda a: a[1])[0]
+            if widened:
+                dtype, nbytes = "bf16", nbytes // 2
+            out.append(Collective(name, op, dtype, nbytes, size, axes, nodes, count,
+                                  sliced, widened))
+    return out
+
+
 def parse(hlo_text: str, mesh_shape: Mapping[str, int],
           ici_shape: Mapping[str, int] | None = None) -> list[Collective]:
     """The collectives of a compiled SPMD program over a mesh of `mesh_shape` (named
@@ -322,36 +387,20 @@ def parse(hlo_text: str, mesh_shape: Mapping[str, int],
     node (default: the whole mesh is one node)."""
     computations, entry = _computations(hlo_text)
     runs = execution_counts(computations, entry)
-    consumers = _consumers(computations)
-    num_devices = math.prod(mesh_shape.values())
+    program = _Program(computations, _consumers(computations), _tuple_elements(computations))
     out = []
     for computation, lines in computations.items():
         for line in lines:
             parts = _split_instruction(line)
-            op = parts and parts[2].removesuffix("-start")
-            if op not in COLLECTIVE_OPS:
+            if not parts or parts[2].removesuffix("-start") not in COLLECTIVE_OPS:
                 continue
-            name, type_str, opcode, rest = parts
-            arrays = _arrays(type_str)
-            if opcode.endswith("-start") and len(arrays) > 1:
-                arrays = arrays[len(arrays) // 2:]  # (operands..., results...)
             if runs[computation] is None:
                 raise ValueError(
-                    f"Cannot tell how often {name} runs: a while loop around it has no "
+                    f"Cannot tell how often {parts[0]} runs: a while loop around it has no "
                     "readable trip count (neither known_trip_count nor an `i < N` "
                     "condition). Its collectives cannot be counted per step.")
-            groups = replica_groups(rest, num_devices)
-            axes, nodes = _span(groups, mesh_shape, ici_shape or mesh_shape)
-            size = groups.shape[1]
-            nbytes = sum(b for _, b in arrays) * (size if op == "reduce-scatter" else 1)
-            sliced = op == "all-reduce" and size > 1 and _only_sliced(name, consumers,
-                                                                     computations)
-            dtype = max(arrays, key=lambda a: a[1])[0]
-            widened = bool(re.search(r"to_apply=%\S*_promoted\b", rest)) and dtype == "f32"
-            if widened:
-                dtype, nbytes = "bf16", nbytes // 2
-            out.append(Collective(name, op, dtype, nbytes, size, axes, nodes,
-                                  runs[computation], sliced, widened))
+            out += _collectives_of(parts, runs[computation], mesh_shape,
+                                   ici_shape or mesh_shape, program)
     return out
 
 
