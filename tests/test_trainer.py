@@ -290,3 +290,26 @@ def test_real_model_grad_accumulation():
     for name in ("loss", "accuracy", "grad_norm", "weight_sum"):
         np.testing.assert_allclose(m2[name], m1[name], rtol=2e-5, err_msg=name)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), p1, p2)
+
+
+def test_adafactor_initialises_sharded_on_a_mesh():
+    """PaLM's optimizer on an FSDP mesh (sharded init raised before): the second moment
+    of each matrix is split like the matrix; Adafactor's shape-(1,) placeholders for
+    the factored statistics an unfactored run never fills are replicated."""
+    from t5x_like import models, partitioning  # noqa: PLC0415
+    from test_configs import model_config  # noqa: PLC0415
+
+    model = models.model_for(model_config("tiny_palm"))
+    mesh = partitioning.make_mesh({"fsdp": 8})
+    graphdef, state, _ = trainer.init_or_restore(
+        model, trainer.adafactor_palm().tx, mesh, partitioning.get_rules("fsdp"), seed=0)
+    params = trainer.params_of(graphdef, state)
+    wi = params["decoder"]["layers"]["mlp"]["wi_0"][...]
+    flat = {jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state["optimizer"])}
+    moments = [leaf for path, leaf in flat.items() if path.endswith("['wi_0'].value")]
+    # v (second moment) and the momentum: split like the matrix; v_row, v_col: (1,).
+    assert sum(m.shape == wi.shape and m.sharding.spec == wi.sharding.spec
+               for m in moments) == 2
+    placeholders = [leaf for leaf in flat.values() if leaf.shape == (1,)]
+    assert placeholders and all(p.sharding.is_fully_replicated for p in placeholders)
