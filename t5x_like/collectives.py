@@ -444,9 +444,12 @@ def scale_axis(c: Collective, axis: str, sizes: tuple[int, int],
                nodes: tuple[int, int]) -> Collective:
     """`c` as it runs when mesh axis `axis` grows from sizes[0] to sizes[1] devices,
     spread over nodes[1] instead of nodes[0] nodes (the data-parallel axis of a mesh
-    planned at a reduced size): a group along the whole axis has the same per-device
-    buffer and proportionally more members and nodes."""
+    planned at a reduced size): a group along the whole axis has proportionally more
+    members and nodes; each member contributes the same, so the buffer of an
+    all-gather (the gathered result) grows with the group and the others stay."""
     if axis not in c.mesh_axes:
         return c
-    return dataclasses.replace(c, group_size=c.group_size // sizes[0] * sizes[1],
+    group = c.group_size // sizes[0] * sizes[1]
+    nbytes = c.buffer_bytes * group // c.group_size if c.op == "all-gather" else c.buffer_bytes
+    return dataclasses.replace(c, group_size=group, buffer_bytes=nbytes,
                                nodes=max(1, c.nodes // nodes[0]) * nodes[1])

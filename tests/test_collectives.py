@@ -132,6 +132,9 @@ def test_scaling_the_data_axis_keeps_buffers_and_grows_groups():
     assert (scaled.group_size, scaled.nodes, scaled.buffer_bytes) == (78, 39, 1000)
     fsdp_only = _one("all-gather", 1000, 8, 1)
     assert collectives.scale_axis(fsdp_only, "data", (2, 39), (2, 39)) == fsdp_only
+    # An all-gather's buffer is what it gathers: each new member brings its piece.
+    gather = _one("all-gather", 1000, 4, 2, axes=("data", "fsdp"))
+    assert collectives.scale_axis(gather, "data", (2, 39), (2, 39)).buffer_bytes == 19_500
 
 
 def _compiled(model_name, mesh_shape, rules):
