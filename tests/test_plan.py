@@ -156,6 +156,24 @@ def test_suggestions_take_the_first_fit_of_each_kind_of_change():
     assert [s["change"] for s in picked] == ["b", "c"]
 
 
+def test_a_tpu_slice_is_planned_with_the_tpu_compiler():
+    """v5e:2x2 (4 chips) compiled by libtpu on this CPU host: its memory analysis, its
+    collectives (it casts FSDP's weights to bfloat16 before gathering them)."""
+    pytest.importorskip("libtpu", reason="the TPU compiler comes with the [tpu] extra "
+                        "(pip install -e '.[tpu]'), which CI does not install")
+    mesh_config = partitioning.MeshConfig(shape={"fsdp": 4}, rules="fsdp")
+    report = _tiny_plan(mesh_config, tpu_topology="v5e:2x2")
+    assert report["memory_per_device"]["compiled"]["backend"] == "TPU compiler"
+    assert "on 4 TPU compiler devices" in report["method"]
+    assert [d["kind"] for d in report["devices"]] == ["TPU v5e"]
+    assert report["devices"][0]["need_gb"] * 1e9 == report["memory_per_device"]["compiled"]["peak"]
+    assert any(r["op"] == "all-gather" and r["dtype"] == "bf16" and r["axes"] == ["fsdp"]
+               for r in report["collectives"])
+    with pytest.raises(ValueError, match=r"'v5e:2x2' has 4 chips but the mesh needs 8"):
+        _tiny_plan(partitioning.MeshConfig(shape={"fsdp": 8}, rules="fsdp"),
+                   tpu_topology="v5e:2x2")
+
+
 # ------------------------------------------------------------------ the README's plans
 
 
