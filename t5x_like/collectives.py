@@ -54,6 +54,7 @@ class Collective:
     widened: XLA:CPU widened a 16-bit all-reduce to 32 bits (its reducer is a
       "*_promoted" clone; XLA:CPU reduces bfloat16 in float32): `buffer_bytes` and
       `dtype` are the 16-bit original's, which GPUs and TPUs reduce as is.
+    source: the jax operation it came from (the HLO metadata's op_name).
     """
 
     name: str
@@ -66,6 +67,7 @@ class Collective:
     count: int
     sliced_after: bool = False
     widened: bool = False
+    source: str = ""
 
     @property
     def priced_as(self) -> str:
@@ -133,14 +135,15 @@ def _arrays(type_str: str) -> list[tuple[str, int]]:
 
 def _trip_count(rest: str, computations: Mapping[str, list[str]]) -> int | None:
     """Iterations of a while loop: XLA's known_trip_count, else the bound N of the
-    `i < N` compare in its condition (jax's scan counts from 0 by 1)."""
+    `i < N` compare in its condition (jax's scan counts from 0 by 1, as do the TPU
+    compiler's own loops, e.g. its windowed einsums, with unsigned counters)."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
     if known:
         return int(known.group(1))
     cond = re.search(r"condition=%([^,\s]+)", rest)
     lines = computations.get(cond.group(1), []) if cond else []
     constants = [int(m.group(1)) for line in lines
-                 for m in [re.search(r"s32\[\]\S* constant\((\d+)\)", line)] if m]
+                 for m in [re.search(r"[su](?:32|64)\[\]\S* constant\((\d+)\)", line)] if m]
     if len(constants) == 1 and any("direction=LT" in line for line in lines):
         return constants[0]
     return None
@@ -358,7 +361,9 @@ def _collectives_of(parts, count: int, mesh_shape, ici_shape, program: _Program
     op = opcode.removesuffix("-start")
     arrays = _arrays(type_str)
     if opcode.endswith("-start") and len(arrays) > 1:
-        arrays = arrays[len(arrays) // 2:]  # (operands..., results...)
+        # (operands..., results..., and for a permute two u32 scalars of context)
+        arrays = [a for a in arrays if not (a[0] in ("u32", "s32") and a[1] == 4)] or arrays
+        arrays = arrays[len(arrays) // 2:]
     groups = replica_groups(rest, math.prod(mesh_shape.values()))
     axes, nodes = _span(groups, mesh_shape, ici_shape)
     size = groups.shape[1]
@@ -367,6 +372,7 @@ def _collectives_of(parts, count: int, mesh_shape, ici_shape, program: _Program
         flags = _sliced_buffers(name, len(arrays), program)
     widened = (re.search(r"to_apply=%\S*_promoted\b", rest) is not None
                and all(dtype == "f32" for dtype, _ in arrays))
+    source = re.search(r'op_name="([^"]*)"', rest)
     out = []
     for sliced in (False, True):
         part = [array for array, flag in zip(arrays, flags) if flag == sliced]
@@ -376,7 +382,7 @@ def _collectives_of(parts, count: int, mesh_shape, ici_shape, program: _Program
             if widened:
                 dtype, nbytes = "bf16", nbytes // 2
             out.append(Collective(name, op, dtype, nbytes, size, axes, nodes, count,
-                                  sliced, widened))
+                                  sliced, widened, source.group(1) if source else ""))
     return out
 
 

@@ -253,8 +253,14 @@ class _States:
 
 
 def analytic_memory(model, states: _States, variant: Variant, batch_size: int,
-                    lengths: Mapping[str, int]) -> dict[str, int]:
-    """Per-device bytes of a variant: the state exactly, activations by formula."""
+                    lengths: Mapping[str, int], gathered_per_row: float = 0.0
+                    ) -> dict[str, int]:
+    """Per-device bytes of a variant: the state exactly, activations by formula.
+
+    gathered_per_row: bytes per row of a microbatch that the compiled step gathers
+      across the data-parallel axis at once (see `data_gathers`); they scale with the
+      global rows of a microbatch, which neither formula nor a reduced compile shows.
+    """
     state, params = states(variant.rules)
     sizes = variant.sizes
     param_bytes = memory.state_bytes(params, sizes)
@@ -272,6 +278,7 @@ def analytic_memory(model, states: _States, variant: Variant, batch_size: int,
         "activations": activations["total"],
         "gathered_weights": memory.gathered_weight_bytes(params, sizes),
         "inputs": row_bytes * split.rows * variant.num_microbatches,
+        "gathered_across_data": int(gathered_per_row * micro_rows),
     }
     return {**parts, "total": sum(parts.values()),
             "activation_parts": {k: v for k, v in activations.items() if k != "total"}}
@@ -376,6 +383,13 @@ def candidates(base: Variant, devices_per_node: int, batch_size: int
 
 
 # ------------------------------------------------------------ communication and time
+
+
+def data_gathers(found: Sequence[collectives.Collective]) -> list[collectives.Collective]:
+    """All-gathers across the data-parallel axis: a tensor split over the batch (the
+    embedding gradient's cotangents, say) gathered whole. Their buffer grows with the
+    data axis, so they must fit in memory at the planned size."""
+    return [c for c in found if c.op == "all-gather" and "data" in c.mesh_axes]
 
 
 def collective_rows(found: Sequence[collectives.Collective]) -> list[dict[str, Any]]:
@@ -487,7 +501,9 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
     found = [collectives.scale_axis(c, "data", cm.data, cm.data_nodes)
              for c in collectives.parse(compiled.as_text(), cm.shape, cm.ici)]
     states = _States(model, optimizer, mesh, graphdef, state, mesh_config.rules)
-    analytic = analytic_memory(model, states, base, batch_size, lengths)
+    gathered = max((c.buffer_bytes for c in data_gathers(found)), default=0)
+    gathered_per_row = gathered * num_microbatches / batch_size
+    analytic = analytic_memory(model, states, base, batch_size, lengths, gathered_per_row)
     compiled_memory = _compiled_memory(compiled, backend)
     tokens_per_step = batch_size * model.tokens_per_example(lengths)
     step_flops = model.train_flops_per_step(batch_size, lengths)
@@ -506,6 +522,7 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
         "flops": {"model_per_step": dataclasses.asdict(step_flops),
                   "compiled_per_device": _compiled_flops(compiled)},
         "collectives": collective_rows(found),
+        "warnings": _warnings(found),
         "train_tokens": train_tokens,
         "assumptions": dataclasses.asdict(config),
     }
@@ -514,7 +531,8 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
         kinds = (hardware.spec_for_device_kind(devices[0].device_kind).name,)
     need = compiled_memory["peak"] if config.tpu_topology else analytic["total"]
     report["devices"] = _per_device_kind(model, states, base, kinds, need, found,
-                                         step_flops.palm, report, config, mesh_config)
+                                         step_flops.palm, report, config, mesh_config,
+                                         gathered_per_row)
     report["plan_seconds"] = time.perf_counter() - started
     print(format_report(report), flush=True)
     if output:
@@ -524,14 +542,27 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
     return report
 
 
+def _warnings(found: Sequence[collectives.Collective]) -> list[str]:
+    out = []
+    for c in sorted(data_gathers(found), key=lambda c: -c.buffer_bytes)[:3]:
+        if c.buffer_bytes >= _GB:
+            out.append(f"{c.name} gathers {c.buffer_bytes / _GB:.1f} GB across the data "
+                       f"axis ({c.group_size} devices, {c.count}x per step) from "
+                       f"{c.source or 'an unnamed op'}: it grows with the global batch "
+                       "and counts in 'gathered across data'")
+    return out
+
+
 def _per_device_kind(model, states, base: Variant, kinds, need: int, found, step_flops,
-                     report, config: PlanConfig, mesh_config) -> list[dict[str, Any]]:
+                     report, config: PlanConfig, mesh_config, gathered_per_row: float
+                     ) -> list[dict[str, Any]]:
     """Verdict, suggestions (if it does not fit) and time per step per device kind."""
     batch_size = report["batch"]["size"]
     lengths = report["batch"]["feature_lengths"]
     per_node = math.prod(base.ici.values())
     options = [(category, label, flags,
-                analytic_memory(model, states, variant, batch_size, lengths)["total"])
+                analytic_memory(model, states, variant, batch_size, lengths,
+                                gathered_per_row)["total"])
                for category, label, flags, variant in candidates(base, per_node, batch_size)
                if _fits_checked(model, variant, batch_size)]
     out = []
@@ -592,7 +623,7 @@ def _memory_lines(report: Mapping[str, Any]) -> list[str]:
             ("optimizer state", a["optimizer"]),
             (f"activations (remat '{report['model']['remat_policy']}')", a["activations"]),
             ("gathered weights (FSDP)", a["gathered_weights"]), ("inputs", a["inputs"]),
-            ("total", a["total"])]
+            ("gathered across data", a["gathered_across_data"]), ("total", a["total"])]
     right = [("arguments", c["arguments"]), ("outputs", c["outputs"]),
              ("aliased (donated)", c["aliased"]), ("temporaries", c["temporaries"]),
              ("peak", c["peak"])]
@@ -659,8 +690,10 @@ def _device_lines(report: Mapping[str, Any]) -> list[str]:
 
 
 def format_report(report: Mapping[str, Any]) -> str:
+    warnings = [f"WARNING: {w}" for w in report["warnings"]]
     return "\n".join(_header_lines(report) + _memory_lines(report)
-                     + _collective_lines(report) + _device_lines(report))
+                     + _collective_lines(report) + _device_lines(report)
+                     + ([""] + warnings if warnings else []))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -41,10 +41,10 @@ _HLO = """HloModule loops
   ROOT %sum = f32[] add(%x, %y)
 }
 
-%inner.cond (p: (s32[], f32[4])) -> pred[] {
-  %p = (s32[], f32[4]) parameter(0)
-  %i = s32[] get-tuple-element(%p), index=0
-  %limit = s32[] constant(3)
+%inner.cond (p: (u32[], f32[4])) -> pred[] {
+  %p = (u32[], f32[4]) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %limit = u32[]{:T(128)} constant(3)
   ROOT %lt = pred[] compare(%i, %limit), direction=LT
 }
 
@@ -73,6 +73,7 @@ ENTRY %main (a: f32[4]) -> f32[4] {
   %w = (s32[], f32[4]) while(%t0), condition=%outer.cond, body=%outer.body, backend_config={"known_trip_count":{"n":"5"}}
   %ar2 = f32[8]{0} all-reduce(%a), channel_id=3, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add_promoted
   %cp = f32[4]{0} collective-permute(%a), channel_id=4, source_target_pairs={{0,4},{4,0}}
+  %cps = (bf16[8,4]{1,0}, bf16[8,4]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%a), channel_id=5, source_target_pairs={{0,1},{1,0}}
   ROOT %out = f32[4] copy(%a)
 }
 """
@@ -96,6 +97,11 @@ def test_counts_follow_the_loops_and_groups_the_mesh():
     assert ar2.mesh_axes == ("data", "fsdp") and ar2.priced_as == "all-reduce"
     # Device 0 <-> 4 differ in data only, and data is across nodes.
     assert (cp.mesh_axes, cp.group_size, cp.nodes) == (("data",), 2, 2)
+    # An async permute (the TPU compiler's collective matmuls): its result buffer, not
+    # the operand copy or the u32 context of the start tuple.
+    cps = found["cps"]
+    assert (cps.op, cps.buffer_bytes, cps.dtype, cps.mesh_axes) == (
+        "collective-permute", 64, "bf16", ("fsdp",))
 
 
 def test_a_loop_without_a_readable_trip_count_is_refused():
