@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
 from t5x_like import partitioning
-from t5x_like.partitioning import BATCH, HEADS, KV_HEADS, LAYERS, MLP, VOCAB
+from t5x_like.partitioning import BATCH, HEADS, KV_HEADS, LAYERS
 
 _F32 = 4  # attention logits and probabilities, the output logits: float32 (layers.py)
 

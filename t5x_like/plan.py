@@ -35,11 +35,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from t5x_like import (collectives, flops, hardware, launch, memory, partitioning,
-                      trainer)
+from t5x_like import collectives, hardware, launch, memory, partitioning, trainer
 
 log = logging.getLogger("t5x_like.plan")
 
@@ -174,11 +172,7 @@ def _stacks(model, lengths: Mapping[str, int]) -> dict[str, int]:
 def _compile(model, optimizer, mesh: Mesh, rules, batch_size: int,
              lengths: Mapping[str, int], num_microbatches: int):
     """(compiled train step, graphdef, abstract sharded state, seconds to compile)."""
-
-    def factory():
-        return trainer.TrainState(model.make_module(nnx.Rngs(0)), optimizer.tx)
-
-    graphdef, state = partitioning.abstract_sharded(factory, mesh, rules)
+    graphdef, state = trainer.abstract_train_state(model, optimizer.tx, mesh, rules)
     batch_sharding = partitioning.batch_sharding(mesh)
     batch = {name: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=batch_sharding)
              for name, array in model.get_initial_batch(batch_size, lengths).items()}
@@ -243,11 +237,8 @@ class _States:
 
     def __call__(self, rules: str):
         if rules not in self._by_rules:
-            def factory():
-                return trainer.TrainState(self._model.make_module(nnx.Rngs(0)),
-                                          self._optimizer.tx)
-
-            graphdef, state = partitioning.abstract_sharded(factory, self._mesh, rules)
+            graphdef, state = trainer.abstract_train_state(
+                self._model, self._optimizer.tx, self._mesh, rules)
             self._by_rules[rules] = (state, trainer.params_of(graphdef, state))
         return self._by_rules[rules]
 

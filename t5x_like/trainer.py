@@ -242,6 +242,23 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation
     return nnx.split(TrainState(model, tx))
 
 
+def _train_state_factory(model, tx: optax.GradientTransformation, seed: int):
+    """The zero-argument factory partitioning's sharded init and abstract state take."""
+
+    def factory():
+        return TrainState(model.make_module(nnx.Rngs(seed)), tx)
+
+    return factory
+
+
+def abstract_train_state(model, tx: optax.GradientTransformation, mesh, rules
+                         ) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) of `model` + optimizer on `mesh` as shapes only: every leaf a
+    ShapeDtypeStruct carrying its NamedSharding, nothing allocated (a checkpoint's
+    restore target; what `python -m t5x_like.plan` compiles the train step against)."""
+    return partitioning.abstract_sharded(_train_state_factory(model, tx, 0), mesh, rules)
+
+
 def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: int,
                     ckpt=None, data_iterator=None):
     """(graphdef, state, restored step or None) of `model` + optimizer on `mesh`.
@@ -252,15 +269,12 @@ def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: 
       was); otherwise the state is initialised in its shards from `seed`. Never both: a
       restored run holds one copy of the state.
     """
-
-    def factory():
-        return TrainState(model.make_module(nnx.Rngs(seed)), tx)
-
     step = ckpt.latest_step() if ckpt is not None else None
     if step is not None:
-        graphdef, target = partitioning.abstract_sharded(factory, mesh, rules)
+        graphdef, target = abstract_train_state(model, tx, mesh, rules)
         restored = ckpt.restore(step, target, data_iterator=data_iterator)
         return graphdef, restored.state, step
+    factory = _train_state_factory(model, tx, seed)
     graphdef, state = nnx.split(partitioning.create_sharded(factory, mesh, rules))
     return graphdef, state, None
 

@@ -6,7 +6,6 @@ import dataclasses
 import math
 
 import pytest
-from flax import nnx
 
 from t5x_like import memory, models, partitioning, plan, trainer
 from test_configs import factory, model_config
@@ -14,13 +13,9 @@ from test_configs import factory, model_config
 
 def _abstract_state(cfg, rules, optimizer=None):
     optimizer = optimizer or trainer.adamw_llama2(1e-4, 1, 10)
-
-    def make():
-        return trainer.TrainState(models.model_for(cfg).make_module(nnx.Rngs(0)),
-                                  optimizer.tx)
-
     mesh = partitioning.make_mesh({"fsdp": 2, "tensor": 4})  # specs hold for any sizes
-    graphdef, state = partitioning.abstract_sharded(make, mesh, rules)
+    graphdef, state = trainer.abstract_train_state(models.model_for(cfg), optimizer.tx,
+                                                   mesh, rules)
     return state, trainer.params_of(graphdef, state)
 
 
