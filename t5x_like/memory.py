@@ -90,10 +90,8 @@ class Split:
 
     @classmethod
     def of(cls, rules, sizes: Mapping[str, int], rows_per_microbatch: int) -> Split:
-        table = dict(partitioning.get_rules(rules))
-
         def ways(name: str) -> int:
-            return math.prod(sizes[a] for a in partitioning._mesh_axes_tuple(table[name]))
+            return partitioning.split_ways(rules, name, sizes)
 
         return cls(max(1, rows_per_microbatch // ways(BATCH)), ways(HEADS),
                    ways(KV_HEADS))

@@ -138,6 +138,11 @@ def get_rules(rules: str | Sequence[tuple[str, MeshAxes]]) -> Rules:
     return rules
 
 
+def split_ways(rules, name: str, sizes: Mapping[str, int]) -> int:
+    """How many ways logical axis `name` is split on a mesh of `sizes` under `rules`."""
+    return math.prod(sizes[a] for a in _mesh_axes_tuple(dict(get_rules(rules))[name]))
+
+
 def logical_to_mesh_spec(logical: Sequence[str | None], rules, where: str = "") -> PartitionSpec:
     """Maps one tensor's logical axes to a PartitionSpec, as NNX does (plain lookup).
 
@@ -489,9 +494,6 @@ def validate_for_mesh(factory: ModuleFactory, mesh: Mesh, rules, *,
                     f"mesh has {tuple(sizes)}; build it with make_mesh."
                 )
 
-    def ways(axes: MeshAxes) -> int:
-        return math.prod(sizes[a] for a in _mesh_axes_tuple(axes))
-
     used = {a for _, axes in rules for a in _mesh_axes_tuple(axes)}
     for mesh_axis, size in sizes.items():
         if size > 1 and mesh_axis not in used:
@@ -500,17 +502,18 @@ def validate_for_mesh(factory: ModuleFactory, mesh: Mesh, rules, *,
                 f"{size} devices would repeat the same work. Set it to 1 or pick a "
                 f"preset that uses it (presets: {sorted(RULE_PRESETS)})."
             )
-    if batch_size is not None and batch_size % ways(table[BATCH]):
+    batch_ways = split_ways(rules, BATCH, sizes)
+    if batch_size is not None and batch_size % batch_ways:
         raise ValueError(
             f"The batch size {batch_size} (global, or per microbatch with gradient "
-            f"accumulation) is not divisible by {ways(table[BATCH])}, the "
+            f"accumulation) is not divisible by {batch_ways}, the "
             f"data-parallel ways (mesh axes {table[BATCH]!r}); use a multiple of "
-            f"{ways(table[BATCH])}."
+            f"{batch_ways}."
         )
     params = _param_table(factory)
     axis_sizes = _sizes_of_axes(params)
     for name, field in _CONFIG_FIELD_OF_AXIS.items():
-        value, n = axis_sizes.get(name), ways(table[name])
+        value, n = axis_sizes.get(name), split_ways(rules, name, sizes)
         if value is not None and n > 1 and value % n:
             hint = ""
             if name == KV_HEADS:
@@ -524,7 +527,7 @@ def validate_for_mesh(factory: ModuleFactory, mesh: Mesh, rules, *,
     for path, (shape, logical) in params.items():
         spec = logical_to_mesh_spec(logical, rules, path)
         for dim, (axes, size) in enumerate(zip(spec, shape)):
-            n = ways(axes)
+            n = math.prod(sizes[a] for a in _mesh_axes_tuple(axes))
             if size % n:
                 raise ValueError(
                     f"Parameter {path} dimension {dim} ({logical[dim]!r}) has size {size}, "
@@ -582,7 +585,7 @@ def per_device_param_bytes(module: nnx.Module) -> dict[Any, int]:
 __all__ = [
     "BATCH", "LENGTH", "EMBED", "MLP", "HEADS", "KV_HEADS", "HEAD_DIM", "VOCAB", "LAYERS",
     "LOGICAL_AXES", "MESH_AXES", "BATCH_MESH_AXES", "RULE_PRESETS", "MeshConfig",
-    "get_rules", "logical_to_mesh_spec", "make_mesh", "make_hybrid_mesh",
+    "get_rules", "split_ways", "logical_to_mesh_spec", "make_mesh", "make_hybrid_mesh",
     "hybrid_mesh_shape", "hybrid_device_array", "node_attribute", "batch_sharding", "num_batch_shards", "abstract_params",
     "count_params", "logical_specs", "param_shapes", "param_partition_specs",
     "validate_for_mesh", "create_sharded", "abstract_sharded", "logical_shardings",
