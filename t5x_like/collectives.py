@@ -73,8 +73,7 @@ class Collective:
     def priced_as(self) -> str:
         """The op whose traffic it costs: an all-reduce whose every consumer keeps only
         this device's slice (all-reduce + dynamic-slice, how XLA:CPU writes a gradient
-        reduce-scatter) is priced as the reduce-scatter the GPU and TPU compilers make
-        of it."""
+        reduce-scatter) is priced as the reduce-scatter a GPU compiler makes of it."""
         return "reduce-scatter" if self.sliced_after else self.op
 
     @property
@@ -306,8 +305,8 @@ def _opcodes(lines: Sequence[str]) -> set[str]:
 def _only_sliced(name: str, consumers, computations: Mapping[str, list[str]]) -> bool:
     """Whether every use of `name`, through element reads, casts and copies, is a
     dynamic slice (an op, or a fusion that slices), perhaps after a reshuffle between
-    devices (collective-permute): XLA:CPU's all-reduce +
-    dynamic-slice spelling of a reduce-scatter."""
+    devices (collective-permute): the all-reduce + dynamic-slice spelling of a
+    reduce-scatter (XLA:CPU's, and the TPU compiler's in places)."""
     uses = consumers.get(name, [])
     for user, opcode, called in uses:
         inner = _opcodes(computations.get(called, [])) if called else set()

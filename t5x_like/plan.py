@@ -642,8 +642,8 @@ def _collective_lines(report: Mapping[str, Any]) -> list[str]:
                      f"{row['group_size']:>6}  {row['where']:<23}{row['count']:>8,}"
                      f"{row['bytes_per_step'] / _GB:>11.3f}")
     if any(r["priced_as"] != r["op"] for r in rows):
-        lines.append("  * all-reduce followed only by a per-device slice (XLA:CPU's form of "
-                     "a reduce-scatter): priced as a reduce-scatter")
+        lines.append("  * all-reduce followed only by a per-device slice (how this program "
+                     "writes a reduce-scatter): priced as a reduce-scatter")
     if any(r["widened_on_cpu"] for r in rows):
         lines.append("  + reduced in float32 by XLA:CPU, which widens 16-bit all-reduces; "
                      "counted at 16 bits, as GPUs and TPUs run it")
