@@ -131,7 +131,7 @@ class Evaluator:
 def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation: EvalConfig,
              seed: int = 0) -> dict[str, Any]:
     """Evaluates the newest checkpoint in `model_dir` on every domain; prints a table."""
-    launch.use_cpu_devices(mesh_config.num_devices)
+    launch.start_devices(mesh_config)
     mesh, rules = launch.mesh_for(mesh_config)
     directory = os.path.join(model_dir, "checkpoints")
     if not os.path.isdir(directory):

@@ -22,6 +22,7 @@ Q), F mlp_dim, V vocab, T / S sequence lengths.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 import time
 from typing import Any
@@ -29,6 +30,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from t5x_like import hardware
+
+log = logging.getLogger("t5x_like.flops")
 
 _GATED = ("swiglu", "geglu")
 
@@ -99,31 +104,23 @@ def encoder_decoder_flops_per_example(cfg, inputs_len: int, targets_len: int) ->
 
 
 # ---------------------------------------------------------------------------
-# Peak FLOP/s and MFU
+# Peak FLOP/s, MFU and training time
 
-# bf16 dense tensor-core peak per GPU (datasheets; docs/FORMULAS.md). Matched by substring
-# of `device.device_kind` (e.g. "NVIDIA H100 80GB HBM3"). H100 PCIe (756e12) and NVL
-# (835e12) are lower: listed first so the substring "H100" does not claim them.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-)
+_SECONDS_PER_DAY = 86_400.0
 
 
-def measure_cpu_peak_flops(n: int = 1024, repeats: int = 7) -> float:
-    """Host matmul rate (FLOP/s): median time of a jitted fp32 n×n matmul on device 0.
+def measure_matmul_flops(device: Any = None, dtype: str = "float32", n: int = 1024,
+                         repeats: int = 7) -> float:
+    """Matmul rate (FLOP/s) of `device`: median time of a jitted n×n `dtype` matmul.
 
-    XLA:CPU runs one matmul on all host cores, so this is the rate of the whole host.
+    On CPU, XLA runs one matmul on all host cores, so this is the rate of the whole host.
     On a shared 2-core machine, other processes move it by tens of percent between runs:
     measure in the same process as the run it normalises, and read MFU on CPU as a
     rough efficiency, not a hardware fact.
     """
-    device = jax.devices("cpu")[0]
+    device = device or jax.devices("cpu")[0]
     a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)),
-                                   jnp.float32), device)
+                                   dtype), device)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, a).block_until_ready()  # compile and warm up
     times = []
@@ -134,24 +131,41 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 7) -> float:
     return 2.0 * n**3 / statistics.median(times)
 
 
-def peak_flops_per_device(device: Any = None, *, cpu_peak: float | None = None) -> float:
-    """Peak FLOP/s of one device: datasheet for known GPUs, measured on CPU.
+def measure_cpu_peak_flops(n: int = 1024, repeats: int = 7) -> float:
+    """The host's float32 matmul rate (the peak CPU MFU is read against)."""
+    return measure_matmul_flops(jax.devices("cpu")[0], "float32", n, repeats)
 
-    On CPU, the emulated devices of one host share its cores, so the per-device peak is
-    the measured host rate (or `cpu_peak`) ÷ the number of local devices; MFU then reads
-    the same whether the work is spread over 8 emulated devices or run on one.
+
+def peak_flops_per_device(device: Any = None, *, dtype: str = "bfloat16",
+                          cpu_peak: float | None = None,
+                          override: float | None = None) -> float:
+    """Peak FLOP/s of one device for `dtype` matmuls.
+
+    - `override` (gin: train.train.peak_flops_per_device) wins: for a device the table
+      lacks, or to read MFU against another figure.
+    - A device in hardware.DEVICE_SPECS: its datasheet dense peak.
+    - CPU: the measured host rate (or `cpu_peak`) ÷ the local devices, so MFU reads the
+      same whether the work is spread over 8 emulated devices or run on one.
+    - Any other accelerator (H800, B200, L40S, ...): a warning, and the rate of a
+      large matmul measured on it, which sits below the datasheet peak: MFU reads high.
     """
+    if override is not None:
+        return float(override)
     device = device or jax.devices()[0]
-    kind = device.device_kind
-    for name, peak in PEAK_BF16_FLOPS:
-        if name in kind:
-            return peak
+    spec = hardware.spec_for_device_kind(device.device_kind)
+    if spec is not None:
+        return spec.peak(dtype)
     if device.platform == "cpu":
         host = cpu_peak if cpu_peak is not None else measure_cpu_peak_flops()
         return host / jax.local_device_count(backend="cpu")
-    raise ValueError(
-        f"no peak FLOP/s known for device kind {kind!r} (known: "
-        f"{[name for name, _ in PEAK_BF16_FLOPS]}); add it to flops.PEAK_BF16_FLOPS.")
+    measured = measure_matmul_flops(device, dtype, n=8192, repeats=5)
+    log.warning(
+        "No datasheet peak for device kind %r (the table knows %s); MFU is read against "
+        "a measured %s matmul rate of %.0f TFLOP/s, below the true peak. Set "
+        "train.train.peak_flops_per_device to the datasheet's dense %s peak, or add the "
+        "device to hardware.DEVICE_SPECS.", device.device_kind, hardware.known_names(),
+        dtype, measured / 1e12, dtype)
+    return measured
 
 
 def mfu(flops_per_step: Flops, step_time_s: float, num_devices: int,
@@ -159,3 +173,14 @@ def mfu(flops_per_step: Flops, step_time_s: float, num_devices: int,
     """(model TFLOP/s per device, MFU), each in both conventions."""
     per_device = flops_per_step / (num_devices * step_time_s)
     return per_device / 1e12, per_device / peak_per_device
+
+
+def training_days(total_flops: float, num_devices: int, flops_per_device_s: float) -> float:
+    """Days to compute `total_flops` on `num_devices` that each sustain
+    `flops_per_device_s` (peak × MFU): the arithmetic behind published training times."""
+    return total_flops / (num_devices * flops_per_device_s) / _SECONDS_PER_DAY
+
+
+def flops_supplied(num_devices: int, flops_per_device_s: float, days: float) -> float:
+    """Model FLOPs a cluster delivers in `days` at a sustained per-device rate."""
+    return num_devices * flops_per_device_s * days * _SECONDS_PER_DAY

@@ -7,9 +7,11 @@ multi-process flags), sets up logging, joins a multi-process run when asked, par
 gin files and calls the gin-configured function. Library code below the entry points
 never imports gin.
 
-Device start-up has two steps, because jax's CPU device count can only be set before
-its backends start: `use_cpu_devices(n)` (before any computation) and then
-`mesh_for(mesh_config)`, which checks the count and builds the mesh.
+Device start-up has two steps, because jax's CPU device count and XLA's flags can only
+be set before its backends start: `start_devices(mesh_config)` (the mesh preset's XLA
+flags and, on a CPU-only host, the emulated device count; before any computation) and
+then `mesh_for(mesh_config)`, which checks the count and builds the mesh. TensorFlow,
+which SeqIO loads to read data on the host, is kept off the GPUs (`run` does it first).
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gin
 import jax
 from jax._src import distributed as _jax_distributed
+from jax._src import xla_bridge as _xla_bridge
+
+log = logging.getLogger("t5x_like.launch")
 
 from t5x_like import guards
 
@@ -47,10 +52,15 @@ _gin_imports: list[str] = []
 
 
 def parse_flags(argv: Sequence[str], prog: str = "python -m t5x_like.train",
-                description: str = "") -> argparse.Namespace:
+                description: str = "",
+                extra_flags: Mapping[str, Mapping[str, Any]] | None = None
+                ) -> argparse.Namespace:
     """T5X-style flags: --gin_file (repeatable), --gin.NAME=VALUE, --gin_search_paths,
-    and the multi-process flags."""
+    the multi-process flags, and an entry point's own (`extra_flags`: {name:
+    argparse.add_argument keywords}, e.g. plan's --output)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    for name, options in (extra_flags or {}).items():
+        parser.add_argument(f"--{name}", **options)
     parser.add_argument("--gin_file", action="append", default=[],
                         help="gin file to parse (repeatable), found on the search paths.")
     parser.add_argument("--gin_bindings", action="append", default=[],
@@ -195,6 +205,50 @@ def initialize_distributed(coordinator_address: str | None = None,
     jax.distributed.initialize(coordinator_address, process_count, process_index)
 
 
+def hide_gpus_from_tensorflow() -> None:
+    """Keeps TensorFlow (SeqIO's data pipelines, the tokenizer) off the GPUs.
+
+    Left alone, TensorFlow maps every visible GPU and reserves most of its memory the
+    first time it runs an op, memory jax then cannot have. T5X and MaxText hide the
+    GPUs from it the same way. A no-op without TensorFlow; must run before TensorFlow
+    runs anything (its devices cannot change afterwards).
+    """
+    try:
+        import tensorflow as tf  # noqa: PLC0415 - only where TensorFlow is installed
+    except ImportError:
+        return
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as error:  # TensorFlow already initialised its devices
+        log.warning("TensorFlow already initialised its devices, so it may hold GPU "
+                    "memory: %s", error)
+
+
+def apply_xla_flags(flags: Sequence[str]) -> None:
+    """Adds `flags` (e.g. a GPU mesh preset's collective-overlap flags) to XLA_FLAGS.
+
+    XLA reads XLA_FLAGS when jax's first backend starts, so this must run before any
+    computation; a flag already in XLA_FLAGS (set by the user) is kept as the user set
+    it. An unknown flag makes XLA abort at start-up, naming it.
+    """
+    current = os.environ.get("XLA_FLAGS", "").split()
+    names = {flag.split("=", 1)[0] for flag in current}
+    added = [flag for flag in flags if flag.split("=", 1)[0] not in names]
+    if not added:
+        return
+    if _xla_bridge.backends_are_initialized():
+        log.warning("jax's backends are already up; XLA flags %s take no effect.", added)
+        return
+    os.environ["XLA_FLAGS"] = " ".join(current + added)
+
+
+def start_devices(mesh_config) -> None:
+    """Everything about the devices that must happen before jax starts its backends:
+    the mesh preset's XLA flags, and on a CPU-only host the emulated device count."""
+    apply_xla_flags(mesh_config.xla_flags)
+    use_cpu_devices(mesh_config.num_devices)
+
+
 def use_cpu_devices(n: int) -> None:
     """On a CPU-only host, emulate the `n` mesh devices over this run's processes.
 
@@ -228,18 +282,22 @@ def mesh_for(mesh_config) -> tuple[jax.sharding.Mesh, Any]:
 
 
 def run(configurable: str, argv: Sequence[str] | None = None,
-        prog: str = "python -m t5x_like.train") -> Any:
+        prog: str = "python -m t5x_like.train",
+        extra_flags: Mapping[str, Mapping[str, Any]] | None = None) -> Any:
     """Parses flags and gin, starts logging and processes, and calls the configurable.
 
     `configurable` is the gin-registered function by its full name, e.g.
     "t5x_like.train.train": run as `python -m`, an entry point's file is `__main__`, a
     second module object that gin never registered, so the name (not the function
-    object) says which one gin calls. A configuration error (CONFIG_ERRORS) is printed
-    as one paragraph and exits with code 2, a run a guard stopped (guards.RunStopped)
-    with code 1; `--debug` shows the traceback instead.
+    object) says which one gin calls. `extra_flags` are the entry point's own flags,
+    passed to it as keyword arguments (over its gin bindings). A configuration error
+    (CONFIG_ERRORS) is printed as one paragraph and exits with code 2, a run a guard
+    stopped (guards.RunStopped) with code 1; `--debug` shows the traceback instead.
     """
-    args = parse_flags(sys.argv[1:] if argv is None else argv, prog=prog)
+    args = parse_flags(sys.argv[1:] if argv is None else argv, prog=prog,
+                       extra_flags=extra_flags)
     setup_logging()
+    hide_gpus_from_tensorflow()
     try:
         if args.multiprocess or args.coordinator_address is not None:
             initialize_distributed(args.coordinator_address, args.process_count,
@@ -247,7 +305,8 @@ def run(configurable: str, argv: Sequence[str] | None = None,
         parse_gin(args.gin_file, args.gin_bindings,
                   [p for p in args.gin_search_paths.split(",") if p])
         check_bindings(args.gin_bindings)
-        return gin.get_configurable(configurable)()
+        extra = {name: getattr(args, name) for name in (extra_flags or {})}
+        return gin.get_configurable(configurable)(**extra)
     except (*CONFIG_ERRORS, guards.RunStopped) as e:
         if args.debug or os.environ.get(DEBUG_ENV):
             raise

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -137,6 +138,11 @@ def get_rules(rules: str | Sequence[tuple[str, MeshAxes]]) -> Rules:
     return rules
 
 
+def split_ways(rules, name: str, sizes: Mapping[str, int]) -> int:
+    """How many ways logical axis `name` is split on a mesh of `sizes` under `rules`."""
+    return math.prod(sizes[a] for a in _mesh_axes_tuple(dict(get_rules(rules))[name]))
+
+
 def logical_to_mesh_spec(logical: Sequence[str | None], rules, where: str = "") -> PartitionSpec:
     """Maps one tensor's logical axes to a PartitionSpec, as NNX does (plain lookup).
 
@@ -176,8 +182,13 @@ def logical_to_mesh_spec(logical: Sequence[str | None], rules, where: str = "") 
 MeshShape = Mapping[str, int] | Sequence[int]
 
 
-def _shape_tuple(shape: MeshShape, what: str = "mesh shape") -> tuple[int, ...]:
-    """{'data': 1, 'fsdp': 8} or (1, 8, 1) -> (data, fsdp, tensor) sizes; missing axes are 1."""
+def _shape_tuple(shape: MeshShape, what: str = "mesh shape", *, total: int | None = None,
+                 total_name: str = "") -> tuple[int, ...]:
+    """{'data': 1, 'fsdp': 8} or (1, 8, 1) -> (data, fsdp, tensor) sizes; missing axes are 1.
+
+    One size may be -1 when `total` is given: it becomes whatever makes the product
+    `total` (the devices of a node, the nodes of a cluster).
+    """
     if isinstance(shape, Mapping):
         unknown = set(shape) - set(MESH_AXES)
         if unknown:
@@ -193,8 +204,25 @@ def _shape_tuple(shape: MeshShape, what: str = "mesh shape") -> tuple[int, ...]:
                 f"{what} {tuple(shape)} has {len(sizes)} sizes; expected one per mesh "
                 f"axis {MESH_AXES}, or a dict such as {{'fsdp': 8}}."
             )
+    if sizes.count(-1) == 1 and total is not None:
+        rest = math.prod(s for s in sizes if s != -1)
+        if rest < 1 or total % rest:
+            raise ValueError(
+                f"{what} {dict(zip(MESH_AXES, sizes))}: the -1 cannot be filled: {total_name}"
+                f"={total} is not a multiple of {rest}, the product of the other sizes. "
+                f"Pick sizes whose product divides {total}.")
+        sizes = tuple(total // rest if s == -1 else s for s in sizes)
+    elif -1 in sizes:
+        fix = (f"set {total_name} so it can be filled" if total is None
+               else "keep one -1 per shape")
+        raise ValueError(f"{what} {dict(zip(MESH_AXES, sizes))} has a -1 that cannot be "
+                         f"filled; {fix}.")
     if any(s < 1 for s in sizes):
         raise ValueError(f"{what} {sizes} has a size below 1; every axis needs >= 1.")
+    if total is not None and math.prod(sizes) != total:
+        raise ValueError(
+            f"{what} {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
+            f"{total_name}={total}; make the product {total} (or use -1 for one axis).")
     return sizes
 
 
@@ -222,56 +250,98 @@ def hybrid_mesh_shape(ici_shape: MeshShape, dcn_shape: MeshShape) -> tuple[int, 
     return tuple(i * d for i, d in zip(ici, dcn))
 
 
-def make_hybrid_mesh(
-    ici_shape: MeshShape,
-    dcn_shape: MeshShape,
-    devices: Sequence[Any] | None = None,
-    *,
-    process_is_granule: bool = True,
-) -> Mesh:
-    """A mesh over several nodes (or TPU slices): `ici_shape` within a node, `dcn_shape` across.
+# What tells devices' nodes apart, in order of preference: jax gives every GPU of one
+# host the same slice_index (from the host's boot id), whether one process drives the
+# node's 8 GPUs or SLURM starts one process per GPU, and every chip of a TPU slice the
+# same slice_index; process_index is the node when one process drives a whole node.
+NODE_ATTRIBUTES = ("slice_index", "process_index")
 
-    On GPU clusters a node is one process (jax.distributed with one process per node,
-    8 local GPUs): `process_is_granule=True`. Put only `data`/`fsdp` on the dcn shape;
-    `tensor` traffic belongs on NVLink. TPU multi-slice: `process_is_granule=False`.
-    """
+
+def node_attribute(devices: Sequence[Any], num_nodes: int) -> str:
+    """The device attribute whose values split `devices` into `num_nodes` equal nodes."""
+    seen = {}
+    for attr in NODE_ATTRIBUTES:
+        values = [getattr(d, attr, None) for d in devices]
+        if None in values:
+            continue
+        counts = {v: values.count(v) for v in set(values)}
+        seen[attr] = len(counts)
+        if len(counts) == num_nodes and len(set(counts.values())) == 1:
+            return attr
+    raise ValueError(
+        f"The mesh spans {num_nodes} nodes, but the {len(devices)} devices split into "
+        f"{seen or 'no'} nodes by {NODE_ATTRIBUTES} (one value per node expected, equal "
+        "device counts). Set the mesh's num_nodes/dcn_shape to the nodes you started, "
+        "and start every node with the same number of devices.")
+
+
+def hybrid_device_array(ici_shape: MeshShape, dcn_shape: MeshShape,
+                        devices: Sequence[Any]) -> np.ndarray:
+    """The device array of a multi-node mesh: `ici_shape` inside each node, `dcn_shape`
+    across nodes (jax's mesh_utils.create_hybrid_device_mesh; each axis's node factor
+    outermost). Works on anything with the device attributes, so it is testable."""
     ici, dcn = _shape_tuple(ici_shape, "ici_shape"), _shape_tuple(dcn_shape, "dcn_shape")
-    devices = list(jax.devices() if devices is None else devices)
-    attr = "process_index" if process_is_granule else "slice_index"
-    granules = {getattr(d, attr, None) for d in devices}
-    if len(granules) != math.prod(dcn) or len(devices) != math.prod(ici) * math.prod(dcn):
+    num_nodes, per_node = math.prod(dcn), math.prod(ici)
+    if len(devices) != num_nodes * per_node:
         raise ValueError(
             f"Hybrid mesh ici {dict(zip(MESH_AXES, ici))} x dcn {dict(zip(MESH_AXES, dcn))} "
-            f"needs {math.prod(dcn)} nodes ({attr}) of {math.prod(ici)} devices each; "
-            f"got {len(devices)} devices in {len(granules)} nodes. Make the dcn product the "
-            "number of nodes and the ici product the devices per node."
-        )
-    if math.prod(dcn) == 1:
-        return make_mesh(ici, devices)
-    device_array = mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=process_is_granule
-    )
-    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+            f"needs {num_nodes} nodes of {per_node} devices each ({num_nodes * per_node}) "
+            f"but {len(devices)} devices are given. Make the dcn product the number of "
+            "nodes and the ici product the devices per node.")
+    attr = node_attribute(devices, num_nodes)
+    return mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=attr == "process_index")
+
+
+def make_hybrid_mesh(ici_shape: MeshShape, dcn_shape: MeshShape,
+                     devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh over several nodes (or TPU slices): `ici_shape` within a node, `dcn_shape`
+    across. Put `tensor` (and, when it fits, `fsdp`) inside the node: their traffic is
+    per layer and belongs on NVLink; `data` crosses nodes once per step."""
+    devices = list(jax.devices() if devices is None else devices)
+    if math.prod(_shape_tuple(dcn_shape, "dcn_shape")) == 1:
+        return make_mesh(ici_shape, devices)
+    return Mesh(hybrid_device_array(ici_shape, dcn_shape, devices), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh shape and rule preset, bound by gin_configs/meshes/*.gin.
+    """The mesh of a run, bound by gin_configs/meshes/*.gin: sizes inside a node and
+    across nodes, the rule preset, and the hardware's XLA flags.
 
-    shape: sizes of ('data', 'fsdp', 'tensor') within a node (dict or 3-tuple).
+    shape: sizes of ('data', 'fsdp', 'tensor') inside one node (ICI: NVLink, a TPU
+      slice's links); dict or 3-tuple; one size may be -1, filled from devices_per_node.
     rules: a preset name in RULE_PRESETS.
-    dcn_shape: sizes across nodes for multi-node runs; None on one node.
+    dcn_shape: sizes across nodes (DCN: the data-centre network); one may be -1, filled
+      from num_nodes. Default: one node, or all nodes data parallel ({'data': -1}) when
+      num_nodes > 1.
+    num_nodes, devices_per_node: the cluster (8 GPUs per DGX/HGX node); optional when
+      the shapes have no -1, and then checked against them.
+    xla_flags: XLA flags for the hardware (the GPU presets' collective overlap), added
+      to XLA_FLAGS by the entry point before jax starts (launch.apply_xla_flags).
     """
 
     shape: Any
     rules: str = "fsdp"
     dcn_shape: Any = None
+    num_nodes: int | None = None
+    devices_per_node: int | None = None
+    xla_flags: Sequence[str] = ()
 
     def __post_init__(self):
         # Normalised to tuples: hashable and printable the same whatever gin passed.
-        object.__setattr__(self, "shape", _shape_tuple(self.shape))
-        if self.dcn_shape is not None:
-            object.__setattr__(self, "dcn_shape", _shape_tuple(self.dcn_shape, "dcn_shape"))
+        object.__setattr__(self, "shape", _shape_tuple(
+            self.shape, "MeshConfig.shape", total=self.devices_per_node,
+            total_name="devices_per_node"))
+        dcn = self.dcn_shape
+        if dcn is None and (self.num_nodes or 1) > 1:
+            dcn = {"data": -1}
+        if dcn is not None:
+            dcn = _shape_tuple(dcn, "MeshConfig.dcn_shape", total=self.num_nodes,
+                               total_name="num_nodes")
+        object.__setattr__(self, "dcn_shape", dcn)
+        object.__setattr__(self, "xla_flags", tuple(self.xla_flags))
         get_rules(self.rules)
 
     @property
@@ -282,14 +352,28 @@ class MeshConfig:
         return dict(zip(MESH_AXES, sizes))
 
     @property
+    def ici_shape(self) -> dict[str, int]:
+        return dict(zip(MESH_AXES, self.shape))
+
+    @property
     def num_devices(self) -> int:
         return math.prod(self.global_shape.values())
+
+    @property
+    def nodes(self) -> int:
+        return math.prod(self.dcn_shape) if self.dcn_shape is not None else 1
 
     def rule_set(self) -> Rules:
         return get_rules(self.rules)
 
+    def device_array(self, devices: Sequence[Any]) -> np.ndarray:
+        """The devices in mesh order (what `make_mesh` builds the Mesh from)."""
+        if self.nodes == 1:
+            return mesh_utils.create_device_mesh(self.shape, devices)
+        return hybrid_device_array(self.shape, self.dcn_shape, devices)
+
     def make_mesh(self, devices: Sequence[Any] | None = None) -> Mesh:
-        if self.dcn_shape is None or math.prod(self.dcn_shape) == 1:
+        if self.nodes == 1:
             return make_mesh(self.shape, devices)
         return make_hybrid_mesh(self.shape, self.dcn_shape, devices)
 
@@ -410,9 +494,6 @@ def validate_for_mesh(factory: ModuleFactory, mesh: Mesh, rules, *,
                     f"mesh has {tuple(sizes)}; build it with make_mesh."
                 )
 
-    def ways(axes: MeshAxes) -> int:
-        return math.prod(sizes[a] for a in _mesh_axes_tuple(axes))
-
     used = {a for _, axes in rules for a in _mesh_axes_tuple(axes)}
     for mesh_axis, size in sizes.items():
         if size > 1 and mesh_axis not in used:
@@ -421,17 +502,18 @@ def validate_for_mesh(factory: ModuleFactory, mesh: Mesh, rules, *,
                 f"{size} devices would repeat the same work. Set it to 1 or pick a "
                 f"preset that uses it (presets: {sorted(RULE_PRESETS)})."
             )
-    if batch_size is not None and batch_size % ways(table[BATCH]):
+    batch_ways = split_ways(rules, BATCH, sizes)
+    if batch_size is not None and batch_size % batch_ways:
         raise ValueError(
             f"The batch size {batch_size} (global, or per microbatch with gradient "
-            f"accumulation) is not divisible by {ways(table[BATCH])}, the "
+            f"accumulation) is not divisible by {batch_ways}, the "
             f"data-parallel ways (mesh axes {table[BATCH]!r}); use a multiple of "
-            f"{ways(table[BATCH])}."
+            f"{batch_ways}."
         )
     params = _param_table(factory)
     axis_sizes = _sizes_of_axes(params)
     for name, field in _CONFIG_FIELD_OF_AXIS.items():
-        value, n = axis_sizes.get(name), ways(table[name])
+        value, n = axis_sizes.get(name), split_ways(rules, name, sizes)
         if value is not None and n > 1 and value % n:
             hint = ""
             if name == KV_HEADS:
@@ -445,7 +527,7 @@ def validate_for_mesh(factory: ModuleFactory, mesh: Mesh, rules, *,
     for path, (shape, logical) in params.items():
         spec = logical_to_mesh_spec(logical, rules, path)
         for dim, (axes, size) in enumerate(zip(spec, shape)):
-            n = ways(axes)
+            n = math.prod(sizes[a] for a in _mesh_axes_tuple(axes))
             if size % n:
                 raise ValueError(
                     f"Parameter {path} dimension {dim} ({logical[dim]!r}) has size {size}, "
@@ -503,8 +585,8 @@ def per_device_param_bytes(module: nnx.Module) -> dict[Any, int]:
 __all__ = [
     "BATCH", "LENGTH", "EMBED", "MLP", "HEADS", "KV_HEADS", "HEAD_DIM", "VOCAB", "LAYERS",
     "LOGICAL_AXES", "MESH_AXES", "BATCH_MESH_AXES", "RULE_PRESETS", "MeshConfig",
-    "get_rules", "logical_to_mesh_spec", "make_mesh", "make_hybrid_mesh",
-    "hybrid_mesh_shape", "batch_sharding", "num_batch_shards", "abstract_params",
+    "get_rules", "split_ways", "logical_to_mesh_spec", "make_mesh", "make_hybrid_mesh",
+    "hybrid_mesh_shape", "hybrid_device_array", "node_attribute", "batch_sharding", "num_batch_shards", "abstract_params",
     "count_params", "logical_specs", "param_shapes", "param_partition_specs",
     "validate_for_mesh", "create_sharded", "abstract_sharded", "logical_shardings",
     "per_device_param_bytes",

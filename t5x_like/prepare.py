@@ -49,7 +49,7 @@ import tensorflow as tf
 from array_record.python import array_record_module
 
 import t5x_like
-from t5x_like import documents, mixtures, store, vocabulary
+from t5x_like import documents, launch, mixtures, store, vocabulary
 from t5x_like.store import ManifestMismatchError  # noqa: F401 - raised from prepare()
 
 # Segment-id features whose non-zero entries are the non-padding token positions.
@@ -284,10 +284,13 @@ def _run_shards(job: _Job, todo: Sequence[int], out_dir: str, workers: int) -> N
             _prepare_shard(job, i, out_dir)
         return
     # spawn, not fork: TensorFlow's threads do not survive fork. Workers get sys.path,
-    # and die with this process, even by kill -9 (t5x_like/__init__.py).
+    # die with this process, even by kill -9 (t5x_like/__init__.py), and keep
+    # TensorFlow off the GPUs the training process holds.
     os.environ[t5x_like.WORKER_PARENT_ENV] = str(os.getpid())
     context = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context)
+    pool = concurrent.futures.ProcessPoolExecutor(
+        min(workers, len(todo)), mp_context=context,
+        initializer=launch.hide_gpus_from_tensorflow)
     try:
         futures = [pool.submit(_prepare_shard, job, i, out_dir) for i in todo]
         for future in concurrent.futures.as_completed(futures):
@@ -479,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="per-task seqio shuffle buffer")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    launch.hide_gpus_from_tensorflow()
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # a task module beside the command
     manifest = prepare(

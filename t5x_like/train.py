@@ -299,6 +299,7 @@ def train(
     stop_at_step: int | None = None,
     allow_resume_changes: Sequence[str] = (),
     drills: guards.FaultDrills = guards.FaultDrills(),
+    peak_flops_per_device: float | None = None,
 ) -> RunSummary:
     """Trains `model` (a models.py model) on `data` for `train_steps` steps on the mesh of
     `mesh_config` with `optimizer` (a trainer.Optimizer); returns the run's summary.
@@ -307,9 +308,10 @@ def train(
     the same `model_dir` is refused. `stop_at_step`: stop with a checkpoint there (the
     schedule still spans `train_steps`). `allow_resume_changes`: identity fields
     ("schedule.train_steps", "optimizer", ...) that may differ from the checkpoint's.
+    `peak_flops_per_device`: MFU's peak for a device hardware.DEVICE_SPECS lacks.
     """
     _check_run(train_steps, log_every_steps, num_microbatches, data.batch_size)
-    launch.use_cpu_devices(mesh_config.num_devices)
+    launch.start_devices(mesh_config)
     mesh, rules = launch.mesh_for(mesh_config)
     # Each microbatch is sharded over the batch axes like a whole batch.
     partitioning.validate_for_mesh(model.make_module, mesh, rules,
@@ -344,7 +346,7 @@ def train(
                 train_step=train_step, state=state, data_iter=data_iter, mesh=mesh,
                 key=jax.random.key(seed), ckpt=ckpt,
                 writer=metrics.create_writer(model_dir, enabled=jax.process_index() == 0),
-                meter=_make_meter(model, data, mesh),
+                meter=_make_meter(model, data, mesh, peak_flops_per_device),
                 guards=guards.LossGuards(guard, run.get("guards")), drills=drills,
                 evaluator=evaluator, run_item={"identity": identity}, config_text=config_text,
                 train_steps=train_steps, log_every=log_every_steps,
@@ -398,12 +400,12 @@ def _resumed_at(restored, train_steps: int, model_dir: str) -> int:
     return restored.step
 
 
-def _make_meter(model, data: DataConfig, mesh) -> metrics.StepMeter:
+def _make_meter(model, data: DataConfig, mesh, peak: float | None) -> metrics.StepMeter:
     """Speed meter of this run: FLOPs in both conventions against the peak (measured on
-    CPU, the datasheet's on GPU)."""
+    CPU, the datasheet's for the compute dtype on GPU and TPU, or `peak`)."""
     lengths = data.task_feature_lengths
     step_flops = model.train_flops_per_step(data.batch_size, lengths)
-    peak = flops.peak_flops_per_device()
+    peak = flops.peak_flops_per_device(dtype=model.cfg.dtype, override=peak)
     log.info("model: %s parameters; %s per step: %.3e FLOPs (PaLM), %.3e (MaxText); "
              "peak %.3e FLOP/s per device", f"{model.num_params:,}",
              model.converter_name(lengths), step_flops.palm, step_flops.maxtext, peak)

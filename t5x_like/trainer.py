@@ -215,12 +215,43 @@ def adafactor_beta2(step: int | jax.Array, decay_rate: float = 0.8) -> jax.Array
 # Train state
 
 
+def _placeholders_replicated(tx: optax.GradientTransformation
+                             ) -> optax.GradientTransformation:
+    """`tx` whose initial state keeps a parameter's logical axes only on leaves of that
+    parameter's shape.
+
+    NNX gives each optimizer leaf made from a parameter that parameter's axes and
+    shards it so on a mesh. Optax's Adafactor also keeps a shape-(1,) placeholder per
+    parameter (the factored statistics an unfactored run never fills), which cannot
+    carry a matrix's axes: sharded initialisation failed on every mesh. Those become
+    plain arrays, replicated. (A leaf is matched to its parameter by path: the state
+    mirrors the parameter tree below its own fields.)
+    """
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+    def init(params):
+        shapes = {path: jnp.shape(leaf.get_value()) for path, leaf in
+                  jax.tree_util.tree_flatten_with_path(params, is_leaf=is_var)[0]}
+
+        def unbox(path, leaf):
+            if is_var(leaf):
+                own = next((shape for p, shape in shapes.items()
+                            if tuple(path[-len(p):]) == p), None)
+                if own is not None and own != jnp.shape(leaf.get_value()):
+                    return leaf.get_value()
+            return leaf
+
+        return jax.tree_util.tree_map_with_path(unbox, tx.init(params), is_leaf=is_var)
+
+    return optax.GradientTransformation(init, tx.update)
+
+
 class TrainState(nnx.Module):
     """The model, its optimizer state, and the step counter (`optimizer.step`)."""
 
     def __init__(self, model: nnx.Module, tx: optax.GradientTransformation):
         self.model = model
-        self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        self.optimizer = nnx.Optimizer(model, _placeholders_replicated(tx), wrt=nnx.Param)
 
     @property
     def step(self) -> jax.Array:
@@ -237,6 +268,23 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation
     return nnx.split(TrainState(model, tx))
 
 
+def _train_state_factory(model, tx: optax.GradientTransformation, seed: int):
+    """The zero-argument factory partitioning's sharded init and abstract state take."""
+
+    def factory():
+        return TrainState(model.make_module(nnx.Rngs(seed)), tx)
+
+    return factory
+
+
+def abstract_train_state(model, tx: optax.GradientTransformation, mesh, rules
+                         ) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) of `model` + optimizer on `mesh` as shapes only: every leaf a
+    ShapeDtypeStruct carrying its NamedSharding, nothing allocated (a checkpoint's
+    restore target; what `python -m t5x_like.plan` compiles the train step against)."""
+    return partitioning.abstract_sharded(_train_state_factory(model, tx, 0), mesh, rules)
+
+
 def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: int,
                     ckpt=None, data_iterator=None):
     """(graphdef, state, restored) of `model` + optimizer on `mesh`.
@@ -249,15 +297,12 @@ def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: 
       in its shards from `seed` and `restored` is None. Never both: a restored run
       holds one copy of the state.
     """
-
-    def factory():
-        return TrainState(model.make_module(nnx.Rngs(seed)), tx)
-
     if ckpt is not None and ckpt.latest_step() is not None:
-        graphdef, target = partitioning.abstract_sharded(factory, mesh, rules)
+        graphdef, target = abstract_train_state(model, tx, mesh, rules)
         restored = ckpt.restore_latest(target, data_iterator=data_iterator)
         if restored is not None:
             return graphdef, restored.state, restored
+    factory = _train_state_factory(model, tx, seed)
     graphdef, state = nnx.split(partitioning.create_sharded(factory, mesh, rules))
     return graphdef, state, None
 

@@ -82,7 +82,7 @@ def test_the_graph_has_the_expected_direction():
     assert "t5x_like.train" not in graph["t5x_like.evaluation"]
     assert "t5x_like.network" not in graph["t5x_like.partitioning"]
     assert "t5x_like.prepare" not in graph["t5x_like.loader"]
-    for entry in ("t5x_like.train", "t5x_like.evaluation", "t5x_like.eval"):
+    for entry in ("t5x_like.train", "t5x_like.evaluation", "t5x_like.eval", "t5x_like.plan"):
         assert not any(entry in deps for name, deps in graph.items()
                        if name not in ("t5x_like.train", "t5x_like.eval")), entry
 

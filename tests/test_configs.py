@@ -20,6 +20,7 @@ MESH_GINS = sorted((GIN_DIR / "meshes").glob("*.gin"))
 def build_macro(path: pathlib.Path, macro: str):
     """Parses one gin file in a clean config and builds the object its macro names."""
     gin.clear_config()
+    gin.add_config_file_search_path(str(GIN_DIR))  # for includes (meshes/xla_flags/gpu.gin)
     try:
         gin.parse_config_file(str(path))
         return gin.query_parameter(f"{macro}/macro.value").scoped_configurable_fn()
@@ -43,6 +44,7 @@ def test_the_repo_ships_the_expected_configs():
     }
     assert {p.stem for p in MESH_GINS} >= {
         "cpu1", "cpu8_fsdp", "cpu8_fsdp_tp", "h100_node", "a100_node", "h100_cluster",
+        "h100_8nodes_tp", "h100_312nodes", "h100_2048nodes",
     }
 
 
@@ -90,6 +92,36 @@ def test_cluster_mesh_shape_is_ici_times_dcn():
     assert mesh_cfg.global_shape == {"data": 8, "fsdp": 32, "tensor": 1}
     assert mesh_cfg.num_devices == 256
     assert math.prod(mesh_cfg.shape) == 8  # one node of 8 GPUs
+
+
+@pytest.mark.parametrize("name,shape,nodes", [
+    ("a100_node", {"data": 1, "fsdp": 4, "tensor": 2}, 1),
+    ("h100_node", {"data": 1, "fsdp": 8, "tensor": 1}, 1),
+    ("h100_8nodes_tp", {"data": 1, "fsdp": 8, "tensor": 8}, 8),
+    ("h100_312nodes", {"data": 39, "fsdp": 8, "tensor": 8}, 312),
+    ("h100_2048nodes", {"data": 128, "fsdp": 16, "tensor": 8}, 2048),
+])
+def test_gpu_presets_fill_their_meshes_from_the_cluster(name, shape, nodes):
+    mesh_cfg = build_macro(GIN_DIR / "meshes" / f"{name}.gin", "MESH_CONFIG")
+    assert mesh_cfg.global_shape == shape and mesh_cfg.nodes == nodes
+    assert math.prod(mesh_cfg.shape) == 8  # 8 GPUs per node
+    assert mesh_cfg.ici_shape["tensor"] == shape["tensor"]  # tensor never leaves a node
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in mesh_cfg.xla_flags
+
+
+def test_the_gpu_presets_xla_flags_are_known_to_this_xla():
+    """XLA aborts at start-up on a flag it does not know (flags are renamed between
+    releases): start jax with all of the presets' flags, as a GPU run would."""
+    import os
+    import subprocess
+    import sys
+
+    flags = build_macro(GIN_DIR / "meshes" / "h100_node.gin", "MESH_CONFIG").xla_flags
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices())"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "CpuDevice" in result.stdout
 
 
 # Exact counts from abstract shapes (docs/MODELS.md): Llama 3 8B 8,030,261,248;

@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import pytest
 
-from t5x_like import flops, layers, models
+from t5x_like import flops, hardware, layers, models
 
 LLAMA3_8B = layers.TransformerConfig(
     vocab_size=128_256, emb_dim=4096, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -86,21 +86,75 @@ def test_encoder_decoder_formula():
     assert per_step.palm == pytest.approx(4 * ex.palm)
 
 
+class _Dev:
+    """A device as flops sees it: a kind and a platform."""
+
+    def __init__(self, kind, platform="gpu"):
+        self.device_kind, self.platform = kind, platform
+
+
 def test_peak_table_and_cpu_measurement():
-    class _Dev:
-        platform = "gpu"
-
-        def __init__(self, kind):
-            self.device_kind = kind
-
     assert flops.peak_flops_per_device(_Dev("NVIDIA H100 80GB HBM3")) == 989e12
     assert flops.peak_flops_per_device(_Dev("NVIDIA A100-SXM4-80GB")) == 312e12
-    with pytest.raises(ValueError, match="TPU v9"):
-        flops.peak_flops_per_device(_Dev("TPU v9"))
+    assert flops.peak_flops_per_device(_Dev("NVIDIA H100 PCIe")) == 756e12
+    # float32 matmuls run on TF32 tensor cores: half the bf16 rate.
+    assert flops.peak_flops_per_device(_Dev("NVIDIA A100-SXM4-40GB"), dtype="float32") == 156e12
     host = flops.measure_cpu_peak_flops(n=256, repeats=3)
     assert 1e8 < host < 1e14
     per_device = flops.peak_flops_per_device(jax.devices()[0], cpu_peak=host)
     assert per_device == pytest.approx(host / jax.local_device_count())
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H800", "NVIDIA A800-SXM4-80GB", "NVIDIA B200",
+                                  "NVIDIA L40S"])
+def test_an_unknown_gpu_warns_and_uses_a_measured_rate(kind, monkeypatch, caplog):
+    measured = []
+
+    def fake_measure(device, dtype, n, repeats):
+        measured.append((device.device_kind, dtype, n))
+        return 600e12
+
+    monkeypatch.setattr(flops, "measure_matmul_flops", fake_measure)
+    assert flops.peak_flops_per_device(_Dev(kind)) == 600e12
+    assert measured == [(kind, "bfloat16", 8192)]
+    assert f"No datasheet peak for device kind {kind!r}" in caplog.text
+    assert "train.train.peak_flops_per_device" in caplog.text
+    # The gin-bindable override wins, measuring nothing.
+    assert flops.peak_flops_per_device(_Dev(kind), override=2.25e15) == 2.25e15
+    assert len(measured) == 1
+
+
+# Published training arithmetic, reproduced with the hardware table's peaks.
+
+
+def test_llama3_405b_on_16k_h100_at_400_tflops_is_about_67_days():
+    """Llama 3 (arXiv 2407.21783): 3.8e25 FLOPs, 16,384 H100s at ~400 TFLOP/s each."""
+    total = 6 * 405e9 * 15.6e12
+    assert total == pytest.approx(3.8e25, rel=0.01)
+    assert flops.training_days(total, 16_384, 400e12) == pytest.approx(67, abs=0.5)
+
+
+def test_palm_540b_mfu_with_the_tpu_v4_peak_from_the_table():
+    per_token = flops.decoder_only_flops_per_token(PALM_540B, 2048, _n(PALM_540B))
+    peak = hardware.spec("TPU v4").peak("bfloat16")
+    assert peak == 275e12
+    _, mfu = flops.mfu(per_token * 238.3e3, 1.0, 6144, peak)
+    assert mfu.palm == pytest.approx(0.462, abs=0.001)
+    no_attention = 6 * _n(PALM_540B) * 238.3e3 / (6144 * peak)
+    assert no_attention == pytest.approx(0.457, abs=0.001)
+
+
+def test_70b_on_12t_tokens_fits_three_months_on_2500_h100_not_a100():
+    """The seed's claim: ~70B on ~12T tokens, 2,500 H100s, about three months."""
+    total = 6 * 70e9 * 12e12  # 5.04e24, attention left out
+    h100 = hardware.spec("H100 80GB").peak("bfloat16") * 0.40
+    a100 = hardware.spec("A100 80GB").peak("bfloat16") * 0.40
+    assert flops.training_days(total, 2500, h100) == pytest.approx(59, abs=0.5)
+    assert flops.training_days(total, 2500, h100) < 90
+    # 2,500 A100s supply about 48% of the FLOPs in 90 days: not feasible.
+    assert flops.flops_supplied(2500, a100, 90) / total == pytest.approx(0.48, abs=0.005)
+    # At peak the H100 cluster supplies 1.92e25 in 90 days: MFU >= 26% suffices.
+    assert total / flops.flops_supplied(2500, h100 / 0.40, 90) == pytest.approx(0.26, abs=0.005)
 
 
 def test_mfu_units():

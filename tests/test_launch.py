@@ -62,3 +62,42 @@ def test_a_mesh_that_does_not_match_the_devices_is_refused():
         launch.mesh_for(four)
     mesh, rules = launch.mesh_for(partitioning.MeshConfig(shape={"fsdp": 8}, rules="fsdp"))
     assert mesh.size == 8 and rules == partitioning.RULE_PRESETS["fsdp"]
+
+
+def test_entry_points_take_their_own_flags():
+    extra = {"output": {"default": None, "help": "JSON file"}}
+    args = launch.parse_flags(["--gin_file=a.gin", "--output=plan.json"], extra_flags=extra)
+    assert args.output == "plan.json"
+    assert launch.parse_flags(["--gin_file=a.gin"], extra_flags=extra).output is None
+    with pytest.raises(SystemExit):
+        launch.parse_flags(["--gin_file=a.gin", "--output=x"])  # not train's flag
+
+
+def test_xla_flags_are_added_before_jax_starts_and_never_override_the_user(monkeypatch):
+    from jax._src import xla_bridge
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    launch.apply_xla_flags(["--xla_gpu_enable_triton_gemm=false",
+                            "--xla_gpu_enable_latency_hiding_scheduler=true"])
+    import os
+
+    assert os.environ["XLA_FLAGS"].split() == [
+        "--xla_gpu_enable_triton_gemm=true", "--xla_gpu_enable_latency_hiding_scheduler=true"]
+
+
+def test_xla_flags_after_start_up_are_refused_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    launch.apply_xla_flags(["--xla_gpu_enable_latency_hiding_scheduler=true"])  # jax is up
+    import os
+
+    assert os.environ["XLA_FLAGS"] == ""
+    assert "take no effect" in caplog.text
+
+
+def test_tensorflow_sees_no_gpu_after_start_up():
+    import tensorflow as tf
+
+    launch.hide_gpus_from_tensorflow()
+    assert tf.config.get_visible_devices("GPU") == []
+    assert tf.config.get_visible_devices("CPU")  # the host is still TensorFlow's

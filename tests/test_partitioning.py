@@ -195,28 +195,76 @@ def test_make_mesh_errors():
 
 @dataclasses.dataclass(frozen=True)
 class _FakeGpu:
-    """Enough of a jax device for mesh_utils: id, process (= node), platform."""
+    """Enough of a jax GPU for mesh_utils: id, process, host (slice_index), kind."""
 
     id: int
     process_index: int
+    slice_index: int
     platform: str = "gpu"
     device_kind: str = "NVIDIA H100 80GB HBM3"
 
 
+def _cluster(nodes, per_node=8, layout="process_per_node"):
+    """Fake GPUs of `nodes` hosts as jax sees them: one process per node (8 local
+    GPUs each), or one process per GPU as SLURM starts them (jax then tells hosts apart
+    by slice_index, from each host's boot id); ids in process order."""
+    return [_FakeGpu(id=per_node * node + i,
+                     process_index=node if layout == "process_per_node" else per_node * node + i,
+                     slice_index=node)
+            for node in range(nodes) for i in range(per_node)]
+
+
+@pytest.mark.parametrize("layout", ["process_per_node", "process_per_gpu"])
+@pytest.mark.parametrize("ici,dcn", [
+    ({"tensor": 8}, {"data": 2, "fsdp": 2}),        # 70B-style: tensor in the node
+    ({"fsdp": 2, "tensor": 4}, {"data": -1}),       # the 312-node preset, scaled down
+    ({"fsdp": 8}, {"data": 2, "fsdp": -1}),         # h100_cluster
+])
+def test_cluster_meshes_keep_tensor_and_fsdp_ici_inside_a_node(layout, ici, dcn):
+    devices = _cluster(4, layout=layout)
+    cfg = partitioning.MeshConfig(shape=ici, dcn_shape=dcn, rules="fsdp_tp", num_nodes=4,
+                                  devices_per_node=8)
+    array = cfg.device_array(devices)
+    assert array.shape == tuple(cfg.global_shape.values())
+    assert sorted(d.id for d in array.flat) == list(range(32))
+    ici_sizes = cfg.shape
+    for index in np.ndindex(array.shape):
+        # Devices that differ only in the in-node part of each axis share a host:
+        # the node is each coordinate's across-node part (the outer factor).
+        node = tuple(c // n for c, n in zip(index, ici_sizes))
+        peer = array[index].slice_index
+        first = tuple(k * n for k, n in zip(node, ici_sizes))
+        assert peer == array[first].slice_index, (index, first)
+    # In particular, the whole tensor axis, and the in-node part of fsdp, is one node.
+    for d, f in np.ndindex(array.shape[:2]):
+        if f % ici_sizes[1] == 0:
+            block = array[d, f:f + ici_sizes[1], :]
+            assert len({x.slice_index for x in block.flat}) == 1
+
+
+def test_node_attribute_prefers_hosts_and_names_the_mismatch():
+    assert partitioning.node_attribute(_cluster(2, layout="process_per_gpu"), 2) == "slice_index"
+    assert partitioning.node_attribute(_cluster(2), 2) == "slice_index"
+    no_slices = [dataclasses.replace(d, slice_index=0) for d in _cluster(2)]
+    assert partitioning.node_attribute(no_slices, 2) == "process_index"  # CPU processes
+    with pytest.raises(ValueError, match=r"spans 4 nodes, but the 16 devices split into "
+                                         r"\{'slice_index': 2, 'process_index': 2\}"):
+        partitioning.node_attribute(_cluster(2), 4)
+
+
 def test_hybrid_mesh_places_ici_within_a_node_and_dcn_across():
     # 4 nodes x 8 GPUs; ici fsdp 8 within a node, dcn data 2 x fsdp 2 across nodes.
-    devices = [_FakeGpu(id=8 * node + i, process_index=node) for node in range(4) for i in range(8)]
+    devices = _cluster(4)
     ici, dcn = {"fsdp": 8}, {"data": 2, "fsdp": 2}
     assert partitioning.hybrid_mesh_shape(ici, dcn) == (2, 16, 1)
-    # jax.sharding.Mesh needs real devices, so check the device array mesh_utils builds.
-    array = partitioning.mesh_utils.create_hybrid_device_mesh(
-        (1, 8, 1), (2, 2, 1), devices, process_is_granule=True)
+    # jax.sharding.Mesh needs real devices, so check the device array it is built from.
+    array = partitioning.hybrid_device_array(ici, dcn, devices)
     assert array.shape == (2, 16, 1)
     for d in range(2):
         for f in range(16):
             # Each run of 8 along fsdp is one node (NVLink); nodes differ along dcn.
             assert array[d, f, 0].process_index == 2 * d + f // 8
-    with pytest.raises(ValueError, match=r"needs 4 nodes \(process_index\) of 8 devices"):
+    with pytest.raises(ValueError, match=r"needs 4 nodes of 8 devices each \(32\) but 16"):
         partitioning.make_hybrid_mesh(ici, {"data": 4, "fsdp": 1}, devices[:16])
 
 
@@ -229,6 +277,33 @@ def test_mesh_config():
         partitioning.MeshConfig(shape={"fsdp": 8}, rules="tp")
     cluster = partitioning.MeshConfig(shape={"fsdp": 8}, rules="fsdp", dcn_shape={"data": 4})
     assert cluster.global_shape == {"data": 4, "fsdp": 8, "tensor": 1}
+    assert cluster.nodes == 4 and cluster.ici_shape == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+def test_mesh_config_fills_minus_one_from_the_cluster():
+    cfg = partitioning.MeshConfig(shape={"tensor": 8}, dcn_shape={"data": -1, "fsdp": 8},
+                                  rules="fsdp_tp", num_nodes=312, devices_per_node=8)
+    assert cfg.global_shape == {"data": 39, "fsdp": 8, "tensor": 8}
+    assert cfg.num_devices == 2496 and cfg.nodes == 312
+    node = partitioning.MeshConfig(shape={"fsdp": -1}, devices_per_node=8)
+    assert node.global_shape == {"data": 1, "fsdp": 8, "tensor": 1} and node.nodes == 1
+    # num_nodes alone: every node a data-parallel replica.
+    assert partitioning.MeshConfig(shape={"fsdp": 8}, num_nodes=4).global_shape == {
+        "data": 4, "fsdp": 8, "tensor": 1}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(shape={"fsdp": -1}), r"has a -1 that cannot be filled; set devices_per_node"),
+    (dict(shape={"fsdp": -1, "tensor": 3}, devices_per_node=8),
+     r"the -1 cannot be filled: devices_per_node=8 is not a multiple of 3"),
+    (dict(shape={"fsdp": -1, "tensor": -1}, devices_per_node=8), r"keep one -1 per shape"),
+    (dict(shape={"fsdp": 4}, devices_per_node=8), r"has 4 devices but devices_per_node=8"),
+    (dict(shape={"fsdp": 8}, dcn_shape={"data": -1, "fsdp": 5}, num_nodes=312),
+     r"dcn_shape .* num_nodes=312 is not a multiple of 5"),
+])
+def test_mesh_config_errors_name_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        partitioning.MeshConfig(rules="fsdp", **kwargs)
 
 
 # ------------------------------------------------------------- errors before compile

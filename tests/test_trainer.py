@@ -326,3 +326,26 @@ def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(caplog):
     assert float(opt.schedule(0)) == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="warmup_steps=-1 must be ≥ 0"):
         trainer.adamw_llama2(1e-3, warmup_steps=-1, total_steps=6)
+
+
+def test_adafactor_initialises_sharded_on_a_mesh():
+    """PaLM's optimizer on an FSDP mesh (sharded init raised before): the second moment
+    of each matrix is split like the matrix; Adafactor's shape-(1,) placeholders for
+    the factored statistics an unfactored run never fills are replicated."""
+    from t5x_like import models, partitioning  # noqa: PLC0415
+    from test_configs import model_config  # noqa: PLC0415
+
+    model = models.model_for(model_config("tiny_palm"))
+    mesh = partitioning.make_mesh({"fsdp": 8})
+    graphdef, state, _ = trainer.init_or_restore(
+        model, trainer.adafactor_palm().tx, mesh, partitioning.get_rules("fsdp"), seed=0)
+    params = trainer.params_of(graphdef, state)
+    wi = params["decoder"]["layers"]["mlp"]["wi_0"][...]
+    flat = {jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state["optimizer"])}
+    moments = [leaf for path, leaf in flat.items() if path.endswith("['wi_0'].value")]
+    # v (second moment) and the momentum: split like the matrix; v_row, v_col: (1,).
+    assert sum(m.shape == wi.shape and m.sharding.spec == wi.sharding.spec
+               for m in moments) == 2
+    placeholders = [leaf for leaf in flat.values() if leaf.shape == (1,)]
+    assert placeholders and all(p.sharding.is_fully_replicated for p in placeholders)

@@ -1,0 +1,185 @@
+"""Collectives read from HLO text: replica-group spellings, loop trip counts, mesh axes,
+node spans, and their link times; checked on hand-written HLO and a compiled step."""
+
+import pytest
+from flax import nnx
+
+from t5x_like import collectives, memory, models, partitioning, plan, trainer
+from t5x_like.collectives import Collective
+
+
+def _groups(attributes, n=8):
+    return sorted(sorted(g) for g in collectives.replica_groups(attributes, n).tolist())
+
+
+@pytest.mark.parametrize("attributes,expected", [
+    ("replica_groups={{0,1},{2,3}}, dimensions={0}", [[0, 1], [2, 3]]),
+    ("replica_groups={}, to_apply=%add", [list(range(8))]),
+    ("replica_groups=[2,4]<=[8], dimensions={0}", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+    ("replica_groups=mesh['a'=2,'b'=4] {'b'}, dimensions={1}", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("replica_groups=mesh['a'=2,'b'=4] {'a'}, use_global_device_ids=true",
+     [[0, 4], [1, 5], [2, 6], [3, 7]]),
+    # device ids [0,4,1,5,2,6,3,7] laid out as the 2x4 mesh; groups along 'a'.
+    ("replica_groups=mesh['a'=2,'b'=4], device_ids=([2,4]T(1,0)) {'a'}, to_apply=%add",
+     [[0, 2], [1, 3], [4, 6], [5, 7]]),
+    # Sub-axes: 'a':(1)2 is the outer factor 2 of 'a' (stride 4), 'a':(2)2 the middle.
+    ("replica_groups=mesh['a'=8] {'a':(1)2}, dimensions={0}", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+    ("replica_groups=mesh['a'=8] {'a':(2)2}, dimensions={0}", [[0, 2], [1, 3], [4, 6], [5, 7]]),
+    ("replica_groups=mesh['a'=2,'b'=4] {'a','b'}, to_apply=%add", [list(range(8))]),
+    ("source_target_pairs={{0,1},{1,0},{2,3}}, channel_id=3", [[0, 1], [0, 1], [2, 3]]),
+])
+def test_every_replica_group_spelling(attributes, expected):
+    assert _groups(attributes) == expected
+
+
+_HLO = """HloModule loops
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%inner.cond (p: (u32[], f32[4])) -> pred[] {
+  %p = (u32[], f32[4]) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %limit = u32[]{:T(128)} constant(3)
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+%inner.body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]) parameter(0)
+  %x = f32[4]{0} get-tuple-element(%p), index=1
+  %ag = bf16[16,8]{1,0:T(8,128)} all-gather(%x), channel_id=1, replica_groups=[4,2]<=[8], dimensions={0}, use_global_device_ids=true
+  ROOT %t = (s32[], f32[4]) tuple(%i, %x)
+}
+
+%outer.cond (p: (s32[], f32[4])) -> pred[] {
+  %p = (s32[], f32[4]) parameter(0)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%outer.body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]) parameter(0)
+  %w = (s32[], f32[4]) while(%p), condition=%inner.cond, body=%inner.body
+  %ar = f32[1024]{0} all-reduce(%x), channel_id=2, replica_groups=[2,4]<=[8], use_global_device_ids=true, to_apply=%add
+  %slice = f32[256]{0} dynamic-slice(%ar, %pid), dynamic_slice_sizes={256}
+  ROOT %t = (s32[], f32[4]) tuple(%i, %slice)
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %w = (s32[], f32[4]) while(%t0), condition=%outer.cond, body=%outer.body, backend_config={"known_trip_count":{"n":"5"}}
+  %ar2 = f32[8]{0} all-reduce(%a), channel_id=3, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add_promoted
+  %cp = f32[4]{0} collective-permute(%a), channel_id=4, source_target_pairs={{0,4},{4,0}}
+  %cps = (bf16[8,4]{1,0}, bf16[8,4]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%a), channel_id=5, source_target_pairs={{0,1},{1,0}}
+  ROOT %out = f32[4] copy(%a)
+}
+"""
+
+
+def test_counts_follow_the_loops_and_groups_the_mesh():
+    found = {c.name: c for c in collectives.parse(
+        _HLO, {"data": 2, "fsdp": 4}, ici_shape={"data": 1, "fsdp": 4})}
+    ag, ar, ar2, cp = found["ag"], found["ar"], found["ar2"], found["cp"]
+    # 3 inner iterations (from `i < 3`) in each of 5 outer ones (known_trip_count).
+    assert (ag.count, ar.count, ar2.count, cp.count) == (15, 5, 1, 1)
+    # all-gather: the gathered result (16 x 8 bf16, TPU layout ignored); pairs of fsdp.
+    assert (ag.buffer_bytes, ag.dtype, ag.mesh_axes, ag.group_size, ag.nodes) == (
+        256, "bf16", ("fsdp",), 2, 1)
+    # Groups of 4 consecutive devices = the fsdp axis; consumed only as a slice: the
+    # reduce-scatter XLA:CPU spells as all-reduce + dynamic-slice.
+    assert (ar.mesh_axes, ar.group_size, ar.priced_as, ar.bytes_per_step) == (
+        ("fsdp",), 4, "reduce-scatter", 5 * 4096)
+    # A reducer cloned "_promoted": XLA:CPU widened a bf16 all-reduce; counted at 16 bits.
+    assert (ar2.widened, ar2.dtype, ar2.buffer_bytes, ar2.nodes) == (True, "bf16", 16, 2)
+    assert ar2.mesh_axes == ("data", "fsdp") and ar2.priced_as == "all-reduce"
+    # Device 0 <-> 4 differ in data only, and data is across nodes.
+    assert (cp.mesh_axes, cp.group_size, cp.nodes) == (("data",), 2, 2)
+    # An async permute (the TPU compiler's collective matmuls): its result buffer, not
+    # the operand copy or the u32 context of the start tuple.
+    cps = found["cps"]
+    assert (cps.op, cps.buffer_bytes, cps.dtype, cps.mesh_axes) == (
+        "collective-permute", 64, "bf16", ("fsdp",))
+
+
+def test_a_loop_without_a_readable_trip_count_is_refused():
+    unreadable = _HLO.replace(', backend_config={"known_trip_count":{"n":"5"}}', "")
+    with pytest.raises(ValueError, match="Cannot tell how often ag runs"):
+        collectives.parse(unreadable, {"data": 2, "fsdp": 4})
+
+
+def _one(op, nbytes, group, nodes, axes=("fsdp",)):
+    return Collective("x", op, "bf16", nbytes, group, axes, nodes, 1)
+
+
+def test_link_times_inside_and_across_nodes():
+    nvlink, node_network, per_node = 450e9, 400e9, 8  # H100 80GB
+    S = 1e9
+    # Inside a node: ring over 8 at NVLink speed; an all-reduce moves twice as much.
+    assert collectives.seconds(_one("all-gather", S, 8, 1), nvlink, node_network,
+                               per_node) == pytest.approx(7 / 8 * S / nvlink)
+    assert collectives.seconds(_one("all-reduce", S, 8, 1), nvlink, node_network,
+                               per_node) == pytest.approx(2 * 7 / 8 * S / nvlink)
+    # One GPU per node in the group: each GPU's share of the node network (50 GB/s).
+    assert collectives.seconds(_one("all-gather", S, 8, 8), nvlink, node_network,
+                               per_node) == pytest.approx(7 / 8 * S / 50e9)
+    # 2 nodes x 8: NVLink inside, then S/8 per GPU across.
+    assert collectives.seconds(_one("reduce-scatter", S, 16, 2), nvlink, node_network,
+                               per_node) == pytest.approx(7 / 8 * S / nvlink
+                                                          + 1 / 2 * S / 8 / 50e9)
+    assert collectives.seconds(_one("all-gather", S, 8, 8), nvlink, None, per_node) is None
+
+
+def test_scaling_the_data_axis_keeps_buffers_and_grows_groups():
+    c = _one("all-reduce", 1000, 4, 2, axes=("data", "fsdp"))  # data 2 over 2 nodes x fsdp 2
+    scaled = collectives.scale_axis(c, "data", (2, 39), (2, 39))
+    assert (scaled.group_size, scaled.nodes, scaled.buffer_bytes) == (78, 39, 1000)
+    fsdp_only = _one("all-gather", 1000, 8, 1)
+    assert collectives.scale_axis(fsdp_only, "data", (2, 39), (2, 39)) == fsdp_only
+    # An all-gather's buffer is what it gathers: each new member brings its piece.
+    gather = _one("all-gather", 1000, 4, 2, axes=("data", "fsdp"))
+    assert collectives.scale_axis(gather, "data", (2, 39), (2, 39)).buffer_bytes == 19_500
+
+
+def _compiled(model_name, mesh_shape, rules):
+    from test_configs import model_config  # noqa: PLC0415
+
+    model = models.model_for(model_config(model_name))
+    mesh = partitioning.make_mesh(mesh_shape)
+    compiled, graphdef, state, _ = plan._compile(
+        model, trainer.adamw_llama2(1e-3, 1, 10), mesh, partitioning.get_rules(rules), 8,
+        {"targets": 64}, 1)
+    found = collectives.parse(compiled.as_text(), dict(mesh.shape))
+    return found, trainer.params_of(graphdef, state), dict(mesh.shape)
+
+
+def test_a_compiled_fsdp_step_reduce_scatters_every_gradient_once():
+    """tiny_llama on fsdp 8 (float32): each layer and head gradient is reduced and
+    sliced along fsdp once per step: the reduce-scatter bytes are the parameters'
+    (the embedding's gradient, a scatter-add, takes an all-to-all instead)."""
+    found, params, sizes = _compiled("tiny_llama", {"fsdp": 8}, "fsdp")
+    assert all(c.mesh_axes == ("fsdp",) for c in found)
+    expected = sum(memory.shard_bytes(v.get_value(), sizes, gathered=("fsdp",))
+                   for path, v in nnx.to_flat_state(params) if path[0] != "embed")
+    reduced = sum(c.bytes_per_step for c in found if c.priced_as == "reduce-scatter")
+    assert reduced == expected
+    # Two layers' weights gathered in the forward and again in the backward pass.
+    layers = sum(memory.shard_bytes(v.get_value(), sizes, gathered=("fsdp",))
+                 for path, v in nnx.to_flat_state(params) if path[0] == "decoder")
+    gathered = sum(c.bytes_per_step for c in found if c.op == "all-gather")
+    assert 2 * layers <= gathered <= 2 * layers + expected
+
+
+def test_a_compiled_fsdp_tp_step_communicates_over_the_axes_its_rules_name():
+    """tiny_llama on fsdp 2 x tensor 4: weights gathered along fsdp (pairs), layer
+    outputs summed along tensor (fours), nothing along any other axis."""
+    found, _, _ = _compiled("tiny_llama", {"fsdp": 2, "tensor": 4}, "fsdp_tp")
+    weight_gathers = [c for c in found if c.op == "all-gather" and c.dtype == "f32"
+                      and c.mesh_axes == ("fsdp",)]
+    assert weight_gathers and all(c.group_size == 2 for c in weight_gathers)
+    assert any(c.op == "all-reduce" and c.mesh_axes == ("tensor",) and c.group_size == 4
+               for c in found)
+    assert all(set(c.mesh_axes) <= {"fsdp", "tensor"} for c in found)
+    assert any(c.priced_as == "reduce-scatter" and c.mesh_axes == ("fsdp",) for c in found)

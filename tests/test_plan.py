@@ -1,0 +1,250 @@
+"""`python -m t5x_like.plan`: the whole path on a tiny model in this process, a mesh
+planned at full size and with fewer data replicas agreeing, the errors raised before
+anything is compiled, and (slow) the README's plans of full-size models, each a fresh
+process timed against the 5-minute budget."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from t5x_like import hardware, models, partitioning, plan, trainer
+from test_configs import factory, model_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _tiny_plan(mesh_config, tmp_path=None, **config):
+    model = models.model_for(model_config("tiny_llama"))
+    output = str(tmp_path / "plan.json") if tmp_path else None
+    return plan.plan(model=model, mesh_config=mesh_config,
+                     optimizer=trainer.adamw_llama2(1e-3, 10, 100), batch_size=8,
+                     task_feature_lengths={"targets": 64}, train_tokens=1e9,
+                     config=plan.PlanConfig(**config), output=output)
+
+
+def test_the_whole_plan_of_a_tiny_model(tmp_path, capsys):
+    mesh_config = partitioning.MeshConfig(shape={"fsdp": 8}, rules="fsdp")
+    report = _tiny_plan(mesh_config, tmp_path)
+    n = 2_491_008  # tiny_llama, every parameter split 8 ways on its embed dimension
+    memory = report["memory_per_device"]
+    assert memory["analytic"]["parameters"] == n * 4 / 8
+    assert memory["analytic"]["optimizer"] == pytest.approx(2 * n * 4 / 8, abs=64)
+    compiled = memory["compiled"]
+    state = memory["analytic"]["parameters"] + memory["analytic"]["optimizer"]
+    # The compiled step's arguments: the state and one device's rows of the batch.
+    assert compiled["arguments"] == pytest.approx(state + memory["analytic"]["inputs"],
+                                                  abs=64)
+    assert compiled["backend"] == "XLA:CPU" and compiled["peak"] > compiled["arguments"]
+    assert "the planned mesh itself" in report["method"]
+    assert report["collectives"] and all(r["axes"] == ["fsdp"] for r in report["collectives"]
+                                         if r["bytes_per_step"] > 1024)
+    kinds = [d["kind"] for d in report["devices"]]
+    assert kinds == list(hardware.DEFAULT_PLAN_DEVICES)
+    for d in report["devices"]:
+        assert d["fits"] and d["suggestions"] == []
+        steps = 1e9 / report["batch"]["tokens_per_step"]
+        assert d["days"] == pytest.approx(steps * d["step_s"] / 86_400)
+        assert d["step_s"] >= d["compute_s"] > 0
+    h100 = next(d for d in report["devices"] if d["kind"] == "H100 80GB")
+    flops = report["flops"]["model_per_step"]["palm"]
+    assert h100["compute_s"] == pytest.approx(flops / (8 * 494e12 * 0.4))  # float32: TF32
+    printed = capsys.readouterr().out
+    assert "== plan: DecoderOnlyModel, 2,491,008 parameters" in printed
+    assert "collectives per step" in printed and "H200 141GB" in printed
+    written = json.loads((tmp_path / "plan.json").read_text())
+    assert written["memory_per_device"]["analytic"]["parameters"] == n * 4 / 8
+
+
+def test_a_mesh_planned_with_fewer_data_replicas_agrees_with_the_full_compile():
+    """data 4 across 4 nodes x fsdp 2 inside: compiled whole (8 devices) and with data
+    cut to 2 (4 devices, data-parallel collectives scaled back to 4)."""
+    mesh_config = partitioning.MeshConfig(shape={"fsdp": 2}, dcn_shape={"data": 4},
+                                          rules="fsdp", num_nodes=4, devices_per_node=2)
+    full = _tiny_plan(mesh_config, max_compile_devices=8)
+    reduced = _tiny_plan(mesh_config, max_compile_devices=4)
+    assert "the planned mesh itself" in full["method"]
+    assert "data 2 instead of 4" in reduced["method"] and "on 4 XLA:CPU" in reduced["method"]
+    a, b = full["memory_per_device"], reduced["memory_per_device"]
+    assert a["analytic"] == b["analytic"]
+    assert a["compiled"]["arguments"] == b["compiled"]["arguments"]  # state + rows: exact
+    assert b["compiled"]["peak"] == pytest.approx(a["compiled"]["peak"], rel=0.05)
+
+    def by_axes(report):
+        table = {}
+        for row in report["collectives"]:
+            key = (row["priced_as"], tuple(row["axes"]), row["group_size"], row["where"])
+            table[key] = table.get(key, 0) + row["bytes_per_step"]
+        return table
+
+    full_rows, reduced_rows = by_axes(full), by_axes(reduced)
+    data_rows = {k: v for k, v in full_rows.items() if "data" in k[1] and v > 1024}
+    assert data_rows  # gradients all-reduced across the 4 nodes
+    for key, nbytes in data_rows.items():
+        assert reduced_rows.get(key) == pytest.approx(nbytes, rel=0.05), key
+    for x, y in zip(full["devices"], reduced["devices"]):
+        assert y["step_s"] == pytest.approx(x["step_s"], rel=0.05)
+
+
+def _no_compile_while(fn):
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+@pytest.mark.parametrize("mesh_kwargs,plan_kwargs,match", [
+    (dict(shape={"fsdp": 8}), dict(batch_size=6),
+     r"batch size 6 .* not divisible by 8"),
+    (dict(shape={"fsdp": 8}), dict(batch_size=8, num_microbatches=3),
+     r"BATCH_SIZE=8 must split into NUM_MICROBATCHES=3"),
+    (dict(shape={"fsdp": 1, "tensor": 8}, rules="fsdp_tp"), dict(batch_size=8),
+     r"num_heads=4 is not divisible by 8"),
+    (dict(shape={"fsdp": 16}), dict(batch_size=16),
+     r"compiles on 16 emulated CPU devices but jax started with 8"),
+])
+def test_errors_come_before_any_compile(mesh_kwargs, plan_kwargs, match):
+    mesh_config = partitioning.MeshConfig(**{"rules": "fsdp", **mesh_kwargs})
+    model = models.model_for(model_config("tiny_llama"))
+
+    def run():
+        with pytest.raises(ValueError, match=match):
+            plan.plan(model=model, mesh_config=mesh_config,
+                      optimizer=trainer.adamw_llama2(1e-3, 10, 100),
+                      task_feature_lengths={"targets": 64}, **plan_kwargs)
+
+    _no_compile_while(run)
+
+
+def test_an_unknown_device_kind_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"Unknown device kind 'H100 94GB'; known: "
+                                         r"\['A100 80GB', 'A100 40GB'"):
+        plan.PlanConfig(device_kinds=("H100 80GB", "H100 94GB"))
+
+
+def test_suggestions_take_the_first_fit_of_each_kind_of_change():
+    base = plan.Variant({"data": 1, "fsdp": 8, "tensor": 1}, {"data": 1, "fsdp": 1, "tensor": 1},
+                        "fsdp", "minimal", 8)
+    options = plan.candidates(base, devices_per_node=8, batch_size=64)
+    labels = [(category, label) for category, label, _, _ in options]
+    assert labels[:2] == [("remat", "remat_policy 'full'"), ("microbatches", "NUM_MICROBATCHES=16")]
+    assert ("tensor", "tensor 8 inside a node (fsdp_tp)") in labels
+    assert ("nodes", "8 nodes (64 devices), fsdp 64") in labels
+    nodes = {label: v for category, label, _, v in options if category == "nodes"}
+    # 8 microbatches of 64 rows no longer give each of 64 FSDP ranks a whole row: 1.
+    assert nodes["8 nodes (64 devices), fsdp 64"].num_microbatches == 1
+    both = [v for category, _, _, v in options if category == "tensor+nodes"]
+    assert [v.num_devices for v in both] == sorted(v.num_devices for v in both)
+    h100 = hardware.spec("H100 80GB")
+    picked = plan._suggestions(h100, [("remat", "a", "", 90e9), ("remat", "b", "", 70e9),
+                                      ("nodes", "c", "", 60e9), ("nodes", "d", "", 50e9)],
+                               plan.PlanConfig())
+    assert [s["change"] for s in picked] == ["b", "c"]
+
+
+def test_a_tpu_slice_is_planned_with_the_tpu_compiler():
+    """v5e:2x2 (4 chips) compiled by libtpu on this CPU host: its memory analysis, its
+    collectives (it casts FSDP's weights to bfloat16 before gathering them)."""
+    pytest.importorskip("libtpu", reason="the TPU compiler comes with the [tpu] extra "
+                        "(pip install -e '.[tpu]'), which CI does not install")
+    mesh_config = partitioning.MeshConfig(shape={"fsdp": 4}, rules="fsdp")
+    report = _tiny_plan(mesh_config, tpu_topology="v5e:2x2")
+    assert report["memory_per_device"]["compiled"]["backend"] == "TPU compiler"
+    assert "on 4 TPU compiler devices" in report["method"]
+    assert [d["kind"] for d in report["devices"]] == ["TPU v5e"]
+    assert report["devices"][0]["need_gb"] * 1e9 == report["memory_per_device"]["compiled"]["peak"]
+    assert any(r["op"] == "all-gather" and r["dtype"] == "bf16" and r["axes"] == ["fsdp"]
+               for r in report["collectives"])
+    with pytest.raises(ValueError, match=r"'v5e:2x2' has 4 chips but the mesh needs 8"):
+        _tiny_plan(partitioning.MeshConfig(shape={"fsdp": 8}, rules="fsdp"),
+                   tpu_topology="v5e:2x2")
+
+
+# ------------------------------------------------------------------ the README's plans
+
+
+def _cli_plan(tmp_path, *gin_args):
+    output = tmp_path / "plan.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # the plan sets its own device count
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "t5x_like.plan", *gin_args, f"--output={output}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(output.read_text()), seconds
+
+
+_TENSOR_AXES = {"fsdp": set(), "fsdp_tp": {"heads", "mlp", "vocab"}}
+
+
+def _arithmetic_state_bytes(model_name, sizes, rules, bytes_per_param=12):
+    """Parameter count x bytes per parameter / shards, with what the preset keeps
+    whole along tensor added back: every parameter is split along fsdp (its embed
+    axis), and along tensor when it has a head, MLP or vocabulary axis."""
+    cfg = model_config(model_name)
+    shapes = partitioning.param_shapes(factory(cfg))
+    logical = partitioning.logical_specs(factory(cfg))
+    total = 0.0
+    for name, shape in shapes.items():
+        ways = sizes["fsdp"] * (sizes["tensor"] if _TENSOR_AXES[rules] & set(logical[name])
+                                else 1)
+        total += math.prod(shape) * bytes_per_param / ways
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment,model_name,kind", [
+    ("llama3_8b_h100_node", "llama3_8b", "H100 80GB"),
+    ("llama3_70b_h100_8nodes", "llama3_70b", "H100 80GB"),
+    ("reka_edge_7b_a100_node", "reka_edge_7b_encdec", "A100 80GB"),
+    ("palm_62b_h100_2496", "palm_62b", "H100 80GB"),
+])
+def test_readme_plans_run_here_in_under_five_minutes(tmp_path, experiment, model_name, kind):
+    report, seconds = _cli_plan(tmp_path, f"--gin_file=experiments/{experiment}.gin")
+    assert seconds < 300, seconds
+    sizes, rules = report["mesh"]["global"], report["mesh"]["rules"]
+    memory = report["memory_per_device"]["analytic"]
+    state = memory["parameters"] + memory["optimizer"]
+    assert state == pytest.approx(_arithmetic_state_bytes(model_name, sizes, rules), rel=0.01)
+    assert report["memory_per_device"]["compiled"]["arguments"] >= state
+    assert next(d for d in report["devices"] if d["kind"] == kind)["fits"]  # its hardware
+    if experiment == "palm_62b_h100_2496":
+        assert report["mesh"]["devices"] == 2496
+        assert "data 2 instead of 39" in report["method"]
+        assert any("data" in row["axes"] and row["where"] == "across nodes"
+                   for row in report["collectives"])
+    if experiment == "llama3_70b_h100_8nodes":
+        assert all(d["fits"] for d in report["devices"] if d["kind"] != "A100 40GB")
+        assert any(row["axes"] == ["tensor"] and row["where"] == "inside a node"
+                   for row in report["collectives"])
+
+
+@pytest.mark.slow
+def test_llama3_70b_with_plain_fsdp_on_one_node_does_not_fit(tmp_path):
+    report, seconds = _cli_plan(tmp_path, "--gin_file=experiments/llama3_70b_h100_8nodes.gin",
+                                "--gin_file=meshes/h100_node.gin")
+    assert seconds < 300
+    assert report["mesh"]["global"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    # 70.55B x (4 + 4 + 8) bytes / 8: 141 GB of state alone per GPU.
+    memory = report["memory_per_device"]["analytic"]
+    assert memory["parameters"] + memory["optimizer"] == pytest.approx(
+        _arithmetic_state_bytes("llama3_70b", report["mesh"]["global"], "fsdp"), rel=0.01)
+    assert not any(d["fits"] for d in report["devices"])
+    h100 = next(d for d in report["devices"] if d["kind"] == "H100 80GB")
+    assert h100["suggestions"] and all("nodes" in s["change"] for s in h100["suggestions"])
