@@ -522,6 +522,27 @@ def _wrap(tree: Any, keys: tuple[str, ...]) -> Any:
     return tree
 
 
+def _check_stored_params(handler, item_dir: epath.Path, keys: tuple[str, ...],
+                         target_params: Any) -> None:
+    stored = _subtree(handler.metadata(item_dir).tree, keys, item_dir)
+    try:
+        _check_compatible(stored, target_params, str(item_dir))
+    except ValueError as e:
+        raise type(e)(f"{e} A params checkpoint written by `python -m t5x_like.hf "
+                      "import` needs the model gin file it wrote (--gin_out).") from None
+
+
+def check_params(path: str | epath.PathLike, target_params: Any) -> None:
+    """`restore_params`'s shape check alone (metadata only, no array read): for a run
+    to refuse a mismatching initial checkpoint before it writes anything."""
+    item_dir, keys = params_source(path)
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        _check_stored_params(handler, item_dir, keys, target_params)
+    finally:
+        handler.close()
+
+
 def restore_params(path: str | epath.PathLike, target_params: Any) -> Any:
     """Reads parameters onto the shapes, dtypes and shardings of `target_params`.
 
@@ -537,12 +558,7 @@ def restore_params(path: str | epath.PathLike, target_params: Any) -> Any:
     # The item's own handler: a Checkpointer would look for step metadata in the item.
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        stored = _subtree(handler.metadata(item_dir).tree, keys, item_dir)
-        try:
-            _check_compatible(stored, target_params, str(item_dir))
-        except ValueError as e:
-            raise type(e)(f"{e} A params checkpoint written by `python -m t5x_like.hf "
-                          "import` needs the model gin file it wrote (--gin_out).") from None
+        _check_stored_params(handler, item_dir, keys, target_params)
         target = _wrap(abstract_like(target_params), keys)
         restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

@@ -324,10 +324,15 @@ def train(
         Evaluator.check_batch_size(evaluation.batch_size, mesh)
     identity = _run_identity(model, data, optimizer, train_steps, num_microbatches, seed)
     ckpt_dir = os.path.join(model_dir, "checkpoints")
+    resuming = False
     if os.path.isdir(ckpt_dir):
         with checkpoints.CheckpointManager(ckpt_dir, create=False) as existing:
             guards.check_resume((existing.newest_run_item() or {}).get("identity"), identity,
                                 allow_resume_changes)
+            resuming = existing.latest_step() is not None
+    if initial_checkpoint is not None and not resuming:
+        checkpoints.check_params(
+            initial_checkpoint, partitioning.abstract_sharded(model.make_module, mesh, rules)[1])
     data_steps = train_steps + guard.reserve_batches(checkpoint.save_every_steps)
     store_dir, spec = store_for(data, converter, data_steps, model_dir)
 

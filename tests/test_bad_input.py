@@ -90,6 +90,10 @@ CASES = {
     "a store prepared with other settings": (
         ["--gin.DATA_SEED=5", "--gin.train.DataConfig.store_dir='{finished}/run/data'"],
         r"seed: store has 0, requested 5", True),
+    "fine-tuning from another architecture": (
+        ["--gin.train.train.initial_checkpoint='{finished}/run'",
+         "--gin.layers.TransformerConfig.mlp_dim=256"],
+        r"decoder.*mlp.*checkpoint shape \(2, 128, 384\) != model shape \(2, 128, 256\)", True),
     "zero training steps": (["--gin.TRAIN_STEPS=0"], r"total_steps=0 must be ≥ 1 \(TRAIN_STEPS\)",
                             True),
     "unknown rule preset": (["--gin.partitioning.MeshConfig.rules='fsdq'"],
