@@ -1,15 +1,18 @@
 """Model FLOPs of a training step in two labelled conventions, peak FLOP/s, and MFU.
 
 docs/FORMULAS.md ("Model FLOPs and MFU"): every number is reported twice, because the two
-conventions people quote differ by ~20% at long sequence lengths (Llama-3-8B at 8192
-tokens: 61.06 GFLOP/token by PaLM, 51.47 by MaxText).
+conventions differ in the attention term, by ~12% at long sequence lengths (Llama-3-8B
+at 8192 tokens: 57.91 GFLOP/token by PaLM, 51.47 by MaxText).
 
-- **palm** (PaLM appendix B): 6N + 12·L·H·Q·T per token. N counts *all* parameters,
-  embeddings included (that is how PaLM's 8B/62B/540B figures come out); attention
-  over the full T×T square, not halved for causal masking.
+- **palm** (PaLM appendix B): 6N + 12·L·H·Q·T per token, N the *matmul* parameters:
+  every layer's projections and the output projection once (the tied table of PaLM, or
+  an untied head); the input embedding lookup, norm scales and biases do no matmul and
+  are not counted (for a tied model that is PaLM's own count, so its 8B/62B/540B figures
+  come out). Attention over the full T×T square, not halved for causal masking.
 - **maxtext** (`calculate_tflops_training_per_device`): the matmuls one by one: gated
   MLP as 3 matmuls, QKV and output projections, the unembedding (the embedding lookup is
-  free), and causal attention halved (Megatron/NeMo).
+  free), and causal attention halved (Megatron/NeMo). With N the matmul parameters,
+  6N is exactly MaxText's matmul sum: the conventions differ only in attention.
 - **encoder-decoder** (our derivation; neither paper covers it): a per-example
   forward count times 3. The two conventions differ only in the decoder's causal
   self-attention, counted whole (palm) or halved (maxtext); embeddings free in both.
@@ -60,7 +63,8 @@ def _num_mlp_matrices(cfg) -> int:
 
 def palm_flops_per_token(num_params: float, num_layers: int, num_heads: int,
                          head_dim: int, seq_len: int) -> float:
-    """PaLM appendix B: 6N + 12·L·H·Q·T training FLOPs per token (attention not halved)."""
+    """PaLM appendix B: 6N + 12·L·H·Q·T training FLOPs per token (attention not halved);
+    N: the matmul parameters (`matmul_params`)."""
     return 6.0 * num_params + 12.0 * num_layers * num_heads * head_dim * seq_len
 
 
@@ -76,10 +80,19 @@ def maxtext_flops_per_token(cfg, seq_len: int) -> float:
     return 3.0 * ((ffn + qkv + proj) * L + emb) + 3.0 * attn * L
 
 
-def decoder_only_flops_per_token(cfg, seq_len: int, num_params: int) -> Flops:
-    """Training FLOPs per token of a decoder-only model at sequence length `seq_len`;
-    `num_params` is the model's exact count (models.py: `model.num_params`)."""
-    palm = palm_flops_per_token(num_params, cfg.num_decoder_layers, cfg.num_heads,
+def matmul_params(cfg) -> int:
+    """Parameters a token's forward pass multiplies by (the N of 6N): each decoder
+    layer's Q, K, V, O and MLP matrices and the output projection, once whether tied or
+    not. The input lookup (a gather), norm scales and biases are not counted."""
+    D, F, V = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
+    H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_layer = D * (H + 2 * G) * K + H * K * D + _num_mlp_matrices(cfg) * D * F
+    return cfg.num_decoder_layers * per_layer + D * V
+
+
+def decoder_only_flops_per_token(cfg, seq_len: int) -> Flops:
+    """Training FLOPs per token of a decoder-only model at sequence length `seq_len`."""
+    palm = palm_flops_per_token(matmul_params(cfg), cfg.num_decoder_layers, cfg.num_heads,
                                 cfg.head_dim, seq_len)
     return Flops(palm=palm, maxtext=maxtext_flops_per_token(cfg, seq_len))
 

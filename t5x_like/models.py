@@ -225,7 +225,7 @@ class DecoderOnlyModel(_LanguageModel):
     def train_flops_per_step(self, batch_size, task_feature_lengths):
         # A prefix LM packs inputs and targets into one decoder sequence.
         seq_len = self.tokens_per_example(task_feature_lengths)
-        per_token = flops.decoder_only_flops_per_token(self.cfg, seq_len, self.num_params)
+        per_token = flops.decoder_only_flops_per_token(self.cfg, seq_len)
         return per_token * (batch_size * seq_len)
 
     def logits(self, module: Decoder, batch: Batch, rng=None):

@@ -204,6 +204,20 @@ def _compiled_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def xla_train_flops(model, optimizer, batch_size: int, lengths: Mapping[str, int],
+                    device=None) -> float:
+    """XLA's cost-analysis FLOPs of one compiled train step of `model` on one device,
+    layers unrolled (a scanned stack's loop body is counted once, not per layer): the
+    count `flops.py`'s conventions are checked against. Includes the optimizer update
+    and elementwise work, which the conventions leave out."""
+    unrolled = type(model)(dataclasses.replace(model.cfg, scan_layers=False))
+    mesh = partitioning.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                  [device or jax.devices()[0]])
+    rules = partitioning.get_rules("fsdp")
+    compiled = _compile(unrolled, optimizer, mesh, rules, batch_size, lengths, 1)[0]
+    return _compiled_flops(compiled)
+
+
 # ------------------------------------------------------------------ analytic memory
 
 

@@ -324,12 +324,7 @@ def train(
         Evaluator.check_batch_size(evaluation.batch_size, mesh)
     identity = _run_identity(model, data, optimizer, train_steps, num_microbatches, seed)
     ckpt_dir = os.path.join(model_dir, "checkpoints")
-    resuming = False
-    if os.path.isdir(ckpt_dir):
-        with checkpoints.CheckpointManager(ckpt_dir, create=False) as existing:
-            guards.check_resume((existing.newest_run_item() or {}).get("identity"), identity,
-                                allow_resume_changes)
-            resuming = existing.latest_step() is not None
+    resuming = _check_existing(ckpt_dir, identity, allow_resume_changes)
     if initial_checkpoint is not None and not resuming:
         checkpoints.check_params(
             initial_checkpoint, partitioning.abstract_sharded(model.make_module, mesh, rules)[1])
@@ -373,6 +368,17 @@ def train(
     if jax.process_index() == 0:
         _print_summary(summary)
     return summary
+
+
+def _check_existing(ckpt_dir: str, identity, allow_resume_changes) -> bool:
+    """Whether `ckpt_dir` holds a step to resume from, after checking that its run's
+    identity matches this one's (guards.check_resume), before anything is written."""
+    if not os.path.isdir(ckpt_dir):
+        return False
+    with checkpoints.CheckpointManager(ckpt_dir, create=False) as existing:
+        guards.check_resume((existing.newest_run_item() or {}).get("identity"), identity,
+                            allow_resume_changes)
+        return existing.latest_step() is not None
 
 
 def _compile(model, optimizer, mesh, rules, graphdef, state, num_microbatches: int,
