@@ -75,6 +75,12 @@ class TransformerConfig:
     scan_layers: bool = True
     remat_policy: str = "none"  # 'none', 'minimal' (save matmuls), 'full' (save nothing).
     z_loss: float = 1e-4  # coefficient of log²Z (PaLM).
+    # The training loss's logits: built whole (False) or one chunk of positions at a time
+    # with the gradient made in the same pass (True: models.fused_loss_sums); chunks of
+    # loss_chunk_length positions of every row (0: the whole length). On the bench's
+    # reference model fused + 32 ran in 0.42x the plain loss's time (docs/PERFORMANCE.md).
+    fused_loss: bool = True
+    loss_chunk_length: int = 32
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_dim", "num_heads", "num_kv_heads", "head_dim",
@@ -102,6 +108,9 @@ class TransformerConfig:
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"TransformerConfig.dropout_rate={self.dropout_rate!r}: expected "
                              "a rate in [0, 1).")
+        if not isinstance(self.loss_chunk_length, int) or self.loss_chunk_length < 0:
+            raise ValueError(f"TransformerConfig.loss_chunk_length={self.loss_chunk_length!r}: "
+                             "expected an int >= 0 (0: the whole sequence in one chunk).")
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.z_loss < 0:
             raise ValueError(f"TransformerConfig: norm_eps={self.norm_eps}, rope_theta="
                              f"{self.rope_theta} must be > 0 and z_loss={self.z_loss} >= 0.")

@@ -14,7 +14,9 @@ everything that follows from it: `converter_name` (the packed SeqIO feature conv
 `tokens_per_example`, `bpc_form`, `train_flops_per_step`, `get_initial_batch`.
 
 Loss (float32 throughout): weighted token cross-entropy, summed over weighted tokens and
-divided by their number, plus PaLM's z-loss `z_loss · log²Z` averaged the same way.
+divided by their number, plus PaLM's z-loss `z_loss · log²Z` averaged the same way. In
+training (cfg.fused_loss) it is made chunk by chunk from the final hidden states, its
+gradient in the same pass (`fused_loss_sums`): no [B, L, V] logits array exists.
 """
 from __future__ import annotations
 
@@ -56,6 +58,74 @@ def token_losses(logits_BLV, targets_BL, z_loss: float):
     z_loss_BL = z_loss * jnp.square(log_z_BL)
     correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
     return nll_BL, z_loss_BL, correct_BL
+
+
+def _in_chunks(a_BL, chunk: int):
+    """[B, L, ...] -> [L/chunk, B, chunk, ...]: whole rows in every chunk, so a batch
+    sharded over devices stays sharded (no chunk crosses the batch axis)."""
+    b, length = a_BL.shape[:2]
+    return jnp.moveaxis(a_BL.reshape(b, length // chunk, chunk, *a_BL.shape[2:]), 1, 0)
+
+
+def _chunk_length(length: int, chunk: int) -> int:
+    """The largest divisor of `length` that is at most `chunk` (0: the whole length)."""
+    if chunk <= 0 or chunk >= length:
+        return length
+    return max(d for d in range(1, chunk + 1) if length % d == 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def fused_loss_sums(x_BLD, w_DV, targets_BL, weights_BL, scale: float, z_loss: float,
+                    chunk: int):
+    """(Σw·(nll + z-loss), Σw·nll, Σw·z-loss, Σw·correct) of logits = (x·w)·scale, one
+    chunk of `chunk` positions (all rows) at a time: never more than one chunk's logits
+    [B, chunk, V] exist, forward or backward. The gradient of the first sum (the loss)
+    is made in the same pass, chunk by chunk, and kept (dx [B, L, D], dw [D, V]), so
+    nothing is recomputed; the other sums are metrics, not differentiated (their
+    cotangents are ignored: pass them through stop_gradient). Equal to `token_losses`
+    summed, gradients included (tests/test_models.py)."""
+    return _fused_forward(x_BLD, w_DV, targets_BL, weights_BL, scale, z_loss, chunk)[0]
+
+
+def _fused_forward(x_BLD, w_DV, targets_BL, weights_BL, scale, z_loss, chunk):
+    chunk = _chunk_length(x_BLD.shape[1], chunk)
+
+    def body(dw_DV, xs):
+        x_BcD, targets_Bc, weights_Bc = xs
+        logits_BcV = scale * jnp.einsum("BcD,DV->BcV", x_BcD, w_DV,
+                                        preferred_element_type=jnp.float32)
+        log_z_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
+        onehot_BcV = jax.nn.one_hot(targets_Bc, logits_BcV.shape[-1], dtype=jnp.float32)
+        nll_Bc = log_z_Bc - jnp.sum(onehot_BcV * logits_BcV, axis=-1)
+        correct_Bc = (jnp.argmax(logits_BcV, axis=-1) == targets_Bc).astype(jnp.float32)
+        # d/dlogits of w·(log Z − logit[t] + z·log²Z) = w·(softmax·(1 + 2z·log Z) − onehot)
+        probs_BcV = jnp.exp(logits_BcV - log_z_Bc[..., None])
+        g_BcV = (weights_Bc[..., None] * scale * (
+            probs_BcV * (1.0 + 2.0 * z_loss * log_z_Bc)[..., None] - onehot_BcV)
+                 ).astype(x_BcD.dtype)
+        dx_BcD = jnp.einsum("BcV,DV->BcD", g_BcV, w_DV, preferred_element_type=jnp.float32)
+        dw_DV = dw_DV + jnp.einsum("BcD,BcV->DV", x_BcD, g_BcV,
+                                   preferred_element_type=jnp.float32)
+        sums = jnp.stack([jnp.sum(weights_Bc * nll_Bc),
+                          jnp.sum(weights_Bc * z_loss * jnp.square(log_z_Bc)),
+                          jnp.sum(weights_Bc * correct_Bc)])
+        return dw_DV, (sums, dx_BcD.astype(x_BcD.dtype))
+
+    xs = (_in_chunks(x_BLD, chunk), _in_chunks(targets_BL, chunk),
+          _in_chunks(weights_BL.astype(jnp.float32), chunk))
+    dw_DV, (sums_n3, dx_nBcD) = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32), xs)
+    dx_BLD = jnp.moveaxis(dx_nBcD, 0, 1).reshape(x_BLD.shape)
+    nll, z, correct = jnp.sum(sums_n3, axis=0)
+    return (nll + z, nll, z, correct), (dx_BLD, dw_DV.astype(w_DV.dtype))
+
+
+def _fused_backward(scale, z_loss, chunk, residuals, cotangents):
+    dx_BLD, dw_DV = residuals
+    g = cotangents[0]
+    return (g * dx_BLD).astype(dx_BLD.dtype), (g * dw_DV).astype(dw_DV.dtype), None, None
+
+
+fused_loss_sums.defvjp(_fused_forward, _fused_backward)
 
 
 class _LanguageModel:
@@ -111,24 +181,36 @@ class _LanguageModel:
                 return self.module_class(self.cfg, rngs=rngs)
         return self.module_class(self.cfg, rngs=rngs)
 
-    def logits(self, module, batch: Batch, rng=None):  # pragma: no cover - abstract
+    def logits(self, module, batch: Batch, rng=None, hidden: bool = False):  # pragma: no cover
         raise NotImplementedError
 
     def loss_fn(self, module, batch: Batch, rng=None):
-        """(loss, metrics): weighted mean cross-entropy + z-loss; dropout iff rng given."""
-        logits_BLV = self.logits(module, batch, rng)
-        nll_BL, z_loss_BL, correct_BL = token_losses(
-            logits_BLV, batch["decoder_target_tokens"], self.cfg.z_loss)
+        """(loss, metrics): weighted mean cross-entropy + z-loss; dropout iff rng given.
+        With cfg.fused_loss, through `fused_loss_sums` (no [B, L, V] logits)."""
+        return self._loss(module, batch, rng, fused=self.cfg.fused_loss)
+
+    def _loss(self, module, batch: Batch, rng, fused: bool):
         weights_BL = _loss_weights(batch)
+        targets_BL = batch["decoder_target_tokens"]
+        if fused:
+            x_BLD = self.logits(module, batch, rng, hidden=True)
+            w_DV, scale = module.projection()
+            total_sum, *parts = fused_loss_sums(x_BLD, w_DV, targets_BL, weights_BL, scale,
+                                                self.cfg.z_loss, self.cfg.loss_chunk_length)
+            nll_sum, z_loss_sum, correct_sum = jax.lax.stop_gradient(parts)
+        else:
+            nll_BL, z_loss_BL, correct_BL = token_losses(
+                self.logits(module, batch, rng), targets_BL, self.cfg.z_loss)
+            nll_sum = jnp.sum(weights_BL * nll_BL)
+            z_loss_sum = jnp.sum(weights_BL * z_loss_BL)
+            correct_sum = jnp.sum(weights_BL * correct_BL)
+            total_sum = nll_sum + z_loss_sum
         weight_sum = jnp.sum(weights_BL)
-        nll_sum = jnp.sum(weights_BL * nll_BL)
-        z_loss_sum = jnp.sum(weights_BL * z_loss_BL)
-        correct_sum = jnp.sum(weights_BL * correct_BL)
         # An all-padding batch contributes zero loss rather than 0/0.
         denom = jnp.maximum(weight_sum, 1e-8)
         cross_entropy = nll_sum / denom
         z_loss = z_loss_sum / denom
-        loss = cross_entropy + z_loss
+        loss = total_sum / denom
         metrics = {
             "loss": loss,
             "cross_entropy": cross_entropy,
@@ -143,8 +225,9 @@ class _LanguageModel:
         return loss, metrics
 
     def eval_fn(self, module, batch: Batch):
-        """Deterministic loss and metrics (T5X's eval_fn)."""
-        return self.loss_fn(module, batch, rng=None)
+        """Deterministic loss and metrics (T5X's eval_fn); no gradient is taken, so the
+        logits are built whole (the fused loss makes its gradient as it goes)."""
+        return self._loss(module, batch, None, fused=False)
 
     def score_batch(self, module, batch: Batch):
         """[B] per-example summed log-likelihood of the targets, weighted by loss weights."""
@@ -228,12 +311,13 @@ class DecoderOnlyModel(_LanguageModel):
         per_token = flops.decoder_only_flops_per_token(self.cfg, seq_len)
         return per_token * (batch_size * seq_len)
 
-    def logits(self, module: Decoder, batch: Batch, rng=None):
+    def logits(self, module: Decoder, batch: Batch, rng=None, hidden: bool = False):
         segment_ids_BL, positions_BL = _segments_and_positions(
             batch, "decoder", "decoder_target_tokens")
         return module(batch["decoder_input_tokens"], segment_ids_BL=segment_ids_BL,
                       positions_BL=positions_BL,
-                      causal_attention_BL=batch.get("decoder_causal_attention"), rng=rng)
+                      causal_attention_BL=batch.get("decoder_causal_attention"), rng=rng,
+                      hidden=hidden)
 
     def get_initial_batch(self, batch_size: int, feature_lengths: Mapping[str, int]):
         """All-zero numpy batch with the model's features (shape-only initialisation).
@@ -281,7 +365,7 @@ class EncoderDecoderModel(_LanguageModel):
             self.cfg, task_feature_lengths["inputs"], task_feature_lengths["targets"]
         ) * batch_size
 
-    def logits(self, module: EncoderDecoder, batch: Batch, rng=None):
+    def logits(self, module: EncoderDecoder, batch: Batch, rng=None, hidden: bool = False):
         enc_segment_ids_BM, enc_positions_BM = _segments_and_positions(
             batch, "encoder", "encoder_input_tokens")
         dec_segment_ids_BL, dec_positions_BL = _segments_and_positions(
@@ -290,7 +374,7 @@ class EncoderDecoderModel(_LanguageModel):
                       encoder_segment_ids_BM=enc_segment_ids_BM,
                       encoder_positions_BM=enc_positions_BM,
                       decoder_segment_ids_BL=dec_segment_ids_BL,
-                      decoder_positions_BL=dec_positions_BL, rng=rng)
+                      decoder_positions_BL=dec_positions_BL, rng=rng, hidden=hidden)
 
     def get_initial_batch(self, batch_size: int, feature_lengths: Mapping[str, int]):
         """All-zero numpy batch; feature_lengths {"inputs": M, "targets": L}."""

@@ -7,6 +7,8 @@ Both networks return float32 logits [B, L, V].
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -113,9 +115,20 @@ class _Output(nnx.Module):
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LmHead(cfg, rngs=rngs)
 
-    def __call__(self, x_BLD, embed: Embed):
+    def __call__(self, x_BLD, embed: Embed, *, hidden: bool = False):
+        """Logits [B, L, V] float32, or with `hidden` the final-normed states [B, L, D]
+        that `projection` maps to them (the chunked loss never builds all logits)."""
         x_BLD = self.final_norm(x_BLD)
+        if hidden:
+            return x_BLD
         return embed.attend(x_BLD) if self.lm_head is None else self.lm_head(x_BLD)
+
+    def projection(self, embed: Embed):
+        """(w [D, V] in the compute dtype, scale): logits = (hidden · w) · scale, float32."""
+        if self.lm_head is not None:
+            return self.lm_head.kernel[...].astype(self.lm_head.dtype), 1.0
+        w_DV = embed.embedding[...].astype(embed.dtype).T
+        return w_DV, (1.0 / math.sqrt(w_DV.shape[0]) if embed.scale_logits else 1.0)
 
 
 class Decoder(nnx.Module):
@@ -136,14 +149,18 @@ class Decoder(nnx.Module):
         self.output = _Output(cfg, rngs=rngs)
 
     def __call__(self, tokens_BL, *, segment_ids_BL=None, positions_BL=None,
-                 causal_attention_BL=None, rng=None):
+                 causal_attention_BL=None, rng=None, hidden: bool = False):
         segment_ids_BL, positions_BL = segments_and_positions(tokens_BL, segment_ids_BL,
                                                               positions_BL)
         emb_rng, stack_rng = _split(rng, 2)
         x_BLD = dropout(self.embed(tokens_BL), self.cfg.dropout_rate, emb_rng)
         x_BLD = self.decoder(x_BLD, mask_B1LL=causal_mask(segment_ids_BL, causal_attention_BL),
                              positions_BL=positions_BL, rng=stack_rng)
-        return self.output(x_BLD, self.embed)
+        return self.output(x_BLD, self.embed, hidden=hidden)
+
+    def projection(self):
+        """The output projection (w [D, V], scale) of the hidden states (`hidden=True`)."""
+        return self.output.projection(self.embed)
 
     def prefill(self, tokens_BP, valid_BP, max_length: int, prefix_BP=None):
         """Fills a fresh cache of `max_length` slots with a left-padded prompt; returns
@@ -191,7 +208,7 @@ class EncoderDecoder(nnx.Module):
         return self.encoder_norm(x_BMD)
 
     def decode(self, encoded_BMD, tokens_BL, *, encoder_segment_ids_BM=None, segment_ids_BL=None,
-               positions_BL=None, rng=None):
+               positions_BL=None, rng=None, hidden: bool = False):
         encoder_segment_ids_BM, _ = segments_and_positions(encoded_BMD[:, :, 0],
                                                            encoder_segment_ids_BM)
         segment_ids_BL, positions_BL = segments_and_positions(tokens_BL, segment_ids_BL,
@@ -202,11 +219,15 @@ class EncoderDecoder(nnx.Module):
                              positions_BL=positions_BL, encoded_BMD=encoded_BMD,
                              cross_mask_B1LM=cross_mask(segment_ids_BL, encoder_segment_ids_BM),
                              rng=stack_rng)
-        return self.output(x_BLD, self.embed)
+        return self.output(x_BLD, self.embed, hidden=hidden)
+
+    def projection(self):
+        """The output projection (w [D, V], scale) of the hidden states (`hidden=True`)."""
+        return self.output.projection(self.embed)
 
     def __call__(self, encoder_tokens_BM, decoder_tokens_BL, *, encoder_segment_ids_BM=None,
                  encoder_positions_BM=None, decoder_segment_ids_BL=None,
-                 decoder_positions_BL=None, rng=None):
+                 decoder_positions_BL=None, rng=None, hidden: bool = False):
         enc_rng, dec_rng = _split(rng, 2)
         encoder_segment_ids_BM, encoder_positions_BM = segments_and_positions(
             encoder_tokens_BM, encoder_segment_ids_BM, encoder_positions_BM)
@@ -215,7 +236,7 @@ class EncoderDecoder(nnx.Module):
         return self.decode(encoded_BMD, decoder_tokens_BL,
                            encoder_segment_ids_BM=encoder_segment_ids_BM,
                            segment_ids_BL=decoder_segment_ids_BL,
-                           positions_BL=decoder_positions_BL, rng=dec_rng)
+                           positions_BL=decoder_positions_BL, rng=dec_rng, hidden=hidden)
 
     def prefill(self, encoder_tokens_BM, max_length: int, encoder_segment_ids_BM=None):
         """Runs the encoder once; returns a decoder cache of `max_length` slots holding

@@ -207,10 +207,12 @@ def _compiled_flops(compiled) -> float | None:
 def xla_train_flops(model, optimizer, batch_size: int, lengths: Mapping[str, int],
                     device=None) -> float:
     """XLA's cost-analysis FLOPs of one compiled train step of `model` on one device,
-    layers unrolled (a scanned stack's loop body is counted once, not per layer): the
-    count `flops.py`'s conventions are checked against. Includes the optimizer update
-    and elementwise work, which the conventions leave out."""
-    unrolled = type(model)(dataclasses.replace(model.cfg, scan_layers=False))
+    layers unrolled and the fused loss in one chunk (XLA counts a loop's body once, not
+    per iteration; the FLOPs are the same): the count `flops.py`'s conventions are
+    checked against. Includes the optimizer update and elementwise work, which the
+    conventions leave out."""
+    unrolled = type(model)(dataclasses.replace(model.cfg, scan_layers=False,
+                                               loss_chunk_length=0))
     mesh = partitioning.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
                                   [device or jax.devices()[0]])
     rules = partitioning.get_rules("fsdp")
