@@ -1,7 +1,7 @@
 """Training speed of our jitted step, against a matmul peak measured in the same process.
 
     .venv/bin/python bench/speed.py                    # the whole table (about 10 min)
-    .venv/bin/python bench/speed.py --only reference   # rows whose model name starts so
+    .venv/bin/python bench/speed.py --only reference   # the rows of these models
     .venv/bin/python bench/speed.py --only reference --dtypes bfloat16 --steps 20
 
 For each device count (1 and 8 emulated CPU devices; XLA reads the count when it starts,
@@ -255,7 +255,7 @@ def format_table(results: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated model-name prefixes")
+    parser.add_argument("--only", default="", help="comma-separated model names")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--devices", default="1,8", help="device counts to run")
     parser.add_argument("--steps", type=int, default=12)
@@ -269,10 +269,13 @@ def main(argv=None) -> list[dict]:
     if args.worker:
         print(json.dumps(worker(args.worker, args.keys.split(","), dtypes, args.steps)))
         return []
-    prefixes = [p for p in args.only.split(",") if p]
+    names = [p for p in args.only.split(",") if p]
+    unknown = set(names) - {c.name for c in CASES}
+    if unknown:
+        parser.error(f"--only: no model {sorted(unknown)}; the models: "
+                     f"{sorted({c.name for c in CASES})}")
     wanted = [int(d) for d in args.devices.split(",")]
-    cases = [c for c in CASES if c.devices in wanted
-             and (not prefixes or any(c.name.startswith(p) for p in prefixes))]
+    cases = [c for c in CASES if c.devices in wanted and (not names or c.name in names)]
     results = [spawn(d, [c.key for c in cases if c.devices == d], dtypes, args.steps)
                for d in sorted({c.devices for c in cases})]
     print(format_table(results))
