@@ -282,6 +282,20 @@ def _print_summary(summary: RunSummary) -> None:
 # The entry point
 
 
+def _check_checkpoints(ckpt_dir: str, identity, allow_resume_changes, initial_checkpoint,
+                       abstract_params) -> None:
+    """Before anything is written: a resumed run must match its checkpoints' identity, and
+    a new run's `initial_checkpoint` must hold this model's parameter shapes."""
+    resuming = False
+    if os.path.isdir(ckpt_dir):
+        with checkpoints.CheckpointManager(ckpt_dir, create=False) as existing:
+            guards.check_resume((existing.newest_run_item() or {}).get("identity"), identity,
+                                allow_resume_changes)
+            resuming = existing.latest_step() is not None
+    if initial_checkpoint is not None and not resuming:
+        checkpoints.check_params(initial_checkpoint, abstract_params())
+
+
 def train(
     *,
     model,
@@ -324,15 +338,8 @@ def train(
         Evaluator.check_batch_size(evaluation.batch_size, mesh)
     identity = _run_identity(model, data, optimizer, train_steps, num_microbatches, seed)
     ckpt_dir = os.path.join(model_dir, "checkpoints")
-    resuming = False
-    if os.path.isdir(ckpt_dir):
-        with checkpoints.CheckpointManager(ckpt_dir, create=False) as existing:
-            guards.check_resume((existing.newest_run_item() or {}).get("identity"), identity,
-                                allow_resume_changes)
-            resuming = existing.latest_step() is not None
-    if initial_checkpoint is not None and not resuming:
-        checkpoints.check_params(
-            initial_checkpoint, partitioning.abstract_sharded(model.make_module, mesh, rules)[1])
+    _check_checkpoints(ckpt_dir, identity, allow_resume_changes, initial_checkpoint,
+                       lambda: partitioning.abstract_sharded(model.make_module, mesh, rules)[1])
     data_steps = train_steps + guard.reserve_batches(checkpoint.save_every_steps)
     store_dir, spec = store_for(data, converter, data_steps, model_dir)
 
