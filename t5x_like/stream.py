@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -50,7 +50,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import t5x_like
-from t5x_like import launch, mixtures, pipeline, store
+from t5x_like import mixtures, pipeline, store
 
 log = logging.getLogger("t5x_like.stream")
 
@@ -61,11 +61,14 @@ _STATE_FIELDS = ("global_batch_size", "seed", "stream")
 # ----------------------------------------------------------------------------- workers
 
 
-def _init_worker(task_modules: Sequence[str], worker_index: int, worker_count: int) -> None:
-    """In each worker process, before anything else: TensorFlow off the GPUs, and the
-    task modules the gin files imported, so the worker sees the same SeqIO registry."""
+def _init_worker(task_modules: Sequence[str], init: Callable[[], None] | None,
+                 worker_index: int, worker_count: int) -> None:
+    """In each worker process, before anything else: the caller's `init` (the trainer
+    keeps TensorFlow off the GPUs), then the task modules the gin files imported, so
+    the worker sees the same SeqIO registry."""
     del worker_index, worker_count
-    launch.hide_gpus_from_tensorflow()
+    if init is not None:
+        init()
     mixtures.import_task_modules(task_modules)
 
 
@@ -174,14 +177,16 @@ class Stream:
       workers: data worker processes of this process (must divide its shards); default
         `default_workers`.
       task_modules: modules registering the tasks, imported in every worker.
+      worker_init: a picklable function each worker runs first (the trainer passes
+        `launch.hide_gpus_from_tensorflow`).
       prefetch: step-blocks each worker makes ahead.
       process_index, process_count: default jax's.
     """
 
     def __init__(self, spec: store.ShardSpec, global_batch_size: int, *,
                  workers: int | None = None, task_modules: Sequence[str] = (),
-                 prefetch: int = 4, process_index: int | None = None,
-                 process_count: int | None = None):
+                 worker_init: Callable[[], None] | None = None, prefetch: int = 4,
+                 process_index: int | None = None, process_count: int | None = None):
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
         shards = spec.num_shards
@@ -204,6 +209,7 @@ class Stream:
         self.rows_per_step = global_batch_size // shards
         self.shards = list(range(process_index * local, (process_index + 1) * local))
         self.task_modules, self.prefetch = tuple(task_modules), prefetch
+        self.worker_init = worker_init
         self.leaves = mixtures.leaf_tasks_and_rates(spec.mixture)
         self.layout = pipeline.record_layout(spec)
         fields = ",".join(f"{k}={v}" for k, v in sorted(spec.as_dict().items()))
@@ -226,7 +232,8 @@ class Stream:
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=self.workers,
                                          per_worker_buffer_size=self.prefetch),
-            worker_init_fn=functools.partial(_init_worker, self.task_modules))
+            worker_init_fn=functools.partial(_init_worker, self.task_modules,
+                                             self.worker_init))
         return iter(ds)
 
     def iterator(self, state: Mapping[str, Any] | None = None) -> StreamIterator:
@@ -325,9 +332,10 @@ class StreamIterator:
 
 
 def stream_for(mixture: str, task_feature_lengths: Mapping[str, int], converter: str,
-               seed: int, global_batch_size: int, num_shards: int, *,
-               workers: int | None = None, task_modules: Sequence[str] = ()) -> Stream:
-    """The `Stream` of a run's data settings (the tasks must be registered)."""
+               seed: int, global_batch_size: int, num_shards: int,
+               **options: Any) -> Stream:
+    """The `Stream` of a run's data settings (the tasks must be registered); `options`
+    are `Stream`'s (workers, task_modules, worker_init, ...)."""
     spec = pipeline.shard_spec(mixture, task_feature_lengths, converter, seed, num_shards)
-    return Stream(spec, global_batch_size, workers=workers, task_modules=task_modules)
+    return Stream(spec, global_batch_size, **options)
 

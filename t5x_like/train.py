@@ -193,7 +193,8 @@ def data_source(data: DataConfig, converter: str, train_steps: int):
     source = stream.stream_for(
         data.mixture_or_task_name, data.task_feature_lengths, converter, data.seed,
         data.batch_size, data.stream_shards, workers=data.data_workers,
-        task_modules=(*launch.gin_imports(), *data.task_modules))
+        task_modules=(*launch.gin_imports(), *data.task_modules),
+        worker_init=launch.hide_gpus_from_tensorflow)
     log.info("data: streaming %s, %d shards (%d rows of each per step), %d in this "
              "process's %d worker process(es)", data.mixture_or_task_name,
              data.stream_shards, source.rows_per_step, len(source.shards), source.workers)

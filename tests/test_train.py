@@ -520,5 +520,7 @@ def test_streamed_runs_resume_bitwise_after_a_stop_whatever_the_worker_count(
             if "data/examples" in r]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     last = rows[-1]  # what the resumed process read: its 3 steps of 8 rows
-    assert 0 < last["data/padding_fraction"] < 1 and last["data/task_share/code_causal"] == 1.0
+    # (code documents run to thousands of tokens: most rows hold one full 64-token piece)
+    assert 0 <= last["data/padding_fraction"] < 0.5
+    assert last["data/task_share/code_causal"] == last["data/task_rate/code_causal"] == 1.0
     assert last["data/task_examples/code_causal"] == last["data/examples"] >= 3 * BATCH
