@@ -14,9 +14,10 @@ Record: one packed row; the int32 arrays of the model features in the fixed orde
 raw little-endian bytes. Raw bytes parse at 100-200k rows/s, far faster than
 tf.train.Example.
 
-Identity: the fields of `StoreSpec` define what a store contains. A store is reused
-only when every one of them matches; any difference is a `ManifestMismatchError` that
-names it, and nothing is overwritten.
+Identity: the fields of `StoreSpec` define what a store contains: `ShardSpec`, what
+defines the rows of every SeqIO shard (shared with streamed data, stream.py), and the
+number of rows. A store is reused only when every one of them matches; any difference
+is a `ManifestMismatchError` that names it, and nothing is overwritten.
 """
 
 from __future__ import annotations
