@@ -236,28 +236,36 @@ def progress_bar(total_steps: int, start_step: int) -> tqdm.tqdm:
 
 
 def format_eval_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """The per-domain evaluation table: BPC and loss of every labelled evaluation
-    (e.g. {"start": ..., "end": ...}, or one unlabelled {"": ...}), then accuracy,
-    scored tokens and characters of the last one.
+    """The evaluation table: BPC and loss of every labelled evaluation (e.g.
+    {"start": ..., "end": ...}, or one unlabelled {"": ...}), then accuracy, scored tokens
+    and characters of the last one, and any other metric of it (a task's metric_fns);
+    "-" where a row has no such value.
 
-    results: {label: {domain: {"bpc", "loss", "accuracy", "tokens", "chars"}}}.
+    results: {label: {name: {"bpc", "loss", "accuracy", "tokens", "chars", ...}}}.
     """
     labels = list(results)
     last = results[labels[-1]]
+    width = max([14] + [len(name) + 2 for name in last])
 
     def head(name: str, label: str) -> str:
         return f"{name} {label}".strip()
 
-    header = [f"{'domain':<14}"]
+    def cell(row, key, spec, size):
+        value = row.get(key)
+        return f"{'-':>{size}}" if value is None else f"{value:>{size}{spec}}"
+
+    header = [f"{'name':<{width}}"]
     header += [f"{head('BPC', label):>11}" for label in labels]
     header += [f"{head('loss', label):>12}" for label in labels]
     header += [f"{head('acc', labels[-1]):>9}", f"{'tokens':>9}", f"{'chars':>10}"]
     lines = ["".join(header)]
-    for domain, end in last.items():
-        row = [f"{domain:<14}"]
-        row += [f"{results[label][domain]['bpc']:>11.3f}" for label in labels]
-        row += [f"{results[label][domain]['loss']:>12.4f}" for label in labels]
-        row += [f"{end['accuracy']:>9.3f}", f"{int(end['tokens']):>9}",
-                f"{int(end['chars']):>10}"]
+    known = {"bpc", "loss", "accuracy", "tokens", "chars"}
+    for name, end in last.items():
+        row = [f"{name:<{width}}"]
+        row += [cell(results[label].get(name, {}), "bpc", ".3f", 11) for label in labels]
+        row += [cell(results[label].get(name, {}), "loss", ".4f", 12) for label in labels]
+        row += [cell(end, "accuracy", ".3f", 9), cell(end, "tokens", "", 9),
+                cell(end, "chars", "", 10)]
+        row += [f"  {k} {v:.4g}" for k, v in end.items() if k not in known]
         lines.append("".join(row))
     return "\n".join(lines)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -40,7 +39,6 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from array_record.python import array_record_module
 

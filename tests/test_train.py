@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-from unittest import mock
 
 import gin
 import jax
@@ -38,7 +37,9 @@ MODEL = models.DecoderOnlyModel(layers.TransformerConfig(
     dtype="float32", scan_layers=True))
 FSDP = partitioning.MeshConfig(shape={"data": 1, "fsdp": 8, "tensor": 1}, rules="fsdp")
 FSDP_TP = partitioning.MeshConfig(shape={"data": 1, "fsdp": 2, "tensor": 4}, rules="fsdp_tp")
-EVAL = evaluation.EvalConfig(every_steps=1000, domains=("code", "math"), window=64, stride=32,
+EVAL = evaluation.EvalConfig(every_steps=1000, tasks=(),
+                             bpc_tasks={"code": "code_validation", "math": "math_validation"},
+                             window=64, stride=32,
                              max_tokens=256, batch_size=8)
 EVAL_OFF = evaluation.EvalConfig(enabled=False)
 
@@ -140,14 +141,15 @@ def test_resume_under_another_mesh_and_rule_preset(tmp_path, store, straight, st
 
 def test_standalone_eval_of_the_last_checkpoint_equals_the_in_training_eval(straight):
     result = evaluation.evaluate(model=MODEL, mesh_config=FSDP_TP, optimizer=_optimizer(),
-                                 model_dir=straight.model_dir, evaluation=EVAL)
+                                 model_dir=straight.model_dir, evaluation=EVAL,
+                                 mixture_or_task_name="code_causal", task_feature_lengths=LENGTHS)
     assert result["step"] == STEPS
     for domain, expected in straight.eval_end.items():
         got = result["results"][domain]
         assert got["tokens"] == expected["tokens"] and got["chars"] == expected["chars"]
         assert got["bpc"] == pytest.approx(expected["bpc"], rel=1e-5)
     start, end = straight.eval_start, straight.eval_end
-    assert all(end[d]["bpc"] < start[d]["bpc"] for d in EVAL.domains)
+    assert all(end[d]["bpc"] < start[d]["bpc"] for d in EVAL.bpc_tasks)
 
 
 def test_outputs_in_the_model_dir(straight):
@@ -328,7 +330,8 @@ EVAL_EVERY_STEPS = 1000
 EVAL_WINDOW = 64
 EVAL_STRIDE = 32
 EVAL_MAX_TOKENS = 256
-evaluation.EvalConfig.domains = ['code']
+EVAL_TASKS = []
+EVAL_BPC_TASKS = {'code': 'code_validation'}
 evaluation.EvalConfig.batch_size = 8
 train.DataConfig.store_dir = 'store'
 train.train.log_every_steps = 1
