@@ -28,7 +28,7 @@ import seqio
 from flax import nnx
 
 from t5x_like import (bpc, checkpoints, launch, loader, metrics, mixtures, partitioning,
-                      prepare, trainer)
+                      pipeline, trainer)
 from t5x_like import inference as inference_lib
 from t5x_like.decoding import DecodeConfig
 
@@ -228,7 +228,7 @@ def _seqio_evaluator(task: seqio.Task, converter: str, cfg: EvalConfig,
     if not (task.predict_metric_fns or task.score_metric_fns
             or task.predict_with_aux_metric_fns):
         return None
-    return seqio.Evaluator(task.name, feature_converter=prepare.make_converter(converter, False),
+    return seqio.Evaluator(task.name, feature_converter=pipeline.make_converter(converter, pack=False),
                            eval_split=cfg.split, sequence_length=dict(task_feature_lengths),
                            num_examples=cfg.max_examples, async_compute_metrics=False)
 
