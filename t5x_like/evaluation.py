@@ -4,8 +4,8 @@
 `python -m t5x_like.eval --gin_file=...` runs `evaluate` alone on the newest checkpoint
 of MODEL_DIR, or on every one of them (`RestoreCheckpointConfig`, as T5X selects
 checkpoints): compression as a benchmark, BPC per domain against training step and
-training FLOPs, written as JSON and a chart. Windows over each domain's validation stream come from bpc.py; every token
-of the stream is scored exactly once, so
+training FLOPs, written as JSON and a chart. Windows over each domain's validation
+stream come from bpc.py; every token of the stream is scored exactly once, so
 
   BPC = Σ nll (nats) / (characters · ln 2)        (docs/FORMULAS.md, "Bits per character")
 
@@ -225,17 +225,19 @@ def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation: EvalC
     if not points:
         raise FileNotFoundError(f"no checkpoint of {directory} could be read (see the "
                                 "warnings above); nothing was evaluated.")
-    curve = metrics.write_bpc_curve(
-        points, output_dir or os.path.join(model_dir, "eval"),
-        title=(f"{os.path.basename(os.path.normpath(model_dir))}: {type(model).__name__}, "
-               f"{model.num_params:,} parameters; BPC per domain"),
-        about={"model_dir": model_dir, "model": type(model).__name__,
-               "num_params": model.num_params, "eval": _describe(evaluation),
-               "batch_size": batch_size,
-               "task_feature_lengths": dict(task_feature_lengths or {})})
-    if len(points) > 1:
-        print(metrics.format_bpc_by_step(points))
-    print(f"BPC by checkpoint: {curve['json']}  chart: {curve['png']}")
+    curve = None
+    if jax.process_index() == 0:  # one writer in a multi-process run, as for metrics
+        curve = metrics.write_bpc_curve(
+            points, output_dir or os.path.join(model_dir, "eval"),
+            title=(f"{os.path.basename(os.path.normpath(model_dir))}: {type(model).__name__}, "
+                   f"{model.num_params:,} parameters; BPC per domain"),
+            about={"model_dir": model_dir, "model": type(model).__name__,
+                   "num_params": model.num_params, "eval": _describe(evaluation),
+                   "batch_size": batch_size,
+                   "task_feature_lengths": dict(task_feature_lengths or {})})
+        if len(points) > 1:
+            print(metrics.format_bpc_by_step(points))
+        print(f"BPC by checkpoint: {curve['json']}  chart: {curve['png']}")
     return {"step": points[-1]["step"], "results": points[-1]["domains"],
             "checkpoints": points, "files": curve}
 
