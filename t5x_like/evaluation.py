@@ -25,29 +25,47 @@ from typing import Any
 
 import jax
 
-from t5x_like import bpc, checkpoints, launch, loader, metrics, partitioning, trainer
+import numpy as np
+import seqio
+from flax import nnx
+
+from t5x_like import (bpc, checkpoints, launch, loader, metrics, mixtures, partitioning,
+                      prepare, trainer)
+from t5x_like import inference as inference_lib
+from t5x_like.decoding import DecodeConfig
 
 log = logging.getLogger("t5x_like.eval")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Per-domain evaluation (loss, token accuracy, bits per character).
+    """What to evaluate (gin: evaluation.EvalConfig); in training before the first step,
+    every `every_steps` and after the last step.
 
-    Runs before the first step, every `every_steps` and after the last step, over the
-    `{domain}_validation` tasks, in windows of `window` tokens moved by `stride`
-    (the reference setting is 1900/512; the demos use less). `max_documents` and
-    `max_tokens` cap each domain's stream at whole documents (None: all).
-    `batch_size` windows per eval step.
+    tasks: SeqIO tasks or mixtures evaluated on `split` (at most `max_examples` each):
+      the loss of their targets, bits per character where the examples carry their text
+      (`targets_pretokenized`), and each task's own metric_fns (predict metrics decode
+      with `decode`). None: the run's own MIXTURE_OR_TASK_NAME; () none.
+    bpc_tasks: text streams (one example per document, `targets` and `num_chars`, as the
+      shipped `{domain}_validation` tasks) scored in windows of `window` tokens moved
+      by `stride`, every token once: the reference BPC (1900 / 512; the demos use
+      less). A list of task names, or {label: task name} to report them under shorter
+      names (the demos: {'code': 'code_validation', ...}). `max_documents` /
+      `max_tokens` cap each stream at whole documents.
+    batch_size: rows (examples or windows) per eval step.
     """
 
     every_steps: int = 100
-    domains: Sequence[str] = ("code", "stem", "web", "math", "multilingual")
+    tasks: Sequence[str] | None = None
+    split: str = "validation"
+    max_examples: int | None = None
+    bpc_tasks: Sequence[str] | Mapping[str, str] = ()
     window: int = 1900
     stride: int = 512
     max_documents: int | None = None
     max_tokens: int | None = None
     batch_size: int = 16
+    decode: DecodeConfig = DecodeConfig()
     enabled: bool = True
 
     def __post_init__(self):
@@ -64,14 +82,29 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class _TaskEval:
+    """One task evaluated on its examples: loss and BPC by our scoring, its metric_fns
+    by SeqIO's Evaluator (None when it has none)."""
+
+    task: seqio.Task
+    converter: str
+    seqio_evaluator: seqio.Evaluator | None
+
+
+@dataclasses.dataclass
 class Evaluator:
-    """Jitted eval step + the fixed BPC windows of each domain."""
+    """Jitted eval step + BPC windows of each stream, and the tasks' example evaluation."""
 
     streams: Mapping[str, bpc.BpcEval]
     eval_step: Any
     form: str  # the model's bpc_form
     batch_size: int
     mesh: Any
+    graphdef: Any  # the train state's
+    inference: inference_lib.Inference
+    tasks: Sequence[_TaskEval]
+    task_feature_lengths: Mapping[str, int]
+    config: EvalConfig
     last_seconds: float = 0.0  # wall time of the latest run
 
     @staticmethod
@@ -86,48 +119,120 @@ class Evaluator:
                 f"set --gin.evaluation.EvalConfig.batch_size={ways * max(1, batch_size // ways)}.")
 
     @classmethod
-    def create(cls, model, graphdef, state_sharding, mesh, rules, cfg: EvalConfig) -> Evaluator:
-        """Reads and tokenizes the `{domain}_validation` tasks once (their module must be
-        imported: the shipped gin files import `tasks`)."""
+    def create(cls, model, graphdef, state_sharding, mesh, rules, cfg: EvalConfig,
+               mixture_or_task_name: str, task_feature_lengths: Mapping[str, int]) -> Evaluator:
+        """Reads and tokenizes the BPC streams once and sets up each task's evaluation
+        (their modules must be imported: the shipped gin files import `tasks`)."""
         cls.check_batch_size(cfg.batch_size, mesh)
+        labelled = (cfg.bpc_tasks if isinstance(cfg.bpc_tasks, Mapping)
+                    else {name: name for name in cfg.bpc_tasks})
         streams = {
-            domain: bpc.load_bpc_eval(f"{domain}_validation", window=cfg.window,
-                                      stride=cfg.stride, max_documents=cfg.max_documents,
-                                      max_tokens=cfg.max_tokens)
-            for domain in cfg.domains}
+            label: bpc.load_bpc_eval(name, window=cfg.window, stride=cfg.stride,
+                                     max_documents=cfg.max_documents, max_tokens=cfg.max_tokens)
+            for label, name in labelled.items()}
         step = trainer.make_eval_step(graphdef, model.loss_fn, state_sharding=state_sharding,
                                       batch_sharding=partitioning.batch_sharding(mesh),
                                       rules=rules)
-        return cls(streams, step, model.bpc_form, cfg.batch_size, mesh)
+        converter = model.converter_name(task_feature_lengths)
+        names = [mixture_or_task_name] if cfg.tasks is None else list(cfg.tasks)
+        tasks = [_TaskEval(task, converter, _seqio_evaluator(task, converter, cfg,
+                                                             task_feature_lengths))
+                 for name in names for task in mixtures.leaf_tasks(name)
+                 if cfg.split in task.splits]
+        module_graphdef, _ = nnx.split(nnx.eval_shape(model.make_module))
+        inference = inference_lib.Inference(model, mesh, rules, module_graphdef, cfg.decode,
+                                            cfg.batch_size)
+        return cls(streams, step, model.bpc_form, cfg.batch_size, mesh, graphdef, inference,
+                   tasks, dict(task_feature_lengths), cfg)
 
     def run(self, state, step: int, writer=None) -> dict[str, dict[str, float]]:
-        """{domain: {loss, accuracy, bpc, tokens, chars}}; also written to `writer`."""
+        """{name: {loss, bpc, ..., and for streams accuracy, tokens, chars; for tasks their
+        metrics}}; also written to `writer` as eval/<name>/<metric>."""
         start = time.perf_counter()
-        results = {}
-        process, count = jax.process_index(), jax.process_count()
-        rows = self.batch_size // count
-        for domain, stream in self.streams.items():
-            totals = None
-            for batch in stream.batches(self.batch_size, self.form):
-                local = {k: v[process * rows:(process + 1) * rows] for k, v in batch.items()}
-                sums = self.eval_step(state, loader.to_global_batch(local, self.mesh))
-                totals = trainer.accumulate(totals, sums)
-            summary = trainer.summarize_eval(jax.device_get(totals))
-            results[domain] = {
-                "loss": summary["nll"],
-                "accuracy": summary["accuracy"],
-                "bpc": bpc.bits_per_character(summary["nll_sum"], stream.total_chars),
-                "tokens": int(summary["weight_sum"]),
-                "chars": stream.total_chars,
-            }
+        results = {name: self._run_stream(state, stream)
+                   for name, stream in self.streams.items()}
+        params = trainer.params_of(self.graphdef, state)
+        for task_eval in self.tasks:
+            results[task_eval.task.name] = self._run_task(params, task_eval, step)
         if writer is not None:
-            writer.write_scalars(step, {f"eval/{d}/{k}": v for d, r in results.items()
-                                        for k, v in r.items() if k in ("loss", "accuracy", "bpc")})
+            writer.write_scalars(step, {f"eval/{name}/{k}": v for name, r in results.items()
+                                        for k, v in r.items() if k not in ("tokens", "chars")})
         self.last_seconds = time.perf_counter() - start
         log.info("eval at step %d (%.1fs): %s", step, self.last_seconds,
-                 "  ".join(f"{d} bpc {r['bpc']:.3f} loss {r['loss']:.3f}"
-                           for d, r in results.items()))
+                 "  ".join(f"{name} " + " ".join(f"{k} {v:.3f}" for k, v in r.items()
+                                                 if k in ("bpc", "loss"))
+                           for name, r in results.items()))
         return results
+
+    def _run_stream(self, state, stream: bpc.BpcEval) -> dict[str, float]:
+        process, count = jax.process_index(), jax.process_count()
+        rows = self.batch_size // count
+        totals = None
+        for batch in stream.batches(self.batch_size, self.form):
+            local = {k: v[process * rows:(process + 1) * rows] for k, v in batch.items()}
+            sums = self.eval_step(state, loader.to_global_batch(local, self.mesh))
+            totals = trainer.accumulate(totals, sums)
+        summary = trainer.summarize_eval(jax.device_get(totals))
+        return {"loss": summary["nll"], "accuracy": summary["accuracy"],
+                "bpc": bpc.bits_per_character(summary["nll_sum"], stream.total_chars),
+                "tokens": int(summary["weight_sum"]), "chars": stream.total_chars}
+
+    def _run_task(self, params, task_eval: _TaskEval, step: int) -> dict[str, float]:
+        """Loss (and BPC) of the targets by scoring every example; the task's metrics."""
+        nll, tokens, chars = 0.0, 0, 0
+        for batch, examples in inference_lib.example_batches(
+                task_eval.task, self.task_feature_lengths, self.config.split,
+                task_eval.converter, self.batch_size, self.config.max_examples):
+            nll -= float(np.sum(self.inference.score(params, batch)[:len(examples)]))
+            tokens += int(np.sum(batch["decoder_loss_weights"][:len(examples)] != 0))
+            chars += sum(len(t) for t in (_target_text(e) for e in examples) if t is not None)
+        out = {"loss": nll / max(tokens, 1), "tokens": tokens}
+        if chars:
+            out.update(bpc=bpc.bits_per_character(nll, chars), chars=chars)
+        if task_eval.seqio_evaluator is not None:
+            out.update(self._seqio_metrics(params, task_eval, step))
+        return out
+
+    def _seqio_metrics(self, params, task_eval: _TaskEval, step: int) -> dict[str, float]:
+        """The task's metric_fns, by SeqIO's Evaluator over our predict and score."""
+
+        def batches(ds):
+            rows = list(ds.as_numpy_iterator())
+            for first in range(0, len(rows), self.batch_size):
+                chunk = rows[first:first + self.batch_size]
+                yield [i for i, _ in chunk], inference_lib.stack_rows(
+                    [features for _, features in chunk], self.batch_size)
+
+        def predict_fn(ds, model_feature_shapes=None):
+            return [(i, tokens.tolist()) for indices, batch in batches(ds)
+                    for i, tokens in zip(indices, self.inference.predict(params, batch)["tokens"])]
+
+        def score_fn(ds, model_feature_shapes=None):
+            return [(i, float(score)) for indices, batch in batches(ds)
+                    for i, score in zip(indices, self.inference.score(params, batch))]
+
+        future, _ = task_eval.seqio_evaluator.evaluate(
+            compute_metrics=True, step=step, predict_fn=predict_fn, score_fn=score_fn)
+        metrics_out = future.result().get(task_eval.task.name, {})
+        return {k: float(getattr(v, "value", v)) for k, v in metrics_out.items()}
+
+
+def _target_text(example: Mapping[str, Any]) -> str | None:
+    value = example.get("targets_pretokenized")
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _seqio_evaluator(task: seqio.Task, converter: str, cfg: EvalConfig,
+                     task_feature_lengths: Mapping[str, int]) -> seqio.Evaluator | None:
+    """SeqIO's Evaluator of one task with metric_fns (None without any)."""
+    if not (task.predict_metric_fns or task.score_metric_fns
+            or task.predict_with_aux_metric_fns):
+        return None
+    return seqio.Evaluator(task.name, feature_converter=prepare.make_converter(converter, False),
+                           eval_split=cfg.split, sequence_length=dict(task_feature_lengths),
+                           num_examples=cfg.max_examples, async_compute_metrics=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,17 +291,16 @@ def _restore(ckpt, step: int, target, mode: str):
 
 
 def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation: EvalConfig,
+             mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
              seed: int = 0, restore: RestoreCheckpointConfig = RestoreCheckpointConfig(),
-             batch_size: int | None = None,
-             task_feature_lengths: Mapping[str, int] | None = None,
-             output_dir: str | None = None) -> dict[str, Any]:
-    """Evaluates checkpoints of `model_dir` on every domain (the newest one, or those
-    `restore` selects); prints the tables and writes the BPC of every evaluated step
-    as JSON and a PNG chart to `output_dir` (default `model_dir/eval`).
+             batch_size: int | None = None, output_dir: str | None = None) -> dict[str, Any]:
+    """Evaluates checkpoints of `model_dir` (the newest one, or those `restore` selects;
+    EvalConfig says on what); prints the tables and writes the results of every evaluated
+    step, with BPC per domain as a PNG chart, to `output_dir` (default `model_dir/eval`).
 
-    `batch_size` and `task_feature_lengths` are the training run's (gin binds them to
-    BATCH_SIZE and TASK_FEATURE_LENGTHS): with them each step also gets its training
-    FLOPs, step x `model.train_flops_per_step`, and the chart a FLOPs axis.
+    `batch_size` is the training run's (gin binds it to BATCH_SIZE): with it each step
+    also gets its training FLOPs, step x `model.train_flops_per_step`, and the chart a
+    FLOPs axis.
     """
     launch.start_devices(mesh_config)
     mesh, rules = launch.mesh_for(mesh_config)
@@ -212,7 +316,8 @@ def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation: EvalC
         steps = restore.select(ckpt.all_steps(), directory)
         graphdef, target = trainer.abstract_train_state(model, optimizer.tx, mesh, rules)
         evaluator = Evaluator.create(model, graphdef, trainer.state_shardings(target), mesh,
-                                     rules, evaluation)
+                                     rules, evaluation, mixture_or_task_name,
+                                     task_feature_lengths)
         if restore.include_init:
             _, initial, _ = trainer.init_or_restore(model, optimizer.tx, mesh, rules, seed)
             points.append(_evaluate_state(evaluator, mesh, initial, 0, model_dir, step_flops))
@@ -234,11 +339,11 @@ def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation: EvalC
             about={"model_dir": model_dir, "model": type(model).__name__,
                    "num_params": model.num_params, "eval": _describe(evaluation),
                    "batch_size": batch_size,
-                   "task_feature_lengths": dict(task_feature_lengths or {})})
+                   "task_feature_lengths": dict(task_feature_lengths)})
         if len(points) > 1:
             print(metrics.format_bpc_by_step(points))
         print(f"BPC by checkpoint: {curve['json']}  chart: {curve['png']}")
-    return {"step": points[-1]["step"], "results": points[-1]["domains"],
+    return {"step": points[-1]["step"], "results": points[-1]["results"],
             "checkpoints": points, "files": curve}
 
 
@@ -252,8 +357,14 @@ def _evaluate_state(evaluator: Evaluator, mesh, state, step: int, model_dir: str
 
 
 def _describe(cfg: EvalConfig) -> dict[str, Any]:
-    return {"window": cfg.window, "stride": cfg.stride, "max_documents": cfg.max_documents,
-            "max_tokens": cfg.max_tokens, "domains": list(cfg.domains)}
+    return {"tasks": None if cfg.tasks is None else list(cfg.tasks), "split": cfg.split,
+            "max_examples": cfg.max_examples, "bpc_tasks": _jsonable(cfg.bpc_tasks),
+            "window": cfg.window, "stride": cfg.stride, "max_documents": cfg.max_documents,
+            "max_tokens": cfg.max_tokens}
+
+
+def _jsonable(tasks: Sequence[str] | Mapping[str, str]) -> list[str] | dict[str, str]:
+    return dict(tasks) if isinstance(tasks, Mapping) else list(tasks)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -278,17 +278,55 @@ class Attention(nnx.Module):
         self.wv = _kernel(rngs, (d, g, k), (EMBED, KV_HEADS, HEAD_DIM), d)
         self.wo = _kernel(rngs, (h, k, d), (HEADS, HEAD_DIM, EMBED), h * k)
 
-    def __call__(self, x_BLD, memory_BMD, mask_B1LM, positions_BL=None, memory_positions_BM=None):
-        dt = self.dtype
-        q_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, self.wq[...].astype(dt))
-        k_BMGK = jnp.einsum("BMD,DGK->BMGK", memory_BMD, self.wk[...].astype(dt))
-        v_BMGK = jnp.einsum("BMD,DGK->BMGK", memory_BMD, self.wv[...].astype(dt))
+    def __call__(self, x_BLD, memory_BMD, mask_B1LM, positions_BL=None, memory_positions_BM=None,
+                 *, kv=None):
+        """Attention of x over memory; `kv` passes the memory's keys and values already
+        projected (`project_kv`: decoding reuses the encoder's across steps)."""
+        if kv is None:
+            kv = self.project_kv(memory_BMD, memory_positions_BM)
+        return self.attend(self.query(x_BLD, positions_BL), kv, mask_B1LM)
+
+    def query(self, x_BLD, positions_BL=None):
+        q_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, self.wq[...].astype(self.dtype))
         if positions_BL is not None:
             q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
+        return q_BLHK
+
+    def project_kv(self, memory_BMD, memory_positions_BM=None):
+        """(keys, values) [B, M, G, K] of the memory, keys rotated when positions are given."""
+        k_BMGK = jnp.einsum("BMD,DGK->BMGK", memory_BMD, self.wk[...].astype(self.dtype))
+        v_BMGK = jnp.einsum("BMD,DGK->BMGK", memory_BMD, self.wv[...].astype(self.dtype))
+        if memory_positions_BM is not None:
             k_BMGK = apply_rope(k_BMGK, memory_positions_BM, self.rope_theta)
+        return k_BMGK, v_BMGK
+
+    def attend(self, q_BLHK, kv, mask_B1LM):
+        k_BMGK, v_BMGK = kv
         # Scale 1/√K, float32 softmax; broadcasts the G kv heads over the H query heads.
         o_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BMGK, v_BMGK, mask=mask_B1LM)
-        return jnp.einsum("BLHK,HKD->BLD", o_BLHK, self.wo[...].astype(dt))
+        return jnp.einsum("BLHK,HKD->BLD", o_BLHK, self.wo[...].astype(self.dtype))
+
+    def cached(self, x_BLD, positions_BL, cache, index, mask_B1LS):
+        """Self-attention of L new tokens against a KV cache of S slots.
+
+        Their keys and values are written at slots index..index+L-1 of `cache`
+        ({"k", "v"}: [B, S, G, K]); they attend over all S slots as `mask_B1LS` allows.
+        Returns (output, updated cache).
+        """
+        k_BLGK, v_BLGK = self.project_kv(x_BLD, positions_BL)
+        k_BSGK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BLGK.astype(cache["k"].dtype),
+                                                     index, axis=1)
+        v_BSGK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BLGK.astype(cache["v"].dtype),
+                                                     index, axis=1)
+        k_BSGK = nn.with_logical_constraint(k_BSGK, _CACHE_AXES)
+        v_BSGK = nn.with_logical_constraint(v_BSGK, _CACHE_AXES)
+        out_BLD = self.attend(self.query(x_BLD, positions_BL), (k_BSGK, v_BSGK), mask_B1LS)
+        return out_BLD, {"k": k_BSGK, "v": v_BSGK}
+
+
+# A KV cache is sharded like the activations it holds: batch over the data axes, kv heads
+# as the rules say (split under fsdp_tp_kv), slots and head dimension whole.
+_CACHE_AXES = (BATCH, None, KV_HEADS, HEAD_DIM)
 
 
 class Mlp(nnx.Module):
@@ -344,23 +382,39 @@ class Block(nnx.Module):
 
     def __call__(self, x_BLD, *, mask_B1LL, positions_BL, encoded_BMD=None,
                  cross_mask_B1LM=None, rng=None):
+        def self_attention(h_BLD):
+            return self.self_attention(h_BLD, h_BLD, mask_B1LL, positions_BL, positions_BL), None
+
+        return self._forward(x_BLD, self_attention, encoded_BMD, cross_mask_B1LM, None, rng)[0]
+
+    def decode(self, x_BLD, *, cache, index, mask_B1LS, positions_BL, cross_kv=None,
+               cross_mask_B1LM=None):
+        """The layer on L new tokens with a KV cache (decoding; no dropout). `cross_kv`:
+        the encoder's keys and values for this layer's cross-attention. Returns
+        (x, updated cache)."""
+
+        def self_attention(h_BLD):
+            return self.self_attention.cached(h_BLD, positions_BL, cache, index, mask_B1LS)
+
+        return self._forward(x_BLD, self_attention, None, cross_mask_B1LM, cross_kv, None)
+
+    def _forward(self, x_BLD, self_attention, encoded_BMD, cross_mask_B1LM, cross_kv, rng):
         rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
         drop = lambda y, i: dropout(y, self.dropout_rate, rngs[i])
+        cross = lambda h: self.cross_attention(h, encoded_BMD, cross_mask_B1LM, kv=cross_kv)
         if self.block == "parallel":
             h_BLD = self.pre_norm(x_BLD)
-            y_BLD = drop(self.self_attention(h_BLD, h_BLD, mask_B1LL, positions_BL,
-                                             positions_BL), 0)
+            attended_BLD, cache = self_attention(h_BLD)
+            y_BLD = drop(attended_BLD, 0)
             if self.has_cross_attention:
-                y_BLD += drop(self.cross_attention(h_BLD, encoded_BMD, cross_mask_B1LM), 1)
+                y_BLD += drop(cross(h_BLD), 1)
             y_BLD += drop(self.mlp(h_BLD), 2)
-            return x_BLD + y_BLD
-        h_BLD = self.pre_self_attention_norm(x_BLD)
-        x_BLD = x_BLD + drop(self.self_attention(h_BLD, h_BLD, mask_B1LL, positions_BL,
-                                                 positions_BL), 0)
+            return x_BLD + y_BLD, cache
+        attended_BLD, cache = self_attention(self.pre_self_attention_norm(x_BLD))
+        x_BLD = x_BLD + drop(attended_BLD, 0)
         if self.has_cross_attention:
-            h_BLD = self.pre_cross_attention_norm(x_BLD)
-            x_BLD = x_BLD + drop(self.cross_attention(h_BLD, encoded_BMD, cross_mask_B1LM), 1)
-        return x_BLD + drop(self.mlp(self.pre_mlp_norm(x_BLD)), 2)
+            x_BLD = x_BLD + drop(cross(self.pre_cross_attention_norm(x_BLD)), 1)
+        return x_BLD + drop(self.mlp(self.pre_mlp_norm(x_BLD)), 2), cache
 
 
 def _remat_policy(name: str):
@@ -423,3 +477,44 @@ class BlockStack(nnx.Module):
         for i, block in enumerate(self.layers):
             x_BLD = apply_block(block, x_BLD, layer_rngs[i], context)
         return x_BLD
+
+    def decode(self, x_BLD, *, caches, index, mask_B1LS, positions_BL, cross_kv=None,
+               cross_mask_B1LM=None):
+        """All layers on L new tokens with KV caches (decoding).
+
+        caches: {"k", "v"}: [B, N, S, G, K], layer i's cache at [:, i]; cross_kv: the
+        encoder's (keys, values), [B, N, M, G, K] each (`cross_kv`), or None. Returns
+        (x, updated caches).
+        """
+
+        def layer(block, x_BLD, cache, kv):
+            x_BLD, cache = block.decode(x_BLD, cache=cache, index=index, mask_B1LS=mask_B1LS,
+                                        positions_BL=positions_BL, cross_kv=kv,
+                                        cross_mask_B1LM=cross_mask_B1LM)
+            return nn.with_logical_constraint(x_BLD, (BATCH, LENGTH, None)), cache
+
+        if self.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, 1, 1), out_axes=(nnx.Carry, 1),
+                      transform_metadata=_SCAN_METADATA)
+            def scan_fn(block, x_BLD, cache, kv):
+                return layer(block, x_BLD, cache, kv)
+
+            return scan_fn(self.layers, x_BLD, caches, cross_kv)
+        new = []
+        for i, block in enumerate(self.layers):
+            at_i = lambda tree: jax.tree.map(lambda a: a[:, i], tree)
+            x_BLD, cache = layer(block, x_BLD, at_i(caches), at_i(cross_kv))
+            new.append(cache)
+        return x_BLD, jax.tree.map(lambda *a: jnp.stack(a, axis=1), *new)
+
+    def cross_kv(self, encoded_BMD):
+        """Every layer's cross-attention (keys, values) of the encoder output, [B, N, M, G, K]
+        each: computed once per decoded sequence."""
+        if self.scan_layers:
+            @nnx.scan(in_axes=(0, None), out_axes=1, transform_metadata=_SCAN_METADATA)
+            def scan_fn(block, encoded_BMD):
+                return block.cross_attention.project_kv(encoded_BMD)
+
+            return scan_fn(self.layers, encoded_BMD)
+        kvs = [block.cross_attention.project_kv(encoded_BMD) for block in self.layers]
+        return jax.tree.map(lambda *a: jnp.stack(a, axis=1), *kvs)

@@ -239,29 +239,37 @@ def progress_bar(total_steps: int, start_step: int) -> tqdm.tqdm:
 
 
 def format_eval_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """The per-domain evaluation table: BPC and loss of every labelled evaluation
-    (e.g. {"start": ..., "end": ...}, or one unlabelled {"": ...}), then accuracy,
-    scored tokens and characters of the last one.
+    """The evaluation table: BPC and loss of every labelled evaluation (e.g.
+    {"start": ..., "end": ...}, or one unlabelled {"": ...}), then accuracy, scored tokens
+    and characters of the last one, and any other metric of it (a task's metric_fns);
+    "-" where a row has no such value.
 
-    results: {label: {domain: {"bpc", "loss", "accuracy", "tokens", "chars"}}}.
+    results: {label: {name: {"bpc", "loss", "accuracy", "tokens", "chars", ...}}}.
     """
     labels = list(results)
     last = results[labels[-1]]
+    width = max([14] + [len(name) + 2 for name in last])
 
     def head(name: str, label: str) -> str:
         return f"{name} {label}".strip()
 
-    header = [f"{'domain':<14}"]
+    def cell(row, key, spec, size):
+        value = row.get(key)
+        return f"{'-':>{size}}" if value is None else f"{value:>{size}{spec}}"
+
+    header = [f"{'name':<{width}}"]
     header += [f"{head('BPC', label):>11}" for label in labels]
     header += [f"{head('loss', label):>12}" for label in labels]
     header += [f"{head('acc', labels[-1]):>9}", f"{'tokens':>9}", f"{'chars':>10}"]
     lines = ["".join(header)]
-    for domain, end in last.items():
-        row = [f"{domain:<14}"]
-        row += [f"{results[label][domain]['bpc']:>11.3f}" for label in labels]
-        row += [f"{results[label][domain]['loss']:>12.4f}" for label in labels]
-        row += [f"{end['accuracy']:>9.3f}", f"{int(end['tokens']):>9}",
-                f"{int(end['chars']):>10}"]
+    known = {"bpc", "loss", "accuracy", "tokens", "chars"}
+    for name, end in last.items():
+        row = [f"{name:<{width}}"]
+        row += [cell(results[label].get(name, {}), "bpc", ".3f", 11) for label in labels]
+        row += [cell(results[label].get(name, {}), "loss", ".4f", 12) for label in labels]
+        row += [cell(end, "accuracy", ".3f", 9), cell(end, "tokens", "", 9),
+                cell(end, "chars", "", 10)]
+        row += [f"  {k} {v:.4g}" for k, v in end.items() if k not in known]
         lines.append("".join(row))
     return "\n".join(lines)
 
@@ -275,24 +283,32 @@ BPC_CURVE_NAME = "bpc_by_checkpoint"  # .json and .png in the evaluation's outpu
 def eval_point(step: int, results: Mapping[str, Mapping[str, float]],
                step_flops: flops.Flops | None) -> dict[str, Any]:
     """One checkpoint's evaluation: {"step", "train_flops" (step x FLOPs per step in
-    both conventions, or None), "domains": {domain: {"bpc", "loss", ...}}}."""
+    both conventions, or None), "results": {name: {"bpc", "loss", ...}}} for every BPC
+    stream (domain) and task evaluated."""
     train_flops = None
     if step_flops is not None:
         total = step_flops * step
         train_flops = {"palm": total.palm, "maxtext": total.maxtext}
     return {"step": int(step), "train_flops": train_flops,
-            "domains": {d: {k: _to_json_number(v) for k, v in r.items()}
+            "results": {d: {k: _to_json_number(v) for k, v in r.items()}
                         for d, r in results.items()}}
+
+
+def bpc_names(points: list[Mapping[str, Any]]) -> list[str]:
+    """The evaluations with a BPC at every point (the domains' streams, and tasks whose
+    examples carry their text), in the order evaluated."""
+    return [name for name in points[0]["results"]
+            if all("bpc" in p["results"].get(name, {}) for p in points)]
 
 
 def format_bpc_by_step(points: list[Mapping[str, Any]]) -> str:
     """BPC per domain (columns) at each evaluated step (rows)."""
-    domains = list(points[0]["domains"])
+    domains = bpc_names(points)
     lines = [f"{'step':>8}{'train FLOPs':>14}" + "".join(f"{d:>14}" for d in domains)]
     for p in points:
         flops_text = f"{p['train_flops']['palm']:.3e}" if p["train_flops"] else "-"
         lines.append(f"{p['step']:>8}{flops_text:>14}"
-                     + "".join(f"{p['domains'][d]['bpc']:>14.3f}" for d in domains))
+                     + "".join(f"{p['results'][d]['bpc']:>14.3f}" for d in domains))
     return "\n".join(lines)
 
 
@@ -306,8 +322,8 @@ def _plot_bpc(points: list[Mapping[str, Any]], path: str, title: str) -> None:
     fig, axes = plt.subplots(1, 2 if with_flops else 1, figsize=(12 if with_flops else 6.5, 4.5),
                              squeeze=False)
     axes = axes[0]
-    for domain in points[0]["domains"]:
-        bpc = [p["domains"][domain]["bpc"] for p in points]
+    for domain in bpc_names(points):
+        bpc = [p["results"][domain]["bpc"] for p in points]
         axes[0].plot([p["step"] for p in points], bpc, marker="o", label=domain)
         if with_flops:
             axes[1].plot([p["train_flops"]["palm"] for p in points], bpc, marker="o",

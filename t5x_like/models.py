@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t5x_like import flops, partitioning
+from t5x_like import decoding, flops, partitioning
+from t5x_like.decoding import DecodeConfig
 from t5x_like.layers import TransformerConfig
 from t5x_like.network import Decoder, EncoderDecoder, segments_and_positions
 
@@ -151,6 +152,35 @@ class _LanguageModel:
         nll_BL, _, _ = token_losses(logits_BLV, batch["decoder_target_tokens"], 0.0)
         return -jnp.sum(_loss_weights(batch) * nll_BL, axis=-1)
 
+    def predict_batch(self, module, batch: Batch, decode: DecodeConfig = DecodeConfig(),
+                      rng=None) -> dict[str, jax.Array]:
+        """Decodes a batch with the KV cache (T5X's predict_batch): {"tokens" [B, T],
+        "scores" [B] (log-probability, length-penalised for beams), and for sampling
+        "token_logprobs" [B, T] or for beam search "beams" [B, k, T], "beam_scores"}.
+        Tokens after EOS are 0. The batch's prompt features are the family's
+        (`_start_decoding`); jit this with `decode` static."""
+        first_logits_BV, state = self._start_decoding(module, batch,
+                                                      decode.max_decode_length, decode.bos_id)
+        # The loop body is a new trace: it rebuilds the module with new Variables there
+        # (NNX refuses Variables made at another trace level) over the same arrays.
+        graphdef, arrays = nnx.split(module)
+
+        def step_fn(tokens_B1, state):
+            here = jax.tree.map(lambda x: x, arrays)
+            return nnx.merge(graphdef, here).decode_step(tokens_B1, state)
+
+        if decode.method != "beam":
+            tokens_BT, logprobs_BT = decoding.sample(first_logits_BV, state, step_fn, decode,
+                                                     rng)
+            return {"tokens": tokens_BT, "scores": jnp.sum(logprobs_BT, axis=-1),
+                    "token_logprobs": logprobs_BT}
+        beams = decode.beam_size
+        tokens_BKT, scores_BK = decoding.beam_search(
+            decoding.repeat_for_beams(first_logits_BV, beams),
+            decoding.repeat_for_beams(state, beams), step_fn, decode)
+        return {"tokens": tokens_BKT[:, 0], "scores": scores_BK[:, 0], "beams": tokens_BKT,
+                "beam_scores": scores_BK}
+
 
 class DecoderOnlyModel(_LanguageModel):
     """Decoder-only LM: causal LM, or prefix LM when `decoder_causal_attention` is present."""
@@ -168,6 +198,29 @@ class DecoderOnlyModel(_LanguageModel):
     def converter_name(self, task_feature_lengths: Mapping[str, int]) -> str:
         # T5X's DecoderFeatureConverter rule: task inputs make it a prefix LM.
         return "prefix_lm" if "inputs" in task_feature_lengths else "lm"
+
+    def _start_decoding(self, module: Decoder, batch: Batch, max_decode_length: int,
+                        bos_id: int | None = 0):
+        """Prompts: `inputs` [B, P] (token ids, right-padded with 0, e.g. a SeqIO task's
+        inputs with their EOS) decode as a prefix LM (bidirectional prompt, as trained
+        on prefix-LM data), and so do SeqIO's unpacked prefix-LM features (the inputs are
+        the `decoder_target_tokens` under `decoder_causal_attention` but its last
+        position); `prompt` [B, P] instead continues the text causally (its length per
+        row: `prompt_lengths` [B], else its non-zero tokens). Each becomes `bos_id` (if
+        any) + its tokens, left-padded to one length, and fills the cache."""
+        if "decoder_causal_attention" in batch:
+            attention_BL = batch["decoder_causal_attention"]
+            n_inputs_B1 = jnp.sum(attention_BL != 0, axis=1, keepdims=True) - 1
+            columns_L = jnp.arange(attention_BL.shape[1])[None, :]
+            batch = {"inputs": jnp.where(columns_L < n_inputs_B1,
+                                         batch["decoder_target_tokens"], 0)}
+        prefix_lm = "inputs" in batch
+        prompt_BP = batch["inputs"] if prefix_lm else batch["prompt"]
+        tokens_BL, valid_BL = _left_aligned(prompt_BP, batch.get("prompt_lengths"), bos_id)
+        logits_BLV, cache = module.prefill(tokens_BL, valid_BL,
+                                           tokens_BL.shape[1] + max_decode_length,
+                                           prefix_BP=valid_BL if prefix_lm else None)
+        return logits_BLV[:, -1], cache
 
     def train_flops_per_step(self, batch_size, task_feature_lengths):
         # A prefix LM packs inputs and targets into one decoder sequence.
@@ -213,6 +266,16 @@ class EncoderDecoderModel(_LanguageModel):
     def converter_name(self, task_feature_lengths: Mapping[str, int]) -> str:
         return "encdec"
 
+    def _start_decoding(self, module: EncoderDecoder, batch: Batch, max_decode_length: int,
+                        bos_id: int | None = 0):
+        """Prompts: `encoder_input_tokens` [B, M] (0-padded): the encoder runs once; the
+        decoder starts from BOS (0), as training's shifted targets do."""
+        cache = module.prefill(batch["encoder_input_tokens"], max_decode_length + 1,
+                               batch.get("encoder_segment_ids"))
+        bos_B1 = jnp.full((batch["encoder_input_tokens"].shape[0], 1), bos_id or 0, jnp.int32)
+        logits_B1V, cache = module.decode_step(bos_B1, cache)
+        return logits_B1V[:, -1], cache
+
     def train_flops_per_step(self, batch_size, task_feature_lengths):
         return flops.encoder_decoder_flops_per_example(
             self.cfg, task_feature_lengths["inputs"], task_feature_lengths["targets"]
@@ -238,6 +301,24 @@ class EncoderDecoderModel(_LanguageModel):
                                 "decoder_loss_weights", "decoder_segment_ids",
                                 "decoder_positions")})
         return batch
+
+
+def _left_aligned(prompt_BP, lengths_B=None, bos_id: int | None = 0):
+    """`bos_id` (if not None) + each row's first `lengths_B` tokens (default: its non-zero
+    tokens), left-padded to one width: (tokens, valid) [B, W]. Left padding gives every
+    row the same next slot."""
+    prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
+    batch = prompt_BP.shape[0]
+    if lengths_B is None:
+        lengths_B = jnp.sum(prompt_BP != 0, axis=1)
+    if bos_id is not None:
+        prompt_BP = jnp.concatenate([jnp.full((batch, 1), bos_id, jnp.int32), prompt_BP], 1)
+        lengths_B = jnp.asarray(lengths_B) + 1
+    width = prompt_BP.shape[1]
+    source_BW = jnp.arange(width)[None, :] - (width - jnp.asarray(lengths_B))[:, None]
+    valid_BW = source_BW >= 0
+    tokens_BW = jnp.take_along_axis(prompt_BP, jnp.maximum(source_BW, 0), axis=1)
+    return jnp.where(valid_BW, tokens_BW, 0), valid_BW
 
 
 def model_for(cfg: TransformerConfig) -> DecoderOnlyModel | EncoderDecoderModel:

@@ -45,6 +45,67 @@ def _split(rng, n):
     return [None] * n if rng is None else list(jax.random.split(rng, n))
 
 
+# ----------------------------------------------------------------------------------------
+# Decoding with a KV cache. A cache is a dict whose every leaf is batch-leading (so beam
+# search can reorder rows with one gather):
+#   "self": {"k", "v"}: [B, N, S, G, K], the decoder's keys/values at S slots;
+#   "valid": [B, S] bool, slot holds a real token (prompts are left-padded);
+#   "index": [B] int32, the next slot to write (the same in every row);
+#   "position": [B] int32, the RoPE position of the row's next token;
+#   encoder-decoder only: "cross": (k, v) [B, N, M, G, K], "cross_valid": [B, M].
+# Left padding keeps one write slot for the whole batch (a single dynamic_update_slice)
+# while each row's positions still start at 0 at its first real token.
+# ----------------------------------------------------------------------------------------
+
+
+def empty_cache(cfg: TransformerConfig, batch: int, num_layers: int, length: int) -> dict:
+    shape = (batch, num_layers, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"self": {"k": jnp.zeros(shape, cfg.compute_dtype),
+                     "v": jnp.zeros(shape, cfg.compute_dtype)},
+            "valid": jnp.zeros((batch, length), bool),
+            "index": jnp.zeros((batch,), jnp.int32),
+            "position": jnp.zeros((batch,), jnp.int32)}
+
+
+def _write(cache_BS, new_BL, index):
+    return jax.lax.dynamic_update_slice_in_dim(cache_BS, new_BL.astype(cache_BS.dtype), index,
+                                               axis=1)
+
+
+def _cached_layers(stack: BlockStack, embed: Embed, tokens_BL, valid_BL, cache: dict,
+                   prefix_BL=None):
+    """Runs L new tokens through `stack` against `cache`; returns (x_BLD, new cache).
+
+    A new token at slot t sees every written real slot s <= t; with `prefix_BL` (a
+    prefix-LM prompt) prefix tokens also see the later prefix tokens of the same call.
+    """
+    index = cache["index"][0]
+    length = cache["valid"].shape[1]
+    slots_L = index + jnp.arange(tokens_BL.shape[1])
+    valid_BS = _write(cache["valid"], valid_BL, index)
+    slots_S = jnp.arange(length)
+    allowed_BLS = valid_BS[:, None, :] & (slots_S[None, None, :] <= slots_L[None, :, None])
+    if prefix_BL is not None:
+        prefix_BS = _write(jnp.zeros_like(valid_BS), prefix_BL != 0, index)
+        allowed_BLS |= (prefix_BL != 0)[:, :, None] & prefix_BS[:, None, :]
+    positions_BL = jnp.maximum(cache["position"][:, None]
+                               + jnp.cumsum(valid_BL.astype(jnp.int32), axis=1) - 1, 0)
+    cross = cache.get("cross")
+    cross_mask_B1LM = None
+    if cross is not None:
+        cross_mask_B1LM = jnp.broadcast_to(cache["cross_valid"][:, None, None, :],
+                                           (tokens_BL.shape[0], 1, tokens_BL.shape[1],
+                                            cache["cross_valid"].shape[1]))
+    x_BLD, self_caches = stack.decode(
+        embed(tokens_BL), caches=cache["self"], index=index, mask_B1LS=allowed_BLS[:, None],
+        positions_BL=positions_BL, cross_kv=cross, cross_mask_B1LM=cross_mask_B1LM)
+    new = dict(cache, self=self_caches, valid=valid_BS, index=cache["index"] + tokens_BL.shape[1],
+               position=cache["position"] + jnp.sum(valid_BL, axis=1, dtype=jnp.int32))
+    return x_BLD, new
+
+
+
+
 class _Output(nnx.Module):
     """Final norm and logits: tied to the embedding (·1/√D) or an untied head."""
 
@@ -83,6 +144,22 @@ class Decoder(nnx.Module):
         x_BLD = self.decoder(x_BLD, mask_B1LL=causal_mask(segment_ids_BL, causal_attention_BL),
                              positions_BL=positions_BL, rng=stack_rng)
         return self.output(x_BLD, self.embed)
+
+    def prefill(self, tokens_BP, valid_BP, max_length: int, prefix_BP=None):
+        """Fills a fresh cache of `max_length` slots with a left-padded prompt; returns
+        (logits of the prompt's positions [B, P, V], cache). `prefix_BP`: the prompt is
+        a prefix-LM prefix (SeqIO's decoder_causal_attention), seen bidirectionally."""
+        cache = empty_cache(self.cfg, tokens_BP.shape[0], self.cfg.num_decoder_layers,
+                            max_length)
+        x_BPD, cache = _cached_layers(self.decoder, self.embed, tokens_BP, valid_BP, cache,
+                                      prefix_BP)
+        return self.output(x_BPD, self.embed), cache
+
+    def decode_step(self, tokens_BL, cache):
+        """The logits [B, L, V] of L new tokens (all real) after `cache`, and the cache."""
+        x_BLD, cache = _cached_layers(self.decoder, self.embed, tokens_BL,
+                                      jnp.ones(tokens_BL.shape, bool), cache)
+        return self.output(x_BLD, self.embed), cache
 
 
 class EncoderDecoder(nnx.Module):
@@ -139,3 +216,22 @@ class EncoderDecoder(nnx.Module):
                            encoder_segment_ids_BM=encoder_segment_ids_BM,
                            segment_ids_BL=decoder_segment_ids_BL,
                            positions_BL=decoder_positions_BL, rng=dec_rng)
+
+    def prefill(self, encoder_tokens_BM, max_length: int, encoder_segment_ids_BM=None):
+        """Runs the encoder once; returns a decoder cache of `max_length` slots holding
+        every layer's cross-attention keys and values (padding: token 0 or segment 0)."""
+        segment_ids_BM, _ = segments_and_positions(encoder_tokens_BM, encoder_segment_ids_BM,
+                                                   zero_is_padding=True)
+        encoded_BMD = self.encode(encoder_tokens_BM, segment_ids_BM=segment_ids_BM)
+        cache = empty_cache(self.cfg, encoder_tokens_BM.shape[0], self.cfg.num_decoder_layers,
+                            max_length)
+        return dict(cache, cross=self.decoder.cross_kv(encoded_BMD),
+                    cross_valid=segment_ids_BM != 0)
+
+    def decode_step(self, tokens_BL, cache):
+        """The logits [B, L, V] of L new decoder tokens (all real) after `cache`, and the
+        cache."""
+        x_BLD, cache = _cached_layers(self.decoder, self.embed, tokens_BL,
+                                      jnp.ones(tokens_BL.shape, bool), cache)
+        return self.output(x_BLD, self.embed), cache
+

@@ -60,14 +60,15 @@ _TOKEN_SEGMENTS = {
 _CHOICE_CHUNK = 4096
 
 
-def make_converter(converter: str) -> seqio.FeatureConverter:
-    """The packed seqio feature converter of a store converter name."""
+def make_converter(converter: str, pack: bool = True) -> seqio.FeatureConverter:
+    """The seqio feature converter of a converter name (packed for training; unpacked,
+    one example per row, for inference)."""
     if converter == "encdec":
-        return seqio.EncDecFeatureConverter(pack=True)
+        return seqio.EncDecFeatureConverter(pack=pack)
     if converter == "prefix_lm":
-        return seqio.PrefixLMFeatureConverter(pack=True, loss_on_targets_only=True)
+        return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=True)
     if converter == "lm":
-        return seqio.LMFeatureConverter(pack=True)
+        return seqio.LMFeatureConverter(pack=pack)
     raise ValueError(f"Unknown converter {converter!r}; expected one of "
                      f"{sorted(store.CONVERTER_FEATURES)}.")
 

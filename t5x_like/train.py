@@ -300,6 +300,7 @@ def train(
     allow_resume_changes: Sequence[str] = (),
     drills: guards.FaultDrills = guards.FaultDrills(),
     peak_flops_per_device: float | None = None,
+    initial_checkpoint: str | None = None,
 ) -> RunSummary:
     """Trains `model` (a models.py model) on `data` for `train_steps` steps on the mesh of
     `mesh_config` with `optimizer` (a trainer.Optimizer); returns the run's summary.
@@ -309,6 +310,7 @@ def train(
     schedule still spans `train_steps`). `allow_resume_changes`: identity fields
     ("schedule.train_steps", "optimizer", ...) that may differ from the checkpoint's.
     `peak_flops_per_device`: MFU's peak for a device hardware.DEVICE_SPECS lacks.
+    `initial_checkpoint`: a new run starts from these parameters (fine-tuning).
     """
     _check_run(train_steps, log_every_steps, num_microbatches, data.batch_size)
     launch.start_devices(mesh_config)
@@ -336,12 +338,13 @@ def train(
                 ckpt_dir, save_interval_steps=checkpoint.save_every_steps,
                 max_to_keep=checkpoint.keep, async_save=checkpoint.async_save) as ckpt:
             graphdef, state, restored = trainer.init_or_restore(
-                model, optimizer.tx, mesh, rules, seed, ckpt, data_iterator=data_iter)
+                model, optimizer.tx, mesh, rules, seed, ckpt, data_iterator=data_iter,
+                initial_checkpoint=initial_checkpoint)
             run = (restored.run or {}) if restored else {}
             guards.check_resume(run.get("identity"), identity, allow_resume_changes)
             start_step = _resumed_at(restored, train_steps, model_dir)
             train_step, evaluator = _compile(model, optimizer, mesh, rules, graphdef, state,
-                                             num_microbatches, evaluation)
+                                             num_microbatches, evaluation, data)
             loop = loop_lib.TrainLoop(
                 train_step=train_step, state=state, data_iter=data_iter, mesh=mesh,
                 key=jax.random.key(seed), ckpt=ckpt,
@@ -368,15 +371,16 @@ def train(
 
 
 def _compile(model, optimizer, mesh, rules, graphdef, state, num_microbatches: int,
-             evaluation: EvalConfig):
+             evaluation: EvalConfig, data: DataConfig):
     """The jitted train step and the evaluator (None when evaluation is off)."""
     state_sharding = trainer.state_shardings(state)
     train_step = trainer.make_train_step(
         graphdef, model.loss_fn, optimizer.schedule, num_microbatches=num_microbatches,
         state_sharding=state_sharding, batch_sharding=partitioning.batch_sharding(mesh),
         rules=rules)
-    evaluator = Evaluator.create(model, graphdef, state_sharding, mesh, rules,
-                                 evaluation) if evaluation.enabled else None
+    evaluator = Evaluator.create(
+        model, graphdef, state_sharding, mesh, rules, evaluation, data.mixture_or_task_name,
+        data.task_feature_lengths) if evaluation.enabled else None
     return train_step, evaluator
 
 

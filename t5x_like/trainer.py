@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from t5x_like import partitioning
+from t5x_like import checkpoints, partitioning
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -286,7 +286,7 @@ def abstract_train_state(model, tx: optax.GradientTransformation, mesh, rules
 
 
 def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: int,
-                    ckpt=None, data_iterator=None):
+                    ckpt=None, data_iterator=None, initial_checkpoint: str | None = None):
     """(graphdef, state, restored) of `model` + optimizer on `mesh`.
 
     model: a models.py model (its `make_module` builds the network).
@@ -296,6 +296,9 @@ def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: 
       checkpoints.Restored (step, run item, ...); otherwise the state is initialised
       in its shards from `seed` and `restored` is None. Never both: a restored run
       holds one copy of the state.
+    initial_checkpoint: for a run that starts (nothing in `ckpt`), take the parameters
+      from this checkpoint (T5X's INITIAL_CHECKPOINT_PATH: another run's, or a params
+      checkpoint), onto this mesh and rule preset, with a fresh optimizer state.
     """
     if ckpt is not None and ckpt.latest_step() is not None:
         graphdef, target = abstract_train_state(model, tx, mesh, rules)
@@ -303,7 +306,12 @@ def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: 
         if restored is not None:
             return graphdef, restored.state, restored
     factory = _train_state_factory(model, tx, seed)
-    graphdef, state = nnx.split(partitioning.create_sharded(factory, mesh, rules))
+    train_state = partitioning.create_sharded(factory, mesh, rules)
+    if initial_checkpoint is not None:
+        params = checkpoints.restore_params(initial_checkpoint,
+                                            nnx.state(train_state.model, nnx.Param))
+        nnx.update(train_state.model, params)
+    graphdef, state = nnx.split(train_state)
     return graphdef, state, None
 
 

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,25 @@ def sentinel_id(vocab: seqio.Vocabulary, k: int) -> int:
             f"vocabulary has {NUM_EXTRA_IDS} sentinels (extra ids)"
         )
     return vocab.vocab_size - 1 - k
+
+
+_SPECIAL = re.compile(r"(\[NLU\]|\[NLG\]|\[S2S\]|<extra_id_\d+>)")
+
+
+def encode_prompt(vocab: seqio.Vocabulary, text: str) -> list[int]:
+    """Token ids of a prompt written as text, with the UL2 mode tokens ([NLU] [NLG]
+    [S2S]) and sentinels (<extra_id_k>) as their single reserved ids, as the denoisers
+    put them in training (encoding them as text would split them; see the module
+    docstring): e.g. "[S2S] The cat" or "[NLU] The <extra_id_0> sat on <extra_id_1>."."""
+    ids = []
+    for piece in _SPECIAL.split(text):  # text, special, text, special, ...
+        if piece in MODE_TOKENS:
+            ids.append(MODE_TOKENS[piece])
+        elif _SPECIAL.fullmatch(piece):
+            ids.append(sentinel_id(vocab, int(piece[len("<extra_id_"):-1])))
+        elif piece.strip():
+            ids.extend(vocab.encode(piece.strip()))
+    return ids
 
 
 def check_vocabulary(vocab: seqio.Vocabulary) -> None:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 import transformers
 from flax import nnx
 
-from t5x_like import hf, layers
+from t5x_like import decoding, hf, layers
 from tiny import build, jit_apply, make_module, random_tokens, strict_rank_promotion, tiny_config  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,32 +99,25 @@ def test_imported_logits_match_transformers(tmp_path, hf_llama, sharded, scan_la
     assert _max_diff(ours, ref) < ATOL
 
 
-def _greedy_by_full_forward(module, prompt_BL, steps):
-    """Greedy decoding as repeated full forward passes over a fixed-length buffer (one
-    compile; causal attention hides the unfilled tail). A stand-in until the KV-cache
-    decoder lands: replace this helper by it."""
-    batch, length = prompt_BL.shape
-    buffer_BL = np.zeros((batch, length + steps), np.int32)
-    buffer_BL[:, :length] = prompt_BL
-    forward = jit_apply(module)
-    for t in range(length, length + steps):
-        buffer_BL[:, t] = np.argmax(np.asarray(forward(buffer_BL))[:, t - 1], axis=-1)
-    return buffer_BL[:, length:]
-
-
-def test_greedy_32_tokens_match_generate__full_forward_loop_until_kv_cache_decoder(hf_llama):
+def test_greedy_32_tokens_match_generate(hf_llama):
+    """Our KV-cache decoder (models.predict_batch, greedy) against transformers'
+    `generate(do_sample=False)`: the same 32 tokens. Hugging Face's Llama has no
+    shifted-in start token (its tokenizer writes BOS into the prompt): bos_id=None."""
     reference, directory = hf_llama
-    _, module = hf.load(directory, dtype="float32")
+    model, module = hf.load(directory, dtype="float32")
     prompt = random_tokens(1, (2, 8), VOCAB)
     with torch.no_grad():
         expected = reference.generate(
             torch.tensor(prompt, dtype=torch.long), do_sample=False, max_new_tokens=32,
             eos_token_id=None, pad_token_id=0,
             attention_mask=torch.ones(prompt.shape, dtype=torch.long))[:, 8:].numpy()
-    ours = _greedy_by_full_forward(module, prompt, 32)
+    graphdef, state = nnx.split(module)
+    decode = decoding.DecodeConfig(max_decode_length=32, eos_id=-1, bos_id=None)
+    ours = jax.jit(lambda s, p: model.predict_batch(nnx.merge(graphdef, s), {"prompt": p},
+                                                    decode))(state, jnp.asarray(prompt))
     assert expected.shape == (2, 32)
     assert len(set(expected[0].tolist())) > 3  # not a constant sequence
-    np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(np.asarray(ours["tokens"]), expected)
 
 
 def test_tied_hf_model_imports_with_unscaled_tied_logits(tmp_path):

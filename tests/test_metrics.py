@@ -99,9 +99,13 @@ def test_eval_table_has_one_column_per_evaluation():
     table = metrics.format_eval_table({"start": {"code": {**result, "bpc": 4.0}},
                                        "end": {"code": result}})
     header, row = table.splitlines()
-    assert header.split() == ["domain", "BPC", "start", "BPC", "end", "loss", "start",
+    assert header.split() == ["name", "BPC", "start", "BPC", "end", "loss", "start",
                               "loss", "end", "acc", "end", "tokens", "chars"]
     assert row.split() == ["code", "4.000", "2.500", "5.2500", "5.2500", "0.125", "100",
                            "400"]
     assert metrics.format_eval_table({"": {"code": result}}).splitlines()[0].split() == [
-        "domain", "BPC", "loss", "acc", "tokens", "chars"]
+        "name", "BPC", "loss", "acc", "tokens", "chars"]
+    # A task's own metrics follow; what a row lacks is "-".
+    task_row = metrics.format_eval_table({"": {"my_qa": {"loss": 2.0, "tokens": 40,
+                                                        "exact_match": 12.5}}}).splitlines()[1]
+    assert task_row.split() == ["my_qa", "-", "2.0000", "-", "40", "-", "exact_match", "12.5"]

@@ -36,7 +36,9 @@ MODEL = models.DecoderOnlyModel(layers.TransformerConfig(
     dtype="float32", scan_layers=True))
 FSDP = partitioning.MeshConfig(shape={"data": 1, "fsdp": 8, "tensor": 1}, rules="fsdp")
 FSDP_TP = partitioning.MeshConfig(shape={"data": 1, "fsdp": 2, "tensor": 4}, rules="fsdp_tp")
-EVAL = evaluation.EvalConfig(every_steps=1000, domains=("code", "math"), window=64, stride=32,
+EVAL = evaluation.EvalConfig(every_steps=1000, tasks=(),
+                             bpc_tasks={"code": "code_validation", "math": "math_validation"},
+                             window=64, stride=32,
                              max_tokens=256, batch_size=8)
 EVAL_OFF = evaluation.EvalConfig(enabled=False)
 
@@ -127,14 +129,15 @@ def test_resume_under_another_mesh_and_rule_preset(tmp_path, store, straight, st
 
 def test_standalone_eval_of_the_last_checkpoint_equals_the_in_training_eval(straight):
     result = evaluation.evaluate(model=MODEL, mesh_config=FSDP_TP, optimizer=_optimizer(),
-                                 model_dir=straight.model_dir, evaluation=EVAL)
+                                 model_dir=straight.model_dir, evaluation=EVAL,
+                                 mixture_or_task_name="code_causal", task_feature_lengths=LENGTHS)
     assert result["step"] == STEPS
     for domain, expected in straight.eval_end.items():
         got = result["results"][domain]
         assert got["tokens"] == expected["tokens"] and got["chars"] == expected["chars"]
         assert got["bpc"] == pytest.approx(expected["bpc"], rel=1e-5)
     start, end = straight.eval_start, straight.eval_end
-    assert all(end[d]["bpc"] < start[d]["bpc"] for d in EVAL.domains)
+    assert all(end[d]["bpc"] < start[d]["bpc"] for d in EVAL.bpc_tasks)
 
 
 def test_eval_over_checkpoints_writes_bpc_by_step_and_training_flops(straight, tmp_path):
@@ -142,8 +145,9 @@ def test_eval_over_checkpoints_writes_bpc_by_step_and_training_flops(straight, t
                                                  include_init=True)
     result = evaluation.evaluate(model=MODEL, mesh_config=FSDP, optimizer=_optimizer(),
                                  model_dir=straight.model_dir, evaluation=EVAL,
-                                 restore=restore, batch_size=BATCH,
-                                 task_feature_lengths=LENGTHS, output_dir=str(tmp_path))
+                                 mixture_or_task_name="code_causal", restore=restore,
+                                 batch_size=BATCH, task_feature_lengths=LENGTHS,
+                                 output_dir=str(tmp_path))
     with open(result["files"]["json"]) as f:
         curve = json.load(f)
     points = curve["checkpoints"]
@@ -152,13 +156,14 @@ def test_eval_over_checkpoints_writes_bpc_by_step_and_training_flops(straight, t
     for p in points:
         assert p["train_flops"]["palm"] == pytest.approx(per_step.palm * p["step"])
         assert p["train_flops"]["maxtext"] == pytest.approx(per_step.maxtext * p["step"])
-        assert set(p["domains"]) == set(EVAL.domains)
-        assert all(np.isfinite(r["bpc"]) and r["bpc"] > 0 for r in p["domains"].values())
+        assert set(p["results"]) == set(EVAL.bpc_tasks)
+        assert all(np.isfinite(r["bpc"]) and r["bpc"] > 0 for r in p["results"].values())
     # step 0 is the run's own initialisation, step 6 its last checkpoint
     for label, point in (("eval_start", points[0]), ("eval_end", points[-1])):
         for domain, expected in getattr(straight, label).items():
-            assert point["domains"][domain]["bpc"] == pytest.approx(expected["bpc"], rel=1e-5)
+            assert point["results"][domain]["bpc"] == pytest.approx(expected["bpc"], rel=1e-5)
     assert curve["eval"]["window"] == EVAL.window and curve["batch_size"] == BATCH
+    assert curve["eval"]["bpc_tasks"] == dict(EVAL.bpc_tasks)
     with open(result["files"]["png"], "rb") as f:
         png = f.read()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
@@ -352,7 +357,8 @@ EVAL_EVERY_STEPS = 1000
 EVAL_WINDOW = 64
 EVAL_STRIDE = 32
 EVAL_MAX_TOKENS = 256
-evaluation.EvalConfig.domains = ['code']
+EVAL_TASKS = []
+EVAL_BPC_TASKS = {'code': 'code_validation'}
 evaluation.EvalConfig.batch_size = 8
 train.DataConfig.prepare_shards = 1
 train.DataConfig.store_dir = 'store'
