@@ -30,7 +30,7 @@ import seqio
 from flax import nnx
 
 from t5x_like import (bpc, checkpoints, launch, loader, metrics, mixtures, partitioning,
-                      prepare, trainer)
+                      preference, prepare, trainer)
 from t5x_like import inference as inference_lib
 from t5x_like.decoding import DecodeConfig
 
@@ -124,6 +124,11 @@ class Evaluator:
         """Reads and tokenizes the BPC streams once and sets up each task's evaluation
         (their modules must be imported: the shipped gin files import `tasks`)."""
         cls.check_batch_size(cfg.batch_size, mesh)
+        converter = model.converter_name(task_feature_lengths)
+        if converter == "preference" and cfg.bpc_tasks:
+            raise ValueError(
+                f"{type(model).__name__} scores preference pairs, not text: it has no BPC. "
+                "Set EVAL_BPC_TASKS = [] (evaluation.EvalConfig.bpc_tasks) for this run.")
         labelled = (cfg.bpc_tasks if isinstance(cfg.bpc_tasks, Mapping)
                     else {name: name for name in cfg.bpc_tasks})
         streams = {
@@ -133,7 +138,6 @@ class Evaluator:
         step = trainer.make_eval_step(graphdef, model.loss_fn, state_sharding=state_sharding,
                                       batch_sharding=partitioning.batch_sharding(mesh),
                                       rules=rules)
-        converter = model.converter_name(task_feature_lengths)
         names = [mixture_or_task_name] if cfg.tasks is None else list(cfg.tasks)
         tasks = [_TaskEval(task, converter, _seqio_evaluator(task, converter, cfg,
                                                              task_feature_lengths))
@@ -153,7 +157,9 @@ class Evaluator:
                    for name, stream in self.streams.items()}
         params = trainer.params_of(self.graphdef, state)
         for task_eval in self.tasks:
-            results[task_eval.task.name] = self._run_task(params, task_eval, step)
+            results[task_eval.task.name] = (
+                self._run_pairs(state, task_eval) if task_eval.converter == "preference"
+                else self._run_task(params, task_eval, step))
         if writer is not None:
             writer.write_scalars(step, {f"eval/{name}/{k}": v for name, r in results.items()
                                         for k, v in r.items() if k not in ("tokens", "chars")})
@@ -176,6 +182,23 @@ class Evaluator:
         return {"loss": summary["nll"], "accuracy": summary["accuracy"],
                 "bpc": bpc.bits_per_character(summary["nll_sum"], stream.total_chars),
                 "tokens": int(summary["weight_sum"]), "chars": stream.total_chars}
+
+    def _run_pairs(self, state, task_eval: _TaskEval) -> dict[str, float]:
+        """A preference task: the model's own loss over its pairs and pairwise accuracy,
+        overall and per rating level (preference.summarize_pairs)."""
+        process, count = jax.process_index(), jax.process_count()
+        rows = self.batch_size // count
+        totals = None
+        for batch, _ in inference_lib.example_batches(
+                task_eval.task, self.task_feature_lengths, self.config.split,
+                task_eval.converter, self.batch_size, self.config.max_examples):
+            local = {k: v[process * rows:(process + 1) * rows] for k, v in batch.items()}
+            totals = trainer.accumulate(
+                totals, self.eval_step(state, loader.to_global_batch(local, self.mesh)))
+        if totals is None:
+            raise ValueError(f"Preference task {task_eval.task.name!r} has no examples in "
+                             f"split {self.config.split!r}; evaluate another split or task.")
+        return preference.summarize_pairs(jax.device_get(totals))
 
     def _run_task(self, params, task_eval: _TaskEval, step: int) -> dict[str, float]:
         """Loss (and BPC) of the targets by scoring every example; the task's metrics."""

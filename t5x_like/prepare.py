@@ -49,13 +49,16 @@ import tensorflow as tf
 from array_record.python import array_record_module
 
 import t5x_like
-from t5x_like import documents, launch, mixtures, store, vocabulary
+from t5x_like import documents, launch, mixtures, preference_data, store, vocabulary
 from t5x_like.store import ManifestMismatchError  # noqa: F401 - raised from prepare()
 
 # Segment-id features whose non-zero entries are the non-padding token positions.
 _TOKEN_SEGMENTS = {
     "encoder_input_tokens": "encoder_segment_ids",
     "decoder_target_tokens": "decoder_segment_ids",
+    # Preference rows (unpacked, right-padded): the tokens are their own marks.
+    "chosen_tokens": "chosen_tokens",
+    "rejected_tokens": "rejected_tokens",
 }
 _CHOICE_CHUNK = 4096
 
@@ -69,6 +72,8 @@ def make_converter(converter: str, pack: bool = True) -> seqio.FeatureConverter:
         return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=True)
     if converter == "lm":
         return seqio.LMFeatureConverter(pack=pack)
+    if converter == "preference":  # pairs are never packed
+        return preference_data.PreferenceFeatureConverter()
     raise ValueError(f"Unknown converter {converter!r}; expected one of "
                      f"{sorted(store.CONVERTER_FEATURES)}.")
 
@@ -200,9 +205,14 @@ class _ShardCounts:
         self.digest.update(record)
         for f in self.tokens:
             self.tokens[f] += int(np.count_nonzero(row[_TOKEN_SEGMENTS[f]]))
+        self.rows += 1
+        if "rating" in row:  # a preference pair: one example, its two responses scored
+            self.loss_tokens += int(np.count_nonzero(row["chosen_response"])
+                                    + np.count_nonzero(row["rejected_response"]))
+            self.segments += 1
+            return
         self.loss_tokens += int(np.count_nonzero(row["decoder_loss_weights"]))
         self.segments += max(int(np.max(row[s])) for s in _TOKEN_SEGMENTS.values() if s in row)
-        self.rows += 1
 
 
 def _write_rows(ds, num_rows: int, layout: store.RecordLayout, tmp_path: str) -> _ShardCounts:
