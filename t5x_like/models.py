@@ -29,7 +29,8 @@ from flax import nnx
 from t5x_like import decoding, flops, partitioning, preference
 from t5x_like.decoding import DecodeConfig
 from t5x_like.layers import TransformerConfig
-from t5x_like.network import Decoder, EncoderDecoder, RewardDecoder, segments_and_positions
+from t5x_like.network import (DPODecoder, Decoder, EncoderDecoder, RewardDecoder,
+                              segments_and_positions)
 
 Batch = Mapping[str, jax.Array]
 
@@ -370,6 +371,49 @@ class RewardModel(_PairwiseModel):
                       rng=None):
         raise ValueError("A RewardModel scores sequences and does not generate; decode with "
                          "the policy's DecoderOnlyModel and score its outputs with this one.")
+
+
+class DPOModel(_PairwiseModel):
+    """Direct preference optimisation: the policy (network.DPODecoder, an ordinary
+    decoder-only LM, e.g. started from an SFT checkpoint) against a frozen copy of its
+    starting parameters, with −log σ(β·[(log π(y_c) − log π_ref(y_c)) − (log π(y_r) −
+    log π_ref(y_r))]), log π summed over the response's tokens. Eval: the implicit reward
+    margin (the bracket times β) and how often it is positive, per rating level."""
+
+    module_class = DPODecoder
+
+    def __init__(self, cfg: TransformerConfig, beta: float = 0.1):
+        if not beta > 0:
+            raise ValueError(f"DPOModel.beta={beta} must be > 0 (the DPO paper and Llama 3 "
+                             "use 0.1).")
+        self.beta = float(beta)
+        super().__init__(cfg)
+
+    @staticmethod
+    def response_logprobs(decoder: Decoder, tokens_BL, response_BL, rng=None):
+        """[B] Σ log p(token | earlier tokens) over each row's response positions."""
+        inputs_BL = jnp.pad(tokens_BL[:, :-1], ((0, 0), (1, 0)))
+        logits_BLV = decoder(inputs_BL, segment_ids_BL=(tokens_BL != 0).astype(jnp.int32),
+                             rng=rng)
+        nll_BL, _, _ = token_losses(logits_BLV, tokens_BL, 0.0)
+        return -jnp.sum(nll_BL * response_BL.astype(jnp.float32), axis=-1)
+
+    def loss_fn(self, module: DPODecoder, batch: Batch, rng=None):
+        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        # The reference rebuilt here over the same arrays: NNX refuses Variables made at
+        # another trace level (the train step makes them outside its grad).
+        ref_graphdef, ref_state = nnx.split(module.reference)
+        reference = nnx.merge(ref_graphdef, jax.tree.map(lambda x: x, ref_state))
+        logps = {}
+        for i, side in enumerate(("chosen", "rejected")):
+            tokens, response = batch[f"{side}_tokens"], batch[f"{side}_response"]
+            logps[side] = self.response_logprobs(module, tokens, response, rngs[i])
+            logps[f"reference_{side}"] = jax.lax.stop_gradient(
+                self.response_logprobs(reference, tokens, response))
+        losses_B, margin_B = preference.dpo_losses(
+            logps["chosen"], logps["rejected"], logps["reference_chosen"],
+            logps["reference_rejected"], self.beta)
+        return self._pair_metrics(losses_B, margin_B > 0, batch, {"reward_margin": margin_B})
 
 
 def _pair_length(task_feature_lengths: Mapping[str, int]) -> int:

@@ -191,6 +191,27 @@ class RewardDecoder(Decoder):
         return jnp.einsum("BD,D->B", last_BD.astype(jnp.float32), self.reward_head[...])
 
 
+class Frozen(nnx.Variable):
+    """A parameter nothing trains: gradients and the optimizer see only nnx.Param."""
+
+
+class DPODecoder(Decoder):
+    """The DPO policy (this decoder's own parameters, named as a plain Decoder's, so an
+    SFT checkpoint initialises them) and `reference`, a frozen copy of them: the
+    reference model of the DPO loss. `reset_reference` copies the policy into it (done
+    at initialisation and after an initial checkpoint is read)."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        graphdef, params = nnx.split(nnx.clone(self), nnx.Param)
+        frozen = jax.tree.map(lambda v: Frozen(v.get_value(), **v.get_metadata()), params,
+                              is_leaf=lambda x: isinstance(x, nnx.Variable))
+        self.reference = nnx.merge(graphdef, frozen)
+
+    def reset_reference(self) -> None:
+        nnx.update(self.reference, nnx.state(self, nnx.Param))
+
+
 class EncoderDecoder(nnx.Module):
     """Encoder-decoder LM (UL2 / Reka style) with one embedding shared by both stacks.
 

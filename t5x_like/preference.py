@@ -1,4 +1,4 @@
-"""Preference pairs: the reward model's margin loss and pairwise accuracy.
+"""Preference pairs: their SeqIO form, the reward model's margin loss and the DPO loss.
 
 A preference example is (prompt, chosen, rejected, rating): task features `inputs`
 (the prompt), `targets` (the chosen response), `rejected` and `rating`, one int in
@@ -12,6 +12,7 @@ preference_data.py; this module is the losses and metrics, in jax only.
 Losses, per pair (mean over the pairs of a batch):
 
   reward model   −log σ(r_c − r_r − m(rating))            m: MARGINS[name][rating]
+  DPO            −log σ(β·[(log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))])
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def reward_losses(reward_chosen_B, reward_rejected_B, rating_B, margins: tuple[f
     margin_B = jnp.asarray(margins, jnp.float32)[jnp.clip(rating_B, 0, NUM_RATINGS - 1)]
     delta_B = (reward_chosen_B - reward_rejected_B).astype(jnp.float32) - margin_B
     return jax.nn.softplus(-delta_B)
+
+
+def dpo_losses(policy_chosen_B, policy_rejected_B, reference_chosen_B, reference_rejected_B,
+               beta: float):
+    """Per-pair DPO loss and implicit reward margin β·(Δ_chosen − Δ_rejected), where Δ is
+    the policy's log-likelihood of a response minus the reference's."""
+    margin_B = beta * ((policy_chosen_B - reference_chosen_B)
+                       - (policy_rejected_B - reference_rejected_B))
+    return jax.nn.softplus(-margin_B), margin_B
 
 
 def pair_metrics(loss_B, correct_B, valid_B, rating_B, extra: Mapping[str, Any] = None):

@@ -153,3 +153,66 @@ def _held_out_accuracy(records, step):
             pairs[key] = pairs.get(key, 0) + n
             correct[key] = correct.get(key, 0) + n * ev.get(f"eval/{task}/accuracy{suffix}", 0)
     return {k: correct[k] / pairs[k] for k in pairs if pairs[k]}
+
+
+def test_dpo_loss_equals_a_hand_computation():
+    # log π(y_c) = −10, log π(y_r) = −12, reference −11 for both; β = 0.1:
+    # margin = 0.1·((−10 + 11) − (−12 + 11)) = 0.2, loss = log(1 + e^−0.2)
+    loss, margin = preference.dpo_losses(jnp.array([-10.0, -11.0]), jnp.array([-12.0, -11.0]),
+                                         jnp.array([-11.0, -11.0]), jnp.array([-11.0, -11.0]),
+                                         beta=0.1)
+    assert float(margin[0]) == pytest.approx(0.2, rel=1e-6)
+    assert float(loss[0]) == pytest.approx(math.log1p(math.exp(-0.2)), rel=1e-6)
+    assert float(loss[1]) == pytest.approx(math.log(2), rel=1e-6)
+    with pytest.raises(ValueError, match="beta=0.0 must be > 0"):
+        models.DPOModel(tiny_config(), beta=0.0)
+
+
+def test_dpo_is_log_2_where_the_policy_is_the_reference():
+    model = models.DPOModel(tiny_config(), beta=0.5)
+    module = model.make_module(nnx.Rngs(0))
+    batch = {k: jnp.asarray(v) for k, v in _pair_batch().items()}
+    tokens, response = batch["chosen_tokens"][:1], batch["chosen_response"][:1]
+
+    @nnx.jit
+    def evaluate(m):
+        logits = m(jnp.pad(tokens[:, :-1], ((0, 0), (1, 0))))
+        return (model.loss_fn(m, batch), jax.nn.log_softmax(logits, axis=-1),
+                model.response_logprobs(m, tokens, response))
+
+    (loss, metrics), logp, logprob = evaluate(module)
+    assert float(loss) == pytest.approx(math.log(2), rel=1e-6)  # policy == reference
+    assert float(metrics["reward_margin"]) == pytest.approx(0.0, abs=1e-6)
+    # log π of a response is the sum of its tokens' log-probabilities, prompt excluded
+    hand = sum(float(logp[0, i, tokens[0, i]]) for i in range(2, 5))
+    assert float(logprob[0]) == pytest.approx(hand, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_dpo_loss_falls_while_the_reference_stays():
+    model = models.DPOModel(tiny_config(), beta=0.5)
+    module = model.make_module(nnx.Rngs(0))
+    batch = {k: jnp.asarray(v) for k, v in _pair_batch().items()}
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    assert not any("reference" in str(path) for path, _ in nnx.to_flat_state(params))
+
+    @jax.jit
+    def sgd_step(p, r):  # as the trainer differentiates: nnx.Param only
+        def loss_of(p):
+            return model.loss_fn(nnx.merge(graphdef, p, r), batch)[0]
+
+        value, grads = jax.value_and_grad(loss_of)(p)
+        return jax.tree.map(lambda x, g: x - 0.05 * g, p, grads), value
+
+    losses = []
+    for _ in range(5):
+        params, value = sgd_step(params, rest)
+        losses.append(float(value))
+    assert losses[0] == pytest.approx(math.log(2), rel=1e-6)
+    assert losses[-1] < losses[0] - 0.01, losses
+    trained = nnx.merge(graphdef, params, rest)
+    np.testing.assert_array_equal(np.asarray(trained.reference.embed.embedding[...]),
+                                  np.asarray(module.embed.embedding[...]))  # frozen
+    trained.reset_reference()  # after an initial checkpoint: the reference is the start
+    assert float(nnx.jit(lambda m: model.loss_fn(m, batch)[0])(trained)) == pytest.approx(
+        math.log(2), rel=1e-6)
