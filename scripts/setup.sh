@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.11) and installs t5x_like with its pinned dependencies, the
 # test tools, the interop extra (torch, transformers: the reference of tests/test_hf.py)
-# and Apache Beam (prepare --runner; tests/test_prepare.py).
+# and Apache Beam (prepare --runner, t5x_like.dedup).
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -34,12 +34,15 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from t5x_like import mixtures, store, vocabulary
+from t5x_like import mixtures, preference_data, store, vocabulary
 
 # Segment-id features whose non-zero entries are the non-padding token positions.
 TOKEN_SEGMENTS = {
     "encoder_input_tokens": "encoder_segment_ids",
     "decoder_target_tokens": "decoder_segment_ids",
+    # Preference rows (unpacked, right-padded): the tokens are their own marks.
+    "chosen_tokens": "chosen_tokens",
+    "rejected_tokens": "rejected_tokens",
 }
 DRAW_CHUNK = 4096  # task draws per numpy call: one call per 4,096 examples
 # Source files hashed whole up to this size; bigger ones by their size, first and last
@@ -57,6 +60,8 @@ def make_converter(converter: str, pack: bool = True) -> seqio.FeatureConverter:
         return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=True)
     if converter == "lm":
         return seqio.LMFeatureConverter(pack=pack)
+    if converter == "preference":  # pairs are never packed
+        return preference_data.PreferenceFeatureConverter()
     raise ValueError(f"Unknown converter {converter!r}; expected one of "
                      f"{sorted(store.CONVERTER_FEATURES)}.")
 
@@ -198,12 +203,17 @@ class TaskLabels:
 
 def row_stats(rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """What packed rows [R, L] hold: examples (segments) per row, non-padding tokens per
-    token feature, and tokens with a loss weight."""
+    token feature, and tokens with a loss weight (of a preference pair: one example,
+    both responses scored)."""
+    tokens = {f: int(np.count_nonzero(rows[s])) for f, s in TOKEN_SEGMENTS.items() if f in rows}
+    if "rating" in rows:
+        return {"segments": np.ones(len(rows["rating"]), np.int64), "tokens": tokens,
+                "loss_tokens": int(np.count_nonzero(rows["chosen_response"])
+                                   + np.count_nonzero(rows["rejected_response"]))}
     segments = [rows[s] for s in TOKEN_SEGMENTS.values() if s in rows]
     return {
         "segments": np.max(np.stack([s.max(axis=1) for s in segments]), axis=0),
-        "tokens": {f: int(np.count_nonzero(rows[s])) for f, s in TOKEN_SEGMENTS.items()
-                   if f in rows},
+        "tokens": tokens,
         "loss_tokens": int(np.count_nonzero(rows["decoder_loss_weights"])),
     }
 

@@ -63,12 +63,21 @@ CONVERTER_FEATURES = {
         "decoder_segment_ids",
         "decoder_positions",
     ),
+    # Preference pairs (preference.py), one unpacked pair per row.
+    "preference": (
+        "chosen_tokens",
+        "chosen_response",
+        "rejected_tokens",
+        "rejected_response",
+        "rating",
+    ),
 }
 # Task features each converter consumes (seqio's TASK_FEATURES).
 CONVERTER_TASK_FEATURES = {
     "encdec": ("inputs", "targets"),
     "prefix_lm": ("inputs", "targets"),
     "lm": ("targets",),
+    "preference": ("inputs", "targets", "rejected", "rating"),
 }
 
 

@@ -145,7 +145,9 @@ def _check_data(data: DataConfig, converter: str, vocab_size: int) -> None:
             f"TASK_FEATURE_LENGTHS={dict(data.task_feature_lengths)} does not fit the model's "
             f"{converter!r} form, which takes lengths for {list(needed)}.")
     tasks = mixtures.leaf_tasks(data.mixture_or_task_name)
-    vocabularies = {id(f.vocabulary): f.vocabulary for t in tasks for f in t.output_features.values()}
+    # Token features only: a preference pair's `rating` is a number, not a token.
+    vocabularies = {id(f.vocabulary): f.vocabulary for t in tasks
+                    for name, f in t.output_features.items() if name != "rating"}
     for vocab in vocabularies.values():  # a model too small for the tokenizer must not train
         vocabulary.check_model_covers(vocab, vocab_size)
     for task in tasks:

@@ -11,6 +11,7 @@ processes, tens of seconds each on 2 cores: slow.
 
 import dataclasses
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -150,6 +151,51 @@ def test_standalone_eval_of_the_last_checkpoint_equals_the_in_training_eval(stra
         assert got["bpc"] == pytest.approx(expected["bpc"], rel=1e-5)
     start, end = straight.eval_start, straight.eval_end
     assert all(end[d]["bpc"] < start[d]["bpc"] for d in EVAL.bpc_tasks)
+
+
+def test_eval_over_checkpoints_writes_bpc_by_step_and_training_flops(straight, tmp_path):
+    restore = evaluation.RestoreCheckpointConfig(mode="specific", steps=[6, 2],
+                                                 include_init=True)
+    result = evaluation.evaluate(model=MODEL, mesh_config=FSDP, optimizer=_optimizer(),
+                                 model_dir=straight.model_dir, evaluation=EVAL,
+                                 mixture_or_task_name="code_causal", restore=restore,
+                                 batch_size=BATCH, task_feature_lengths=LENGTHS,
+                                 output_dir=str(tmp_path))
+    with open(result["files"]["json"]) as f:
+        curve = json.load(f)
+    points = curve["checkpoints"]
+    assert [p["step"] for p in points] == [0, 2, 6]
+    per_step = MODEL.train_flops_per_step(BATCH, LENGTHS)
+    for p in points:
+        assert p["train_flops"]["palm"] == pytest.approx(per_step.palm * p["step"])
+        assert p["train_flops"]["maxtext"] == pytest.approx(per_step.maxtext * p["step"])
+        assert set(p["results"]) == set(EVAL.bpc_tasks)
+        assert all(np.isfinite(r["bpc"]) and r["bpc"] > 0 for r in p["results"].values())
+    # step 0 is the run's own initialisation, step 6 its last checkpoint
+    for label, point in (("eval_start", points[0]), ("eval_end", points[-1])):
+        for domain, expected in getattr(straight, label).items():
+            assert point["results"][domain]["bpc"] == pytest.approx(expected["bpc"], rel=1e-5)
+    assert curve["eval"]["window"] == EVAL.window and curve["batch_size"] == BATCH
+    assert curve["eval"]["bpc_tasks"] == dict(EVAL.bpc_tasks)
+    with open(result["files"]["png"], "rb") as f:
+        png = f.read()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_checkpoint_selection_modes_and_their_errors():
+    steps = [300, 50, 100]
+    assert evaluation.RestoreCheckpointConfig().select(steps, "d") == [300]
+    assert evaluation.RestoreCheckpointConfig(mode="all").select(steps, "d") == [50, 100, 300]
+    specific = evaluation.RestoreCheckpointConfig(mode="specific", steps=[300, 50])
+    assert specific.select(steps, "d") == [50, 300]
+    with pytest.raises(FileNotFoundError, match=r"names \[7\], not in d"):
+        evaluation.RestoreCheckpointConfig(mode="specific", steps=[7]).select(steps, "d")
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+        evaluation.RestoreCheckpointConfig(mode="all").select([], "d")
+    with pytest.raises(ValueError, match="expected 'latest', 'all' or 'specific'"):
+        evaluation.RestoreCheckpointConfig(mode="every")
+    with pytest.raises(ValueError, match="steps go with mode 'specific'"):
+        evaluation.RestoreCheckpointConfig(mode="all", steps=[5])
 
 
 def test_outputs_in_the_model_dir(straight):
@@ -311,7 +357,7 @@ def test_every_experiment_parses_and_binds_a_model_and_a_mesh(path):
             model.make_module, memory.abstract_mesh(mesh_config.global_shape),
             mesh_config.rule_set(),
             batch_size=gin.query_parameter("%BATCH_SIZE") // microbatches)
-        assert model.converter_name(lengths) in ("encdec", "prefix_lm", "lm")
+        assert model.converter_name(lengths) in ("encdec", "prefix_lm", "lm", "preference")
     finally:
         gin.clear_config()
 
