@@ -928,9 +928,13 @@ def _provenance(stats: dict, sources: dict[str, list[Source]]) -> str:
         "",
         "Same package versions give byte-identical files.",
         "",
-        "The tokenizer `vocab/reka_demo.model` (SentencePiece unigram, 8,092 pieces + 100 "
-        "SeqIO sentinels) is trained by `scripts/train_tokenizer.py` on a balanced sample "
-        "of the train split only; its settings are in that script's docstring.",
+        "The tokenizer `vocab/reka_demo.model` (SentencePiece unigram, 7,680 pieces + 512 "
+        "SeqIO sentinels = 8,192 ids, the tiny models' vocabulary; 512 sentinels because "
+        "UL2's x1 denoiser cuts up to 511 spans at 2,048-token inputs) is trained by "
+        "`scripts/train_tokenizer.py` on a balanced sample of the train split only; its "
+        "settings are in that script's docstring. Retrained with other sizes, keep pieces "
+        "+ sentinels equal to the models' `vocab_size` and the sentinels at least what "
+        "`t5x_like.ul2.sentinel_budget` gives for the longest inputs you train on.",
         "",
     ]
     for domain in DOMAINS:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.11) and installs t5x_like with its pinned dependencies, the
-# test tools and the interop extra (torch, transformers: the reference of tests/test_hf.py).
+# test tools, the interop extra (torch, transformers: the reference of tests/test_hf.py)
+# and Apache Beam (prepare --runner, t5x_like.dedup).
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,4 +18,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
   quiet_pip install -q --upgrade pip
 fi
-quiet_pip install -q -e '.[test,interop]'
+quiet_pip install -q -e '.[test,interop,beam]'
+# Beam without its own requirements: it pins protobuf<7, which would break seqio's
+# import of sentencepiece (pyproject.toml, the beam extra, says why).
+quiet_pip install -q --no-deps apache-beam==2.77.0

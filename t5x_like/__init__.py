@@ -17,10 +17,11 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-# Worker processes that t5x_like spawns (data preparation) die with their parent, even
-# when it is killed with SIGKILL: set here, the first code a spawned child runs, before
-# its seconds of imports. The parent names itself in WORKER_PARENT_ENV before spawning;
-# sys.orig_argv, since spawn replaces sys.argv with the parent's before this runs.
+# Worker processes that t5x_like spawns (the data workers, prepare's) die with their
+# parent, even when it is killed with SIGKILL: set here, the first t5x_like code a
+# spawned child runs, before its seconds of imports. The parent names itself in
+# WORKER_PARENT_ENV before spawning; sys.orig_argv, since spawn replaces sys.argv with
+# the parent's before this runs.
 WORKER_PARENT_ENV = "T5X_LIKE_WORKER_PARENT"
 if "--multiprocessing-fork" in sys.orig_argv and WORKER_PARENT_ENV in os.environ:
     try:

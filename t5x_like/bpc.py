@@ -5,14 +5,18 @@ BPC = total negative log-likelihood in bits / characters of the raw text
 
 A domain's validation task (`{domain}_validation`: one example per document, `targets` =
 its tokens, `num_chars` = Python len() of its text) is read in order, its documents'
-tokens concatenated into one stream, and the stream cut into windows of `window` target
-tokens moved by `stride` (reference: 1900 and 512):
+tokens concatenated into one stream with the vocabulary's end-of-document token (EOS)
+between documents, as training sees documents (every training document ends in EOS);
+the EOS tokens are context only (loss weight 0: they are no characters of the text).
+The stream is cut into windows of `window` tokens moved by `stride` (reference: 1900
+and 512):
   - the first window scores all its tokens;
   - every later window scores only its last `stride` tokens, with window-stride tokens of
     context before them;
   - the tail: the reference drops the < stride tokens after the last full window; here a
     final window ending at the last token scores exactly them (with more context), so
-    every token of the stream is scored exactly once and BPC covers all characters.
+    every document token of the stream is scored exactly once and BPC covers all
+    characters.
 Scoring the first token: decoder inputs are the stream shifted right with 0 (seqio's BOS)
 before token 0, as the models are trained; it is scored like the reference scores a
 per-document BOS.
@@ -20,12 +24,14 @@ per-document BOS.
 Two batch forms, both dicts of int32 [batch, length] with seqio's model feature names:
   - "decoder" (decoder-only): decoder_input_tokens (previous stream tokens, so later
     windows start with true context rather than BOS), decoder_target_tokens,
-    decoder_loss_weights (1 on the scored tokens), decoder_segment_ids (1 on the window),
+    decoder_loss_weights (1 on the scored document tokens, 0 on EOS), decoder_segment_ids
+    (1 on the window),
     decoder_positions (0..).
   - "encdec" (encoder-decoder): the context goes to the encoder in S2S mode, the scored
     span to the decoder: encoder_input_tokens = [S2S] + the window's tokens before the
     scored span; decoder_target_tokens = the scored span, decoder_input_tokens = it
-    shifted right with 0; loss weights 1 on the span. This is how a UL2 model continues
+    shifted right with 0; loss weights 1 on the span's document tokens. This is how a
+    UL2 model continues
     text (the S denoiser: prefix in the encoder, continuation in the decoder), and every
     scored token sees the same context as in the decoder form.
 Batches are padded at the end with all-zero rows (loss weight 0) so shapes stay fixed.
@@ -81,21 +87,30 @@ def plan_windows(num_tokens: int, window: int = DEFAULT_WINDOW, stride: int = DE
 
 @dataclasses.dataclass
 class BpcEval:
-    """A domain's validation stream, its windows and its character count."""
+    """A domain's validation stream, its windows and its character count.
+
+    `weights` (int32 [num_tokens], default all 1) is 1 on the tokens BPC scores and 0
+    on context-only tokens (the EOS between documents)."""
 
     tokens: np.ndarray  # int32 [num_tokens], all documents concatenated in order
     total_chars: int
     num_documents: int
     window: int = DEFAULT_WINDOW
     stride: int = DEFAULT_STRIDE
+    weights: np.ndarray | None = None
 
     def __post_init__(self):
         self.tokens = np.asarray(self.tokens, dtype=np.int32)
+        self.weights = (np.ones(len(self.tokens), np.int32) if self.weights is None
+                        else np.asarray(self.weights, dtype=np.int32))
+        if self.weights.shape != self.tokens.shape:
+            raise ValueError(f"weights {self.weights.shape} must match tokens "
+                             f"{self.tokens.shape}.")
         self.windows = plan_windows(len(self.tokens), self.window, self.stride)
 
     @property
     def num_scored_tokens(self) -> int:
-        return sum(w.end - w.score_from for w in self.windows)
+        return int(sum(self.weights[w.score_from:w.end].sum() for w in self.windows))
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self.windows) / batch_size)
@@ -125,7 +140,7 @@ class BpcEval:
             inputs = self.tokens[w.start - 1 : w.end - 1]
         n = w.end - w.start
         weights = np.zeros(n, np.int32)
-        weights[w.score_from - w.start :] = 1
+        weights[w.score_from - w.start :] = self.weights[w.score_from : w.end]
         return {
             "decoder_input_tokens": inputs,
             "decoder_target_tokens": targets,
@@ -147,7 +162,7 @@ class BpcEval:
             "encoder_positions": np.arange(len(encoder), dtype=np.int32),
             "decoder_input_tokens": np.concatenate([[0], targets[:-1]]).astype(np.int32),
             "decoder_target_tokens": targets,
-            "decoder_loss_weights": np.ones(m, np.int32),
+            "decoder_loss_weights": self.weights[w.score_from : w.end],
             "decoder_segment_ids": np.ones(m, np.int32),
             "decoder_positions": np.arange(m, dtype=np.int32),
         }
@@ -166,17 +181,21 @@ def load_bpc_eval(
 
     max_documents / max_tokens cap the stream at whole documents: the first documents,
     up to and including the one that brings the stream to `max_tokens` tokens (so every
-    counted character is scored).
+    counted character is scored). Documents are joined by the vocabulary's EOS (loss
+    weight 0), as training sees them.
 
     The task must give one example per document with `targets` (all its tokens) and
     `num_chars` (its length in characters), as `{domain}_validation` does.
     """
     task = mixtures.get_mixture_or_task(task_name)
+    eos_id = task.output_features["targets"].vocabulary.eos_id
     ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1)
     if max_documents is not None:
         ds = ds.take(max_documents)
     pieces, total_chars, num_docs, num_tokens = [], 0, 0, 0
     for example in ds.as_numpy_iterator():
+        if pieces and eos_id is not None:
+            pieces.append(np.array([eos_id], np.int32))  # between documents
         if "num_chars" not in example:
             raise ValueError(
                 f"Task {task_name!r} gives features {sorted(example)} but BPC needs "
@@ -190,7 +209,12 @@ def load_bpc_eval(
         if max_tokens is not None and num_tokens >= max_tokens:
             break
     tokens = np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
-    return BpcEval(tokens, total_chars, num_docs, window=window, stride=stride)
+    # Weight 0 exactly on the separators: the EOS pieces placed between documents.
+    weights = np.concatenate([np.full(len(p), 0 if i % 2 and eos_id is not None else 1,
+                                      np.int32) for i, p in enumerate(pieces)]
+                             ) if pieces else np.zeros([0], np.int32)
+    return BpcEval(tokens, total_chars, num_docs, window=window, stride=stride,
+                   weights=weights)
 
 
 def bits_per_character(total_nll_nats: float, total_chars: int) -> float:

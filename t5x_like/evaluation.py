@@ -2,8 +2,10 @@
 
 `Evaluator` runs inside training (before the first step, every N steps, after the last);
 `python -m t5x_like.eval --gin_file=...` runs `evaluate` alone on the newest checkpoint
-of MODEL_DIR. Windows over each domain's validation stream come from bpc.py; every token
-of the stream is scored exactly once, so
+of MODEL_DIR, or on every one of them (`RestoreCheckpointConfig`, as T5X selects
+checkpoints): compression as a benchmark, BPC per domain against training step and
+training FLOPs, written as JSON and a chart. Windows over each domain's validation
+stream come from bpc.py; every token of the stream is scored exactly once, so
 
   BPC = Σ nll (nats) / (characters · ln 2)        (docs/FORMULAS.md, "Bits per character")
 
@@ -28,7 +30,7 @@ import seqio
 from flax import nnx
 
 from t5x_like import (bpc, checkpoints, launch, loader, metrics, mixtures, partitioning,
-                      prepare, trainer)
+                      pipeline, preference, trainer)
 from t5x_like import inference as inference_lib
 from t5x_like.decoding import DecodeConfig
 
@@ -122,6 +124,11 @@ class Evaluator:
         """Reads and tokenizes the BPC streams once and sets up each task's evaluation
         (their modules must be imported: the shipped gin files import `tasks`)."""
         cls.check_batch_size(cfg.batch_size, mesh)
+        converter = model.converter_name(task_feature_lengths)
+        if converter == "preference" and cfg.bpc_tasks:
+            raise ValueError(
+                f"{type(model).__name__} scores preference pairs, not text: it has no BPC. "
+                "Set EVAL_BPC_TASKS = [] (evaluation.EvalConfig.bpc_tasks) for this run.")
         labelled = (cfg.bpc_tasks if isinstance(cfg.bpc_tasks, Mapping)
                     else {name: name for name in cfg.bpc_tasks})
         streams = {
@@ -131,7 +138,6 @@ class Evaluator:
         step = trainer.make_eval_step(graphdef, model.loss_fn, state_sharding=state_sharding,
                                       batch_sharding=partitioning.batch_sharding(mesh),
                                       rules=rules)
-        converter = model.converter_name(task_feature_lengths)
         names = [mixture_or_task_name] if cfg.tasks is None else list(cfg.tasks)
         tasks = [_TaskEval(task, converter, _seqio_evaluator(task, converter, cfg,
                                                              task_feature_lengths))
@@ -151,7 +157,9 @@ class Evaluator:
                    for name, stream in self.streams.items()}
         params = trainer.params_of(self.graphdef, state)
         for task_eval in self.tasks:
-            results[task_eval.task.name] = self._run_task(params, task_eval, step)
+            results[task_eval.task.name] = (
+                self._run_pairs(state, task_eval) if task_eval.converter == "preference"
+                else self._run_task(params, task_eval, step))
         if writer is not None:
             writer.write_scalars(step, {f"eval/{name}/{k}": v for name, r in results.items()
                                         for k, v in r.items() if k not in ("tokens", "chars")})
@@ -174,6 +182,23 @@ class Evaluator:
         return {"loss": summary["nll"], "accuracy": summary["accuracy"],
                 "bpc": bpc.bits_per_character(summary["nll_sum"], stream.total_chars),
                 "tokens": int(summary["weight_sum"]), "chars": stream.total_chars}
+
+    def _run_pairs(self, state, task_eval: _TaskEval) -> dict[str, float]:
+        """A preference task: the model's own loss over its pairs and pairwise accuracy,
+        overall and per rating level (preference.summarize_pairs)."""
+        process, count = jax.process_index(), jax.process_count()
+        rows = self.batch_size // count
+        totals = None
+        for batch, _ in inference_lib.example_batches(
+                task_eval.task, self.task_feature_lengths, self.config.split,
+                task_eval.converter, self.batch_size, self.config.max_examples):
+            local = {k: v[process * rows:(process + 1) * rows] for k, v in batch.items()}
+            totals = trainer.accumulate(
+                totals, self.eval_step(state, loader.to_global_batch(local, self.mesh)))
+        if totals is None:
+            raise ValueError(f"Preference task {task_eval.task.name!r} has no examples in "
+                             f"split {self.config.split!r}; evaluate another split or task.")
+        return preference.summarize_pairs(jax.device_get(totals))
 
     def _run_task(self, params, task_eval: _TaskEval, step: int) -> dict[str, float]:
         """Loss (and BPC) of the targets by scoring every example; the task's metrics."""
@@ -228,16 +253,78 @@ def _seqio_evaluator(task: seqio.Task, converter: str, cfg: EvalConfig,
     if not (task.predict_metric_fns or task.score_metric_fns
             or task.predict_with_aux_metric_fns):
         return None
-    return seqio.Evaluator(task.name, feature_converter=prepare.make_converter(converter, False),
+    return seqio.Evaluator(task.name, feature_converter=pipeline.make_converter(converter, pack=False),
                            eval_split=cfg.split, sequence_length=dict(task_feature_lengths),
                            num_examples=cfg.max_examples, async_compute_metrics=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class RestoreCheckpointConfig:
+    """Which checkpoints of MODEL_DIR `python -m t5x_like.eval` evaluates (the modes of
+    T5X's `utils.RestoreCheckpointConfig`): "latest" (the newest good one; a damaged
+    newest one is moved aside as in training), "all" (every step in
+    `MODEL_DIR/checkpoints`, oldest first) or "specific" (the steps in `steps`).
+    `include_init`: also evaluate, as step 0, the parameters training starts from
+    (initialised from SEED exactly as `train` does; no checkpoint holds them).
+    """
+
+    mode: str = "latest"
+    steps: Sequence[int] | None = None
+    include_init: bool = False
+
+    def __post_init__(self):
+        if self.mode not in ("latest", "all", "specific"):
+            raise ValueError(
+                f"RestoreCheckpointConfig.mode={self.mode!r}; expected 'latest', 'all' or "
+                "'specific' (--gin.evaluation.RestoreCheckpointConfig.mode=\"'all'\").")
+        if (self.mode == "specific") != bool(self.steps):
+            raise ValueError(
+                f"RestoreCheckpointConfig: mode={self.mode!r} with steps={self.steps}; "
+                "steps go with mode 'specific' and only with it (e.g. "
+                "--gin.evaluation.RestoreCheckpointConfig.steps=[50,300]).")
+
+    def select(self, available: Sequence[int], directory: str) -> list[int]:
+        """The steps to evaluate, oldest first ("latest": the newest only)."""
+        if not available:
+            raise FileNotFoundError(
+                f"{directory} holds no finished checkpoint; train first or set MODEL_DIR to "
+                "a directory a training run wrote.")
+        if self.mode == "all":
+            return sorted(available)
+        if self.mode == "latest":
+            return [max(available)]
+        missing = sorted(set(self.steps) - set(available))
+        if missing:
+            raise FileNotFoundError(
+                f"RestoreCheckpointConfig.steps names {missing}, not in {directory} (it has "
+                f"{sorted(available)}); pick from those or use mode 'all'.")
+        return sorted(set(self.steps))
+
+
+def _restore(ckpt, step: int, target, mode: str):
+    """The checkpoint at `step` (a damaged one: with mode "latest" the previous one, as
+    training resumes; otherwise None, reported and skipped, nothing moved)."""
+    if mode == "latest":
+        return ckpt.restore_latest(target)
+    try:
+        return ckpt.restore(step, target)
+    except checkpoints.DamagedCheckpointError as e:
+        log.warning("skipping checkpoint %d: %s", step, str(e).splitlines()[0][:400])
+        return None
+
+
 def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation: EvalConfig,
              mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
-             seed: int = 0) -> dict[str, Any]:
-    """Evaluates the newest checkpoint in `model_dir` (EvalConfig says on what); prints a
-    table."""
+             seed: int = 0, restore: RestoreCheckpointConfig = RestoreCheckpointConfig(),
+             batch_size: int | None = None, output_dir: str | None = None) -> dict[str, Any]:
+    """Evaluates checkpoints of `model_dir` (the newest one, or those `restore` selects;
+    EvalConfig says on what); prints the tables and writes the results of every evaluated
+    step, with BPC per domain as a PNG chart, to `output_dir` (default `model_dir/eval`).
+
+    `batch_size` is the training run's (gin binds it to BATCH_SIZE): with it each step
+    also gets its training FLOPs, step x `model.train_flops_per_step`, and the chart a
+    FLOPs axis.
+    """
     launch.start_devices(mesh_config)
     mesh, rules = launch.mesh_for(mesh_config)
     directory = os.path.join(model_dir, "checkpoints")
@@ -245,20 +332,62 @@ def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation: EvalC
         raise FileNotFoundError(
             f"No checkpoints at {directory}; train first or set MODEL_DIR to a directory a "
             "training run wrote.")
+    step_flops = (model.train_flops_per_step(batch_size, task_feature_lengths)
+                  if batch_size and task_feature_lengths else None)
+    points = []
     with checkpoints.CheckpointManager(directory) as ckpt:
-        graphdef, state, restored = trainer.init_or_restore(
-            model, optimizer.tx, mesh, rules, seed, ckpt)
-    if restored is None:
-        raise FileNotFoundError(
-            f"{directory} holds no finished checkpoint; train first or set MODEL_DIR to a "
-            "directory a training run wrote.")
-    evaluator = Evaluator.create(model, graphdef, trainer.state_shardings(state), mesh, rules,
-                                 evaluation, mixture_or_task_name, task_feature_lengths)
+        steps = restore.select(ckpt.all_steps(), directory)
+        graphdef, target = trainer.abstract_train_state(model, optimizer.tx, mesh, rules)
+        evaluator = Evaluator.create(model, graphdef, trainer.state_shardings(target), mesh,
+                                     rules, evaluation, mixture_or_task_name,
+                                     task_feature_lengths)
+        if restore.include_init:
+            _, initial, _ = trainer.init_or_restore(model, optimizer.tx, mesh, rules, seed)
+            points.append(_evaluate_state(evaluator, mesh, initial, 0, model_dir, step_flops))
+            del initial
+        for step in steps:
+            restored = _restore(ckpt, step, target, restore.mode)
+            if restored is not None:
+                points.append(_evaluate_state(evaluator, mesh, restored.state, restored.step,
+                                              model_dir, step_flops))
+    if not points:
+        raise FileNotFoundError(f"no checkpoint of {directory} could be read (see the "
+                                "warnings above); nothing was evaluated.")
+    curve = None
+    if jax.process_index() == 0:  # one writer in a multi-process run, as for metrics
+        curve = metrics.write_bpc_curve(
+            points, output_dir or os.path.join(model_dir, "eval"),
+            title=(f"{os.path.basename(os.path.normpath(model_dir))}: {type(model).__name__}, "
+                   f"{model.num_params:,} parameters; BPC per domain"),
+            about={"model_dir": model_dir, "model": type(model).__name__,
+                   "num_params": model.num_params, "eval": _describe(evaluation),
+                   "batch_size": batch_size,
+                   "task_feature_lengths": dict(task_feature_lengths)})
+        if len(points) > 1:
+            print(metrics.format_bpc_by_step(points))
+        print(f"BPC by checkpoint: {curve['json']}  chart: {curve['png']}")
+    return {"step": points[-1]["step"], "results": points[-1]["results"],
+            "checkpoints": points, "files": curve}
+
+
+def _evaluate_state(evaluator: Evaluator, mesh, state, step: int, model_dir: str,
+                    step_flops) -> dict[str, Any]:
     with jax.set_mesh(mesh):
-        results = evaluator.run(state, restored.step)
-    print(f"step {restored.step} of {model_dir}")
+        results = evaluator.run(state, step)
+    print(f"step {step} of {model_dir}")
     print(metrics.format_eval_table({"": results}))
-    return {"step": restored.step, "results": results}
+    return metrics.eval_point(step, results, step_flops)
+
+
+def _describe(cfg: EvalConfig) -> dict[str, Any]:
+    return {"tasks": None if cfg.tasks is None else list(cfg.tasks), "split": cfg.split,
+            "max_examples": cfg.max_examples, "bpc_tasks": _jsonable(cfg.bpc_tasks),
+            "window": cfg.window, "stride": cfg.stride, "max_documents": cfg.max_documents,
+            "max_tokens": cfg.max_tokens}
+
+
+def _jsonable(tasks: Sequence[str] | Mapping[str, str]) -> list[str] | dict[str, str]:
+    return dict(tasks) if isinstance(tasks, Mapping) else list(tasks)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import numpy as np
 import seqio
 from flax import nnx
 
-from t5x_like import checkpoints, launch, partitioning, prepare
+from t5x_like import checkpoints, launch, partitioning, pipeline
 from t5x_like.decoding import DecodeConfig
 
 
@@ -88,7 +88,7 @@ def example_batches(task: seqio.Task, task_feature_lengths: Mapping[str, int], s
                           num_epochs=1, use_cached=False)
     if max_examples is not None:
         ds = ds.take(max_examples)
-    converter = prepare.make_converter(converter_name, pack=False)
+    converter = pipeline.make_converter(converter_name, pack=False)
     model_features = converter(ds, dict(task_feature_lengths))
     rows, examples = [], []
     for features, example in zip(model_features.as_numpy_iterator(), ds.as_numpy_iterator()):

@@ -55,11 +55,24 @@ class LoaderIterator(grain.DatasetIterator):
     A `grain.DatasetIterator`, so grain's orbax handler can save it too.
     """
 
-    def __init__(self, inner: grain.DatasetIterator, state_info: Mapping[str, Any], num_batches: int):
+    def __init__(self, inner: grain.DatasetIterator, state_info: Mapping[str, Any],
+                 num_batches: int, scalars: Mapping[str, float]):
         super().__init__(inner)
         self._inner = inner
         self._state_info = dict(state_info)
         self._num_batches = num_batches
+        self._scalars = dict(scalars)
+
+    def start(self) -> None:
+        """Nothing to start: grain's read threads start on the first batch (the same
+        contract as stream.StreamIterator, whose workers start here)."""
+
+    def close(self) -> None:
+        """Nothing to stop: read threads end with the iterator."""
+
+    def scalars(self) -> dict[str, float]:
+        """What the store's rows hold (from its manifest), as data metrics."""
+        return dict(self._scalars)
 
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._inner)
@@ -166,6 +179,19 @@ class Loader:
             "store": store.fingerprint(self.manifest),
         }
 
+    def scalars(self) -> dict[str, float]:
+        """The data metrics of the whole store (its manifest's counts), and its unusable
+        source documents."""
+        m = self.manifest
+        leaves = list(m["task_rates"].items())
+        positions = m["num_examples"] * sum(
+            m["model_feature_lengths"].get(f, 0) for f in m.get("tokens_per_feature", {}))
+        out = store.data_scalars(leaves, [m["task_counts"].get(n, 0) for n, _ in leaves],
+                                 m["tokens"], positions, m.get("loss_tokens", 0))
+        for label, counts in (m.get("unusable_documents") or {}).items():
+            out.update({f"data/unusable/{label}/{k}": counts[k] for k in ("empty", "non_utf8")})
+        return out
+
     def check_steps(self, num_steps: int) -> None:
         """Raises before training if the store cannot feed `num_steps` steps."""
         if num_steps > self.num_batches:
@@ -183,7 +209,7 @@ class Loader:
     def iterator(self, state: Mapping[str, Any] | None = None) -> LoaderIterator:
         """A fresh iterator at step 0, or at `state` (from `LoaderIterator.get_state`)."""
         inner = self._dataset.to_iter_dataset(self._read_options).__iter__()
-        it = LoaderIterator(inner, self._state_info, self.num_batches)
+        it = LoaderIterator(inner, self._state_info, self.num_batches, self.scalars())
         if state is not None:
             it.set_state(state)
         return it

@@ -149,7 +149,8 @@ class TrainLoop:
         if not self._window:
             return
         scalars = {**_mean_scalars(self._window), **self.meter.window()}
-        self.writer.write_scalars(self.step, {f"train/{k}": v for k, v in scalars.items()})
+        self.writer.write_scalars(self.step, {**{f"train/{k}": v for k, v in scalars.items()},
+                                              **self.data_iter.scalars()})
         tqdm.tqdm.write(metrics.format_line(self.step, self.train_steps, scalars,
                                             self.meter.eta_s(self.train_steps - self.step)),
                         file=sys.stderr)

@@ -11,6 +11,9 @@
 - `format_line`: one console line per log period; `progress_bar`: tqdm's bar on a
   terminal (nothing in a log file, where the lines carry the ETA);
   `format_eval_table`: the per-domain evaluation table of train and eval.
+- `write_bpc_curve`: BPC per domain over a run's checkpoints (`python -m t5x_like.eval`
+  with RestoreCheckpointConfig mode "all") as JSON and a PNG chart against training
+  step and training FLOPs.
 """
 
 from __future__ import annotations
@@ -269,3 +272,83 @@ def format_eval_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) 
         row += [f"  {k} {v:.4g}" for k, v in end.items() if k not in known]
         lines.append("".join(row))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Compression as a benchmark: BPC per domain over a run's checkpoints
+
+BPC_CURVE_NAME = "bpc_by_checkpoint"  # .json and .png in the evaluation's output dir
+
+
+def eval_point(step: int, results: Mapping[str, Mapping[str, float]],
+               step_flops: flops.Flops | None) -> dict[str, Any]:
+    """One checkpoint's evaluation: {"step", "train_flops" (step x FLOPs per step in
+    both conventions, or None), "results": {name: {"bpc", "loss", ...}}} for every BPC
+    stream (domain) and task evaluated."""
+    train_flops = None
+    if step_flops is not None:
+        total = step_flops * step
+        train_flops = {"palm": total.palm, "maxtext": total.maxtext}
+    return {"step": int(step), "train_flops": train_flops,
+            "results": {d: {k: _to_json_number(v) for k, v in r.items()}
+                        for d, r in results.items()}}
+
+
+def bpc_names(points: list[Mapping[str, Any]]) -> list[str]:
+    """The evaluations with a BPC at every point (the domains' streams, and tasks whose
+    examples carry their text), in the order evaluated."""
+    return [name for name in points[0]["results"]
+            if all("bpc" in p["results"].get(name, {}) for p in points)]
+
+
+def format_bpc_by_step(points: list[Mapping[str, Any]]) -> str:
+    """BPC per domain (columns) at each evaluated step (rows)."""
+    domains = bpc_names(points)
+    lines = [f"{'step':>8}{'train FLOPs':>14}" + "".join(f"{d:>14}" for d in domains)]
+    for p in points:
+        flops_text = f"{p['train_flops']['palm']:.3e}" if p["train_flops"] else "-"
+        lines.append(f"{p['step']:>8}{flops_text:>14}"
+                     + "".join(f"{p['results'][d]['bpc']:>14.3f}" for d in domains))
+    return "\n".join(lines)
+
+
+def _plot_bpc(points: list[Mapping[str, Any]], path: str, title: str) -> None:
+    import matplotlib  # imported here: only this chart needs it
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt
+
+    with_flops = all(p["train_flops"] for p in points)
+    fig, axes = plt.subplots(1, 2 if with_flops else 1, figsize=(12 if with_flops else 6.5, 4.5),
+                             squeeze=False)
+    axes = axes[0]
+    for domain in bpc_names(points):
+        bpc = [p["results"][domain]["bpc"] for p in points]
+        axes[0].plot([p["step"] for p in points], bpc, marker="o", label=domain)
+        if with_flops:
+            axes[1].plot([p["train_flops"]["palm"] for p in points], bpc, marker="o",
+                         label=domain)
+    axes[0].set_xlabel("training step")
+    if with_flops:
+        axes[1].set_xlabel("training FLOPs (PaLM convention, docs/FORMULAS.md)")
+    for ax in axes:
+        ax.set_ylabel("bits per character (validation)")
+        ax.grid(True, alpha=0.3)
+    axes[-1].legend(title="domain")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_bpc_curve(points: list[Mapping[str, Any]], out_dir: str, *, title: str,
+                    about: Mapping[str, Any]) -> dict[str, str]:
+    """Writes `out_dir/bpc_by_checkpoint.json` (`about` + the points) and `.png` (BPC per
+    domain against step and, when known, training FLOPs); returns both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"{BPC_CURVE_NAME}.{ext}") for ext in ("json", "png")}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump({**about, "checkpoints": list(points)}, f, indent=1)
+        f.write("\n")
+    _plot_bpc(list(points), paths["png"], title)
+    return paths

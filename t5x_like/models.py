@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t5x_like import decoding, flops, partitioning
+from t5x_like import decoding, flops, partitioning, preference
 from t5x_like.decoding import DecodeConfig
 from t5x_like.layers import TransformerConfig
-from t5x_like.network import Decoder, EncoderDecoder, segments_and_positions
+from t5x_like.network import (DPODecoder, Decoder, EncoderDecoder, RewardDecoder,
+                              segments_and_positions)
 
 Batch = Mapping[str, jax.Array]
 
@@ -385,6 +386,129 @@ class EncoderDecoderModel(_LanguageModel):
                                 "decoder_loss_weights", "decoder_segment_ids",
                                 "decoder_positions")})
         return batch
+
+
+class _PairwiseModel(DecoderOnlyModel):
+    """A decoder-only model trained on preference pairs (preference_data.py's
+    "preference" rows): both responses of a pair run through the network."""
+
+    def converter_name(self, task_feature_lengths: Mapping[str, int]) -> str:
+        return "preference"
+
+    def tokens_per_example(self, task_feature_lengths: Mapping[str, int]) -> int:
+        return 2 * _pair_length(task_feature_lengths)
+
+    def train_flops_per_step(self, batch_size, task_feature_lengths):
+        seq_len = _pair_length(task_feature_lengths)
+        per_token = flops.decoder_only_flops_per_token(self.cfg, seq_len, self.num_params)
+        return per_token * (batch_size * 2 * seq_len)
+
+    def get_initial_batch(self, batch_size: int, feature_lengths: Mapping[str, int]):
+        length = _pair_length(feature_lengths)
+        batch = {n: np.zeros((batch_size, length), np.int32)
+                 for n in ("chosen_tokens", "chosen_response", "rejected_tokens",
+                           "rejected_response")}
+        batch["rating"] = np.zeros((batch_size, 1), np.int32)
+        return batch
+
+    def _pair_metrics(self, losses_B, correct_B, batch: Batch, extra):
+        loss, metrics = preference.pair_metrics(
+            losses_B, correct_B, batch["chosen_tokens"][:, 0] != 0,  # all-zero rows pad
+            batch["rating"][:, 0], extra=extra)
+        metrics["num_tokens"] = jnp.sum((batch["chosen_tokens"] != 0)
+                                        + (batch["rejected_tokens"] != 0)).astype(jnp.float32)
+        return loss, metrics
+
+
+class RewardModel(_PairwiseModel):
+    """Llama 2's reward model: a decoder-only LM with a scalar head (network.RewardDecoder),
+    trained on preference pairs with the margin loss −log σ(r_c − r_r − m(rating));
+    `margin` names the table ("none", "small", "large"; preference.MARGINS). Its eval
+    metric is pairwise accuracy, r_c > r_r, overall and per rating level."""
+
+    module_class = RewardDecoder
+
+    def __init__(self, cfg: TransformerConfig, margin: str = "small"):
+        self.margins = preference.margin_table(margin)
+        self.margin = margin
+        super().__init__(cfg)
+
+    def rewards(self, module: RewardDecoder, tokens_BL, rng=None):
+        """[B] reward of each row (prompt + response, right-padded), at its last token."""
+        return module.rewards(tokens_BL, preference.last_token_index(tokens_BL), rng=rng)
+
+    def loss_fn(self, module: RewardDecoder, batch: Batch, rng=None):
+        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        chosen_B = self.rewards(module, batch["chosen_tokens"], rngs[0])
+        rejected_B = self.rewards(module, batch["rejected_tokens"], rngs[1])
+        losses_B = preference.reward_losses(chosen_B, rejected_B, batch["rating"][:, 0],
+                                            self.margins)
+        return self._pair_metrics(losses_B, chosen_B > rejected_B, batch,
+                                  {"reward_margin": chosen_B - rejected_B})
+
+    def score_batch(self, module: RewardDecoder, batch: Batch):
+        """[B] reward of `decoder_target_tokens` (prompt + response, as the lm converter
+        lays out an unpacked row), e.g. to rank sampled responses."""
+        return self.rewards(module, batch["decoder_target_tokens"])
+
+    def predict_batch(self, module, batch: Batch, decode: DecodeConfig = DecodeConfig(),
+                      rng=None):
+        raise ValueError("A RewardModel scores sequences and does not generate; decode with "
+                         "the policy's DecoderOnlyModel and score its outputs with this one.")
+
+
+class DPOModel(_PairwiseModel):
+    """Direct preference optimisation: the policy (network.DPODecoder, an ordinary
+    decoder-only LM, e.g. started from an SFT checkpoint) against a frozen copy of its
+    starting parameters, with −log σ(β·[(log π(y_c) − log π_ref(y_c)) − (log π(y_r) −
+    log π_ref(y_r))]), log π summed over the response's tokens. Eval: the implicit reward
+    margin (the bracket times β) and how often it is positive, per rating level."""
+
+    module_class = DPODecoder
+
+    def __init__(self, cfg: TransformerConfig, beta: float = 0.1):
+        if not beta > 0:
+            raise ValueError(f"DPOModel.beta={beta} must be > 0 (the DPO paper and Llama 3 "
+                             "use 0.1).")
+        self.beta = float(beta)
+        super().__init__(cfg)
+
+    @staticmethod
+    def response_logprobs(decoder: Decoder, tokens_BL, response_BL, rng=None):
+        """[B] Σ log p(token | earlier tokens) over each row's response positions."""
+        inputs_BL = jnp.pad(tokens_BL[:, :-1], ((0, 0), (1, 0)))
+        logits_BLV = decoder(inputs_BL, segment_ids_BL=(tokens_BL != 0).astype(jnp.int32),
+                             rng=rng)
+        nll_BL, _, _ = token_losses(logits_BLV, tokens_BL, 0.0)
+        return -jnp.sum(nll_BL * response_BL.astype(jnp.float32), axis=-1)
+
+    def loss_fn(self, module: DPODecoder, batch: Batch, rng=None):
+        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        # The reference rebuilt here over the same arrays: NNX refuses Variables made at
+        # another trace level (the train step makes them outside its grad).
+        ref_graphdef, ref_state = nnx.split(module.reference)
+        reference = nnx.merge(ref_graphdef, jax.tree.map(lambda x: x, ref_state))
+        logps = {}
+        for i, side in enumerate(("chosen", "rejected")):
+            tokens, response = batch[f"{side}_tokens"], batch[f"{side}_response"]
+            logps[side] = self.response_logprobs(module, tokens, response, rngs[i])
+            logps[f"reference_{side}"] = jax.lax.stop_gradient(
+                self.response_logprobs(reference, tokens, response))
+        losses_B, margin_B = preference.dpo_losses(
+            logps["chosen"], logps["rejected"], logps["reference_chosen"],
+            logps["reference_rejected"], self.beta)
+        return self._pair_metrics(losses_B, margin_B > 0, batch, {"reward_margin": margin_B})
+
+
+def _pair_length(task_feature_lengths: Mapping[str, int]) -> int:
+    """Positions of one response's row: prompt + the longer response."""
+    missing = [k for k in ("inputs", "targets") if k not in task_feature_lengths]
+    if missing:
+        raise ValueError(
+            f"Preference pairs need task feature lengths for {missing} (got "
+            f"{dict(task_feature_lengths)}); e.g. TASK_FEATURE_LENGTHS = {{'inputs': 32, "
+            "'targets': 33, 'rejected': 33, 'rating': 1}.")
+    return int(task_feature_lengths["inputs"]) + int(task_feature_lengths["targets"])
 
 
 def _left_aligned(prompt_BP, lengths_B=None, bos_id: int | None = 0):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t5x_like.partitioning import EMBED
 from t5x_like.layers import (
     BlockStack,
     Embed,
@@ -162,6 +163,12 @@ class Decoder(nnx.Module):
         """The output projection (w [D, V], scale) of the hidden states (`hidden=True`)."""
         return self.output.projection(self.embed)
 
+    def final_states(self, tokens_BL, *, segment_ids_BL=None, positions_BL=None, rng=None):
+        """The last block's outputs after the final norm [B, L, D] (what the logits are
+        read from; a reward head reads them too)."""
+        return self(tokens_BL, segment_ids_BL=segment_ids_BL, positions_BL=positions_BL,
+                    rng=rng, hidden=True)
+
     def prefill(self, tokens_BP, valid_BP, max_length: int, prefix_BP=None):
         """Fills a fresh cache of `max_length` slots with a left-padded prompt; returns
         (logits of the prompt's positions [B, P, V], cache). `prefix_BP`: the prompt is
@@ -177,6 +184,46 @@ class Decoder(nnx.Module):
         x_BLD, cache = _cached_layers(self.decoder, self.embed, tokens_BL,
                                       jnp.ones(tokens_BL.shape, bool), cache)
         return self.output(x_BLD, self.embed), cache
+
+
+class RewardDecoder(Decoder):
+    """A decoder-only LM with a scalar reward head (Llama 2's reward model): the reward
+    of a sequence is the head applied to the final state of its last token. The LM
+    parameters keep their names, so a pretrained or finetuned checkpoint initialises
+    them; the head starts at zero (every reward 0 before training)."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.reward_head = nnx.Param(jnp.zeros((cfg.emb_dim,), jnp.float32),
+                                     out_sharding=(EMBED,))
+
+    def rewards(self, tokens_BL, last_B, *, rng=None):
+        """[B] float32 reward of each row, read at position `last_B`."""
+        states_BLD = self.final_states(
+            tokens_BL, segment_ids_BL=(tokens_BL != 0).astype(jnp.int32), rng=rng)
+        last_BD = jnp.take_along_axis(states_BLD, last_B[:, None, None], axis=1)[:, 0]
+        return jnp.einsum("BD,D->B", last_BD.astype(jnp.float32), self.reward_head[...])
+
+
+class Frozen(nnx.Variable):
+    """A parameter nothing trains: gradients and the optimizer see only nnx.Param."""
+
+
+class DPODecoder(Decoder):
+    """The DPO policy (this decoder's own parameters, named as a plain Decoder's, so an
+    SFT checkpoint initialises them) and `reference`, a frozen copy of them: the
+    reference model of the DPO loss. `reset_reference` copies the policy into it (done
+    at initialisation and after an initial checkpoint is read)."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        graphdef, params = nnx.split(nnx.clone(self), nnx.Param)
+        frozen = jax.tree.map(lambda v: Frozen(v.get_value(), **v.get_metadata()), params,
+                              is_leaf=lambda x: isinstance(x, nnx.Variable))
+        self.reference = nnx.merge(graphdef, frozen)
+
+    def reset_reference(self) -> None:
+        nnx.update(self.reference, nnx.state(self, nnx.Param))
 
 
 class EncoderDecoder(nnx.Module):

@@ -1,30 +1,29 @@
-"""Materialise model-ready examples of a SeqIO Task/Mixture as a prepared store.
+"""Prepared stores: the first N packed rows of a SeqIO Task/Mixture, written once.
 
-SeqIO defines *what* an example is (source → tokenize → UL2 denoiser → feature
-converter with packing); this module runs that pipeline once, offline, and writes the
-packed rows to an ArrayRecord store (format: `store.py`) that `loader.py` reads with
-grain (random access, per-host sharding, an iterator state of a few integers). Reka
-trained a single epoch, so denoising once at prepare time loses nothing.
+What a row is (source → tokenize → UL2 denoiser → packed feature converter, mixed with
+real per-task counts) is `pipeline.py`'s; this module writes the first rows of every
+SeqIO shard to an ArrayRecord store (format: `store.py`) that `loader.py` reads with
+grain, for repeated experiments on one corpus. Training does not need a store: by
+default it streams the same shards on the fly (`stream.py`); `train.DataConfig.store_dir`
+names a store to read instead.
 
-Per-task counts: seqio mixtures do not label their examples and the feature converters
-drop extra features. So this module does the mixing itself, in tf.data: a numpy RNG
-seeded by (seed, shard) draws the leaf task of every example slot with the mixture's
-(flattened) rates, `tf.data.Dataset.choose_from_datasets` takes that task's next example,
-and the draws are kept. The stream goes through the seqio feature converter, whose
-packing is greedy and in order and never drops an example; the number of examples in the
-written rows is the sum over rows of the largest segment id, so the per-task counts are
-the label counts of that prefix of the draws: real counts, not rate estimates.
-
-Parallelism: one process per SeqIO shard (`seqio.ShardInfo(index, num_shards)`), spawned
-(TensorFlow does not survive fork), each writing one shard atomically (tmp name, fsync,
-rename) and then its done record. A re-run skips shards that have a done record, so a
-killed run resumes where it stopped; leftover tmp files are ignored and replaced.
+Two ways to run the same shards, giving byte-identical shard files:
+- locally (default): one spawned process per shard (TensorFlow does not survive fork),
+  each writing its shard atomically (tmp name, fsync, rename) and then its done record;
+- `--runner=DirectRunner` (or `FlinkRunner`, `SparkRunner`, `DataflowRunner`, ... with
+  their own Beam options after it): an Apache Beam pipeline whose elements are the shard
+  indices and whose one transform is the same shard writer, as SeqIO's own
+  `cache_tasks_main` runs on Beam. The store directory must then be a path every Beam
+  worker writes to (a shared file system).
+A re-run skips shards that have a done record, so a killed run resumes where it stopped;
+leftover tmp files are ignored and replaced.
 
 Command line (the task modules that register the mixture are named explicitly):
 
     python -m t5x_like.prepare --task_module tasks --mixture reka_mix_ul2 \
         --feature_lengths inputs=128,targets=128 --converter encdec \
-        --num_examples 4800 --num_shards 2 --out runs/demo_encdec_ul2/data
+        --num_examples 4800 --num_shards 2 --out runs/demo_encdec_ul2/data \
+        [--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing]
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -41,55 +39,12 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-import numpy as np
-import seqio
-import tensorflow as tf
 from array_record.python import array_record_module
 
 import t5x_like
-from t5x_like import documents, launch, mixtures, store, vocabulary
+from t5x_like import documents, launch, mixtures, pipeline, store
 from t5x_like.store import ManifestMismatchError  # noqa: F401 - raised from prepare()
-
-# Segment-id features whose non-zero entries are the non-padding token positions.
-_TOKEN_SEGMENTS = {
-    "encoder_input_tokens": "encoder_segment_ids",
-    "decoder_target_tokens": "decoder_segment_ids",
-}
-_CHOICE_CHUNK = 4096
-
-
-def make_converter(converter: str, pack: bool = True) -> seqio.FeatureConverter:
-    """The seqio feature converter of a converter name (packed for training; unpacked,
-    one example per row, for inference)."""
-    if converter == "encdec":
-        return seqio.EncDecFeatureConverter(pack=pack)
-    if converter == "prefix_lm":
-        return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=True)
-    if converter == "lm":
-        return seqio.LMFeatureConverter(pack=pack)
-    raise ValueError(f"Unknown converter {converter!r}; expected one of "
-                     f"{sorted(store.CONVERTER_FEATURES)}.")
-
-
-def model_feature_lengths(converter: str, task_feature_lengths: Mapping[str, int]) -> dict:
-    """The packed row length of every model feature (seqio's get_model_feature_lengths)."""
-    lengths = make_converter(converter).get_model_feature_lengths(dict(task_feature_lengths))
-    return {name: int(lengths[name]) for name in store.CONVERTER_FEATURES[converter]}
-
-
-def _mixture_vocabulary_checksum(leaves: Sequence[tuple[str, float]]) -> str:
-    checksums = {}
-    for task_name, _ in leaves:
-        vocab = seqio.TaskRegistry.get(task_name).output_features["targets"].vocabulary
-        checksums[task_name] = vocabulary.vocabulary_checksum(vocab)
-    distinct = sorted(set(checksums.values()))
-    if len(distinct) != 1:
-        raise ValueError(
-            f"The tasks of one store must share one vocabulary; got checksums {checksums}. "
-            "Prepare tasks with different vocabularies into different stores.")
-    return distinct[0]
 
 
 def _parse_task_feature_lengths(task_feature_lengths: Mapping[str, int] | str) -> dict[str, int]:
@@ -126,87 +81,9 @@ class _Job:
     task_modules: tuple[str, ...]
 
 
-def _derived_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def _task_dataset(spec: store.StoreSpec, shard_index: int, task_index: int, task_name: str):
-    """One leaf task's examples for this shard: task features only, int32, non-empty."""
-    task = seqio.TaskRegistry.get(task_name)
-    task_features = store.CONVERTER_TASK_FEATURES[spec.converter]
-    missing = [k for k in task_features if k not in task.output_features]
-    if missing:
-        raise ValueError(
-            f"Task {task_name!r} lacks features {missing} that converter {spec.converter!r} "
-            f"needs (it has {sorted(task.output_features)}). Pick the converter that matches "
-            "the task (causal tasks: --converter lm).")
-    ds = task.get_dataset(
-        sequence_length=dict(spec.task_feature_lengths),
-        split=spec.split,
-        shuffle=True,
-        seed=_derived_seed(spec.seed, shard_index, task_index),
-        shard_info=seqio.ShardInfo(shard_index, spec.num_shards),
-        # Repeated, as seqio's Mixture.get_dataset does, so the draw is exact for any N.
-        num_epochs=None,
-        use_cached=False,
-        shuffle_buffer_size=spec.shuffle_buffer_size,
-    )
-    ds = ds.map(
-        lambda ex: {k: tf.cast(tf.reshape(ex[k], [-1]), tf.int32) for k in task_features},
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    # An empty example occupies no position, so packing would not show it; filtering it
-    # per task (before the draw) keeps every drawn label equal to one packed segment.
-    return ds.filter(lambda ex: tf.add_n([tf.size(ex[k]) for k in task_features]) > 0)
-
-
-def _mixed_dataset(spec: store.StoreSpec, shard_index: int,
-                   leaves: Sequence[tuple[str, float]], drawn: list):
-    """The shard's example stream: leaf tasks drawn with the mixture's rates.
-
-    The draws come from a numpy RNG seeded by (seed, shard) in chunks; every chunk is
-    appended to `drawn` as it is made, so `np.concatenate(drawn)[:k]` labels the first k
-    examples. `choose_from_datasets` takes the next example of the drawn task, in order.
-    All in tf.data: pulling task examples from Python inside a generator ran ~40x slower.
-    """
-    rates = np.array([r for _, r in leaves])
-    rates = rates / rates.sum()
-
-    def choice_chunks():
-        rng = np.random.default_rng([spec.seed, shard_index])
-        while True:
-            chunk = rng.choice(len(leaves), size=_CHOICE_CHUNK, p=rates).astype(np.int64)
-            drawn.append(chunk)
-            yield chunk
-
-    choices = tf.data.Dataset.from_generator(
-        choice_chunks, output_signature=tf.TensorSpec([_CHOICE_CHUNK], tf.int64)
-    ).unbatch()
-    datasets = [_task_dataset(spec, shard_index, i, name) for i, (name, _) in enumerate(leaves)]
-    return tf.data.Dataset.choose_from_datasets(datasets, choices, stop_on_empty_dataset=True)
-
-
-@dataclasses.dataclass
-class _ShardCounts:
-    """What a shard's rows hold, counted while they are written, and their SHA-256."""
-
-    tokens: dict[str, int]
-    loss_tokens: int = 0
-    segments: int = 0
-    rows: int = 0
-    digest: Any = dataclasses.field(default_factory=hashlib.sha256)
-
-    def add(self, row: Mapping[str, np.ndarray], record: bytes) -> None:
-        self.digest.update(record)
-        for f in self.tokens:
-            self.tokens[f] += int(np.count_nonzero(row[_TOKEN_SEGMENTS[f]]))
-        self.loss_tokens += int(np.count_nonzero(row["decoder_loss_weights"]))
-        self.segments += max(int(np.max(row[s])) for s in _TOKEN_SEGMENTS.values() if s in row)
-        self.rows += 1
-
-
-def _write_rows(ds, num_rows: int, layout: store.RecordLayout, tmp_path: str) -> _ShardCounts:
-    counts = _ShardCounts({f: 0 for f in _TOKEN_SEGMENTS if f in layout.names})
+def _write_rows(ds, num_rows: int, layout: store.RecordLayout,
+                tmp_path: str) -> pipeline.RowCounts:
+    counts = pipeline.RowCounts({f: 0 for f in pipeline.TOKEN_SEGMENTS if f in layout.names})
     # group_size:1 keeps every record individually addressable: the loader's shuffled
     # reads then decode one record, not a group of them.
     writer = array_record_module.ArrayRecordWriter(tmp_path, "group_size:1")
@@ -225,31 +102,18 @@ def _prepare_shard(job: _Job, shard_index: int, out_dir: str) -> dict:
     spec = job.spec
     mixtures.import_task_modules(job.task_modules)
     start = time.time()
-    leaves = mixtures.leaf_tasks_and_rates(spec.mixture)
     num_rows = spec.examples_per_shard()[shard_index]
-    layout = store.RecordLayout.of(
-        spec.converter, model_feature_lengths(spec.converter, spec.task_feature_lengths))
-
-    drawn: list[np.ndarray] = []
-    ds = _mixed_dataset(spec, shard_index, leaves, drawn)
-    ds = make_converter(spec.converter)(ds, dict(spec.task_feature_lengths))
-
     name = store.shard_file_name(spec.split, shard_index, spec.num_shards)
     tmp_path = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        counts = _write_rows(ds, num_rows, layout, tmp_path)
+        counts = _write_rows(pipeline.shard_rows(spec, shard_index), num_rows,
+                             pipeline.record_layout(spec), tmp_path)
         if counts.rows != num_rows:
             raise RuntimeError(
                 f"Shard {shard_index} of {spec.num_shards}: the stream ended after "
                 f"{counts.rows} of {num_rows} rows. A task of {spec.mixture!r} has no examples "
                 f"for split {spec.split!r} in this shard (a shard must hold at least one "
                 "document of every task): use fewer --num_shards, or check the tasks' sources.")
-        labels = np.concatenate(drawn) if drawn else np.zeros([0], np.int64)
-        if counts.segments > len(labels):
-            raise RuntimeError(
-                f"Shard {shard_index}: rows hold {counts.segments} examples but only "
-                f"{len(labels)} were drawn; the feature converter no longer packs in order, "
-                "so per-task counts cannot be derived. Report this with the seqio version.")
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -259,13 +123,14 @@ def _prepare_shard(job: _Job, shard_index: int, out_dir: str) -> dict:
     os.replace(tmp_path, os.path.join(out_dir, name))
     _fsync_dir(out_dir)
 
-    task_counts = np.bincount(labels[:counts.segments], minlength=len(leaves))
+    labels = pipeline.TaskLabels(spec, shard_index)
+    task_counts = labels.counts(0, counts.segments)
     record = {
         "shard_index": shard_index,
         "file": name,
         "num_examples": counts.rows,
         "num_task_examples": counts.segments,
-        "task_counts": {leaves[i][0]: int(c) for i, c in enumerate(task_counts)},
+        "task_counts": {labels.leaves[i][0]: int(c) for i, c in enumerate(task_counts)},
         "tokens": counts.tokens,
         "loss_tokens": counts.loss_tokens,
         "sha256": counts.digest.hexdigest(),
@@ -305,6 +170,30 @@ def _run_shards(job: _Job, todo: Sequence[int], out_dir: str, workers: int) -> N
     pool.shutdown()
 
 
+def _beam_prepare_shard(shard_index: int, job: _Job, out_dir: str) -> dict:
+    """The Beam transform: one shard, in whichever worker the runner picked."""
+    return _prepare_shard(job, shard_index, out_dir)
+
+
+def _run_beam(job: _Job, todo: Sequence[int], out_dir: str,
+              beam_args: Sequence[str]) -> None:
+    """The shards as an Apache Beam pipeline: shard indices → the same shard writer.
+
+    `beam_args` are Beam's pipeline options (`--runner=...` and the runner's own). The
+    driver waits for the pipeline; the manifest is completed from the done records the
+    workers wrote, as after a local run.
+    """
+    import apache_beam as beam  # noqa: PLC0415 - only the --runner path needs Beam
+    from apache_beam.options.pipeline_options import PipelineOptions  # noqa: PLC0415
+
+    options = PipelineOptions(list(beam_args), save_main_session=False)
+    with beam.Pipeline(options=options) as p:
+        _ = (p | "shards" >> beam.Create(list(todo))
+             # One shard per bundle: a runner may then spread the shards over workers.
+             | "spread" >> beam.Reshuffle()
+             | "write shard" >> beam.Map(_beam_prepare_shard, job, out_dir))
+
+
 def _usable_existing(out_dir: str, spec: store.StoreSpec) -> dict | None:
     """The manifest of a store already at `out_dir` that serves `spec`, or None.
 
@@ -334,8 +223,7 @@ def _usable_existing(out_dir: str, spec: store.StoreSpec) -> dict | None:
 
 def _initial_manifest(spec: store.StoreSpec, leaves: Sequence[tuple[str, float]]) -> dict:
     """What is asked for and how rows are laid out; written before any shard."""
-    layout = store.RecordLayout.of(
-        spec.converter, model_feature_lengths(spec.converter, spec.task_feature_lengths))
+    layout = pipeline.record_layout(spec)
     return {
         **spec.as_dict(),
         "format_version": store.FORMAT_VERSION,
@@ -387,6 +275,7 @@ def prepare(
     split: str = "train",
     task_modules: Sequence[str] = (),
     shuffle_buffer_size: int = 128,
+    beam_args: Sequence[str] = (),
 ) -> dict:
     """Materialises `num_examples` packed rows of `mixture` into an ArrayRecord store.
 
@@ -403,9 +292,10 @@ def prepare(
       split: the SeqIO split to read.
       task_modules: modules that register the tasks, imported here and in every worker.
       shuffle_buffer_size: per-task seqio shuffle buffer. Small by default: every shard
-        fills one buffer per leaf task (35 for reka_mix_ul2) before its first row, and
-        the loader shuffles the rows globally anyway (seqio's default 1000 made a
-        128-row shard spend most of its time filling buffers).
+        fills one buffer per leaf task (35 for reka_mix_ul2) before its first row
+        (seqio's default 1000 made a 128-row shard spend most of its time filling them).
+      beam_args: Apache Beam pipeline options, e.g. ["--runner=DirectRunner"]: the
+        shards then run as a Beam pipeline (same rows); empty: local processes.
 
     Returns:
       The manifest dict (also in `out_dir/manifest.json`).
@@ -417,20 +307,18 @@ def prepare(
     spec = make_spec(mixture, task_feature_lengths, converter, num_examples, seed,
                      num_shards=num_shards, split=split,
                      shuffle_buffer_size=shuffle_buffer_size)
-    return prepare_spec(spec, out_dir, workers, task_modules=task_modules)
+    return prepare_spec(spec, out_dir, workers, task_modules=task_modules,
+                        beam_args=beam_args)
 
 
 def make_spec(mixture: str, task_feature_lengths: Mapping[str, int] | str, converter: str,
               num_examples: int, seed: int, *, num_shards: int = 8, split: str = "train",
               shuffle_buffer_size: int = 128) -> store.StoreSpec:
     """The identity of the store `prepare` would write (the tasks must be registered)."""
-    leaves = mixtures.leaf_tasks_and_rates(mixture)
-    return store.StoreSpec(
-        mixture=mixture, split=split, seed=int(seed), converter=converter,
-        task_feature_lengths=_parse_task_feature_lengths(task_feature_lengths),
-        num_examples=int(num_examples), num_shards=int(num_shards),
-        shuffle_buffer_size=int(shuffle_buffer_size),
-        vocabulary_checksum=_mixture_vocabulary_checksum(leaves))
+    shards = pipeline.shard_spec(mixture, _parse_task_feature_lengths(task_feature_lengths),
+                                 converter, seed, num_shards, split=split,
+                                 shuffle_buffer_size=shuffle_buffer_size)
+    return store.StoreSpec(**shards.as_dict(), num_examples=int(num_examples))
 
 
 def check_store(out_dir: str, spec: store.StoreSpec) -> None:
@@ -442,7 +330,7 @@ def check_store(out_dir: str, spec: store.StoreSpec) -> None:
 
 
 def prepare_spec(spec: store.StoreSpec, out_dir: str, workers: int | None = None, *,
-                 task_modules: Sequence[str] = ()) -> dict:
+                 task_modules: Sequence[str] = (), beam_args: Sequence[str] = ()) -> dict:
     """`prepare` for a spec from `make_spec`: writes (or resumes, or reuses) the store."""
     existing = _usable_existing(out_dir, spec)
     if existing is not None and existing.get("complete"):
@@ -458,8 +346,11 @@ def prepare_spec(spec: store.StoreSpec, out_dir: str, workers: int | None = None
     logging.info("prepare %s: %d of %d shards to write into %s", spec.mixture, len(todo),
                  spec.num_shards, out_dir)
     start = time.time()
-    _run_shards(_Job(spec, tuple(task_modules)), todo, out_dir,
-                workers or min(spec.num_shards, os.cpu_count() or 1))
+    job = _Job(spec, tuple(task_modules))
+    if beam_args and todo:
+        _run_beam(job, todo, out_dir, beam_args)
+    else:
+        _run_shards(job, todo, out_dir, workers or min(spec.num_shards, os.cpu_count() or 1))
     manifest = _completed_manifest(manifest, spec, out_dir, leaves)
     manifest["prepare_seconds_this_run"] = round(time.time() - start, 3)
     store.write_json(os.path.join(out_dir, store.MANIFEST_NAME), manifest)
@@ -481,7 +372,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--shuffle_buffer_size", type=int, default=128,
                         help="per-task seqio shuffle buffer")
-    args = parser.parse_args(argv)
+    parser.add_argument("--runner", default=None,
+                        help="run the shards as an Apache Beam pipeline on this runner "
+                             "(DirectRunner, FlinkRunner, SparkRunner, DataflowRunner, ...); "
+                             "the runner's own options follow, e.g. --direct_num_workers=2")
+    args, beam_args = parser.parse_known_args(argv)
+    if beam_args and not args.runner:
+        parser.error(f"unrecognised arguments {beam_args}; Beam options need --runner=...")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     launch.hide_gpus_from_tensorflow()
     if os.getcwd() not in sys.path:
@@ -489,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     manifest = prepare(
         args.mixture, args.feature_lengths, args.converter, args.num_examples, args.seed,
         args.out, args.num_shards, args.workers, split=args.split,
-        task_modules=tuple(args.task_module), shuffle_buffer_size=args.shuffle_buffer_size)
+        task_modules=tuple(args.task_module), shuffle_buffer_size=args.shuffle_buffer_size,
+        beam_args=[f"--runner={args.runner}", *beam_args] if args.runner else ())
     summary = {k: manifest[k] for k in ("mixture", "num_examples", "tokens",
                                         "padding_fraction", "task_counts")}
     json.dump(summary, sys.stdout, indent=2)

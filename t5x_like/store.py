@@ -14,9 +14,10 @@ Record: one packed row; the int32 arrays of the model features in the fixed orde
 raw little-endian bytes. Raw bytes parse at 100-200k rows/s, far faster than
 tf.train.Example.
 
-Identity: the fields of `StoreSpec` define what a store contains. A store is reused
-only when every one of them matches; any difference is a `ManifestMismatchError` that
-names it, and nothing is overwritten.
+Identity: the fields of `StoreSpec` define what a store contains: `ShardSpec`, what
+defines the rows of every SeqIO shard (shared with streamed data, stream.py), and the
+number of rows. A store is reused only when every one of them matches; any difference
+is a `ManifestMismatchError` that names it, and nothing is overwritten.
 """
 
 from __future__ import annotations
@@ -62,12 +63,21 @@ CONVERTER_FEATURES = {
         "decoder_segment_ids",
         "decoder_positions",
     ),
+    # Preference pairs (preference.py), one unpacked pair per row.
+    "preference": (
+        "chosen_tokens",
+        "chosen_response",
+        "rejected_tokens",
+        "rejected_response",
+        "rating",
+    ),
 }
 # Task features each converter consumes (seqio's TASK_FEATURES).
 CONVERTER_TASK_FEATURES = {
     "encdec": ("inputs", "targets"),
     "prefix_lm": ("inputs", "targets"),
     "lm": ("targets",),
+    "preference": ("inputs", "targets", "rejected", "rating"),
 }
 
 
@@ -76,15 +86,16 @@ class ManifestMismatchError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class StoreSpec:
-    """What a store contains: every field is part of its identity."""
+class ShardSpec:
+    """What defines the packed rows of every SeqIO shard of a mixture (pipeline.py makes
+    them): a prepared store's shards and a stream's shards alike. Every field changes
+    the rows, so every field is part of a store's and a stream's identity."""
 
     mixture: str
     split: str
     seed: int
     converter: str
     task_feature_lengths: dict[str, int]
-    num_examples: int
     num_shards: int
     shuffle_buffer_size: int
     vocabulary_checksum: str
@@ -102,19 +113,30 @@ class StoreSpec:
         bad = {k: v for k, v in self.task_feature_lengths.items() if int(v) <= 0}
         if bad:
             raise ValueError(f"Feature lengths must be positive, got {bad}.")
-        if self.num_examples <= 0 or self.num_shards <= 0:
-            raise ValueError(f"num_examples and num_shards must be positive, got "
-                             f"{self.num_examples}, {self.num_shards}.")
-        if self.num_shards > self.num_examples:
-            raise ValueError(
-                f"num_shards={self.num_shards} exceeds num_examples={self.num_examples}; "
-                "every shard needs at least one row. Lower --num_shards.")
+        if self.num_shards <= 0:
+            raise ValueError(f"num_shards must be positive, got {self.num_shards}.")
         # Normalised so that a spec compares equal to its manifest copy.
         object.__setattr__(self, "task_feature_lengths",
                            {str(k): int(v) for k, v in sorted(self.task_feature_lengths.items())})
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSpec(ShardSpec):
+    """What a store contains: the shards' spec and how many rows they hold in all."""
+
+    num_examples: int
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_examples <= 0:
+            raise ValueError(f"num_examples must be positive, got {self.num_examples}.")
+        if self.num_shards > self.num_examples:
+            raise ValueError(
+                f"num_shards={self.num_shards} exceeds num_examples={self.num_examples}; "
+                "every shard needs at least one row. Lower --num_shards.")
 
     def check_against(self, store_dir: str, manifest: Mapping[str, Any]) -> None:
         """Raises ManifestMismatchError naming every field the stored manifest differs in."""
@@ -200,6 +222,21 @@ def fingerprint(manifest: Mapping[str, Any]) -> str:
     if "shard_sha256" in manifest:  # stores written before the hashes keep their text
         text += "|sha256=" + ",".join(h[:16] for h in manifest["shard_sha256"])
     return text
+
+
+def data_scalars(leaves: Sequence[tuple[str, float]], examples: Sequence[int], tokens: int,
+                 positions: int, loss_tokens: int) -> dict[str, float]:
+    """The data metrics of rows holding `examples` per leaf task (leaves: (task, rate)):
+    shares, counts, the configured rates, padding of the token features' positions, and
+    tokens with a loss weight. For a store from its manifest, for a stream as it goes."""
+    total = max(1, int(np.sum(examples)))
+    out = {"data/padding_fraction": 1.0 - float(tokens) / max(1, int(positions)),
+           "data/examples": float(np.sum(examples)), "data/loss_tokens": float(loss_tokens)}
+    for (name, rate), count in zip(leaves, examples):
+        out[f"data/task_share/{name}"] = int(count) / total
+        out[f"data/task_examples/{name}"] = float(count)
+        out[f"data/task_rate/{name}"] = rate
+    return out
 
 
 # ----------------------------------------------------------------------------- records

@@ -2,8 +2,8 @@
 
 `train(...)` joins the parts in the order data flows:
 
-  gin → tasks (SeqIO registry) → prepare (ArrayRecord store) → loader (grain)
-      → sharded train state (partitioning, trainer) → jitted train step (trainer)
+  gin → tasks (SeqIO registry) → stream (SeqIO shards in grain workers; or a prepared
+      ArrayRecord store through loader) → sharded train state (partitioning, trainer) → jitted train step (trainer)
       → orbax checkpoints (checkpoints) and clu metrics with MFU (metrics, flops)
       → per-domain evaluation with bits per character (evaluation)
 
@@ -25,16 +25,15 @@ import dataclasses
 import logging
 import os
 import statistics
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gin
 import jax
-from jax.experimental import multihost_utils
 
-from t5x_like import (checkpoints, flops, guards, launch, loader, metrics, mixtures,
-                      partitioning, prepare, store, trainer, ul2, vocabulary)
+from t5x_like import (checkpoints, documents, flops, guards, launch, loader, metrics,
+                      mixtures, partitioning, pipeline, store, stream, trainer, ul2,
+                      vocabulary)
 from t5x_like import loop as loop_lib
 from t5x_like.evaluation import EvalConfig, Evaluator
 
@@ -47,37 +46,46 @@ log = logging.getLogger("t5x_like.train")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """What to train on and how it is prepared and read.
+    """What to train on and where its rows come from.
 
     mixture_or_task_name: a registered SeqIO Mixture or Task (tasks/ or a user module
       brought in by an `import` line in the gin file).
     task_feature_lengths: e.g. {"inputs": 128, "targets": 128}; a decoder-only model
       with "inputs" trains as a prefix LM, without as a causal LM.
     batch_size: global batch (rows per step over all processes).
-    seed: seed of data preparation (task sampling, denoising) and of the read order.
-    num_examples: packed rows to prepare; default train_steps × batch_size (one epoch).
-    store_dir: where the prepared ArrayRecord store lives; default MODEL_DIR/data.
-    prepare_shards: ArrayRecord shards = SeqIO shards prepared in parallel (default:
-      what an existing store has, else one per core; every shard pays each task's
-      pipeline set-up once). Part of the store's identity: the shards hold other
-      examples when their count changes.
+    seed: seed of the data (task sampling, seqio shuffling, denoising; for a store also
+      of its read order): part of the run's identity.
+    store_dir: a store written by `python -m t5x_like.prepare` to read instead of
+      streaming; it must have been prepared with this mixture, lengths, seed and the
+      model's converter, with at least TRAIN_STEPS x BATCH_SIZE rows. Never written.
+    stream_shards: SeqIO shards the stream is made of (`t5x_like/stream.py`): each an
+      endless stream of rows in a worker process, batch_size / stream_shards rows of
+      every step. Part of the data's identity; must divide the batch size and be a
+      multiple of the process count.
+    data_workers: worker processes per training process; must divide the process's
+      shards. Default: as many as its shards, up to the core count. Not part of the
+      data's identity: a run may resume with another number.
+    task_modules: modules that register the tasks, imported by the data workers besides
+      those the gin files import (`import tasks`); for runs started from Python.
     """
 
     mixture_or_task_name: str
     task_feature_lengths: Mapping[str, int]
     batch_size: int
     seed: int = 0
-    num_examples: int | None = None
     store_dir: str | None = None
-    prepare_shards: int | None = None
+    stream_shards: int = 2
+    data_workers: int | None = None
+    task_modules: Sequence[str] = ()
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"BATCH_SIZE={self.batch_size} must be ≥ 1.")
-        for name in ("num_examples", "prepare_shards"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"train.DataConfig.{name}={value} must be ≥ 1 (or None).")
+        if self.stream_shards < 1:
+            raise ValueError(f"train.DataConfig.stream_shards={self.stream_shards} must be ≥ 1.")
+        if self.data_workers is not None and self.data_workers < 1:
+            raise ValueError(f"train.DataConfig.data_workers={self.data_workers} must be ≥ 1 "
+                             "(or None: one per shard of the process, up to the core count).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +145,9 @@ def _check_data(data: DataConfig, converter: str, vocab_size: int) -> None:
             f"TASK_FEATURE_LENGTHS={dict(data.task_feature_lengths)} does not fit the model's "
             f"{converter!r} form, which takes lengths for {list(needed)}.")
     tasks = mixtures.leaf_tasks(data.mixture_or_task_name)
-    vocabularies = {id(f.vocabulary): f.vocabulary for t in tasks for f in t.output_features.values()}
+    # Token features only: a preference pair's `rating` is a number, not a token.
+    vocabularies = {id(f.vocabulary): f.vocabulary for t in tasks
+                    for name, f in t.output_features.items() if name != "rating"}
     for vocab in vocabularies.values():  # a model too small for the tokenizer must not train
         vocabulary.check_model_covers(vocab, vocab_size)
     for task in tasks:
@@ -156,11 +166,15 @@ def _run_identity(model, data: DataConfig, optimizer, train_steps: int,
     cfg = dataclasses.asdict(model.cfg)
     for numerically_neutral in ("scan_layers", "remat_policy"):
         cfg.pop(numerically_neutral)
+    # Where the rows come from changes them: a store's rows are shuffled, a stream's are
+    # its shards' in order (the store's own identity is checked by its iterator state).
+    source = ({"source": "store"} if data.store_dir else
+              {"source": "stream", "stream_shards": data.stream_shards})
     return {
         "model": {"class": type(model).__name__, **cfg},
         "data": {"mixture_or_task_name": data.mixture_or_task_name,
                  "task_feature_lengths": dict(data.task_feature_lengths),
-                 "batch_size": data.batch_size, "seed": data.seed},
+                 "batch_size": data.batch_size, "seed": data.seed, **source},
         "optimizer": dict(optimizer.description),
         "schedule": {"train_steps": train_steps, "num_microbatches": num_microbatches,
                      "seed": seed},
@@ -171,49 +185,56 @@ def _run_identity(model, data: DataConfig, optimizer, train_steps: int,
 # Pieces of `train`, in data-flow order
 
 
-def store_for(data: DataConfig, converter: str, train_steps: int, model_dir: str):
-    """(directory, store.StoreSpec) of this run's prepared store, checked against a store
-    already there (a ManifestMismatchError that writes nothing)."""
-    store_dir = data.store_dir or os.path.join(model_dir, "data")
-    # A store made on a machine with another core count is still this run's store.
-    existing = store.read_manifest(store_dir)
-    shards = data.prepare_shards or (existing or {}).get("num_shards") or os.cpu_count() or 1
-    spec = prepare.make_spec(data.mixture_or_task_name, data.task_feature_lengths, converter,
-                             data.num_examples or train_steps * data.batch_size, data.seed,
-                             num_shards=shards)
+def data_source(data: DataConfig, converter: str, train_steps: int):
+    """The run's data, checked before anything is written: a `stream.Stream` by default,
+    or a `loader.Loader` over `data.store_dir` (which must serve this run and is never
+    written). Both give iterators with the same contract (`.iterator()`)."""
+    if data.store_dir:
+        return _store_loader(data, converter, train_steps)
+    source = stream.stream_for(
+        data.mixture_or_task_name, data.task_feature_lengths, converter, data.seed,
+        data.batch_size, data.stream_shards, workers=data.data_workers,
+        task_modules=(*launch.gin_imports(), *data.task_modules),
+        worker_init=launch.hide_gpus_from_tensorflow)
+    log.info("data: streaming %s, %d shards (%d rows of each per step), %d in this "
+             "process's %d worker process(es)", data.mixture_or_task_name,
+             data.stream_shards, source.rows_per_step, len(source.shards), source.workers)
+    for task in mixtures.leaf_tasks(data.mixture_or_task_name):
+        if documents.filter_documents not in task.preprocessors:
+            log.warning("%s does not drop empty or non-UTF-8 documents: any are trained on. "
+                        "Add t5x_like.documents.filter_documents to its preprocessors.",
+                        task.name)
+    return source
+
+
+def _store_loader(data: DataConfig, converter: str, train_steps: int) -> loader.Loader:
+    store_dir = data.store_dir
+    manifest = store.read_manifest(store_dir)
+    if manifest is None or not manifest.get("complete"):
+        lengths = ",".join(f"{k}={v}" for k, v in data.task_feature_lengths.items())
+        modules = " ".join(f"--task_module {m}" for m in launch.gin_imports()) or "--task_module ..."
+        raise FileNotFoundError(
+            f"train.DataConfig.store_dir={store_dir!r} holds no complete prepared store. "
+            f"Training reads a store but never writes one: prepare it first with `python "
+            f"-m t5x_like.prepare {modules} --mixture {data.mixture_or_task_name} "
+            f"--feature_lengths {lengths} --converter {converter} --seed {data.seed} "
+            f"--num_examples {train_steps * data.batch_size} --out {store_dir}`, or unset "
+            "store_dir to stream the data.")
+    shards = pipeline.shard_spec(data.mixture_or_task_name, data.task_feature_lengths,
+                                 converter, data.seed, manifest["num_shards"],
+                                 shuffle_buffer_size=manifest["shuffle_buffer_size"])
     try:
-        prepare.check_store(store_dir, spec)
-    except prepare.ManifestMismatchError as e:
-        raise prepare.ManifestMismatchError(
-            f"{e} In a training run the store is train.DataConfig.store_dir (default "
-            "MODEL_DIR/data), holds TRAIN_STEPS x BATCH_SIZE rows unless "
-            "train.DataConfig.num_examples says otherwise, in "
-            "train.DataConfig.prepare_shards shards: point store_dir elsewhere "
-            "or use a new MODEL_DIR.") from None
-    return store_dir, spec
-
-
-def prepare_data(store_dir: str, spec) -> dict:
-    """Prepares (or reuses) the run's store; returns its manifest.
-
-    In a multi-process run process 0 prepares while the others wait; they then find
-    the store complete and only check its manifest. Worker processes import the task
-    modules the gin files imported (`launch.gin_imports()`).
-    """
-    start = time.perf_counter()
-
-    def run():
-        return prepare.prepare_spec(spec, store_dir, workers=spec.num_shards,
-                                    task_modules=launch.gin_imports())
-
-    if jax.process_count() > 1:
-        if jax.process_index() == 0:
-            run()
-        multihost_utils.sync_global_devices("t5x_like.train: data prepared")
-    manifest = run()
-    log.info("data: %s (%d examples, %.1f%% padding) ready in %.1fs", store_dir,
-             manifest["num_examples"], 100 * manifest["padding_fraction"],
-             time.perf_counter() - start)
+        store.StoreSpec(**shards.as_dict(), num_examples=manifest["num_examples"]
+                        ).check_against(store_dir, manifest)
+    except store.ManifestMismatchError as e:
+        raise store.ManifestMismatchError(
+            f"{e} The store of a training run (train.DataConfig.store_dir) must be prepared "
+            "with the run's mixture, lengths, seed (DATA_SEED) and model form: point "
+            "store_dir at one that is, or unset it to stream.") from None
+    data_loader = loader.Loader(store_dir, data.batch_size, seed=data.seed)
+    data_loader.check_steps(train_steps)
+    log.info("data: store %s (%d rows, %.1f%% padding)", store_dir,
+             manifest["num_examples"], 100 * manifest["padding_fraction"])
     for label, counts in (manifest.get("unusable_documents") or {}).items():
         unusable = counts["empty"] + counts["non_utf8"]
         if unusable:
@@ -223,19 +244,7 @@ def prepare_data(store_dir: str, spec) -> dict:
                 counts["non_utf8"], "they are dropped." if counts["dropped"] else
                 "they are trained on: add t5x_like.documents.filter_documents to the task's "
                 "preprocessors, or fix the source.")
-    return manifest
-
-
-def data_scalars(manifest: Mapping[str, Any]) -> dict[str, float]:
-    """What the run's data holds, for the metrics: padding, examples per task, and the
-    unusable documents per source."""
-    out = {"data/padding_fraction": manifest["padding_fraction"]}
-    total = max(1, sum(manifest["task_counts"].values()))
-    out.update({f"data/task_share/{name}": count / total
-                for name, count in manifest["task_counts"].items()})
-    for label, counts in (manifest.get("unusable_documents") or {}).items():
-        out.update({f"data/unusable/{label}/{k}": counts[k] for k in ("empty", "non_utf8")})
-    return out
+    return data_loader
 
 
 def _write_operative_config(model_dir: str) -> str:
@@ -282,6 +291,20 @@ def _print_summary(summary: RunSummary) -> None:
 # The entry point
 
 
+def _check_checkpoints(ckpt_dir: str, identity, allow_resume_changes, initial_checkpoint,
+                       abstract_params) -> None:
+    """Before anything is written: a resumed run must match its checkpoints' identity, and
+    a new run's `initial_checkpoint` must hold this model's parameter shapes."""
+    resuming = False
+    if os.path.isdir(ckpt_dir):
+        with checkpoints.CheckpointManager(ckpt_dir, create=False) as existing:
+            guards.check_resume((existing.newest_run_item() or {}).get("identity"), identity,
+                                allow_resume_changes)
+            resuming = existing.latest_step() is not None
+    if initial_checkpoint is not None and not resuming:
+        checkpoints.check_params(initial_checkpoint, abstract_params())
+
+
 def train(
     *,
     model,
@@ -324,17 +347,15 @@ def train(
         Evaluator.check_batch_size(evaluation.batch_size, mesh)
     identity = _run_identity(model, data, optimizer, train_steps, num_microbatches, seed)
     ckpt_dir = os.path.join(model_dir, "checkpoints")
-    resuming = _check_existing(ckpt_dir, identity, allow_resume_changes)
-    if initial_checkpoint is not None and not resuming:
-        checkpoints.check_params(
-            initial_checkpoint, partitioning.abstract_sharded(model.make_module, mesh, rules)[1])
-    data_steps = train_steps + guard.reserve_batches(checkpoint.save_every_steps)
-    store_dir, spec = store_for(data, converter, data_steps, model_dir)
+    _check_checkpoints(ckpt_dir, identity, allow_resume_changes, initial_checkpoint,
+                       lambda: partitioning.abstract_sharded(model.make_module, mesh, rules)[1])
+    source = data_source(data, converter,
+                         train_steps + guard.reserve_batches(checkpoint.save_every_steps))
 
     with guards.RunLock(model_dir), guards.PreemptionWatcher() as watcher:
         config_text = _write_operative_config(model_dir)
-        data_iter, manifest = _data_iterator(data, store_dir, spec, data_steps)
-        with checkpoints.CheckpointManager(
+        data_iter = source.iterator()
+        with contextlib.closing(data_iter), checkpoints.CheckpointManager(
                 ckpt_dir, save_interval_steps=checkpoint.save_every_steps,
                 max_to_keep=checkpoint.keep, async_save=checkpoint.async_save) as ckpt:
             graphdef, state, restored = trainer.init_or_restore(
@@ -343,6 +364,7 @@ def train(
             run = (restored.run or {}) if restored else {}
             guards.check_resume(run.get("identity"), identity, allow_resume_changes)
             start_step = _resumed_at(restored, train_steps, model_dir)
+            data_iter.start()  # workers make the first rows while the step compiles
             train_step, evaluator = _compile(model, optimizer, mesh, rules, graphdef, state,
                                              num_microbatches, evaluation, data)
             loop = loop_lib.TrainLoop(
@@ -355,7 +377,6 @@ def train(
                 train_steps=train_steps, log_every=log_every_steps,
                 eval_every=evaluation.every_steps, step=start_step)
             with jax.set_mesh(mesh), contextlib.closing(loop.writer):
-                loop.writer.write_scalars(start_step, data_scalars(manifest))
                 eval_start = loop.evaluate()
                 stopped_by = loop.run(min(train_steps, stop_at_step or train_steps), watcher)
                 # A signal asks for a quick exit: no final evaluation then.
@@ -370,17 +391,6 @@ def train(
     return summary
 
 
-def _check_existing(ckpt_dir: str, identity, allow_resume_changes) -> bool:
-    """Whether `ckpt_dir` holds a step to resume from, after checking that its run's
-    identity matches this one's (guards.check_resume), before anything is written."""
-    if not os.path.isdir(ckpt_dir):
-        return False
-    with checkpoints.CheckpointManager(ckpt_dir, create=False) as existing:
-        guards.check_resume((existing.newest_run_item() or {}).get("identity"), identity,
-                            allow_resume_changes)
-        return existing.latest_step() is not None
-
-
 def _compile(model, optimizer, mesh, rules, graphdef, state, num_microbatches: int,
              evaluation: EvalConfig, data: DataConfig):
     """The jitted train step and the evaluator (None when evaluation is off)."""
@@ -393,15 +403,6 @@ def _compile(model, optimizer, mesh, rules, graphdef, state, num_microbatches: i
         model, graphdef, state_sharding, mesh, rules, evaluation, data.mixture_or_task_name,
         data.task_feature_lengths) if evaluation.enabled else None
     return train_step, evaluator
-
-
-def _data_iterator(data: DataConfig, store_dir: str, spec, train_steps: int):
-    """The run's data: prepared store → grain iterator (at step 0; a restored checkpoint
-    moves it), and the store's manifest."""
-    prepare_data(store_dir, spec)
-    data_loader = loader.Loader(store_dir, data.batch_size, seed=data.seed)
-    data_loader.check_steps(train_steps)
-    return data_loader.iterator(), data_loader.manifest
 
 
 def _resumed_at(restored, train_steps: int, model_dir: str) -> int:

@@ -311,6 +311,8 @@ def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: 
         params = checkpoints.restore_params(initial_checkpoint,
                                             nnx.state(train_state.model, nnx.Param))
         nnx.update(train_state.model, params)
+        if hasattr(train_state.model, "reset_reference"):  # DPO: the reference = the start
+            train_state.model.reset_reference()
     graphdef, state = nnx.split(train_state)
     return graphdef, state, None
 

@@ -42,13 +42,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from typing import Mapping, Optional, Sequence
 
 import seqio
 import tensorflow as tf
 
-from t5x_like import mixtures
+from t5x_like import mixtures, vocabulary
 
 # S (prefix-LM) noise density: expected fraction of the chunk that becomes targets.
 S_NOISE_DENSITY = 0.25
@@ -242,22 +241,27 @@ def _min_inputs_length(spec: DenoiserSpec) -> int:
 
 
 def validate_feature_lengths(specs: Sequence[DenoiserSpec] | DenoiserSpec,
-                             feature_lengths: Optional[Mapping[str, int]]
+                             feature_lengths: Optional[Mapping[str, int]],
+                             extra_ids: Optional[int] = None
                              ) -> dict[str, DenoiserLengths]:
-    """Checks that every denoiser's examples fit `feature_lengths` without truncation.
+    """Checks that every denoiser's examples fit `feature_lengths` without truncation,
+    and (given the vocabulary's `extra_ids`) that it has a sentinel for every span.
 
     X denoisers need long targets (docs/FORMULAS.md): with inputs of 512, r=0.5 needs
-    targets of 512. Call this at start-up; the preprocessors call it too.
+    targets of 512; and many sentinels: x1 cuts 127 spans at inputs 512, 511 at 2048.
+    Call this at start-up; the preprocessors call it too.
 
     Args:
       specs: one denoiser or several.
       feature_lengths: {"inputs": int, "targets": int}, the task feature lengths.
+      extra_ids: the vocabulary's extra ids (sentinels); None skips that check.
 
     Returns:
       {denoiser name: DenoiserLengths}.
 
     Raises:
-      ValueError: naming the denoiser, the length it needs and the length given.
+      ValueError: naming the denoiser, the length it needs and the length given, or the
+        sentinels it needs and the extra ids there are.
     """
     if isinstance(specs, DenoiserSpec):
         specs = [specs]
@@ -294,7 +298,38 @@ def validate_feature_lengths(specs: Sequence[DenoiserSpec] | DenoiserSpec,
             f"TASK_FEATURE_LENGTHS['targets'] >= {worst} (X denoisers need targets about "
             f"as long as inputs) or give {[s.name for s, _ in too_short]} a rate of 0 in "
             "the mixture.")
+    if extra_ids is not None:
+        check_sentinel_budget(specs, inputs_length, extra_ids)
     return out
+
+
+def sentinel_budget(specs: Sequence[DenoiserSpec], inputs_length: int) -> dict[str, int]:
+    """Sentinels each R/X denoiser uses at most at this inputs length: one per noise
+    span of a full-length chunk ({} for S, which marks no span)."""
+    return {spec.name: denoiser_lengths(spec, inputs_length).num_spans
+            for spec in specs if spec.kind != "S"}
+
+
+def check_sentinel_budget(specs: Sequence[DenoiserSpec], inputs_length: int,
+                          extra_ids: int) -> None:
+    """Raises ValueError when a denoiser would need more sentinels than the vocabulary
+    has extra ids: span k gets id vocab_size-1-k, so spans past the extra ids would get
+    ordinary pieces' ids and read as text (T5 lets that happen silently; we do not)."""
+    over = {name: n for name, n in sentinel_budget(specs, inputs_length).items()
+            if n > extra_ids}
+    if over:
+        by_name = {spec.name: spec for spec in specs}
+        each = "; ".join(
+            f"denoiser {name!r} ({by_name[name].kind}, mean span {by_name[name].mean_span}, "
+            f"noise density {by_name[name].noise_density}) needs {n} sentinels"
+            for name, n in over.items())
+        raise ValueError(
+            f"With inputs length {inputs_length}, {each}, one per noise span, but the "
+            f"vocabulary has {extra_ids} extra ids (sentinels): spans past them would reuse "
+            f"ordinary token ids. Use a vocabulary with at least {max(over.values())} extra "
+            f"ids (t5x_like.vocabulary.get_vocabulary() has {vocabulary.NUM_EXTRA_IDS}, "
+            "enough for inputs up to 2048), shorter inputs, or give "
+            f"{sorted(over)} a rate of 0 in the mixture.")
 
 
 # ----------------------------------------------------------------------------------
@@ -492,9 +527,6 @@ def _targets_vocabulary(output_features, name: str):
     return output_features["targets"].vocabulary
 
 
-_WARNED_SENTINEL_OVERFLOW = set()
-
-
 def ul2_denoise(dataset: tf.data.Dataset,
                 sequence_length: Optional[Mapping[str, int]],
                 output_features: Mapping[str, seqio.Feature],
@@ -518,32 +550,21 @@ def ul2_denoise(dataset: tf.data.Dataset,
     Returns:
       A dataset of {"inputs", "targets"} int32 without EOS.
     """
-    lengths = validate_feature_lengths(spec, sequence_length)[spec.name]
-    vocabulary = _targets_vocabulary(output_features, f"Denoiser {spec.name!r}")
+    vocab = _targets_vocabulary(output_features, f"Denoiser {spec.name!r}")
+    lengths = validate_feature_lengths(spec, sequence_length,
+                                       getattr(vocab, "extra_ids", 0))[spec.name]
     if "inputs" in output_features and (
-        output_features["inputs"].vocabulary != vocabulary):
+        output_features["inputs"].vocabulary != vocab):
         raise ValueError(
             f"Denoiser {spec.name!r} builds inputs from the targets' tokens, so the "
             "'inputs' and 'targets' features must share one vocabulary; got "
-            f"{output_features['inputs'].vocabulary} and {vocabulary}.")
+            f"{output_features['inputs'].vocabulary} and {vocab}.")
     if spec.mode_token not in mode_tokens:
         raise ValueError(
             f"Denoiser {spec.name!r}: mode token {spec.mode_token!r} is not in "
             f"mode_tokens {dict(mode_tokens)}; pass t5x_like.vocabulary.MODE_TOKENS.")
     mode_id = int(mode_tokens[spec.mode_token])
-    vocab_size = int(vocabulary.vocab_size)
-    extra_ids = getattr(vocabulary, "extra_ids", None)
-    if extra_ids and lengths.num_spans > extra_ids and (
-        (spec.name, lengths.raw_length) not in _WARNED_SENTINEL_OVERFLOW):
-        # T5 has the same overflow (x1 at 512 makes 128 spans for 100 extra ids); the
-        # extra sentinels are ordinary pieces below the extra ids. Warn, do not fail.
-        _WARNED_SENTINEL_OVERFLOW.add((spec.name, lengths.raw_length))
-        logging.warning(
-            "Denoiser %r makes up to %d spans per example but the vocabulary has %d "
-            "extra ids; sentinels past the extra ids reuse ordinary ids %d..%d (T5 "
-            "behaviour). Use fewer inputs tokens or more extra_ids to avoid it.",
-            spec.name, lengths.num_spans, extra_ids, vocab_size - lengths.num_spans,
-            vocab_size - 1 - extra_ids)
+    vocab_size = int(vocab.vocab_size)
 
     dataset = concat_and_split(dataset, lengths.raw_length)
 
@@ -558,12 +579,19 @@ def ul2_denoise(dataset: tf.data.Dataset,
 
 def causal_lm(dataset: tf.data.Dataset,
               sequence_length: Optional[Mapping[str, int]],
-              output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
-    """SeqIO preprocessor: tokenized documents -> chunks of the targets length (LM).
+              output_features: Mapping[str, seqio.Feature],
+              *, document_boundaries: bool = True) -> tf.data.Dataset:
+    """SeqIO preprocessor: tokenized documents -> causal LM examples of at most the
+    targets length, EOS after each document. Do not append EOS again.
 
-    T5's `full_lm`: EOS after each document (so the model sees document boundaries),
-    concatenate, split into chunks of exactly `sequence_length["targets"]` (only the
-    last chunk of a finite dataset may be shorter). Do not append EOS again.
+    document_boundaries=True (Llama 3's training): each document is cut into pieces of
+      the targets length (the last one shorter) and each piece is one example, so the
+      packed feature converter makes every piece its own segment: attention and RoPE
+      positions never cross a document boundary. Packing then leaves some padding.
+    document_boundaries=False: T5's `full_lm` (GPT-3, PaLM): documents concatenated
+      into one stream and cut into chunks of exactly the targets length (only the last
+      chunk of a finite dataset may be shorter): no padding, but a chunk's tokens attend
+      to the end of the previous document.
     """
     if not sequence_length or "targets" not in sequence_length:
         raise ValueError(
@@ -576,6 +604,8 @@ def causal_lm(dataset: tf.data.Dataset,
             "anything; use at least 2.")
     _targets_vocabulary(output_features, "causal_lm")
     dataset = seqio.preprocessors.append_eos(dataset, output_features)
+    if document_boundaries:
+        return split_tokens(dataset, targets_length)
     return concat_and_split(dataset, targets_length)
 
 
@@ -594,15 +624,19 @@ def denoiser_of(task: seqio.Task) -> Optional[DenoiserSpec]:
 
 def validate_mixture_lengths(name: str, feature_lengths: Mapping[str, int]
                              ) -> dict[str, DenoiserLengths]:
-    """Start-up check: every UL2 denoiser of a task or mixture fits `feature_lengths`.
+    """Start-up check, before any data is made: every UL2 denoiser of a task or mixture
+    fits `feature_lengths` and has a sentinel for every span in its tasks' vocabulary.
 
     Raises the `validate_feature_lengths` error, prefixed with `name`. Returns
     {denoiser: DenoiserLengths} ({} for tasks/mixtures without UL2 denoisers).
     """
-    specs = {spec.name: spec for spec in map(denoiser_of, mixtures.leaf_tasks(name)) if spec}
-    if not specs:
+    tasks = [t for t in mixtures.leaf_tasks(name) if denoiser_of(t)]
+    if not tasks:
         return {}
+    specs = {denoiser_of(t).name: denoiser_of(t) for t in tasks}
+    extra_ids = min(getattr(t.output_features["targets"].vocabulary, "extra_ids", 0)
+                    for t in tasks)
     try:
-        return validate_feature_lengths(list(specs.values()), feature_lengths)
+        return validate_feature_lengths(list(specs.values()), feature_lengths, extra_ids)
     except ValueError as e:
         raise ValueError(f"{name!r}: {e}") from None

@@ -1,8 +1,10 @@
 """The shipped SentencePiece vocabulary, its reserved ids, and checks on them.
 
 One place defines the vocabulary every task, model and script uses:
-- `data/vocab/reka_demo.model`: 8,092 SentencePiece pieces (scripts/train_tokenizer.py)
-  plus `NUM_EXTRA_IDS` = 100 SeqIO sentinels on top, 8,192 ids in all.
+- `data/vocab/reka_demo.model`: 7,680 SentencePiece pieces (scripts/train_tokenizer.py)
+  plus `NUM_EXTRA_IDS` = 512 SeqIO sentinels on top, 8,192 ids in all. 512 because
+  UL2's x1 denoiser cuts up to 511 noise spans at 2,048-token inputs, one sentinel each
+  (`ul2.sentinel_budget`); with fewer, the last spans would reuse ordinary pieces.
 - T5 ids: pad 0, eos 1, unk 2, no bos. Sentinel k (`<extra_id_k>`) is
   `vocab_size - 1 - k`, counting down from the top as T5 and UL2 expect.
 - UL2 mode tokens `[NLU] [NLG] [S2S]` are the single reserved ids 3, 4, 5
@@ -33,7 +35,7 @@ import tokenizers
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 VOCAB_PATH = str(_REPO_ROOT / "data" / "vocab" / "reka_demo.model")
-NUM_EXTRA_IDS = 100
+NUM_EXTRA_IDS = 512
 MODE_TOKENS = {"[NLU]": 3, "[NLG]": 4, "[S2S]": 5}
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 # Models commonly pad their vocabulary up to a multiple of this many rows (T5: 32,100 ->
@@ -80,7 +82,7 @@ def _load(path: str, extra_ids: int) -> seqio.SentencePieceVocabulary:
 
 
 def get_vocabulary(path: str | os.PathLike = VOCAB_PATH) -> seqio.SentencePieceVocabulary:
-    """The vocabulary at `path` with 100 sentinels; one object per path (cached).
+    """The vocabulary at `path` with NUM_EXTRA_IDS sentinels; one object per path (cached).
 
     Caching matters beyond speed: seqio compares vocabularies of output features, and
     every task built from this function then shares the same object.
@@ -137,7 +139,7 @@ def check_vocabulary(vocab: seqio.Vocabulary) -> None:
         raise ValueError(
             f"id {top} (vocab_size-1) should be the sentinel <extra_id_0> but decodes to "
             f"{decoded!r}: the SentencePiece model's pieces must lie below the extra ids. "
-            "Use seqio.SentencePieceVocabulary(path, extra_ids=100)."
+            f"Use seqio.SentencePieceVocabulary(path, extra_ids={NUM_EXTRA_IDS})."
         )
     for name, expected in MODE_TOKENS.items():
         ids = [i for i in vocab.encode(name) if i != _lone_space_id(vocab)]

@@ -3,12 +3,16 @@
 Importing registers (no file I/O; datasets are built only by get_dataset):
 - Task `{domain}_ul2_{denoiser}` for each domain x UL2 denoiser (features inputs,
   targets; t5x_like/ul2.py),
-- Task `{domain}_causal` (feature targets; concatenated documents, EOS between them),
+- Task `{domain}_causal` (feature targets; each document its own example(s), EOS at
+  its end, so that packing keeps documents apart, as Llama 3 trains) and
+  `{domain}_causal_concat` (documents concatenated with EOS between them and cut into
+  full rows, T5's `full_lm`, as GPT-3 and PaLM train),
 - Task `{domain}_validation`: one example per document, `targets` = its tokens
   (no EOS, no chunking) and `num_chars` = Python len() of its text, for bits per
   character (docs/FORMULAS.md). Use it with split="validation" and sequence_length=None.
 - Mixture `{domain}_ul2` over the denoisers, `reka_mix_ul2` over the domains,
-  `reka_mix_causal` over the causal tasks; `{domain}_upalm` and `reka_mix_upalm` the
+  `reka_mix_causal` and `reka_mix_causal_concat` over the causal tasks; `{domain}_upalm`
+  and `reka_mix_upalm` the
   same with U-PaLM's denoiser rates.
 
 Domains and names are pinned in docs/ARCHITECTURE.md. Every source document that is
@@ -71,8 +75,8 @@ def domain_mixture_name(domain: str, name: str = "ul2") -> str:
     return f"{domain}_{name}"
 
 
-def causal_task_name(domain: str) -> str:
-    return f"{domain}_causal"
+def causal_task_name(domain: str, document_boundaries: bool = True) -> str:
+    return f"{domain}_causal" if document_boundaries else f"{domain}_causal_concat"
 
 
 def validation_task_name(domain: str) -> str:
@@ -178,10 +182,14 @@ def register_tasks(corpus_dir: Union[str, pathlib.Path, None] = None) -> None:
                     seqio.preprocessors.append_eos,
                 ],
                 metric_fns=[])
-        _add_task(
-            causal_task_name(domain), source=source, output_features=lm_features,
-            preprocessors=[documents.filter_documents, to_targets, tokenize, ul2.causal_lm],
-            metric_fns=[])
+        for boundaries in (True, False):
+            _add_task(
+                causal_task_name(domain, boundaries), source=source,
+                output_features=lm_features,
+                preprocessors=[documents.filter_documents, to_targets, tokenize,
+                               functools.partial(ul2.causal_lm,
+                                                 document_boundaries=boundaries)],
+                metric_fns=[])
         _add_task(
             validation_task_name(domain), source=source,
             output_features=validation_features,
@@ -209,7 +217,8 @@ def register_mixtures(
     name: str = "ul2",
 ) -> dict[str, dict[str, float]]:
     """(Re)registers `{domain}_{name}` and `reka_mix_{name}` (and, for the default
-    name "ul2", `reka_mix_causal` with the same domain rates).
+    name "ul2", `reka_mix_causal` and `reka_mix_causal_concat` with the same domain
+    rates).
 
     Importing this module registers the UL2 rates as `reka_mix_ul2` and U-PaLM's as
     `reka_mix_upalm`; a gin file picks one with MIXTURE_OR_TASK_NAME. Other rates: call
@@ -248,6 +257,8 @@ def register_mixtures(
     add(f"reka_mix_{name}", [(domain_mixture_name(d, name), r) for d, r in domains.items()])
     if name == "ul2":
         add("reka_mix_causal", [(causal_task_name(d), r) for d, r in domains.items()])
+        add("reka_mix_causal_concat",
+            [(causal_task_name(d, False), r) for d, r in domains.items()])
     return {"denoiser_rates": denoisers, "domain_rates": domains}
 
 

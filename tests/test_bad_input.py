@@ -25,7 +25,7 @@ TRAIN_STEPS = 2
 BATCH_SIZE = 8
 WARMUP_STEPS = 1
 evaluation.EvalConfig.enabled = False
-train.DataConfig.prepare_shards = 1
+train.DataConfig.data_workers = 1
 train.CheckpointConfig.save_every_steps = 2
 """
 
@@ -41,10 +41,15 @@ def _run(tmp, model_dir, *flags):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
+    """A finished (streamed) run, and a store prepared with the run's settings."""
+    from t5x_like import prepare
+
     tmp = tmp_path_factory.mktemp("bad_input")
     (tmp / "exp.gin").write_text(GIN)
     summary = _run(tmp, tmp / "run")
     assert summary.end_step == 2
+    prepare.prepare("code_causal", {"targets": 64}, "lm", 16, 0, str(tmp / "store"),
+                    num_shards=1, workers=1, task_modules=("tasks",))
     return tmp
 
 
@@ -88,12 +93,24 @@ CASES = {
     "resume with a longer schedule": (["--gin.TRAIN_STEPS=4"],
                                       r"schedule.train_steps: checkpoint 2, now 4", False),
     "a store prepared with other settings": (
-        ["--gin.DATA_SEED=5", "--gin.train.DataConfig.store_dir='{finished}/run/data'"],
+        ["--gin.DATA_SEED=5", "--gin.train.DataConfig.store_dir='{finished}/store'"],
         r"seed: store has 0, requested 5", True),
     "fine-tuning from another architecture": (
         ["--gin.train.train.initial_checkpoint='{finished}/run'",
          "--gin.layers.TransformerConfig.mlp_dim=256"],
         r"decoder.*mlp.*checkpoint shape \(2, 128, 384\) != model shape \(2, 128, 256\)", True),
+    "a store_dir with no store (training never prepares one)": (
+        ["--gin.train.DataConfig.store_dir='{finished}/nowhere'"],
+        r"holds no complete prepared store.*python -m t5x_like.prepare --task_module tasks "
+        r"--mixture code_causal", True),
+    "UL2 inputs with more spans than the vocabulary has sentinels": (
+        ["--gin.MIXTURE_OR_TASK_NAME='code_ul2'",
+         "--gin.TASK_FEATURE_LENGTHS={'inputs': 4096, 'targets': 4096}"],
+        r"'code_ul2'.*inputs length 4096.*denoiser 'x1'.*needs 1023 sentinels.*has 512 "
+        r"extra ids", True),
+    "stream shards that do not divide the batch": (
+        ["--gin.train.DataConfig.stream_shards=3"],
+        r"stream_shards=3 must divide BATCH_SIZE=8", True),
     "zero training steps": (["--gin.TRAIN_STEPS=0"], r"total_steps=0 must be ≥ 1 \(TRAIN_STEPS\)",
                             True),
     "unknown rule preset": (["--gin.partitioning.MeshConfig.rules='fsdq'"],
@@ -111,7 +128,7 @@ def test_bad_input_is_one_clear_paragraph_and_changes_nothing(case, finished, tm
     model_dir = tmp_path / "new" if new_dir else tmp_path / "run"
     if not new_dir:
         shutil.copytree(finished / "run", model_dir)
-    watched = [model_dir, finished / "run" / "data"]
+    watched = [model_dir, finished / "store", finished / "nowhere"]
     before = [_snapshot(d) for d in watched]
     with pytest.raises(SystemExit) as exit_info:
         _run(finished, model_dir, *flags)

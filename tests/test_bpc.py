@@ -94,6 +94,27 @@ def test_encdec_windows_put_context_in_the_encoder_in_s2s_mode():
     assert scored == list(range(n))
 
 
+@pytest.mark.parametrize("form", ["decoder", "encdec"])
+def test_the_eos_between_documents_is_context_never_scored(form):
+    """Two documents joined by EOS (id 1): every document token is scored exactly once
+    in either form, the EOS never, though later tokens see it as context."""
+    docs = [_stream(30, seed=2), _stream(25, seed=3)]
+    tokens = np.concatenate([docs[0], [1], docs[1]]).astype(np.int32)
+    weights = (np.arange(len(tokens)) != 30).astype(np.int32)
+    ev = bpc.BpcEval(tokens, total_chars=100, num_documents=2, window=16, stride=6,
+                     weights=weights)
+    assert ev.num_scored_tokens == 55
+    weight_sum, eos_as_input = 0, False
+    for batch in ev.batches(4, form):
+        targets, loss = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        weight_sum += int(loss.sum())
+        assert not loss[targets == 1].any()  # the EOS is never scored
+        context = batch["encoder_input_tokens"] if form == "encdec" else batch[
+            "decoder_input_tokens"]
+        eos_as_input |= bool((context == 1).any())
+    assert weight_sum == 55 and eos_as_input
+
+
 def test_bits_per_character():
     assert bpc.bits_per_character(100 * math.log(2), 50) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="total_chars must be positive, got 0"):
@@ -109,10 +130,14 @@ def test_load_from_a_validation_task(test_tasks):
     assert ev.num_documents == len(docs)
     assert ev.total_chars == sum(len(d) for d in docs)  # characters, not bytes
     assert ev.total_chars < sum(len(d.encode()) for d in docs)
-    # Byte vocabulary: the stream is the documents' UTF-8 bytes (+3), in order.
-    expected = np.frombuffer("".join(docs).encode(), np.uint8).astype(np.int32) + 3
+    # Byte vocabulary: the stream is the documents' UTF-8 bytes (+3), in order, with the
+    # end-of-document token (EOS, 1) between them as training sees documents: context
+    # only, weight 0.
+    pieces = [np.frombuffer(d.encode(), np.uint8).astype(np.int32) + 3 for d in docs]
+    expected = np.concatenate([x for p in pieces for x in (p, [1])][:-1])
     np.testing.assert_array_equal(ev.tokens, expected)
-    assert ev.num_scored_tokens == len(expected)
+    np.testing.assert_array_equal(ev.weights, (expected != 1).astype(np.int32))
+    assert ev.num_scored_tokens == sum(len(p) for p in pieces) == len(expected) - len(docs) + 1
     with pytest.raises(ValueError, match="needs 'num_chars'"):
         bpc.load_bpc_eval("tt_a_lm", split="validation")
 
@@ -127,5 +152,5 @@ def test_max_tokens_keeps_whole_documents(test_tasks):
     cap = lengths[0] + 1  # reached inside the second document
     capped = bpc.load_bpc_eval("tt_a_validation", window=64, stride=16, max_tokens=cap)
     assert capped.num_documents == 2
-    assert len(capped.tokens) == lengths[0] + lengths[1]
+    assert len(capped.tokens) == lengths[0] + 1 + lengths[1]  # EOS between the two
     np.testing.assert_array_equal(capped.tokens, full.tokens[: len(capped.tokens)])

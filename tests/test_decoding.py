@@ -43,11 +43,13 @@ def test_cached_decoder_steps_equal_the_full_forward_pass(family):
         logits, cache = module.decode_step(token_B1, cache)
         steps.append(logits[:, 0])
     for b, (row, n) in enumerate(zip(rows, LENGTHS)):
+        # One full pass per row: position n + t has seen BOS + row[:n + t] (the prompt
+        # bidirectionally for a prefix LM), as cached step t has.
+        seq = np.concatenate([[0], row[:n + T - 1]])[None]
+        prefix = np.arange(seq.shape[1])[None] <= n if family == "prefix_lm" else None
+        full = module(jnp.asarray(seq), causal_attention_BL=prefix)[0]
         for t, logits_BV in enumerate(steps):
-            seq = np.concatenate([[0], row[:n + t]])[None]
-            prefix = np.arange(seq.shape[1])[None] <= n if family == "prefix_lm" else None
-            full = module(jnp.asarray(seq), causal_attention_BL=prefix)[0, -1]
-            np.testing.assert_allclose(logits_BV[b], full, atol=1e-5, rtol=1e-5,
+            np.testing.assert_allclose(logits_BV[b], full[n + t], atol=1e-5, rtol=1e-5,
                                        err_msg=f"row {b} step {t}")
 
 
@@ -78,10 +80,14 @@ def _predict(model, module, batch, **config):
 
 
 def _greedy_by_full_forward(module, prompt, steps):
-    seq = [0] + list(prompt)
-    for _ in range(steps):
-        seq.append(int(jnp.argmax(module(jnp.asarray([seq]))[0, -1])))
-    return seq[len(prompt) + 1:]
+    """Argmax of a full causal pass, one token at a time (zeros after the sequence so
+    far cannot change its logits: one compiled length)."""
+    forward = nnx.jit(lambda m, seq: m(seq)[0])
+    seq = np.zeros((1, 1 + len(prompt) + steps), np.int32)
+    seq[0, 1:1 + len(prompt)] = prompt
+    for i in range(len(prompt), len(prompt) + steps):
+        seq[0, i + 1] = int(jnp.argmax(forward(module, jnp.asarray(seq))[i]))
+    return seq[0, len(prompt) + 1:].tolist()
 
 
 def test_greedy_equals_argmax_of_full_passes_and_beam_one_equals_greedy():

@@ -91,7 +91,7 @@ def trained(tmp_path_factory):
     import my_qa_tasks  # noqa: F401  (registers my_qa)
 
     data = train.DataConfig(mixture_or_task_name="my_qa", task_feature_lengths=LENGTHS,
-                            batch_size=8, prepare_shards=1)
+                            batch_size=8, data_workers=1, task_modules=("my_qa_tasks",))
     train.train(model=MODEL, mesh_config=FSDP, data=data,
                 optimizer=trainer.adamw_llama2(peak_lr=3e-3, warmup_steps=1, total_steps=4),
                 train_steps=4, model_dir=str(directory / "run"),
@@ -145,7 +145,7 @@ def test_the_cli_runs_a_users_task_through_train_infer_and_eval(tmp_path):
         "MIXTURE_OR_TASK_NAME = 'my_qa'\n"
         "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 16}\n"
         "TRAIN_STEPS = 4\nBATCH_SIZE = 8\nWARMUP_STEPS = 1\nMODEL_DIR = 'run'\n"
-        "train.DataConfig.prepare_shards = 1\nEVAL_EVERY_STEPS = 1000\n"
+        "train.DataConfig.data_workers = 1\nEVAL_EVERY_STEPS = 1000\n"
         "evaluation.EvalConfig.batch_size = 8\n")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
 
@@ -172,13 +172,13 @@ def test_fine_tuning_starts_from_the_pretrained_loss_on_another_rule_preset(tmp_
     model = models.DecoderOnlyModel(MODEL.cfg)
     pre = train.DataConfig(mixture_or_task_name="code_causal",
                            task_feature_lengths={"targets": 64}, batch_size=8,
-                           prepare_shards=1)
+                           data_workers=1, task_modules=("tasks",))
     opt = trainer.adamw_llama2(peak_lr=3e-3, warmup_steps=1, total_steps=12)
     train.train(model=model, mesh_config=FSDP, data=pre, optimizer=opt, train_steps=12,
                 model_dir=str(tmp_path / "pre"), evaluation=evaluation.EvalConfig(enabled=False))
     fine = train.DataConfig(mixture_or_task_name="math_causal",
                             task_feature_lengths={"targets": 64}, batch_size=8,
-                            prepare_shards=1, store_dir=str(tmp_path / "fine_data"))
+                            data_workers=1, task_modules=("tasks",))
     tuned = train.train(model=model, mesh_config=FSDP_TP, data=fine,
                         optimizer=trainer.adamw_llama2(peak_lr=1e-4, warmup_steps=0,
                                                        total_steps=2),
@@ -186,12 +186,17 @@ def test_fine_tuning_starts_from_the_pretrained_loss_on_another_rule_preset(tmp_
                         evaluation=evaluation.EvalConfig(enabled=False),
                         initial_checkpoint=str(tmp_path / "pre"))
     # The pretrained parameters' loss on the fine-tuning run's first batch.
-    from t5x_like import checkpoints, launch as launch_lib, loader
+    from t5x_like import checkpoints, launch as launch_lib
 
     mesh, rules = launch_lib.mesh_for(FSDP)
     graphdef, target = partitioning.abstract_sharded(model.make_module, mesh, rules)
     params = checkpoints.restore_params(str(tmp_path / "pre"), target)
-    first = next(loader.Loader(str(tmp_path / "fine_data"), 8, seed=0).iterator())
+    # The fine-tuning run's first batch: its stream is deterministic in (settings, step).
+    rows = train.data_source(fine, model.converter_name(fine.task_feature_lengths), 2).iterator()
+    try:
+        first = next(rows)
+    finally:
+        rows.close()
     loss, _ = model.loss_fn(gin_free_merge(graphdef, params), first)
     assert tuned.train_losses[0] == pytest.approx(float(loss), rel=0.01)
     # ... and not the loss of the parameters a fresh run would have started from.

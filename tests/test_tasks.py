@@ -115,12 +115,13 @@ def _check_ul2_shares(counts, n, **tolerance):
 
 def test_registered_names_follow_the_contract():
     expected_tasks = {f"{d}_ul2_{n}" for d in reka_mix.DOMAINS for n in DENOISERS}
-    expected_tasks |= {f"{d}_{k}" for d in reka_mix.DOMAINS for k in ("causal", "validation")}
+    expected_tasks |= {f"{d}_{k}" for d in reka_mix.DOMAINS
+                       for k in ("causal", "causal_concat", "validation")}
     assert expected_tasks <= set(seqio.TaskRegistry.names())
     expected_mixtures = {f"{d}_ul2" for d in reka_mix.DOMAINS} | {
-        "reka_mix_ul2", "reka_mix_causal"}
+        "reka_mix_ul2", "reka_mix_causal", "reka_mix_causal_concat"}
     assert expected_mixtures <= set(seqio.MixtureRegistry.names())
-    assert len(expected_tasks) == 45
+    assert len(expected_tasks) == 50
 
 
 def test_registered_rates_are_the_configured_ones():
@@ -191,6 +192,33 @@ def test_too_short_feature_lengths_name_the_denoiser_and_length():
     task = seqio.get_mixture_or_task("math_ul2_x4")
     with pytest.raises(ValueError, match=r"'x4'.*at least 511; got 256"):
         task.get_dataset({"inputs": 512, "targets": 256}, split="train", shuffle=False)
+
+
+@pytest.mark.parametrize("name", DENOISERS)
+def test_at_2048_token_inputs_every_sentinel_is_an_extra_id(name):
+    """The shipped tokenizer's 512 extra ids cover every span UL2 cuts at 2,048-token
+    inputs: the sentinels are <extra_id_0>, <extra_id_1>, ... in order, and no ordinary
+    piece reaches their range (T5's 100 would have x1's spans 101..511 reuse pieces)."""
+    vocab = vocabulary_lib.get_vocabulary()
+    first_extra = vocab.vocab_size - vocab.extra_ids
+    spec = ul2.DENOISERS[name]
+    spans = ul2.denoiser_lengths(spec, 2048).num_spans
+    task = seqio.get_mixture_or_task(f"multilingual_ul2_{name}")
+    ds = task.get_dataset({"inputs": 2048, "targets": 2048}, split="validation",
+                          shuffle=False)
+    for ex in ds.take(2).as_numpy_iterator():  # full-length chunks of a long stream
+        inputs, targets = ex["inputs"], ex["targets"]
+        sentinels = inputs[inputs >= first_extra]
+        if spec.kind == "S":
+            assert len(sentinels) == 0 and targets.max() < first_extra
+            continue
+        assert len(sentinels) == spans <= vocab.extra_ids
+        np.testing.assert_array_equal(sentinels, vocab.vocab_size - 1 - np.arange(spans))
+        np.testing.assert_array_equal(targets[targets >= first_extra], sentinels)
+        assert vocab.decode([int(sentinels[-1])]) == f"<extra_id_{spans - 1}>"
+        assert vocab.decode([first_extra - 1]) != f"<extra_id_{vocab.extra_ids}>"
+    if name == "x1":
+        assert spans == 511
 
 
 def _write_corpus(path, docs):

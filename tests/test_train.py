@@ -1,18 +1,21 @@
 """The training entry point end to end: exact resume, resharded resume, standalone eval,
-a user's task module through the CLI, every experiment file parses, clear errors.
+a user's task module through the CLI, every experiment file parses, clear errors; for
+a prepared store and for streamed data (the default).
 
-Real parts throughout: the shipped corpus and tokenizer through SeqIO, a prepared
-ArrayRecord store read by grain, orbax checkpoints in tmp dirs, 8 CPU devices. One
-store is prepared per module and shared by the runs (their DataConfig is identical).
+Real parts throughout: the shipped corpus and tokenizer through SeqIO, grain (over a
+prepared ArrayRecord store, or running the SeqIO shards in worker processes), orbax
+checkpoints in tmp dirs, 8 CPU devices. One store is prepared per module and shared by
+the store-based runs (their DataConfig is identical). The streaming runs start worker
+processes, tens of seconds each on 2 cores: slow.
 """
 
 import dataclasses
 import glob
+import json
 import os
 import shutil
 import subprocess
 import sys
-from unittest import mock
 
 import gin
 import jax
@@ -22,7 +25,7 @@ from flax import nnx
 
 import tasks  # noqa: F401  (registers code_causal and the validation tasks)
 from t5x_like import (checkpoints, evaluation, launch, layers, memory, models, partitioning,
-                      train, trainer)
+                      prepare, train, trainer)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, LENGTHS = 6, 8, {"targets": 64}
@@ -42,20 +45,31 @@ EVAL = evaluation.EvalConfig(every_steps=1000, tasks=(),
 EVAL_OFF = evaluation.EvalConfig(enabled=False)
 
 
+STORE_ROWS = (STEPS + 14) * BATCH  # enough for the spike test's skipped batches too
+
+
+def _prepare(out_dir, seed=0):
+    return prepare.prepare("code_causal", LENGTHS, "lm", STORE_ROWS, seed, str(out_dir),
+                           num_shards=1, workers=1, task_modules=("tasks",))
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("store"))
+    out = tmp_path_factory.mktemp("store") / "store"
+    _prepare(out)
+    return str(out)
 
 
 def _optimizer():
     return trainer.adamw_llama2(peak_lr=3e-3, warmup_steps=2, total_steps=STEPS)
 
 
-def _train(model_dir, store, mesh_config=FSDP, evaluation=None, num_examples=STEPS * BATCH,
-           prepare_shards=1, **kwargs):
+def _train(model_dir, store, mesh_config=FSDP, evaluation=None, data_workers=None,
+           **kwargs):
+    """A run on the store at `store`, or streamed when `store` is None."""
     data = train.DataConfig(mixture_or_task_name="code_causal", task_feature_lengths=LENGTHS,
-                            batch_size=BATCH, num_examples=num_examples, store_dir=store,
-                            prepare_shards=prepare_shards)
+                            batch_size=BATCH, store_dir=store, data_workers=data_workers,
+                            task_modules=("tasks",))
     return train.train(
         model=MODEL, mesh_config=mesh_config, data=data,
         optimizer=_optimizer(), train_steps=STEPS, model_dir=str(model_dir),
@@ -139,6 +153,51 @@ def test_standalone_eval_of_the_last_checkpoint_equals_the_in_training_eval(stra
     assert all(end[d]["bpc"] < start[d]["bpc"] for d in EVAL.bpc_tasks)
 
 
+def test_eval_over_checkpoints_writes_bpc_by_step_and_training_flops(straight, tmp_path):
+    restore = evaluation.RestoreCheckpointConfig(mode="specific", steps=[6, 2],
+                                                 include_init=True)
+    result = evaluation.evaluate(model=MODEL, mesh_config=FSDP, optimizer=_optimizer(),
+                                 model_dir=straight.model_dir, evaluation=EVAL,
+                                 mixture_or_task_name="code_causal", restore=restore,
+                                 batch_size=BATCH, task_feature_lengths=LENGTHS,
+                                 output_dir=str(tmp_path))
+    with open(result["files"]["json"]) as f:
+        curve = json.load(f)
+    points = curve["checkpoints"]
+    assert [p["step"] for p in points] == [0, 2, 6]
+    per_step = MODEL.train_flops_per_step(BATCH, LENGTHS)
+    for p in points:
+        assert p["train_flops"]["palm"] == pytest.approx(per_step.palm * p["step"])
+        assert p["train_flops"]["maxtext"] == pytest.approx(per_step.maxtext * p["step"])
+        assert set(p["results"]) == set(EVAL.bpc_tasks)
+        assert all(np.isfinite(r["bpc"]) and r["bpc"] > 0 for r in p["results"].values())
+    # step 0 is the run's own initialisation, step 6 its last checkpoint
+    for label, point in (("eval_start", points[0]), ("eval_end", points[-1])):
+        for domain, expected in getattr(straight, label).items():
+            assert point["results"][domain]["bpc"] == pytest.approx(expected["bpc"], rel=1e-5)
+    assert curve["eval"]["window"] == EVAL.window and curve["batch_size"] == BATCH
+    assert curve["eval"]["bpc_tasks"] == dict(EVAL.bpc_tasks)
+    with open(result["files"]["png"], "rb") as f:
+        png = f.read()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_checkpoint_selection_modes_and_their_errors():
+    steps = [300, 50, 100]
+    assert evaluation.RestoreCheckpointConfig().select(steps, "d") == [300]
+    assert evaluation.RestoreCheckpointConfig(mode="all").select(steps, "d") == [50, 100, 300]
+    specific = evaluation.RestoreCheckpointConfig(mode="specific", steps=[300, 50])
+    assert specific.select(steps, "d") == [50, 300]
+    with pytest.raises(FileNotFoundError, match=r"names \[7\], not in d"):
+        evaluation.RestoreCheckpointConfig(mode="specific", steps=[7]).select(steps, "d")
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+        evaluation.RestoreCheckpointConfig(mode="all").select([], "d")
+    with pytest.raises(ValueError, match="expected 'latest', 'all' or 'specific'"):
+        evaluation.RestoreCheckpointConfig(mode="every")
+    with pytest.raises(ValueError, match="steps go with mode 'specific'"):
+        evaluation.RestoreCheckpointConfig(mode="all", steps=[5])
+
+
 def test_outputs_in_the_model_dir(straight):
     model_dir = straight.model_dir
     assert os.path.isfile(os.path.join(model_dir, "config.gin"))
@@ -164,19 +223,25 @@ def test_outputs_in_the_model_dir(straight):
 
 
 def test_a_store_prepared_otherwise_is_a_clear_error_and_is_kept(tmp_path, store, straight):
-    from t5x_like import prepare
-
     before = {p: os.path.getmtime(os.path.join(store, p)) for p in os.listdir(store)}
-    with pytest.raises(prepare.ManifestMismatchError, match="train.DataConfig.store_dir"):
-        _train(tmp_path, store, num_examples=2 * STEPS * BATCH)
+    data = train.DataConfig(mixture_or_task_name="code_causal", task_feature_lengths=LENGTHS,
+                            batch_size=BATCH, store_dir=store, seed=5)
+    with pytest.raises(prepare.ManifestMismatchError,
+                       match=r"seed: store has 0, requested 5.*train.DataConfig.store_dir"):
+        train.train(model=MODEL, mesh_config=FSDP, data=data, optimizer=_optimizer(),
+                    train_steps=STEPS, model_dir=str(tmp_path / "run"), evaluation=EVAL_OFF)
     assert {p: os.path.getmtime(os.path.join(store, p)) for p in os.listdir(store)} == before
+    assert not (tmp_path / "run").exists()
 
 
-def test_the_shard_count_of_an_existing_store_is_kept_by_default(tmp_path, store, straight):
-    # The store has 1 shard; a run on a machine with another core count reuses it.
-    with mock.patch("os.cpu_count", return_value=3):
-        summary = _train(tmp_path, store, prepare_shards=None, stop_at_step=1)
-    assert summary.end_step == 1
+def test_training_never_prepares_a_store_and_says_how_to(tmp_path):
+    """A store_dir without a store is an error that names the prepare command; nothing
+    is written (training streams unless a store is named)."""
+    with pytest.raises(FileNotFoundError, match=r"python -m t5x_like.prepare .*--mixture "
+                       r"code_causal --feature_lengths targets=64 --converter lm --seed 0 "
+                       r"--num_examples 48 --out .*missing"):
+        _train(tmp_path / "run", str(tmp_path / "missing"))
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "run").exists()
 
 
 def test_an_eval_batch_the_mesh_cannot_split_is_a_clear_error(tmp_path, store):
@@ -199,14 +264,14 @@ def test_mesh_that_does_not_match_the_devices_is_a_clear_error(tmp_path, store):
         _train(tmp_path, store, mesh_config=four)
 
 
-def test_a_model_smaller_than_the_tokenizer_is_refused_before_data_is_prepared(tmp_path):
+def test_a_model_smaller_than_the_tokenizer_is_refused_before_anything_starts(tmp_path):
     small = models.DecoderOnlyModel(dataclasses.replace(MODEL.cfg, vocab_size=4096))
     data = train.DataConfig(mixture_or_task_name="code_causal", task_feature_lengths=LENGTHS,
-                            batch_size=BATCH, store_dir=str(tmp_path / "store"))
+                            batch_size=BATCH)
     with pytest.raises(ValueError, match="vocab_size=4096 is smaller than the vocabulary's 8192"):
         train.train(model=small, mesh_config=FSDP, data=data, optimizer=_optimizer(),
                     train_steps=STEPS, model_dir=str(tmp_path / "run"), evaluation=EVAL_OFF)
-    assert not (tmp_path / "store").exists()
+    assert not (tmp_path / "run").exists()
 
 
 USER_TASKS = '''
@@ -250,7 +315,7 @@ WARMUP_STEPS = 1
 BATCH_SIZE = 8
 EVAL_EVERY_STEPS = 1000
 evaluation.EvalConfig.enabled = False
-train.DataConfig.prepare_shards = 1
+train.DataConfig.data_workers = 1
 '''
 
 
@@ -292,7 +357,7 @@ def test_every_experiment_parses_and_binds_a_model_and_a_mesh(path):
             model.make_module, memory.abstract_mesh(mesh_config.global_shape),
             mesh_config.rule_set(),
             batch_size=gin.query_parameter("%BATCH_SIZE") // microbatches)
-        assert model.converter_name(lengths) in ("encdec", "prefix_lm", "lm")
+        assert model.converter_name(lengths) in ("encdec", "prefix_lm", "lm", "preference")
     finally:
         gin.clear_config()
 
@@ -314,10 +379,14 @@ EVAL_MAX_TOKENS = 256
 EVAL_TASKS = []
 EVAL_BPC_TASKS = {'code': 'code_validation'}
 evaluation.EvalConfig.batch_size = 8
-train.DataConfig.prepare_shards = 1
 train.DataConfig.store_dir = 'store'
 train.train.log_every_steps = 1
 '''
+# The demo itself, streamed, cut to 4 steps and a small evaluation.
+MULTIPROCESS_DEMO_FLAGS = [
+    "--gin_file=experiments/demo_encdec_ul2.gin", "--gin.TRAIN_STEPS=4",
+    "--gin.EVAL_MAX_TOKENS=256", "--gin.EVAL_EVERY_STEPS=1000",
+    "--gin.evaluation.EvalConfig.domains=['code']", "--gin.train.train.log_every_steps=1"]
 
 
 def _free_port():
@@ -329,24 +398,32 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_train_and_evaluate_like_one(tmp_path):
-    """jax.distributed on localhost: 2 processes x 4 CPU devices == 1 process x 8."""
-    (tmp_path / "mp.gin").write_text(MULTIPROCESS_GIN)
+@pytest.mark.parametrize("data", ["stream", "store"])
+def test_two_processes_train_and_evaluate_like_one(tmp_path, data):
+    """jax.distributed on localhost: 2 processes x 4 CPU devices == 1 process x 8. Streamed
+    (the demo: each process makes its own shard of reka_mix_ul2) and from a store."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    base = [sys.executable, "-m", "t5x_like.train", "--gin_file=mp.gin",
-            f"--gin_search_paths={tmp_path}"]
-    # Two processes first, so that process 0 prepares the store while process 1 waits.
+    base = [sys.executable, "-m", "t5x_like.train", f"--gin_search_paths={tmp_path}"]
+    if data == "store":
+        (tmp_path / "mp.gin").write_text(MULTIPROCESS_GIN)
+        _prepare(tmp_path / "store")
+        base.append("--gin_file=mp.gin")
+    else:
+        base += MULTIPROCESS_DEMO_FLAGS
     port = _free_port()
     procs = [subprocess.Popen(
         base + ["--gin.MODEL_DIR='two'", f"--coordinator_address=localhost:{port}",
                 "--process_count=2", f"--process_index={i}"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    outputs = [p.communicate(timeout=1800)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
+    if data == "stream":  # each process streamed its own shard in its own worker
+        assert all("2 shards (8 rows of each per step), 1 in this process's 1 worker" in out
+                   for out in outputs), outputs[0][-3000:]
     one = subprocess.run(base + ["--gin.MODEL_DIR='one'"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=1800)
     assert one.returncode == 0, one.stderr[-4000:]
 
     from t5x_like import metrics
@@ -360,6 +437,8 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
     assert losses_two == pytest.approx(losses_one, abs=1e-5)
     assert scalars("two", "eval/code/bpc") == pytest.approx(scalars("one", "eval/code/bpc"),
                                                             rel=1e-5)
+    # The data metrics count the rows of both processes: the same as one process's.
+    assert scalars("two", "data/examples") == scalars("one", "data/examples")
     data_states = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "4").rglob(
         "process_*.json"))
     assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]
@@ -374,14 +453,13 @@ def _spiky(model_dir, store, **kwargs):
     back to checkpoint 2 and reads on from batch 5 (2 + 3 skipped)."""
     from t5x_like import guards
 
-    return _train(model_dir, store, num_examples=(STEPS + 14) * BATCH,
-                  guard=guards.GuardConfig(**SPIKE_GUARD),
+    return _train(model_dir, store, guard=guards.GuardConfig(**SPIKE_GUARD),
                   drills=guards.FaultDrills(spike_at_batches=(3,)), **kwargs)
 
 
 @pytest.mark.slow
-def test_a_loss_spike_rewinds_skips_and_keeps_exact_resume(tmp_path):
-    spiky_store = str(tmp_path / "store")
+def test_a_loss_spike_rewinds_skips_and_keeps_exact_resume(tmp_path, store):
+    spiky_store = store
     straight_spiky = _spiky(tmp_path / "a", spiky_store)
     assert straight_spiky.rewinds == 1 and straight_spiky.end_step == STEPS
     # Stopped before the spike and resumed: the same rewind (its checkpoint 3 is of
@@ -420,8 +498,13 @@ def test_resuming_on_data_that_no_longer_gives_the_same_examples_is_refused(tmp_
         output_features={"targets": seqio.Feature(vocabulary.get_vocabulary(), add_eos=True)})
     with open(os.path.join(REPO, "data", "PROVENANCE.md"), encoding="utf-8") as f:
         lines = [line.strip() for line in f if len(line.strip()) > 20]
+    store_dir = tmp_path / "store"
     data = train.DataConfig(mixture_or_task_name="t13_notes", task_feature_lengths=LENGTHS,
-                            batch_size=BATCH, prepare_shards=1)
+                            batch_size=BATCH, store_dir=str(store_dir))
+
+    def prepare_store():
+        prepare.prepare("t13_notes", LENGTHS, "lm", STEPS * BATCH, 0, str(store_dir),
+                        num_shards=1, workers=1)
 
     def run(**kwargs):
         return train.train(model=MODEL, mesh_config=FSDP, data=data, optimizer=_optimizer(),
@@ -431,10 +514,62 @@ def test_resuming_on_data_that_no_longer_gives_the_same_examples_is_refused(tmp_
 
     try:
         notes.write_text("\n".join(lines * 4) + "\n", encoding="utf-8")
+        prepare_store()
         assert run(stop_at_step=2).end_step == 2
         notes.write_text("\n".join(reversed(lines * 4)) + "\n", encoding="utf-8")
-        shutil.rmtree(tmp_path / "run" / "data")  # prepared again, from the new text
+        shutil.rmtree(store_dir)
+        prepare_store()  # prepared again, from the new text
         with pytest.raises(ValueError, match=r"Cannot resume the data iterator.*store"):
             run()
     finally:
         seqio.TaskRegistry.remove("t13_notes")
+
+
+# --------------------------------------------------------------------------- streamed data
+
+
+def test_switching_a_run_from_its_store_to_streaming_is_refused(tmp_path, stopped):
+    """The rows would differ (a store's are shuffled, a stream's are its shards' in order):
+    the resume check names the changed field before any worker starts."""
+    shutil.copytree(stopped.model_dir, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"data.source: checkpoint 'store', now 'stream'"):
+        _train(tmp_path / "run", None)
+
+
+def test_stream_shards_that_do_not_divide_the_batch_are_a_clear_error(tmp_path):
+    data = train.DataConfig(mixture_or_task_name="code_causal", task_feature_lengths=LENGTHS,
+                            batch_size=BATCH, stream_shards=3)
+    with pytest.raises(ValueError, match=r"stream_shards=3 must divide BATCH_SIZE=8"):
+        train.train(model=MODEL, mesh_config=FSDP, data=data, optimizer=_optimizer(),
+                    train_steps=STEPS, model_dir=str(tmp_path / "run"), evaluation=EVAL_OFF)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    """6 steps of streamed data (2 shards in 2 worker processes), never stopped."""
+    return _train(tmp_path_factory.mktemp("streamed") / "run", None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [2, 1], ids=["same-workers", "one-worker"])
+def test_streamed_runs_resume_bitwise_after_a_stop_whatever_the_worker_count(
+        tmp_path, streamed, workers):
+    stopped = _train(tmp_path / "run", None, stop_at_step=STEPS // 2)
+    resumed = _train(tmp_path / "run", None, data_workers=workers)
+    assert resumed.start_step == STEPS // 2
+    assert stopped.train_losses + resumed.train_losses == streamed.train_losses  # bitwise
+    assert streamed.train_losses[-1] < streamed.train_losses[0]
+    a, b = _params(streamed), _params(resumed)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    from t5x_like import metrics
+
+    rows = [r for r in metrics.read_jsonl(os.path.join(resumed.model_dir, "metrics.jsonl"))
+            if "data/examples" in r]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    last = rows[-1]  # what the resumed process read: its 3 steps of 8 rows
+    # (code documents run to thousands of tokens: most rows hold one full 64-token piece)
+    assert 0 <= last["data/padding_fraction"] < 0.5
+    assert last["data/task_share/code_causal"] == last["data/task_rate/code_causal"] == 1.0
+    assert last["data/task_examples/code_causal"] == last["data/examples"] >= 3 * BATCH

@@ -3,7 +3,8 @@ determinism and the feature-length errors.
 
 Runs the real preprocessors on synthetic token documents (ids far below the sentinel
 range, so that sentinels are unambiguous) with a pass-through vocabulary of the
-shipped size; tests/test_tasks.py runs them on the shipped corpus and tokenizer.
+shipped shape (8,192 ids, the top 512 sentinels); tests/test_tasks.py runs them on the
+shipped corpus and tokenizer.
 """
 
 import numpy as np
@@ -14,10 +15,21 @@ import tensorflow as tf
 from t5x_like import ul2
 
 VOCAB_SIZE = 8192  # the shipped vocabulary's size (docs/ARCHITECTURE.md)
+EXTRA_IDS = 512  # its sentinels
 MODE_TOKENS = {"[NLU]": 3, "[NLG]": 4, "[S2S]": 5}  # docs/ARCHITECTURE.md
 # Synthetic text ids stay below this, so any id >= it in an output is a sentinel.
-MAX_TEXT_ID = VOCAB_SIZE - 512
-VOCAB = seqio.PassThroughVocabulary(size=VOCAB_SIZE, eos_id=1)
+MAX_TEXT_ID = VOCAB_SIZE - EXTRA_IDS
+
+
+class _SentinelVocabulary(seqio.PassThroughVocabulary):
+    """Pass-through ids with `extra_ids` sentinels on top, as the shipped tokenizer."""
+
+    def __init__(self, extra_ids=EXTRA_IDS):
+        super().__init__(size=VOCAB_SIZE - extra_ids, eos_id=1)
+        self._extra_ids = extra_ids
+
+
+VOCAB = _SentinelVocabulary()
 OUTPUT_FEATURES = {
     "inputs": seqio.Feature(VOCAB, add_eos=True),
     "targets": seqio.Feature(VOCAB, add_eos=True),
@@ -237,11 +249,30 @@ def test_chunking_repeated_stream_never_emits_short_chunks():
     assert [len(c["targets"]) for c in ds] == [64] * 40
 
 
-def test_causal_lm_chunks_to_targets_length_with_eos_between_documents():
-    docs = _documents(10, seed=9, min_len=5, max_len=60)
+def test_causal_lm_keeps_documents_apart_by_default():
+    """Llama 3's way: every example is a piece of one document (EOS at its end), so the
+    packed converter makes each its own segment; nothing crosses a document boundary."""
+    docs = _documents(10, seed=9, min_len=5, max_len=80)
     targets_features = {"targets": seqio.Feature(VOCAB, add_eos=True)}
     out = [x["targets"].numpy() for x in ul2.causal_lm(
         _dataset(docs), {"targets": 32}, targets_features)]
+    pieces = iter(out)
+    for doc in docs:
+        expected, got = np.append(doc, 1), []
+        while len(got) < len(expected):
+            piece = next(pieces)
+            assert 0 < len(piece) <= 32
+            got.extend(piece)
+        np.testing.assert_array_equal(got, expected)  # no piece reaches into the next
+    assert next(pieces, None) is None
+
+
+def test_causal_lm_concatenates_documents_when_asked():
+    """T5's full_lm (GPT-3, PaLM): one stream, EOS between documents, full chunks."""
+    docs = _documents(10, seed=9, min_len=5, max_len=60)
+    targets_features = {"targets": seqio.Feature(VOCAB, add_eos=True)}
+    out = [x["targets"].numpy() for x in ul2.causal_lm(
+        _dataset(docs), {"targets": 32}, targets_features, document_boundaries=False)]
     assert all(len(x) == 32 for x in out[:-1]) and len(out[-1]) <= 32
     expected = np.concatenate([np.append(d, 1) for d in docs])
     np.testing.assert_array_equal(np.concatenate(out), expected)
@@ -261,6 +292,33 @@ def test_too_short_targets_name_the_denoiser_and_the_length():
     with pytest.raises(ValueError, match=r"'x4'.*at least 511; got 256"):
         ul2.ul2_denoise(_dataset([]), {"inputs": 512, "targets": 256}, OUTPUT_FEATURES,
                         spec=ul2.DENOISERS["x4"], mode_tokens=MODE_TOKENS)
+
+
+def test_the_sentinel_budget_follows_the_denoisers_and_the_inputs_length():
+    denoisers = list(ul2.DENOISERS.values())
+    # x1 (mean span 3, r 0.5) cuts the most spans: 127 at inputs 512, 511 at 2048.
+    # T5's arithmetic on the raw lengths of FORMULAS.md: e.g. x2 at raw 908, 454 noise
+    # tokens in spans of 8: 57. One inputs position is the mode token.
+    assert ul2.sentinel_budget(denoisers, 512) == {
+        "r1": 28, "r2": 11, "x1": 127, "x2": 57, "x3": 1, "x4": 8}
+    assert max(ul2.sentinel_budget(denoisers, 2048).values()) == 511
+    ul2.check_sentinel_budget(denoisers, 2048, EXTRA_IDS)  # the shipped 512 suffice
+    with pytest.raises(ValueError, match=r"inputs length 2048, .*denoiser 'x1' \(X, mean "
+                       r"span 3.0, noise density 0.5\) needs 511 sentinels.*has 100 extra ids.*at "
+                       r"least 511 extra ids"):
+        ul2.check_sentinel_budget(denoisers, 2048, 100)
+    with pytest.raises(ValueError, match=r"inputs length 4096.*'x1'.*needs 1023 sentinels"):
+        ul2.validate_feature_lengths(denoisers, {"inputs": 4096, "targets": 4096}, EXTRA_IDS)
+
+
+def test_a_vocabulary_without_enough_sentinels_is_refused_before_any_data():
+    # T5 and UL2 let spans past the extra ids take ordinary ids; here it is an error.
+    few = {k: seqio.Feature(_SentinelVocabulary(100), add_eos=True) for k in OUTPUT_FEATURES}
+    with pytest.raises(ValueError, match=r"'x1'.*needs 127 sentinels.*has 100 extra ids"):
+        ul2.ul2_denoise(_dataset([]), {"inputs": 512, "targets": 512}, few,
+                        spec=ul2.DENOISERS["x1"], mode_tokens=MODE_TOKENS)
+    ul2.ul2_denoise(_dataset([]), {"inputs": 512, "targets": 512}, few,
+                    spec=ul2.DENOISERS["r1"], mode_tokens=MODE_TOKENS)  # 28 spans: fits
 
 
 def test_validate_accepts_the_standard_lengths():

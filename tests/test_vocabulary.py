@@ -39,7 +39,8 @@ def pieces(vocab, text):
 
 def test_sizes_reserved_ids_and_cache(vocab):
     assert vocab.vocab_size == 8192
-    assert vocab.extra_ids == vocabulary.NUM_EXTRA_IDS == 100
+    # 512 sentinels: UL2's x1 cuts up to 511 spans at 2,048-token inputs (test_ul2.py).
+    assert vocab.extra_ids == vocabulary.NUM_EXTRA_IDS == 512
     assert (vocab.pad_id, vocab.eos_id, vocab.unk_id) == (0, 1, 2)
     assert vocabulary.get_vocabulary() is vocab
     vocabulary.check_vocabulary(vocab)
@@ -58,10 +59,12 @@ def test_mode_tokens_are_single_reserved_ids(vocab):
 def test_sentinels_count_down_from_the_top(vocab):
     assert vocabulary.sentinel_id(vocab, 0) == 8191
     assert vocab.decode([vocabulary.sentinel_id(vocab, 0)]) == "<extra_id_0>"
-    assert vocab.decode([vocabulary.sentinel_id(vocab, 99)]) == "<extra_id_99>"
-    assert vocab.tokenizer.get_piece_size() - vocab.extra_ids == 8092
-    with pytest.raises(ValueError, match="sentinel index 100"):
-        vocabulary.sentinel_id(vocab, 100)
+    assert vocab.decode([vocabulary.sentinel_id(vocab, 511)]) == "<extra_id_511>"
+    assert vocabulary.sentinel_id(vocab, 511) == 7680  # the first id above the pieces
+    assert vocab.tokenizer.get_piece_size() - vocab.extra_ids == 7680
+    assert vocab.decode([7679]) != "<extra_id_512>"  # the last piece is text
+    with pytest.raises(ValueError, match="sentinel index 512"):
+        vocabulary.sentinel_id(vocab, 512)
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
@@ -99,7 +102,7 @@ def test_byte_fallback_for_unseen_characters(vocab):
 
 def test_check_vocabulary_rejects_missing_sentinels():
     bare = seqio.SentencePieceVocabulary(vocabulary.VOCAB_PATH, extra_ids=0)
-    with pytest.raises(ValueError, match="0 extra ids.*expected at least 100"):
+    with pytest.raises(ValueError, match="0 extra ids.*expected at least 512"):
         vocabulary.check_vocabulary(bare)
 
 
@@ -126,7 +129,7 @@ def test_check_vocabulary_rejects_missing_mode_tokens(tmp_path):
 
 
 def test_checksum_identifies_model_and_extra_ids(vocab):
-    same = seqio.SentencePieceVocabulary(vocabulary.VOCAB_PATH, extra_ids=100)
+    same = seqio.SentencePieceVocabulary(vocabulary.VOCAB_PATH, extra_ids=512)
     bare = seqio.SentencePieceVocabulary(vocabulary.VOCAB_PATH, extra_ids=0)
     assert vocabulary.vocabulary_checksum(same) == vocabulary.vocabulary_checksum(vocab)
     assert vocabulary.vocabulary_checksum(bare) != vocabulary.vocabulary_checksum(vocab)

@@ -1,0 +1,266 @@
+"""One SeqIO shard of a task or mixture as an endless stream of packed rows (tf.data).
+
+What a training row is, defined once for the two ways rows reach training:
+`prepare.py` writes the first rows of every shard to an ArrayRecord store (in local
+processes or as an Apache Beam pipeline) and `stream.py` hands endless shards to the
+trainer from worker processes. Both call `shard_rows(spec, k)`, so shard k of a stream
+holds the same rows, in the same order, as shard k of a store prepared with the same
+mixture, lengths, seed and shard count.
+
+A shard reads `seqio.ShardInfo(k, num_shards)` of every leaf task's source, repeated
+(as seqio's `Mixture.get_dataset` does), with seeds derived from (seed, k, task):
+SeqIO defines the examples (source → tokenize → UL2 denoiser → EOS), seqio's feature
+converter packs them.
+
+Mixing, and why it is not seqio's: mixtures do not label their examples and the feature
+converters drop extra features, so per-task counts would be lost. The leaf task of
+every example slot is drawn here instead: `task_draws(spec, k, j)` gives the draws of
+slot chunk j, a pure function of (seed, shard, j), and `choose_from_datasets` takes the
+drawn task's next example. The converter's packing is greedy and in order and never
+drops an example, so the examples in the first rows of a shard are the first draws:
+`TaskLabels` counts them exactly (real counts, not rate estimates) from the rows' segment
+ids alone, in any process, without a side channel out of the tf.data graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from t5x_like import mixtures, preference_data, store, vocabulary
+
+# Segment-id features whose non-zero entries are the non-padding token positions.
+TOKEN_SEGMENTS = {
+    "encoder_input_tokens": "encoder_segment_ids",
+    "decoder_target_tokens": "decoder_segment_ids",
+    # Preference rows (unpacked, right-padded): the tokens are their own marks.
+    "chosen_tokens": "chosen_tokens",
+    "rejected_tokens": "rejected_tokens",
+}
+DRAW_CHUNK = 4096  # task draws per numpy call: one call per 4,096 examples
+# Source files hashed whole up to this size; bigger ones by their size, first and last
+# MiB, so a fingerprint of a large corpus costs milliseconds, not a read of it.
+_FULL_HASH_BYTES = 8 << 20
+_PARTIAL_HASH_BYTES = 1 << 20
+
+
+def make_converter(converter: str, pack: bool = True) -> seqio.FeatureConverter:
+    """The seqio feature converter of a converter name (models name theirs): packed for
+    training; unpacked, one example per row, for inference and evaluation."""
+    if converter == "encdec":
+        return seqio.EncDecFeatureConverter(pack=pack)
+    if converter == "prefix_lm":
+        return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=True)
+    if converter == "lm":
+        return seqio.LMFeatureConverter(pack=pack)
+    if converter == "preference":  # pairs are never packed
+        return preference_data.PreferenceFeatureConverter()
+    raise ValueError(f"Unknown converter {converter!r}; expected one of "
+                     f"{sorted(store.CONVERTER_FEATURES)}.")
+
+
+def model_feature_lengths(converter: str, task_feature_lengths: Mapping[str, int]) -> dict:
+    """The packed row length of every model feature (seqio's get_model_feature_lengths)."""
+    lengths = make_converter(converter).get_model_feature_lengths(dict(task_feature_lengths))
+    return {name: int(lengths[name]) for name in store.CONVERTER_FEATURES[converter]}
+
+
+def record_layout(spec: store.ShardSpec) -> store.RecordLayout:
+    return store.RecordLayout.of(
+        spec.converter, model_feature_lengths(spec.converter, spec.task_feature_lengths))
+
+
+def mixture_vocabulary_checksum(leaves: Sequence[tuple[str, float]]) -> str:
+    """The one vocabulary checksum of a mixture's leaf tasks (an error if they differ)."""
+    checksums = {}
+    for task_name, _ in leaves:
+        vocab = seqio.TaskRegistry.get(task_name).output_features["targets"].vocabulary
+        checksums[task_name] = vocabulary.vocabulary_checksum(vocab)
+    distinct = sorted(set(checksums.values()))
+    if len(distinct) != 1:
+        raise ValueError(
+            f"The tasks of one mixture must share one vocabulary; got checksums {checksums}. "
+            "Train or prepare tasks with different vocabularies separately.")
+    return distinct[0]
+
+
+def shard_spec(mixture: str, task_feature_lengths: Mapping[str, int], converter: str,
+               seed: int, num_shards: int, *, split: str = "train",
+               shuffle_buffer_size: int = 128) -> store.ShardSpec:
+    """The spec of a mixture's shards (the tasks must be registered)."""
+    leaves = mixtures.leaf_tasks_and_rates(mixture)
+    return store.ShardSpec(
+        mixture=mixture, split=split, seed=int(seed), converter=converter,
+        task_feature_lengths=dict(task_feature_lengths), num_shards=int(num_shards),
+        shuffle_buffer_size=int(shuffle_buffer_size),
+        vocabulary_checksum=mixture_vocabulary_checksum(leaves))
+
+
+def derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _rates(leaves: Sequence[tuple[str, float]]) -> np.ndarray:
+    rates = np.array([r for _, r in leaves], np.float64)
+    return rates / rates.sum()
+
+
+def task_draws(spec: store.ShardSpec, shard_index: int, chunk_index: int,
+               leaves: Sequence[tuple[str, float]]) -> np.ndarray:
+    """Leaf-task indices of example slots [j·DRAW_CHUNK, (j+1)·DRAW_CHUNK) of a shard."""
+    rng = np.random.default_rng([spec.seed, shard_index, chunk_index])
+    return rng.choice(len(leaves), size=DRAW_CHUNK, p=_rates(leaves)).astype(np.int64)
+
+
+def task_dataset(spec: store.ShardSpec, shard_index: int, task_index: int, task_name: str):
+    """One leaf task's examples for this shard: task features only, int32, non-empty."""
+    task = seqio.TaskRegistry.get(task_name)
+    task_features = store.CONVERTER_TASK_FEATURES[spec.converter]
+    missing = [k for k in task_features if k not in task.output_features]
+    if missing:
+        raise ValueError(
+            f"Task {task_name!r} lacks features {missing} that converter {spec.converter!r} "
+            f"needs (it has {sorted(task.output_features)}). Pick the converter that matches "
+            "the task (causal tasks: --converter lm).")
+    ds = task.get_dataset(
+        sequence_length=dict(spec.task_feature_lengths),
+        split=spec.split,
+        shuffle=True,
+        seed=derived_seed(spec.seed, shard_index, task_index),
+        shard_info=seqio.ShardInfo(shard_index, spec.num_shards),
+        # Repeated, as seqio's Mixture.get_dataset does, so that a shard never ends.
+        num_epochs=None,
+        use_cached=False,
+        shuffle_buffer_size=spec.shuffle_buffer_size,
+    )
+    ds = ds.map(
+        lambda ex: {k: tf.cast(tf.reshape(ex[k], [-1]), tf.int32) for k in task_features},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    # An empty example occupies no position, so packing would not show it; filtering it
+    # per task (before the draw) keeps every drawn label equal to one packed segment.
+    return ds.filter(lambda ex: tf.add_n([tf.size(ex[k]) for k in task_features]) > 0)
+
+
+def shard_rows(spec: store.ShardSpec, shard_index: int) -> tf.data.Dataset:
+    """Shard `shard_index` of `spec` as an endless tf.data stream of packed rows.
+
+    Deterministic: the same spec and shard give the same rows in every process and run
+    (stateless draws, seeded seqio pipelines, tf.data's deterministic ordering).
+    """
+    if not 0 <= shard_index < spec.num_shards:
+        raise ValueError(f"shard_index {shard_index} not in [0, {spec.num_shards}).")
+    leaves = mixtures.leaf_tasks_and_rates(spec.mixture)
+
+    def draws(chunk_index):
+        return task_draws(spec, shard_index, int(chunk_index), leaves)
+
+    # All in tf.data: pulling task examples from Python inside a generator ran ~40x
+    # slower. One numpy call per chunk of draws, stateless, so tf.data may checkpoint it.
+    choices = tf.data.Dataset.counter().map(
+        lambda j: tf.ensure_shape(tf.numpy_function(draws, [j], tf.int64, stateful=False),
+                                  [DRAW_CHUNK])).unbatch()
+    datasets = [task_dataset(spec, shard_index, i, name) for i, (name, _) in enumerate(leaves)]
+    mixed = tf.data.Dataset.choose_from_datasets(datasets, choices, stop_on_empty_dataset=True)
+    return make_converter(spec.converter)(mixed, dict(spec.task_feature_lengths))
+
+
+class TaskLabels:
+    """Which leaf task each example of a shard came from, by its position in the shard.
+
+    `counts(start, stop)`: examples per leaf task among examples [start, stop) of the
+    shard, where a shard's first rows hold its first examples (packing keeps the order).
+    """
+
+    def __init__(self, spec: store.ShardSpec, shard_index: int):
+        self._spec, self._shard = spec, shard_index
+        self.leaves = mixtures.leaf_tasks_and_rates(spec.mixture)
+        self._chunk_index, self._chunk = -1, None
+
+    def _draws(self, chunk_index: int) -> np.ndarray:
+        if chunk_index != self._chunk_index:
+            self._chunk = task_draws(self._spec, self._shard, chunk_index, self.leaves)
+            self._chunk_index = chunk_index
+        return self._chunk
+
+    def counts(self, start: int, stop: int) -> np.ndarray:
+        out = np.zeros(len(self.leaves), np.int64)
+        while start < stop:
+            chunk, offset = divmod(start, DRAW_CHUNK)
+            end = min(stop - start, DRAW_CHUNK - offset)
+            out += np.bincount(self._draws(chunk)[offset:offset + end],
+                               minlength=len(self.leaves))
+            start += end
+        return out
+
+
+def row_stats(rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """What packed rows [R, L] hold: examples (segments) per row, non-padding tokens per
+    token feature, and tokens with a loss weight (of a preference pair: one example,
+    both responses scored)."""
+    tokens = {f: int(np.count_nonzero(rows[s])) for f, s in TOKEN_SEGMENTS.items() if f in rows}
+    if "rating" in rows:
+        return {"segments": np.ones(len(rows["rating"]), np.int64), "tokens": tokens,
+                "loss_tokens": int(np.count_nonzero(rows["chosen_response"])
+                                   + np.count_nonzero(rows["rejected_response"]))}
+    segments = [rows[s] for s in TOKEN_SEGMENTS.values() if s in rows]
+    return {
+        "segments": np.max(np.stack([s.max(axis=1) for s in segments]), axis=0),
+        "tokens": tokens,
+        "loss_tokens": int(np.count_nonzero(rows["decoder_loss_weights"])),
+    }
+
+
+@dataclasses.dataclass
+class RowCounts:
+    """Running totals of `row_stats` over rows as they are written, and their SHA-256."""
+
+    tokens: dict[str, int]
+    loss_tokens: int = 0
+    segments: int = 0
+    rows: int = 0
+    digest: Any = dataclasses.field(default_factory=hashlib.sha256)
+
+    def add(self, row: Mapping[str, np.ndarray], record: bytes) -> None:
+        self.digest.update(record)
+        stats = row_stats({k: np.asarray(v)[None] for k, v in row.items()})
+        for f, n in stats["tokens"].items():
+            self.tokens[f] += n
+        self.loss_tokens += stats["loss_tokens"]
+        self.segments += int(stats["segments"].sum())
+        self.rows += 1
+
+
+def _file_digest(path: str) -> str:
+    size = tf.io.gfile.stat(path).length
+    h = hashlib.sha256(f"{os.path.basename(path)}:{size}".encode())
+    with tf.io.gfile.GFile(path, "rb") as f:
+        if size <= _FULL_HASH_BYTES:
+            h.update(f.read())
+        else:
+            h.update(f.read(_PARTIAL_HASH_BYTES))
+            f.seek(size - _PARTIAL_HASH_BYTES)
+            h.update(f.read(_PARTIAL_HASH_BYTES))
+    return h.hexdigest()
+
+
+def source_fingerprint(mixture: str, split: str) -> str:
+    """A short hash that changes when the files a mixture's sources read for `split`
+    change: every file's name, size and content (whole up to 8 MiB, else the first and
+    last MiB). Sources without files (a function, TFDS) count by their class name only:
+    a change in them is not seen."""
+    h = hashlib.sha256()
+    sources = {id(t.source): t.source for t in mixtures.leaf_tasks(mixture)}
+    for source in sources.values():
+        h.update(type(source).__name__.encode())
+        if isinstance(source, seqio.FileDataSource):
+            for path in sorted(source.list_shards(split)):
+                h.update(_file_digest(path).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,116 @@
+"""Rejection sampling (Llama 2): sample N responses per prompt with a policy, score each
+with a reward model, keep the best as supervised fine-tuning data.
+
+`sample_and_score` decodes N samples per prompt (models.predict_batch with a sampling
+DecodeConfig, one key per sample) and scores prompt + response with a
+models.RewardModel, the row laid out as the reward model was trained (prompt tokens,
+then the response up to and including its EOS, right-padded). `best_of` picks, per
+prompt, the highest-reward sample among the first k, so best-of-k for k = 1, 2, 4, ...
+comes from one set of samples. `write_sft_source` writes the kept pairs as a gzipped
+TFRecord of token ids (`inputs`, `targets`) and their text, and `sft_task` registers a
+SeqIO task over it (features `inputs`, `targets`) to fine-tune on.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+from flax import nnx
+
+from t5x_like.decoding import DecodeConfig
+
+
+def _joined_rows(prompts_BP: np.ndarray, responses_BT: np.ndarray, eos_id: int) -> np.ndarray:
+    """Each prompt's non-zero tokens followed by its response up to and including the
+    first EOS (or up to the first 0), right-padded with 0 to P + T."""
+    prompts_BP, responses_BT = np.asarray(prompts_BP), np.asarray(responses_BT)
+    out = np.zeros((prompts_BP.shape[0], prompts_BP.shape[1] + responses_BT.shape[1]), np.int32)
+    for b, (prompt, response) in enumerate(zip(prompts_BP, responses_BT)):
+        row = list(prompt[prompt != 0]) + _response_tokens(response, eos_id)
+        out[b, :len(row)] = row
+    return out
+
+
+def _response_tokens(response: np.ndarray, eos_id: int) -> list[int]:
+    tokens = []
+    for t in (int(x) for x in response):
+        if t == 0:
+            break
+        tokens.append(t)
+        if t == eos_id:
+            break
+    return tokens
+
+
+def sample_and_score(policy, policy_module, reward_model, reward_module, prompts_BP,
+                     n: int, decode: DecodeConfig, seed: int = 0):
+    """(responses [N, B, T], rewards [N, B]): N sampled responses per prompt (`prompts_BP`
+    right-padded token ids, continued causally) and the reward of each."""
+    if n < 1 or decode.method != "sample":
+        raise ValueError(f"rejection sampling needs n >= 1 samples (got {n}) drawn with "
+                         f"DecodeConfig(method='sample') (got {decode.method!r}).")
+    prompts_BP = np.asarray(prompts_BP, np.int32)
+    predict = nnx.jit(lambda m, p, key: policy.predict_batch(m, {"prompt": p}, decode, key))
+    score = nnx.jit(lambda m, rows: reward_model.rewards(m, rows))
+    responses, rewards = [], []
+    for i in range(n):
+        out = predict(policy_module, prompts_BP, jax.random.fold_in(jax.random.key(seed), i))
+        tokens_BT = np.asarray(jax.device_get(out["tokens"]))
+        responses.append(tokens_BT)
+        rewards.append(np.asarray(score(reward_module,
+                                        _joined_rows(prompts_BP, tokens_BT, decode.eos_id))))
+    return np.stack(responses), np.stack(rewards)
+
+
+def best_of(rewards_NB: np.ndarray, k: int) -> np.ndarray:
+    """[B] index of the highest-reward sample among the first k of each prompt."""
+    if not 1 <= k <= rewards_NB.shape[0]:
+        raise ValueError(f"best_of: k={k} must be in 1..{rewards_NB.shape[0]} (the samples drawn).")
+    return np.argmax(rewards_NB[:k], axis=0)
+
+
+def write_sft_source(path: str, prompts_BP, responses_NBT, chosen_B, vocab,
+                     eos_id: int) -> int:
+    """Writes the kept (prompt, response) pairs to a gzipped TFRecord at `path`; returns
+    the number written. The response keeps its EOS (SeqIO's `add_eos` is then off)."""
+    prompts_BP = np.asarray(prompts_BP)
+    with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+        for b, index in enumerate(chosen_B):
+            inputs = [int(t) for t in prompts_BP[b] if t != 0]
+            targets = _response_tokens(np.asarray(responses_NBT)[index, b], eos_id)
+            text = vocab.decode([t for t in targets if t != eos_id])
+            feature = {
+                "inputs": tf.train.Feature(int64_list=tf.train.Int64List(value=inputs)),
+                "targets": tf.train.Feature(int64_list=tf.train.Int64List(value=targets)),
+                "inputs_text": tf.train.Feature(bytes_list=tf.train.BytesList(
+                    value=[vocab.decode(inputs).encode("utf-8")])),
+                "targets_text": tf.train.Feature(bytes_list=tf.train.BytesList(
+                    value=[text.encode("utf-8")]))}
+            writer.write(tf.train.Example(
+                features=tf.train.Features(feature=feature)).SerializeToString())
+    return len(chosen_B)
+
+
+def sft_task(name: str, path: str, vocab, split: str = "train") -> seqio.Task:
+    """(Re)registers a SeqIO task over a `write_sft_source` file: features `inputs`,
+    `targets` (token ids as written), for fine-tuning."""
+    source = seqio.TFExampleDataSource(
+        split_to_filepattern={split: path},
+        feature_description={"inputs": tf.io.VarLenFeature(tf.int64),
+                             "targets": tf.io.VarLenFeature(tf.int64)},
+        reader_cls=functools.partial(tf.data.TFRecordDataset, compression_type="GZIP"))
+
+    @seqio.map_over_dataset
+    def dense(ex):
+        return {k: tf.cast(tf.sparse.to_dense(ex[k]), tf.int32) for k in ("inputs", "targets")}
+
+    seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(
+        name, source=source, preprocessors=[dense],
+        output_features={"inputs": seqio.Feature(vocab, add_eos=False),
+                         "targets": seqio.Feature(vocab, add_eos=False)},
+        metric_fns=[])

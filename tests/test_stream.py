@@ -1,0 +1,149 @@
+"""Tests for t5x_like/stream.py: streamed batches are a function of (settings, step).
+
+In-process (the shard streams without worker processes: seconds) for the layout, the
+per-task counts, the equality with a prepared store's rows, resuming and the identity
+checks; through grain's worker processes (slow: each start spawns TensorFlow) for the
+worker-count invariance and across processes.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from t5x_like import pipeline, stream
+from test_prepare import TEST_TASK_MODULE, _prepare, read_rows, test_tasks  # noqa: F401
+
+LENGTHS = {"targets": 64}
+SEED, SHARDS, BATCH = 3, 2, 8  # 4 rows of each shard per step
+
+
+def _spec(seed=SEED, shards=SHARDS):
+    return pipeline.shard_spec("tt_mix_lm", LENGTHS, "lm", seed, shards)
+
+
+def _stream(process_index=0, process_count=1, workers=None, **kwargs):
+    return stream.Stream(_spec(**kwargs), BATCH, workers=workers,
+                         task_modules=(TEST_TASK_MODULE,), process_index=process_index,
+                         process_count=process_count)
+
+
+def _blocks(shards, first_step, n):
+    """n blocks of a worker reading `shards` from `first_step`, without processes."""
+    it = stream._ShardSetIterator(_spec(), shards, BATCH // SHARDS, first_step)
+    return [next(it) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def blocks(test_tasks):
+    """Steps 0..3 of both shards as one worker reads them: shard 0, shard 1, shard 0, ..."""
+    return _blocks([0, 1], 0, 8)
+
+
+def test_a_worker_reads_its_shards_round_robin_step_by_step(blocks):
+    assert [(b["shard"], b["step"]) for b in blocks] == [
+        (k, s) for s in range(4) for k in (0, 1)]
+    rows = blocks[0]["rows"]
+    assert rows["decoder_target_tokens"].shape == (BATCH // SHARDS, 64)
+    assert rows["decoder_target_tokens"].dtype == np.int32
+
+
+def test_stream_rows_are_the_rows_of_a_store_with_the_same_shards(blocks, tmp_path):
+    """Shard k of a stream and of a store prepared with the same mixture, lengths, seed
+    and shard count are one pipeline: the same rows, in the same order."""
+    _prepare(tmp_path / "s", mixture="tt_mix_lm", converter="lm", lengths="targets=64",
+             n=32, seed=SEED, shards=SHARDS)
+    manifest, rows = read_rows(tmp_path / "s")
+    for k in range(SHARDS):
+        streamed = np.concatenate([b["rows"]["decoder_target_tokens"] for b in blocks
+                                   if b["shard"] == k])
+        np.testing.assert_array_equal(streamed, rows["decoder_target_tokens"][16 * k:16 * (k + 1)])
+    # And the per-task counts of the blocks are the store's (both count real examples).
+    counts = sum(b["task_counts"] for b in blocks)
+    assert dict(zip(["tt_a_lm", "tt_b_lm"], counts.tolist())) == manifest["task_counts"]
+
+
+def test_task_counts_are_counts_of_the_rows(blocks):
+    # Each document starts with its task's marker byte (test_prepare's corpus).
+    for block in blocks:
+        rows = block["rows"]
+        starts = (rows["decoder_segment_ids"] > 0) & (rows["decoder_positions"] == 0)
+        first_bytes = rows["decoder_target_tokens"][starts] - 3
+        assert set(first_bytes.tolist()) <= {ord("a"), ord("B")}
+        assert block["task_counts"].tolist() == [int(np.sum(first_bytes == ord("a"))),
+                                                 int(np.sum(first_bytes == ord("B")))]
+
+
+def test_a_shard_started_at_a_later_step_continues_it_exactly(blocks):
+    later = _blocks([1], 2, 2)
+    assert [(b["shard"], b["step"]) for b in later] == [(1, 2), (1, 3)]
+    for got, want in zip(later, [blocks[5], blocks[7]]):
+        for name in want["rows"]:
+            np.testing.assert_array_equal(got["rows"][name], want["rows"][name])
+        np.testing.assert_array_equal(got["task_counts"], want["task_counts"])
+
+
+def test_each_process_makes_only_its_own_shards(test_tasks):
+    assert [_stream(p, 2).shards for p in range(2)] == [[0], [1]]
+    assert _stream().shards == [0, 1] and _stream().workers in (1, 2)
+    assert _stream().rows_per_step == 4
+
+
+def test_the_state_is_global_and_refuses_other_data(test_tasks):
+    it = _stream().iterator()
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["next_index"] == 0 and "sources=" in state["stream"]
+    # Another process count or worker count reads the same state.
+    _stream(1, 2).iterator(state)
+    for other in (dict(seed=4), dict(shards=4)):
+        with pytest.raises(ValueError, match="Cannot resume the data iterator: .*stream"):
+            _stream(**other).iterator(state)
+
+
+def test_the_fingerprint_changes_with_the_source_files(test_tasks, tmp_path):
+    import os
+
+    before = pipeline.source_fingerprint("tt_mix_lm", "train")
+    path = os.path.join(test_tasks, "b-train-0.txt")
+    original = open(path, "rb").read()
+    try:
+        with open(path, "wb") as f:
+            f.write(original[::-1])  # same size, other content
+        assert pipeline.source_fingerprint("tt_mix_lm", "train") != before
+    finally:
+        with open(path, "wb") as f:
+            f.write(original)
+    assert pipeline.source_fingerprint("tt_mix_lm", "train") == before
+
+
+def test_shards_workers_and_processes_that_do_not_fit_are_clear_errors(test_tasks):
+    with pytest.raises(ValueError, match=r"stream_shards=3 must divide BATCH_SIZE=8"):
+        _stream(shards=3)
+    with pytest.raises(ValueError, match=r"multiple of the 4 processes"):
+        _stream(0, 4)
+    with pytest.raises(ValueError, match=r"data_workers=3 must divide the 2 stream shards"):
+        _stream(workers=3)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_whatever_their_number(test_tasks, blocks):
+    """grain's workers (spawned processes): 2 workers, 1 worker, and a restart at step 2,
+    all give the in-process blocks, shard after shard."""
+    expected = [np.concatenate([blocks[2 * s]["rows"]["decoder_target_tokens"],
+                                blocks[2 * s + 1]["rows"]["decoder_target_tokens"]])
+                for s in range(4)]
+    for workers, first in ((2, 0), (1, 0), (2, 2)):
+        it = _stream(workers=workers).iterator()
+        try:
+            if first:
+                it.set_state({**it.get_state(), "next_index": first})
+            got = [next(it)["decoder_target_tokens"] for _ in range(4 - first)]
+            assert it.get_state()["next_index"] == 4
+            scalars = it.scalars()
+        finally:
+            it.close()
+        for g, e in zip(got, expected[first:]):
+            np.testing.assert_array_equal(g, e)
+        counts = sum(b["task_counts"] for b in blocks[2 * first:])
+        assert scalars["data/task_examples/tt_a_lm"] == counts[0]
+        assert scalars["data/examples"] == counts.sum()
