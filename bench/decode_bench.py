@@ -13,6 +13,11 @@ token, no log-probabilities, no stopping test). Generated tokens/s counts the de
 length times the batch; "outside the model" is 1 - bare / full: the time predict_batch
 spends choosing tokens, keeping log-probabilities and testing for EOS. Medians of
 `repeats` timed calls after a compile and a warm-up call.
+
+At these sizes that share is not small at batch 16: a tiny model's step is a few
+MFLOP per row, about what the arg-max and log-softmax over its 8,192-entry vocabulary
+cost (both read every logit). That work grows with the vocabulary, not with the
+model: for a 7B model it is far below 1% of the step.
 """
 
 import os
