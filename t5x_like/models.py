@@ -400,7 +400,7 @@ class _PairwiseModel(DecoderOnlyModel):
 
     def train_flops_per_step(self, batch_size, task_feature_lengths):
         seq_len = _pair_length(task_feature_lengths)
-        per_token = flops.decoder_only_flops_per_token(self.cfg, seq_len, self.num_params)
+        per_token = flops.decoder_only_flops_per_token(self.cfg, seq_len)
         return per_token * (batch_size * 2 * seq_len)
 
     def get_initial_batch(self, batch_size: int, feature_lengths: Mapping[str, int]):

@@ -272,6 +272,7 @@ def _tensors(directory):
     return out
 
 
+@pytest.mark.slow
 def test_import_then_export_commands_round_trip_the_weights_bitwise(tmp_path, hf_llama):
     reference, _ = hf_llama
     source = tmp_path / "hf"

@@ -62,6 +62,7 @@ def test_the_whole_plan_of_a_tiny_model(tmp_path, capsys):
     assert written["memory_per_device"]["analytic"]["parameters"] == n * 4 / 8
 
 
+@pytest.mark.slow
 def test_a_mesh_planned_with_fewer_data_replicas_agrees_with_the_full_compile():
     """data 4 across 4 nodes x fsdp 2 inside: compiled whole (8 devices) and with data
     cut to 2 (4 devices, data-parallel collectives scaled back to 4)."""

@@ -129,6 +129,7 @@ def test_exact_resume_gives_bitwise_the_same_params_and_losses(tmp_path, store, 
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_resume_under_another_mesh_and_rule_preset(tmp_path, store, straight, stopped):
     resumed = _continue(stopped, tmp_path / "run", store, mesh_config=FSDP_TP,
                         stop_at_step=STEPS // 2 + 1)
@@ -319,6 +320,7 @@ train.DataConfig.data_workers = 1
 '''
 
 
+@pytest.mark.slow
 def test_a_users_task_module_trains_through_the_cli(tmp_path):
     # Real prose: lines of the shipped README-like docs are not needed, the corpus is.
     with open(os.path.join(REPO, "data", "PROVENANCE.md"), encoding="utf-8") as f:
@@ -477,6 +479,7 @@ def test_a_loss_spike_rewinds_skips_and_keeps_exact_resume(tmp_path, store):
     assert straight_spiky.train_losses[-1] < 50
 
 
+@pytest.mark.slow
 def test_resuming_on_data_that_no_longer_gives_the_same_examples_is_refused(tmp_path):
     """The corpus of a task changed and its store was prepared again: the saved data
     position would read other examples, so the resume is refused, naming the store."""
