@@ -388,7 +388,7 @@ train.train.log_every_steps = 1
 MULTIPROCESS_DEMO_FLAGS = [
     "--gin_file=experiments/demo_encdec_ul2.gin", "--gin.TRAIN_STEPS=4",
     "--gin.EVAL_MAX_TOKENS=256", "--gin.EVAL_EVERY_STEPS=1000",
-    "--gin.evaluation.EvalConfig.domains=['code']", "--gin.train.train.log_every_steps=1"]
+    "--gin.EVAL_BPC_TASKS={'code': 'code_validation'}", "--gin.train.train.log_every_steps=1"]
 
 
 def _free_port():
