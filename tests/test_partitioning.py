@@ -26,6 +26,7 @@ from t5x_like.partitioning import (
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from test_configs import MODEL_GINS, factory, model_config  # noqa: E402
+from tiny import assert_no_compile_while  # noqa: E402
 
 GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden"
 TINY = ("tiny_palm", "tiny_llama", "tiny_encdec")
@@ -375,21 +376,13 @@ def test_unused_mesh_axis_fails_in_validate():
 
 
 def test_validation_of_a_70b_model_compiles_nothing():
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    def validate():
         mesh = partitioning.make_mesh({"fsdp": 1, "tensor": 8})
         partitioning.validate_for_mesh(factory(model_config("llama3_70b")), mesh, "fsdp_tp_kv")
         with pytest.raises(ValueError, match="num_kv_heads=1 is not divisible by 8"):
             partitioning.validate_for_mesh(factory(model_config("palm_62b")), mesh, "fsdp_tp_kv")
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert compiles == []
+
+    assert_no_compile_while(validate)
 
 
 @pytest.mark.parametrize("model_name", TINY)

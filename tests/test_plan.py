@@ -11,10 +11,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import pytest
 
 from t5x_like import hardware, models, partitioning, plan, trainer
+from tiny import assert_no_compile_while
 from test_configs import factory, model_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -93,21 +93,6 @@ def test_a_mesh_planned_with_fewer_data_replicas_agrees_with_the_full_compile():
         assert y["step_s"] == pytest.approx(x["step_s"], rel=0.05)
 
 
-def _no_compile_while(fn):
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert compiles == []
-
-
 @pytest.mark.parametrize("mesh_kwargs,plan_kwargs,match", [
     (dict(shape={"fsdp": 8}), dict(batch_size=6),
      r"batch size 6 .* not divisible by 8"),
@@ -128,7 +113,7 @@ def test_errors_come_before_any_compile(mesh_kwargs, plan_kwargs, match):
                       optimizer=trainer.adamw_llama2(1e-3, 10, 100),
                       task_feature_lengths={"targets": 64}, **plan_kwargs)
 
-    _no_compile_while(run)
+    assert_no_compile_while(run)
 
 
 def test_an_unknown_device_kind_lists_the_known_ones():

@@ -141,3 +141,19 @@ def max_abs(a):
 __all__ = ["tiny_config", "model_for", "abstract_module", "make_module", "build", "fill_params", "jit_apply", "with_config",
            "unrolled_copy", "random_tokens", "packed_ids", "strict_rank_promotion",
            "assert_close", "max_abs"]
+
+
+def assert_no_compile_while(fn) -> None:
+    """Runs `fn` and fails if XLA compiled anything meanwhile (shape-only work)."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
