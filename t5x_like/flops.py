@@ -131,7 +131,7 @@ def measure_matmul_flops(device: Any = None, dtype: str = "float32", n: int = 10
     measure in the same process as the run it normalises, and read MFU on CPU as a
     rough efficiency, not a hardware fact.
     """
-    device = device or jax.devices("cpu")[0]
+    device = device or jax.local_devices(backend="cpu")[0]
     a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)),
                                    dtype), device)
     matmul = jax.jit(lambda x, y: x @ y)
@@ -146,7 +146,7 @@ def measure_matmul_flops(device: Any = None, dtype: str = "float32", n: int = 10
 
 def measure_cpu_peak_flops(n: int = 1024, repeats: int = 7) -> float:
     """The host's float32 matmul rate (the peak CPU MFU is read against)."""
-    return measure_matmul_flops(jax.devices("cpu")[0], "float32", n, repeats)
+    return measure_matmul_flops(jax.local_devices(backend="cpu")[0], "float32", n, repeats)
 
 
 def peak_flops_per_device(device: Any = None, *, dtype: str = "bfloat16",
@@ -164,7 +164,7 @@ def peak_flops_per_device(device: Any = None, *, dtype: str = "bfloat16",
     """
     if override is not None:
         return float(override)
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     spec = hardware.spec_for_device_kind(device.device_kind)
     if spec is not None:
         return spec.peak(dtype)

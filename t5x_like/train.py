@@ -30,6 +30,7 @@ from typing import Any
 
 import gin
 import jax
+from jax.experimental import multihost_utils
 
 from t5x_like import (checkpoints, documents, flops, guards, launch, loader, metrics,
                       mixtures, partitioning, pipeline, store, stream, trainer, ul2,
@@ -303,6 +304,11 @@ def _check_checkpoints(ckpt_dir: str, identity, allow_resume_changes, initial_ch
             resuming = existing.latest_step() is not None
     if initial_checkpoint is not None and not resuming:
         checkpoints.check_params(initial_checkpoint, abstract_params())
+    if jax.process_count() > 1:
+        # Orbax's manager makes the directory on process 0 before its own barrier: a
+        # process still checking would then see a directory the others did not, and open
+        # it as a resume (out of step with their barrier). All check, then any writes.
+        multihost_utils.sync_global_devices("t5x_like.train: checkpoints checked")
 
 
 def train(

@@ -400,12 +400,7 @@ def _free_port():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data", [
-    pytest.param("stream", marks=pytest.mark.xfail(
-        reason="known bug: with streamed data the two processes reach orbax's "
-               "CheckpointManager directory barrier out of step (sync_global_devices name "
-               "mismatch); README, Known limits", strict=False)),
-    "store"])
+@pytest.mark.parametrize("data", ["stream", "store"])
 def test_two_processes_train_and_evaluate_like_one(tmp_path, data):
     """jax.distributed on localhost: 2 processes x 4 CPU devices == 1 process x 8. Streamed
     (the demo: each process makes its own shard of reka_mix_ul2) and from a store."""
