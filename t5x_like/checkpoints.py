@@ -522,9 +522,28 @@ def _wrap(tree: Any, keys: tuple[str, ...]) -> Any:
     return tree
 
 
+# What a DPO run's model holds beside its policy (network.DPODecoder): the frozen
+# reference, a full copy of the policy's parameters under this key.
+DPO_REFERENCE = "reference"
+
+
+def _without_dpo_reference(stored: Any, target_params: Any) -> Any:
+    """A DPO run's stored model read as its policy: its `reference` subtree is dropped
+    when the target model has none (a plain decoder-only LM for inference or fine-tuning,
+    or a DPOModel's trainable parameters); the policy's names are a plain Decoder's."""
+    try:
+        target_has = DPO_REFERENCE in target_params
+    except TypeError:
+        target_has = False
+    if isinstance(stored, Mapping) and DPO_REFERENCE in stored and not target_has:
+        return {k: v for k, v in stored.items() if k != DPO_REFERENCE}
+    return stored
+
+
 def _check_stored_params(handler, item_dir: epath.Path, keys: tuple[str, ...],
                          target_params: Any) -> None:
-    stored = _subtree(handler.metadata(item_dir).tree, keys, item_dir)
+    stored = _without_dpo_reference(
+        _subtree(handler.metadata(item_dir).tree, keys, item_dir), target_params)
     try:
         _check_compatible(stored, target_params, str(item_dir))
     except ValueError as e:
