@@ -567,7 +567,8 @@ def restore_params(path: str | epath.PathLike, target_params: Any) -> Any:
 
     `path`: a params-only checkpoint or a training checkpoint (see `params_source`);
     from a training checkpoint only the `model` subtree of its `state` item is read,
-    never the optimizer state. `target_params`: the model's params (nnx.State of
+    never the optimizer state; from a DPO run's, the policy (its frozen reference is
+    skipped when the target has none). `target_params`: the model's params (nnx.State of
     arrays or ShapeDtypeStructs carrying shardings, e.g. from
     `partitioning.abstract_sharded` filtered to nnx.Param). Raises ValueError before
     reading any array when the stored shapes differ, naming the first differing

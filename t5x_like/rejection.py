@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 
@@ -193,8 +194,15 @@ def register_sft_task(directory: str, form: str | None = None, name: str | None 
 def _register_from_environment() -> None:
     """The SFT tasks the parent process registered (a data worker's import)."""
     for name, entry in json.loads(os.environ.get(SFT_TASKS_ENV, "{}")).items():
-        if name not in seqio.TaskRegistry.names():
-            register_sft_task(entry["directory"], entry["form"], name)
+        if name in seqio.TaskRegistry.names():
+            continue
+        if not os.path.exists(os.path.join(entry["directory"], SUMMARY_FILE)):
+            # an output since removed, registered by some ancestor process
+            logging.getLogger("t5x_like.rejection").warning(
+                "%s=...%s...: %s has no rejection-sampling output any more; task %s is not "
+                "registered.", SFT_TASKS_ENV, name, entry["directory"], name)
+            continue
+        register_sft_task(entry["directory"], entry["form"], name)
 
 
 _register_from_environment()
