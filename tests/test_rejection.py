@@ -256,3 +256,26 @@ def test_rejection_sampling_then_fine_tuning_on_the_kept_set_end_to_end(tmp_path
     start = checkpoints.restore_params(str(tmp_path / "policy"), tuned)
     assert not np.allclose(np.asarray(tuned["embed"]["embedding"][...]),
                            np.asarray(start["embed"]["embedding"][...]))
+
+
+def test_the_cli_refuses_an_existing_output_before_loading_anything(tmp_path, capsys):
+    """runs/rejection_sample.gin parses with a model and a mesh file, and an earlier
+    output is never written over: exit code 2 and a message naming it and the fix."""
+    import gin
+
+    from t5x_like import launch
+
+    (tmp_path / "rs").mkdir()
+    (tmp_path / "rs" / "summary.json").write_text("{}")
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            rejection_sample.main([
+                "--gin_file=models/tiny_llama.gin", "--gin_file=meshes/cpu8_fsdp.gin",
+                "--gin_file=runs/rejection_sample.gin", "--gin.POLICY_CHECKPOINT='p'",
+                "--gin.REWARD_CHECKPOINT='r'", f"--gin.RS_OUTPUT_DIR='{tmp_path / 'rs'}'"])
+    finally:
+        gin.clear_config()
+        launch._gin_imports.clear()
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'rs'} exists and is not empty" in err and "RS_OUTPUT_DIR" in err
