@@ -522,9 +522,28 @@ def _wrap(tree: Any, keys: tuple[str, ...]) -> Any:
     return tree
 
 
+# What a DPO run's model holds beside its policy (network.DPODecoder): the frozen
+# reference, a full copy of the policy's parameters under this key.
+DPO_REFERENCE = "reference"
+
+
+def _without_dpo_reference(stored: Any, target_params: Any) -> Any:
+    """A DPO run's stored model read as its policy: its `reference` subtree is dropped
+    when the target model has none (a plain decoder-only LM for inference or fine-tuning,
+    or a DPOModel's trainable parameters); the policy's names are a plain Decoder's."""
+    try:
+        target_has = DPO_REFERENCE in target_params
+    except TypeError:
+        target_has = False
+    if isinstance(stored, Mapping) and DPO_REFERENCE in stored and not target_has:
+        return {k: v for k, v in stored.items() if k != DPO_REFERENCE}
+    return stored
+
+
 def _check_stored_params(handler, item_dir: epath.Path, keys: tuple[str, ...],
                          target_params: Any) -> None:
-    stored = _subtree(handler.metadata(item_dir).tree, keys, item_dir)
+    stored = _without_dpo_reference(
+        _subtree(handler.metadata(item_dir).tree, keys, item_dir), target_params)
     try:
         _check_compatible(stored, target_params, str(item_dir))
     except ValueError as e:
@@ -548,7 +567,8 @@ def restore_params(path: str | epath.PathLike, target_params: Any) -> Any:
 
     `path`: a params-only checkpoint or a training checkpoint (see `params_source`);
     from a training checkpoint only the `model` subtree of its `state` item is read,
-    never the optimizer state. `target_params`: the model's params (nnx.State of
+    never the optimizer state; from a DPO run's, the policy (its frozen reference is
+    skipped when the target has none). `target_params`: the model's params (nnx.State of
     arrays or ShapeDtypeStructs carrying shardings, e.g. from
     `partitioning.abstract_sharded` filtered to nnx.Param). Raises ValueError before
     reading any array when the stored shapes differ, naming the first differing

@@ -6,7 +6,8 @@ JSON line in INFER_OUTPUT_DIR/<task>-<mode>.jsonl:
   with the task's postprocessor applied, and its log-probability;
 - mode "score": {"inputs", "targets", "score"}: the log-likelihood of the targets.
 Parameters come from CHECKPOINT_PATH: a training run's model dir, checkpoints dir or step
-dir, or a params-only checkpoint (`python -m t5x_like.hf import` writes one). The same
+dir, or a params-only checkpoint (`python -m t5x_like.hf import` writes one); a DPO
+run's reads as its policy. The same
 `predict` / `score` functions serve evaluation (evaluation.py) with SeqIO's metrics.
 
 Examples are read in order (not shuffled), in fixed-shape batches (inference.py).

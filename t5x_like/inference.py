@@ -41,7 +41,8 @@ class Inference:
 
     def __post_init__(self):
         self._predict = jax.jit(self._traced(
-            lambda module, batch: self.model.predict_batch(module, batch, self.decode)))
+            lambda module, batch, *rng: self.model.predict_batch(module, batch, self.decode,
+                                                                 *rng)))
         self._score = jax.jit(self._traced(self.model.score_batch))
 
     @classmethod
@@ -54,15 +55,17 @@ class Inference:
         params = checkpoints.restore_params(checkpoint_path, target)
         return cls(model, mesh, rules, graphdef, decode, batch_size), params
 
-    def _run(self, fn, params, batch: Mapping[str, np.ndarray]):
+    def _run(self, fn, params, batch: Mapping[str, np.ndarray], *extra):
         sharding = partitioning.batch_sharding(self.mesh)
         batch = {k: jax.device_put(jnp.asarray(v), sharding) for k, v in batch.items()}
         with jax.set_mesh(self.mesh):
-            return jax.device_get(fn(params, batch))
+            return jax.device_get(fn(params, batch, *extra))
 
-    def predict(self, params, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """model.predict_batch (tokens, scores) of one batch of converted features."""
-        return self._run(self._predict, params, batch)
+    def predict(self, params, batch: Mapping[str, np.ndarray], rng=None
+                ) -> dict[str, np.ndarray]:
+        """model.predict_batch (tokens, scores) of one batch of converted features;
+        `rng`: the sampling key (DecodeConfig(method='sample'); default: a fixed one)."""
+        return self._run(self._predict, params, batch, *(() if rng is None else (rng,)))
 
     def score(self, params, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         """model.score_batch: [B] log-likelihood of the targets."""
@@ -72,9 +75,9 @@ class Inference:
         """fn(module, batch), traced with the mesh's logical-axis rules (the cache and
         activation constraints need them)."""
 
-        def run(params, batch):
+        def run(params, batch, *extra):
             with nnx.logical_axis_rules(self.rules):
-                return fn(nnx.merge(self.graphdef, params), batch)
+                return fn(nnx.merge(self.graphdef, params), batch, *extra)
 
         return run
 

@@ -8,12 +8,25 @@ then the response up to and including its EOS, right-padded). `best_of` picks, p
 prompt, the highest-reward sample among the first k, so best-of-k for k = 1, 2, 4, ...
 comes from one set of samples. `write_sft_source` writes the kept pairs as a gzipped
 TFRecord of token ids (`inputs`, `targets`) and their text, and `sft_task` registers a
-SeqIO task over it (features `inputs`, `targets`) to fine-tune on.
+SeqIO task over it to fine-tune on.
+
+`python -m t5x_like.rejection_sample` (rejection_sample.py) runs the whole step over a
+SeqIO task's prompts and writes an output directory; `register_sft_task(directory)`
+(gin-configurable: `MIXTURE_OR_TASK_NAME = @rejection.register_sft_task()`) registers
+its kept set as a task for `runs/finetune.gin`. The registration is also written to the
+environment (SFT_TASKS_ENV), and importing this module registers what is there: the
+trainer's data worker processes import it (train.DataConfig.task_modules) and so see
+the same task.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import logging
+import os
+import re
 
 import jax
 import numpy as np
@@ -21,7 +34,16 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
+from t5x_like import vocabulary as vocabulary_lib
 from t5x_like.decoding import DecodeConfig
+
+SFT_TASKS_ENV = "T5X_LIKE_SFT_TASKS"  # {task name: {"directory", "form"}} as JSON
+SFT_FILE = "kept.tfrecord.gz"
+SUMMARY_FILE = "summary.json"
+# How the kept pairs are trained on: "lm", one causal text (prompt + response, the loss on
+# both), as the policy sampled them and the reward model scored them; "prefix_lm", SeqIO
+# inputs/targets (the prompt seen bidirectionally, the loss on the response only).
+SFT_FORMS = ("lm", "prefix_lm")
 
 
 def _joined_rows(prompts_BP: np.ndarray, responses_BT: np.ndarray, eos_id: int) -> np.ndarray:
@@ -95,22 +117,92 @@ def write_sft_source(path: str, prompts_BP, responses_NBT, chosen_B, vocab,
     return len(chosen_B)
 
 
-def sft_task(name: str, path: str, vocab, split: str = "train") -> seqio.Task:
-    """(Re)registers a SeqIO task over a `write_sft_source` file: features `inputs`,
-    `targets` (token ids as written), for fine-tuning."""
+def sft_task(name: str, path: str, vocab, split: str | tuple[str, ...] = "train",
+             form: str = "prefix_lm") -> seqio.Task:
+    """(Re)registers a SeqIO task over a `write_sft_source` file, for fine-tuning: every
+    split in `split` reads the whole file. `form` "prefix_lm": features `inputs`,
+    `targets` (token ids as written); "lm": one feature `targets`, the prompt's tokens
+    followed by the response's (SFT_FORMS)."""
+    if form not in SFT_FORMS:
+        raise ValueError(f"SFT form {form!r}; expected one of {SFT_FORMS}.")
+    splits = (split,) if isinstance(split, str) else tuple(split)
     source = seqio.TFExampleDataSource(
-        split_to_filepattern={split: path},
+        split_to_filepattern={s: path for s in splits},
         feature_description={"inputs": tf.io.VarLenFeature(tf.int64),
                              "targets": tf.io.VarLenFeature(tf.int64)},
         reader_cls=functools.partial(tf.data.TFRecordDataset, compression_type="GZIP"))
 
     @seqio.map_over_dataset
     def dense(ex):
-        return {k: tf.cast(tf.sparse.to_dense(ex[k]), tf.int32) for k in ("inputs", "targets")}
+        ex = {k: tf.cast(tf.sparse.to_dense(ex[k]), tf.int32) for k in ("inputs", "targets")}
+        if form == "lm":
+            return {"targets": tf.concat([ex["inputs"], ex["targets"]], axis=0)}
+        return ex
 
+    features = ("targets",) if form == "lm" else ("inputs", "targets")
     seqio.TaskRegistry.remove(name)
     return seqio.TaskRegistry.add(
         name, source=source, preprocessors=[dense],
-        output_features={"inputs": seqio.Feature(vocab, add_eos=False),
-                         "targets": seqio.Feature(vocab, add_eos=False)},
+        output_features={k: seqio.Feature(vocab, add_eos=False) for k in features},
         metric_fns=[])
+
+
+def sft_task_name(directory: str) -> str:
+    """The task name of a rejection-sampling output directory: its base name and a hash
+    of its absolute path (two outputs never share one)."""
+    directory = os.path.abspath(directory)
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", os.path.basename(directory.rstrip(os.sep)))
+    return f"rejection_sft_{base}_{hashlib.sha1(directory.encode()).hexdigest()[:8]}"
+
+
+def read_summary(directory: str) -> dict:
+    path = os.path.join(directory, SUMMARY_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: {directory!r} is not the output of `python -m "
+            "t5x_like.rejection_sample` (or that run did not finish). Point "
+            "rejection.register_sft_task.directory at a finished run's RS_OUTPUT_DIR.")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def summary_vocabulary(summary: dict):
+    spec = summary["vocabulary"]
+    if spec["extra_ids"] == vocabulary_lib.NUM_EXTRA_IDS:
+        return vocabulary_lib.get_vocabulary(spec["path"])
+    return seqio.SentencePieceVocabulary(spec["path"], extra_ids=spec["extra_ids"])
+
+
+def register_sft_task(directory: str, form: str | None = None, name: str | None = None) -> str:
+    """Registers the kept set of a `python -m t5x_like.rejection_sample` output directory
+    as a SeqIO task (splits train and validation, both the whole kept set: there is no
+    held-out part) and returns its name: gin's `MIXTURE_OR_TASK_NAME =
+    @rejection.register_sft_task()`. `form`: SFT_FORMS (default: the one the run wrote
+    its fine-tuning gin file for); `name`: default `sft_task_name(directory)`."""
+    directory = os.path.abspath(directory)
+    summary = read_summary(directory)
+    form = form or summary["sft_form"]
+    name = name or sft_task_name(directory)
+    sft_task(name, os.path.join(directory, SFT_FILE), summary_vocabulary(summary),
+             ("train", "validation"), form)
+    registered = json.loads(os.environ.get(SFT_TASKS_ENV, "{}"))
+    registered[name] = {"directory": directory, "form": form}
+    os.environ[SFT_TASKS_ENV] = json.dumps(registered)
+    return name
+
+
+def _register_from_environment() -> None:
+    """The SFT tasks the parent process registered (a data worker's import)."""
+    for name, entry in json.loads(os.environ.get(SFT_TASKS_ENV, "{}")).items():
+        if name in seqio.TaskRegistry.names():
+            continue
+        if not os.path.exists(os.path.join(entry["directory"], SUMMARY_FILE)):
+            # an output since removed, registered by some ancestor process
+            logging.getLogger("t5x_like.rejection").warning(
+                "%s=...%s...: %s has no rejection-sampling output any more; task %s is not "
+                "registered.", SFT_TASKS_ENV, name, entry["directory"], name)
+            continue
+        register_sft_task(entry["directory"], entry["form"], name)
+
+
+_register_from_environment()
