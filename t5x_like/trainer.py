@@ -286,7 +286,8 @@ def abstract_train_state(model, tx: optax.GradientTransformation, mesh, rules
 
 
 def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: int,
-                    ckpt=None, data_iterator=None, initial_checkpoint: str | None = None):
+                    ckpt=None, data_iterator=None, initial_checkpoint: str | None = None,
+                    reference_checkpoint: str | None = None):
     """(graphdef, state, restored) of `model` + optimizer on `mesh`.
 
     model: a models.py model (its `make_module` builds the network).
@@ -299,6 +300,9 @@ def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: 
     initial_checkpoint: for a run that starts (nothing in `ckpt`), take the parameters
       from this checkpoint (T5X's INITIAL_CHECKPOINT_PATH: another run's, or a params
       checkpoint), onto this mesh and rule preset, with a fresh optimizer state.
+    reference_checkpoint: for a run that starts, the parameters of the module's frozen
+      `reference` (DoReMi's proxy: the reference run's checkpoint), read onto the shapes
+      and shardings of the module's own parameters (the reference is the same network).
     """
     if ckpt is not None and ckpt.latest_step() is not None:
         graphdef, target = abstract_train_state(model, tx, mesh, rules)
@@ -313,6 +317,13 @@ def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: 
         nnx.update(train_state.model, params)
         if hasattr(train_state.model, "reset_reference"):  # DPO: the reference = the start
             train_state.model.reset_reference()
+    if reference_checkpoint is not None:
+        if not hasattr(train_state.model, "reference"):
+            raise ValueError(f"reference_checkpoint={reference_checkpoint!r}, but the model "
+                             f"{type(model).__name__} has no frozen reference.")
+        params = checkpoints.restore_params(reference_checkpoint,
+                                            nnx.state(train_state.model, nnx.Param))
+        nnx.update(train_state.model.reference, params)
     graphdef, state = nnx.split(train_state)
     return graphdef, state, None
 
@@ -438,6 +449,7 @@ def make_train_step(
     batch_sharding: Any = None,
     rules: Any = None,
     donate: bool = True,
+    after_update: Callable[[nnx.Module, dict], dict] | None = None,
 ) -> Callable[[nnx.State, Batch, jax.Array], tuple[nnx.State, dict[str, jax.Array]]]:
     """Builds `train_step(state, batch, key) -> (new_state, metrics)`, jitted.
 
@@ -455,6 +467,11 @@ def make_train_step(
         call the step under `jax.set_mesh(mesh)` (without both the constraints are
         no-ops, and FSDP on 8 CPU devices ran 4x slower).
       donate: donate the input state buffers (the caller must not use them afterwards).
+      after_update: `after_update(module, metrics) -> metrics`, called inside the step
+        after the optimizer update, for a model whose non-parameter state the step
+        itself advances (DoReMi's domain weights: the loss returns them as metrics,
+        arrays, which this writes into the module and replaces by scalars). Needs
+        num_microbatches=1 (the metrics of microbatches are not combined for it).
 
     `key` is `jax.random.key(seed)`, the same every step: the step's rng is
     `fold_in(key, step)`, microbatch i's is `fold_in(that, i)`.
@@ -470,6 +487,9 @@ def make_train_step(
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches={num_microbatches} must be ≥ 1.")
+    if after_update is not None and num_microbatches != 1:
+        raise ValueError(f"num_microbatches={num_microbatches}: a model whose step updates "
+                         "its own state (DoReMi's proxy) trains with NUM_MICROBATCHES = 1.")
 
     @_with_rules(rules)
     def step_fn(state: nnx.State, batch: Batch, key: jax.Array, loss_scale):
@@ -504,6 +524,8 @@ def make_train_step(
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
         train_state.optimizer.update(model, grads)
+        if after_update is not None:
+            metrics = after_update(model, metrics)
         metrics["param_norm"] = optax.global_norm(nnx.state(model, nnx.Param))
         return _keep_if_not_finite(nnx.state(train_state), old_state, metrics)
 
