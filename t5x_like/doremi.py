@@ -37,7 +37,7 @@ import gin
 import numpy as np
 from flax import nnx
 
-from t5x_like import checkpoints, group_dro, launch, mixtures, models, network
+from t5x_like import checkpoints, group_dro, guards, launch, mixtures, models, network
 from t5x_like import train as train_lib
 
 log = logging.getLogger("t5x_like.doremi")
@@ -48,13 +48,24 @@ def average_weights(proxy_dir: str, proxy: models.DoReMiModel) -> np.ndarray:
     """ᾱ of a finished proxy run: Σ_t α_t / steps, read from its newest checkpoint."""
     abstract = nnx.eval_shape(lambda: proxy.make_module(0))
     target = nnx.state(abstract, network.DomainState)
-    restored = checkpoints.restore_params(proxy_dir, target)
+    restored = checkpoints.restore_params(proxy_dir, target, part=True)
     steps = checkpoints.CheckpointManager(os.path.join(proxy_dir, "checkpoints"),
                                           create=False)
     with steps:
         step = steps.latest_step()
     total = np.asarray(nnx.to_pure_dict(restored)["domain_weights_sum"], np.float64)
     return total / max(int(step or 0), 1)
+
+
+class Stopped(guards.RunStopped):
+    """A run of the round stopped before its last step (a signal, a preemption)."""
+
+
+def _check_finished(summary, what: str) -> None:
+    if summary.stopped_by is not None:
+        raise Stopped(f"the {what} run in {summary.model_dir} stopped at step "
+                      f"{summary.end_step} ({summary.stopped_by}); run the same command to "
+                      "resume it and go on.")
 
 
 def _round_dir(model_dir: str, round_index: int, rounds: int) -> str:
@@ -88,11 +99,13 @@ def run_round(train_fn, model, data: train_lib.DataConfig, round_dir: str, eta: 
     log.info("DoReMi: reference model on %s (%s) in %s", data.mixture_or_task_name,
              ", ".join(f"{n} {r:.4f}" for n, r in zip(names, rates)), reference_dir)
     reference = train_fn(model=model, data=data, model_dir=reference_dir)
+    _check_finished(reference, "reference")
     proxy = models.DoReMiModel(model, names, rates, eta=eta, smoothing=smoothing)
     log.info("DoReMi: proxy model with Group DRO (eta %g, smoothing %g) in %s", eta,
              smoothing, proxy_dir)
     proxy_run = train_fn(model=proxy, data=dataclasses.replace(data, domain_ids=True),
                          model_dir=proxy_dir, reference_checkpoint=reference_dir)
+    _check_finished(proxy_run, "proxy")
     weights = average_weights(proxy_dir, proxy)
     return {"mixture": data.mixture_or_task_name, "reference_dir": reference_dir,
             "proxy_dir": proxy_dir, "sampling_rates": dict(zip(names, rates)),
