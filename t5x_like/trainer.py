@@ -456,8 +456,7 @@ def make_train_step(
     Args:
       graphdef: from `create_train_state`.
       loss_fn: the model contract's `loss_fn(module, batch, rng) -> (loss, metrics)`.
-      schedule: the optimizer's schedule, to report `learning_rate` (the rate used for
-        this step's update).
+      schedule: the optimizer's schedule, to report `learning_rate` (this step's rate).
       num_microbatches: gradient accumulation: the global batch is split into this many
         microbatches along the batch dimension, run one after another (lax.scan).
       state_sharding, batch_sharding: shardings of the state pytree and of the batch
@@ -467,14 +466,10 @@ def make_train_step(
         call the step under `jax.set_mesh(mesh)` (without both the constraints are
         no-ops, and FSDP on 8 CPU devices ran 4x slower).
       donate: donate the input state buffers (the caller must not use them afterwards).
-      after_update: `after_update(module, metrics) -> metrics`, called inside the step
-        after the optimizer update, for a model whose non-parameter state the step
-        itself advances (DoReMi's domain weights: the loss returns them as metrics,
-        arrays, which this writes into the module and replaces by scalars). Needs
-        num_microbatches=1 (the metrics of microbatches are not combined for it).
+      after_update: `(module, metrics) -> metrics` after the update (DoReMi's weights).
 
-    `key` is `jax.random.key(seed)`, the same every step: the step's rng is
-    `fold_in(key, step)`, microbatch i's is `fold_in(that, i)`.
+    `key` is `jax.random.key(seed)`, the same every step: the step's rng is `fold_in(key,
+    step)`, microbatch i's is `fold_in(that, i)`.
     Metrics: the model's metrics combined exactly over microbatches, plus
     `learning_rate`, `grad_norm` (global L2 norm before clipping), `param_norm` and
     `nonfinite` (1.0 when the step was rejected, see below).
@@ -482,14 +477,9 @@ def make_train_step(
     Non-finite guard: when the loss, the gradient norm or the updated parameters' norm
     is NaN or Inf, the step returns the state it was given (parameters, optimizer state
     and step counter unchanged), decided inside the compiled step: no host round trip.
-    `loss_scale` (1.0 in training) multiplies the loss and its gradients: the fault
-    drills of guards.FaultDrills use NaN or a large factor to rehearse the guards.
+    `loss_scale` (1.0 in training) scales loss and gradients (guards.FaultDrills' NaN).
     """
-    if num_microbatches < 1:
-        raise ValueError(f"num_microbatches={num_microbatches} must be ≥ 1.")
-    if after_update is not None and num_microbatches != 1:
-        raise ValueError(f"num_microbatches={num_microbatches}: a model whose step updates "
-                         "its own state (DoReMi's proxy) trains with NUM_MICROBATCHES = 1.")
+    _check_step_options(num_microbatches, after_update)
 
     @_with_rules(rules)
     def step_fn(state: nnx.State, batch: Batch, key: jax.Array, loss_scale):
@@ -524,12 +514,20 @@ def make_train_step(
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
         train_state.optimizer.update(model, grads)
-        if after_update is not None:
-            metrics = after_update(model, metrics)
+        metrics = after_update(model, metrics) if after_update else metrics
         metrics["param_norm"] = optax.global_norm(nnx.state(model, nnx.Param))
         return _keep_if_not_finite(nnx.state(train_state), old_state, metrics)
 
     return _jit_train_step(step_fn, state_sharding, batch_sharding, donate)
+
+
+def _check_step_options(num_microbatches: int, after_update) -> None:
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches={num_microbatches} must be ≥ 1.")
+    if after_update is not None and num_microbatches != 1:
+        # Its metrics (DoReMi's weights, arrays) are not combined over microbatches.
+        raise ValueError(f"num_microbatches={num_microbatches}: a model whose step updates "
+                         "its own state (DoReMi's proxy) trains with NUM_MICROBATCHES = 1.")
 
 
 def _jit_train_step(step_fn, state_sharding, batch_sharding, donate: bool):
