@@ -235,3 +235,45 @@ def test_doremi_learns_weights_writes_a_mixture_and_it_trains(tmp_path, monkeypa
 def _flat(state):
     return {"/".join(map(str, p)): np.asarray(v.get_value() if hasattr(v, "get_value") else v)
             for p, v in nnx.to_flat_state(state)}
+
+
+def test_iterated_doremi_trains_each_round_on_the_last_weights_until_they_settle(
+        tmp_path, monkeypatch):
+    """The rounds' bookkeeping, with stand-ins for the runs: round r + 1's reference and
+    proxy train on round r's weights (a registered mixture), and the rounds stop once no
+    weight moves by the tolerance."""
+    monkeypatch.delenv(mixtures.MIXTURE_FILES_ENV, raising=False)
+    parts = ["code_causal", "math_causal", "multilingual_causal", "stem_causal", "web_causal"]
+    learned = iter([[0.3, 0.1, 0.3, 0.2, 0.1], [0.3005, 0.1, 0.2995, 0.2, 0.1],
+                    [0.9, 0.025, 0.025, 0.025, 0.025]])
+    monkeypatch.setattr(doremi, "average_weights", lambda *_: np.array(next(learned)))
+    calls = []
+
+    def fake_train(*, model, data, model_dir, reference_checkpoint=None):
+        calls.append((type(model).__name__, data.mixture_or_task_name, data.domain_ids,
+                      os.path.relpath(model_dir, tmp_path), reference_checkpoint and
+                      os.path.relpath(reference_checkpoint, tmp_path)))
+        return train.RunSummary(model_dir, 0, 3, (1.0,) * 3)
+
+    data = train.DataConfig(mixture_or_task_name="reka_mix_causal",
+                            task_feature_lengths={"targets": 64}, batch_size=8)
+    summary = doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path), rounds=3,
+                            mixture_name="reka_mix_doremi_rounds", train_fn=fake_train)
+    assert calls == [
+        ("DecoderOnlyModel", "reka_mix_causal", False, "round1/reference", None),
+        ("DoReMiModel", "reka_mix_causal", True, "round1/proxy", "round1/reference"),
+        ("DecoderOnlyModel", "reka_mix_doremi_rounds_round1", False, "round2/reference",
+         None),
+        ("DoReMiModel", "reka_mix_doremi_rounds_round1", True, "round2/proxy",
+         "round2/reference")]
+    assert len(summary["rounds"]) == 2  # round 2 moved the weights by 5e-4 < 1e-3
+    assert summary["rounds"][1]["max_change"] == pytest.approx(5e-4)
+    assert summary["weights"] == dict(zip(parts, [0.3005, 0.1, 0.2995, 0.2, 0.1]))
+    assert dict(mixtures.leaf_tasks_and_rates("reka_mix_doremi_rounds")) == pytest.approx(
+        summary["weights"])
+    assert os.path.exists(tmp_path / "reka_mix_doremi_rounds.gin")
+    # A stopped run stops the rounds (run the command again to resume).
+    with pytest.raises(doremi.Stopped, match="stopped at step 1"):
+        doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path / "stop"),
+                      train_fn=lambda **kw: train.RunSummary(kw["model_dir"], 0, 1, (),
+                                                             stopped_by="SIGTERM"))
