@@ -118,6 +118,7 @@ def _proxy_state(cfg, domains=("a", "b"), rates=(0.25, 0.75)):
     return proxy, module, reference
 
 
+@pytest.mark.slow  # ~33 s here: one train step compiled on the shared cores
 def test_the_proxy_step_updates_the_weights_and_trains_on_the_weighted_loss():
     cfg = tiny_config(z_loss=0.0)
     proxy, module, reference = _proxy_state(cfg)
