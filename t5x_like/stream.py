@@ -101,7 +101,7 @@ class _ShardStream:
         examples_before, rows = next(self._steps)
         stats = pipeline.row_stats(rows)
         examples = int(stats["segments"].sum())
-        if self._domains is not None:  # copied: the iterator's arrays are read-only
+        if self._domains is not None:  # a new dict: the rows stay as tf.data made them
             rows = {**rows, pipeline.DOMAIN_IDS: pipeline.domain_ids(
                 rows, self._labels.labels(int(examples_before),
                                           int(examples_before) + examples), self._domains)}

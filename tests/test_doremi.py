@@ -62,6 +62,7 @@ def test_domain_ids_label_each_packed_segment_with_its_examples_domain():
                                         [1, 2, 2, 2, 0, 0]])
     with pytest.raises(ValueError, match="labels"):
         pipeline.domain_ids(rows, labels[:4], label_domains)
+    assert models.DOMAIN_IDS == pipeline.DOMAIN_IDS  # what the proxy's loss reads
 
 
 def test_the_domains_of_a_mixture_are_its_parts():
