@@ -540,10 +540,19 @@ def _without_dpo_reference(stored: Any, target_params: Any) -> Any:
     return stored
 
 
+def _only(stored: Any, target: Any) -> Any:
+    """`stored` cut to the keys `target` has (a part of a state: DoReMi's weights)."""
+    if isinstance(stored, Mapping) and isinstance(target, Mapping):
+        return {k: _only(stored[k], target[k]) for k in target if k in stored}
+    return stored
+
+
 def _check_stored_params(handler, item_dir: epath.Path, keys: tuple[str, ...],
-                         target_params: Any) -> None:
+                         target_params: Any, part: bool = False) -> None:
     stored = _without_dpo_reference(
         _subtree(handler.metadata(item_dir).tree, keys, item_dir), target_params)
+    if part:
+        stored = _only(stored, target_params)
     try:
         _check_compatible(stored, target_params, str(item_dir))
     except ValueError as e:
@@ -562,7 +571,7 @@ def check_params(path: str | epath.PathLike, target_params: Any) -> None:
         handler.close()
 
 
-def restore_params(path: str | epath.PathLike, target_params: Any) -> Any:
+def restore_params(path: str | epath.PathLike, target_params: Any, part: bool = False) -> Any:
     """Reads parameters onto the shapes, dtypes and shardings of `target_params`.
 
     `path`: a params-only checkpoint or a training checkpoint (see `params_source`);
@@ -572,13 +581,14 @@ def restore_params(path: str | epath.PathLike, target_params: Any) -> Any:
     arrays or ShapeDtypeStructs carrying shardings, e.g. from
     `partitioning.abstract_sharded` filtered to nnx.Param). Raises ValueError before
     reading any array when the stored shapes differ, naming the first differing
-    parameter with both shapes.
+    parameter with both shapes. `part`: `target_params` is only a part of the stored
+    model state (e.g. DoReMi's domain weights): the rest is neither checked nor read.
     """
     item_dir, keys = params_source(path)
     # The item's own handler: a Checkpointer would look for step metadata in the item.
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        _check_stored_params(handler, item_dir, keys, target_params)
+        _check_stored_params(handler, item_dir, keys, target_params, part)
         target = _wrap(abstract_like(target_params), keys)
         restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

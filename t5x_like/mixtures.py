@@ -9,9 +9,12 @@ imported by their gin file); worker processes import the same modules
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
-from collections.abc import Sequence
+import os
+import re
+from collections.abc import Mapping, Sequence
 
 import seqio
 
@@ -55,6 +58,84 @@ def leaf_tasks_and_rates(name: str) -> list[tuple[str, float]]:
     if not pairs or total <= 0:
         raise ValueError(f"Mixture {name!r} has no task with a positive rate: {pairs}.")
     return [(n, r / total) for n, r in pairs]
+
+
+def components(name: str) -> list[tuple[str, float, list[str]]]:
+    """The top-level parts of a task or mixture: (name, normalised rate, its leaf task
+    names), sorted by name. A mixture of per-domain mixtures (`reka_mix_ul2`) has one
+    part per domain; a task is one part. These are the "domains" a per-domain loss
+    (DoReMi's Group DRO) groups tokens by. A part's rate is the sum of its leaf tasks'
+    rates (seqio multiplies rates through sub-mixtures)."""
+    leaves = dict(leaf_tasks_and_rates(name))
+    provider = get_mixture_or_task(name)
+    if not isinstance(provider, seqio.Mixture):
+        return [(provider.name, 1.0, [provider.name])]
+    parts = []
+    # seqio keeps a mixture's own entries (tasks or sub-mixtures) only privately.
+    for part_name, part in sorted(provider._task_map.items()):  # noqa: SLF001
+        tasks = part.tasks if isinstance(part, seqio.Mixture) else [part]
+        names = sorted(t.name for t in tasks if t.name in leaves)
+        if names:
+            parts.append((part_name, sum(leaves[n] for n in names), names))
+    return parts
+
+
+def leaf_components(name: str) -> list[int]:
+    """For each leaf task of `leaf_tasks_and_rates(name)` (in that order), the index of
+    its part in `components(name)`."""
+    index = {leaf: i for i, (_, _, leaves) in enumerate(components(name)) for leaf in leaves}
+    return [index[leaf] for leaf, _ in leaf_tasks_and_rates(name)]
+
+
+# A mixture file (what `python -m t5x_like.doremi` writes): a gin file whose lines
+#   MIXTURE_OR_TASK_NAME = 'reka_mix_doremi'
+#   MIXTURE_RATES = {'code_ul2': 0.21, ...}
+# name a mixture and its rates over registered tasks or mixtures. Task modules register
+# such files at import (`register_mixture_files`): the shipped gin_configs/mixtures/*.gin
+# and those listed in MIXTURE_FILES_ENV (os.pathsep-separated), which worker processes
+# inherit. Including the file in a run's gin files then trains on that mixture.
+MIXTURE_FILES_ENV = "T5X_LIKE_MIXTURE_FILES"
+_NAME_LINE = re.compile(r"^MIXTURE_OR_TASK_NAME\s*=\s*(.+)$", re.M)
+_RATES_LINE = re.compile(r"^MIXTURE_RATES\s*=\s*(\{.*\})\s*$", re.M)
+
+
+def mixture_file_text(name: str, rates: Mapping[str, float], comment: str = "") -> str:
+    """The gin text of a mixture file (above): `import tasks` (which registers it),
+    MIXTURE_OR_TASK_NAME and MIXTURE_RATES, after `comment` lines."""
+    lines = [f"# {line}".rstrip() for line in comment.splitlines()]
+    rates = {k: round(float(v), 6) for k, v in sorted(rates.items())}
+    lines += ["import tasks  # registers this file's mixture (mixtures.register_mixture_files)",
+              "", f"MIXTURE_OR_TASK_NAME = {name!r}", f"MIXTURE_RATES = {rates!r}", ""]
+    return "\n".join(lines)
+
+
+def read_mixture_file(path: str) -> tuple[str, dict[str, float]]:
+    """(name, rates) of a mixture file."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    name, rates = _NAME_LINE.search(text), _RATES_LINE.search(text)
+    if name is None or rates is None:
+        raise ValueError(f"{path} is not a mixture file: it needs the lines "
+                         "`MIXTURE_OR_TASK_NAME = 'name'` and `MIXTURE_RATES = {...}`.")
+    return ast.literal_eval(name.group(1).strip()), dict(ast.literal_eval(rates.group(1)))
+
+
+def register_mixture_file(path: str) -> str:
+    """Registers the mixture of a mixture file (its parts must be registered); returns
+    its name."""
+    name, rates = read_mixture_file(path)
+    for part in rates:
+        get_mixture_or_task(part)
+    seqio.MixtureRegistry.remove(name)
+    seqio.MixtureRegistry.add(name, [(part, float(r)) for part, r in sorted(rates.items())
+                                     if r > 0])
+    return name
+
+
+def register_mixture_files(paths: Sequence[str] = ()) -> list[str]:
+    """Registers the mixture files `paths` and those listed in MIXTURE_FILES_ENV."""
+    listed = [p for p in os.environ.get(MIXTURE_FILES_ENV, "").split(os.pathsep) if p]
+    return [register_mixture_file(p) for p in dict.fromkeys([*paths, *listed])]
 
 
 def import_task_modules(task_modules: Sequence[str]) -> None:

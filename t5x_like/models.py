@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t5x_like import decoding, flops, partitioning, preference
+from t5x_like import decoding, flops, group_dro, partitioning, preference
 from t5x_like.decoding import DecodeConfig
 from t5x_like.layers import TransformerConfig
 from t5x_like.network import (DPODecoder, Decoder, EncoderDecoder, RewardDecoder,
-                              segments_and_positions)
+                              segments_and_positions, with_reference)
 
 Batch = Mapping[str, jax.Array]
 
@@ -498,6 +498,115 @@ class DPOModel(_PairwiseModel):
             logps["chosen"], logps["rejected"], logps["reference_chosen"],
             logps["reference_rejected"], self.beta)
         return self._pair_metrics(losses_B, margin_B > 0, batch, {"reward_margin": margin_B})
+
+
+DOMAIN_IDS = "decoder_domain_ids"  # pipeline.DOMAIN_IDS: 1 + domain per position, 0 pad
+
+
+class DoReMiModel:
+    """DoReMi's proxy (docs/FORMULAS.md, "DoReMi"): `base` (any DecoderOnlyModel or
+    EncoderDecoderModel) trained with Group DRO over the domains of its mixture against
+    a frozen reference model of the same shape (network.with_reference; its parameters
+    from the reference run's checkpoint, `train(reference_checkpoint=...)`).
+
+    Each step, on a batch whose decoder positions carry their domain
+    (`decoder_domain_ids`, `train.DataConfig.domain_ids`): the per-token losses of proxy
+    and reference give each domain's mean excess loss λ_k; the weights become
+    α_t = (1 − c)·softmax(log α_{t−1} + η λ) + c/K (group_dro.update_weights); the proxy
+    minimises the token loss weighted by α_{d}/s_{d}, normalised by the weights' sum,
+    where s_d is domain d's sampling rate in the training mixture (`sampling_rates`), so
+    that the weighted loss stands for Σ_d α_d · (domain d's mean token loss). α_t, its
+    running sum (the output ᾱ is its mean over steps) and λ are the module's state,
+    written by `after_update` and checkpointed with the train state.
+
+    Everything else (evaluation, BPC, scoring, decoding, FLOPs, data form) is `base`'s:
+    without domain ids a batch gets `base`'s own loss.
+    """
+
+    make_module = _LanguageModel.make_module
+
+    def __init__(self, base: _LanguageModel, domains, sampling_rates,
+                 eta: float = group_dro.ETA, smoothing: float = group_dro.SMOOTHING):
+        if isinstance(base, DoReMiModel) or not isinstance(base, _LanguageModel):
+            raise ValueError(f"DoReMiModel needs a language model as base, got {base!r}.")
+        rates = np.asarray(sampling_rates, np.float64)
+        if len(domains) != len(rates) or len(rates) < 2 or not np.all(rates > 0):
+            raise ValueError(f"DoReMiModel: {len(domains)} domains {list(domains)} need as "
+                             f"many positive sampling rates, got {list(rates)}.")
+        if not (eta > 0 and 0 <= smoothing < 1):
+            raise ValueError(f"DoReMiModel: eta={eta} must be > 0 and smoothing={smoothing} "
+                             "in [0, 1).")
+        self.base, self.cfg = base, base.cfg
+        self.domains = tuple(domains)
+        self.sampling_rates = rates / rates.sum()
+        self.eta, self.smoothing = float(eta), float(smoothing)
+        self.module_class = functools.partial(with_reference(base.module_class),
+                                              num_domains=len(self.domains))
+
+    def __getattr__(self, name):  # the base model's contract
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __repr__(self) -> str:
+        return (f"DoReMiModel({self.base!r}, domains={self.domains}, eta={self.eta}, "
+                f"smoothing={self.smoothing})")
+
+    def _token_losses(self, module, batch: Batch, rng):
+        targets_BL = batch["decoder_target_tokens"]
+        nll_BL, z_loss_BL, correct_BL = token_losses(
+            self.base.logits(module, batch, rng), targets_BL, self.cfg.z_loss)
+        # Rebuilt over the same arrays: NNX refuses Variables made at another trace level.
+        ref_graphdef, ref_state = nnx.split(module.reference)
+        reference = nnx.merge(ref_graphdef, jax.tree.map(lambda x: x, ref_state))
+        reference_nll_BL = jax.lax.stop_gradient(
+            token_losses(self.base.logits(reference, batch), targets_BL, 0.0)[0])
+        return nll_BL, z_loss_BL, correct_BL, reference_nll_BL
+
+    def loss_fn(self, module, batch: Batch, rng=None):
+        if DOMAIN_IDS not in batch:
+            return self.base.loss_fn(module, batch, rng)
+        weights_BL = _loss_weights(batch)
+        domains_BL = batch[DOMAIN_IDS]
+        nll_BL, z_loss_BL, correct_BL, reference_nll_BL = self._token_losses(module, batch,
+                                                                             rng)
+        excess_K, tokens_K = group_dro.domain_excess(
+            jax.lax.stop_gradient(nll_BL), reference_nll_BL, weights_BL, domains_BL,
+            len(self.domains))
+        alpha_K, scores_K = group_dro.update_weights(
+            module.domain_weights[...], excess_K, tokens_K, module.domain_scores[...],
+            self.eta, self.smoothing)
+        # Token weight α_d / s_d (0 on padding), normalised by its sum over the batch.
+        per_domain_K = jnp.concatenate([jnp.zeros((1,)), alpha_K / self.sampling_rates])
+        token_weights_BL = weights_BL * jax.lax.stop_gradient(per_domain_K)[domains_BL]
+        loss = (jnp.sum(token_weights_BL * (nll_BL + z_loss_BL))
+                / jnp.maximum(jnp.sum(token_weights_BL), 1e-8))
+        weight_sum = jnp.sum(weights_BL)
+        denom = jnp.maximum(weight_sum, 1e-8)
+        nll_sum = jnp.sum(weights_BL * nll_BL)
+        z_loss_sum = jnp.sum(weights_BL * z_loss_BL)
+        correct_sum = jnp.sum(weights_BL * correct_BL)
+        metrics = {
+            "loss": loss, "cross_entropy": nll_sum / denom, "z_loss": z_loss_sum / denom,
+            "accuracy": correct_sum / denom, "num_tokens": weight_sum, "nll_sum": nll_sum,
+            "z_loss_sum": z_loss_sum, "correct_sum": correct_sum, "weight_sum": weight_sum,
+            "reference_cross_entropy": jnp.sum(weights_BL * reference_nll_BL) / denom,
+            "doremi_alpha": alpha_K, "doremi_scores": scores_K,
+        }
+        return loss, metrics
+
+    def after_update(self, module, metrics: dict) -> dict:
+        """Writes the step's α_t and λ into the module (trainer.make_train_step's
+        `after_update`) and reports them as scalars."""
+        metrics = dict(metrics)
+        alpha_K, scores_K = metrics.pop("doremi_alpha"), metrics.pop("doremi_scores")
+        module.domain_weights[...] = alpha_K
+        module.domain_scores[...] = scores_K
+        module.domain_weights_sum[...] = module.domain_weights_sum[...] + alpha_K
+        for k, name in enumerate(self.domains):
+            metrics[f"domain_weight/{name}"] = alpha_K[k]
+            metrics[f"excess_loss/{name}"] = scores_K[k]
+        return metrics
 
 
 def _pair_length(task_feature_lengths: Mapping[str, int]) -> int:

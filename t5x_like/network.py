@@ -7,6 +7,7 @@ Both networks return float32 logits [B, L, V].
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -224,6 +225,35 @@ class DPODecoder(Decoder):
 
     def reset_reference(self) -> None:
         nnx.update(self.reference, nnx.state(self, nnx.Param))
+
+
+class DomainState(nnx.Variable):
+    """State the train step advances that is not a parameter (DoReMi's domain weights):
+    checkpointed with the train state, never seen by gradients or the optimizer."""
+
+
+@functools.cache
+def with_reference(network: type) -> type:
+    """`network` (Decoder or EncoderDecoder) with a frozen `reference` of the same shape
+    (DoReMi's reference model, read from another run's checkpoint by
+    trainer.init_or_restore) and the Group DRO state: `domain_weights` (α_t, starting
+    uniform), `domain_weights_sum` (Σ α_t over steps), `domain_scores` (λ of the last
+    step). Its own parameters are named as a plain `network`'s, so its checkpoints are
+    ordinary ones. One class per network (cached): graphdefs compare by class."""
+
+    class WithReference(network):
+        def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, num_domains: int):
+            super().__init__(cfg, rngs=rngs)
+            graphdef, params = nnx.split(nnx.clone(self), nnx.Param)
+            frozen = jax.tree.map(lambda v: Frozen(v.get_value(), **v.get_metadata()),
+                                  params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            self.reference = nnx.merge(graphdef, frozen)
+            self.domain_weights = DomainState(jnp.full((num_domains,), 1.0 / num_domains))
+            self.domain_weights_sum = DomainState(jnp.zeros((num_domains,)))
+            self.domain_scores = DomainState(jnp.zeros((num_domains,)))
+
+    WithReference.__name__ = WithReference.__qualname__ = f"{network.__name__}WithReference"
+    return WithReference
 
 
 class EncoderDecoder(nnx.Module):

@@ -190,6 +190,16 @@ class TaskLabels:
             self._chunk_index = chunk_index
         return self._chunk
 
+    def labels(self, start: int, stop: int) -> np.ndarray:
+        """The leaf-task index of each of examples [start, stop) of the shard."""
+        out = []
+        while start < stop:
+            chunk, offset = divmod(start, DRAW_CHUNK)
+            end = min(stop - start, DRAW_CHUNK - offset)
+            out.append(self._draws(chunk)[offset:offset + end])
+            start += end
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
     def counts(self, start: int, stop: int) -> np.ndarray:
         out = np.zeros(len(self.leaves), np.int64)
         while start < stop:
@@ -199,6 +209,28 @@ class TaskLabels:
                                minlength=len(self.leaves))
             start += end
         return out
+
+
+DOMAIN_IDS = "decoder_domain_ids"
+
+
+def domain_ids(rows: Mapping[str, np.ndarray], example_labels: np.ndarray,
+               label_domains: Sequence[int]) -> np.ndarray:
+    """[R, L] int32: for every decoder position of packed rows, 1 + the domain of the
+    example it belongs to (0 on padding). Row r's segment s (1, 2, ...) is example
+    (examples in rows before r) + s − 1 of `example_labels` (the rows' examples, in
+    order, by leaf-task index; packing keeps the order), and `label_domains` maps a
+    leaf-task index to its domain (`mixtures.leaf_components`)."""
+    segments_RL = rows["decoder_segment_ids"]
+    per_row = row_stats(rows)["segments"]
+    first_R = np.concatenate([[0], np.cumsum(per_row)[:-1]]).astype(np.int64)
+    index_RL = first_R[:, None] + np.maximum(segments_RL, 1) - 1
+    if len(example_labels) < per_row.sum():
+        raise ValueError(f"{per_row.sum()} examples in the rows, {len(example_labels)} "
+                         "labels.")
+    domains = np.asarray(label_domains, np.int64)[np.asarray(example_labels, np.int64)]
+    index_RL = np.minimum(index_RL, max(len(domains) - 1, 0))
+    return np.where(segments_RL > 0, domains[index_RL] + 1, 0).astype(np.int32)
 
 
 def row_stats(rows: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -76,7 +76,7 @@ class _ShardStream:
     """One shard's rows, step by step, from `first_step` on (in a worker process)."""
 
     def __init__(self, spec: store.ShardSpec, shard_index: int, rows_per_step: int,
-                 first_step: int):
+                 first_step: int, domain_ids: bool = False):
         import tensorflow as tf  # noqa: PLC0415 - workers only: the parent needs no TF here
 
         segment_features = [s for s in pipeline.TOKEN_SEGMENTS.values()
@@ -94,12 +94,17 @@ class _ShardStream:
         # Fast-forward inside tf.data: the skipped rows are made but never leave C++.
         self._steps = steps.skip(first_step).as_numpy_iterator()
         self._labels = pipeline.TaskLabels(spec, shard_index)
+        self._domains = mixtures.leaf_components(spec.mixture) if domain_ids else None
         self.shard_index, self.step = shard_index, first_step
 
     def next_block(self) -> dict[str, Any]:
         examples_before, rows = next(self._steps)
         stats = pipeline.row_stats(rows)
         examples = int(stats["segments"].sum())
+        if self._domains is not None:  # a new dict: the rows stay as tf.data made them
+            rows = {**rows, pipeline.DOMAIN_IDS: pipeline.domain_ids(
+                rows, self._labels.labels(int(examples_before),
+                                          int(examples_before) + examples), self._domains)}
         block = {
             "shard": self.shard_index,
             "step": self.step,
@@ -117,16 +122,17 @@ class _ShardSetIterator(grain.DatasetIterator):
     """A worker's shards, read round-robin one step-block at a time."""
 
     def __init__(self, spec: store.ShardSpec, shards: Sequence[int], rows_per_step: int,
-                 first_step: int):
+                 first_step: int, domain_ids: bool = False):
         super().__init__()
-        self._args = (spec, list(shards), rows_per_step, first_step)
+        self._args = (spec, list(shards), rows_per_step, first_step, domain_ids)
         self._streams: list[_ShardStream] | None = None
         self._turn = 0
 
     def __next__(self) -> dict[str, Any]:
         if self._streams is None:  # built on first use, in the worker process
-            spec, shards, rows_per_step, first_step = self._args
-            self._streams = [_ShardStream(spec, k, rows_per_step, first_step) for k in shards]
+            spec, shards, rows_per_step, first_step, domain_ids = self._args
+            self._streams = [_ShardStream(spec, k, rows_per_step, first_step, domain_ids)
+                             for k in shards]
         block = self._streams[self._turn].next_block()
         self._turn = (self._turn + 1) % len(self._streams)
         return block
@@ -144,10 +150,11 @@ class _ShardSet(grain.IterDataset):
     shards among its workers (grain's in-place slicing protocol)."""
 
     def __init__(self, spec: store.ShardSpec, shards: Sequence[int], rows_per_step: int,
-                 first_step: int):
+                 first_step: int, domain_ids: bool = False):
         super().__init__()
         self._spec, self._shards = spec, list(shards)
         self._rows_per_step, self._first_step = rows_per_step, first_step
+        self._domain_ids = domain_ids
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
         del sequential_slice
@@ -155,7 +162,7 @@ class _ShardSet(grain.IterDataset):
 
     def __iter__(self) -> _ShardSetIterator:
         return _ShardSetIterator(self._spec, self._shards, self._rows_per_step,
-                                 self._first_step)
+                                 self._first_step, self._domain_ids)
 
 
 # ----------------------------------------------------------------------------- parent
@@ -180,13 +187,16 @@ class Stream:
       worker_init: a picklable function each worker runs first (the trainer passes
         `launch.hide_gpus_from_tensorflow`).
       prefetch: step-blocks each worker makes ahead.
+      domain_ids: add `pipeline.DOMAIN_IDS` to every batch: each decoder position's
+        1 + index of its example's part of the mixture (`mixtures.components`), 0 on
+        padding (for a per-domain loss, DoReMi's). The rows themselves do not change.
       process_index, process_count: default jax's.
     """
 
     def __init__(self, spec: store.ShardSpec, global_batch_size: int, *,
                  workers: int | None = None, task_modules: Sequence[str] = (),
                  worker_init: Callable[[], None] | None = None, prefetch: int = 4,
-                 process_index: int | None = None, process_count: int | None = None):
+                 domain_ids: bool = False, process_index: int | None = None, process_count: int | None = None):
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
         shards = spec.num_shards
@@ -212,6 +222,11 @@ class Stream:
         self.worker_init = worker_init
         self.leaves = mixtures.leaf_tasks_and_rates(spec.mixture)
         self.layout = pipeline.record_layout(spec)
+        self.domain_ids = domain_ids
+        if domain_ids and "decoder_segment_ids" not in self.layout.names:
+            raise ValueError(f"Domain ids label packed decoder rows; the {spec.converter!r} "
+                             "rows have no decoder_segment_ids.")
+        self.names = (*self.layout.names, *([pipeline.DOMAIN_IDS] if domain_ids else []))
         fields = ",".join(f"{k}={v}" for k, v in sorted(spec.as_dict().items()))
         self.state_info = {
             "global_batch_size": global_batch_size,
@@ -222,7 +237,8 @@ class Stream:
 
     def open(self, first_step: int) -> grain.DatasetIterator:
         """The grain iterator over this process's step-blocks from `first_step` on."""
-        ds = _ShardSet(self.spec, self.shards, self.rows_per_step, first_step)
+        ds = _ShardSet(self.spec, self.shards, self.rows_per_step, first_step,
+                       self.domain_ids)
         # grain reads its absl flags while starting workers; outside absl.app (our entry
         # points parse argparse flags) they must be marked parsed, keeping their defaults.
         if not absl_flags.FLAGS.is_parsed():
@@ -280,7 +296,7 @@ class StreamIterator:
             self._add(block)
         self._step += 1
         return {name: np.concatenate([b["rows"][name] for b in blocks])
-                for name in self._stream.layout.names}
+                for name in self._stream.names}
 
     def _add(self, block: Mapping[str, Any]) -> None:
         totals = self._totals

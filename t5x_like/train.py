@@ -68,6 +68,9 @@ class DataConfig:
       data's identity: a run may resume with another number.
     task_modules: modules that register the tasks, imported by the data workers besides
       those the gin files import (`import tasks`); for runs started from Python.
+    domain_ids: label every batch's decoder positions with their example's part of the
+      mixture (`pipeline.DOMAIN_IDS`, `mixtures.components`), for a model whose loss
+      weights domains (DoReMi's proxy, `models.DoReMiModel`). Streams only.
     """
 
     mixture_or_task_name: str
@@ -78,12 +81,16 @@ class DataConfig:
     stream_shards: int = 2
     data_workers: int | None = None
     task_modules: Sequence[str] = ()
+    domain_ids: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"BATCH_SIZE={self.batch_size} must be ≥ 1.")
         if self.stream_shards < 1:
             raise ValueError(f"train.DataConfig.stream_shards={self.stream_shards} must be ≥ 1.")
+        if self.domain_ids and self.store_dir:
+            raise ValueError("train.DataConfig.domain_ids labels streamed rows; a prepared "
+                             "store's rows carry no labels: unset store_dir.")
         if self.data_workers is not None and self.data_workers < 1:
             raise ValueError(f"train.DataConfig.data_workers={self.data_workers} must be ≥ 1 "
                              "(or None: one per shard of the process, up to the core count).")
@@ -196,7 +203,7 @@ def data_source(data: DataConfig, converter: str, train_steps: int):
         data.mixture_or_task_name, data.task_feature_lengths, converter, data.seed,
         data.batch_size, data.stream_shards, workers=data.data_workers,
         task_modules=(*launch.gin_imports(), *data.task_modules),
-        worker_init=launch.hide_gpus_from_tensorflow)
+        worker_init=launch.hide_gpus_from_tensorflow, domain_ids=data.domain_ids)
     log.info("data: streaming %s, %d shards (%d rows of each per step), %d in this "
              "process's %d worker process(es)", data.mixture_or_task_name,
              data.stream_shards, source.rows_per_step, len(source.shards), source.workers)
@@ -330,6 +337,7 @@ def train(
     drills: guards.FaultDrills = guards.FaultDrills(),
     peak_flops_per_device: float | None = None,
     initial_checkpoint: str | None = None,
+    reference_checkpoint: str | None = None,
 ) -> RunSummary:
     """Trains `model` (a models.py model) on `data` for `train_steps` steps on the mesh of
     `mesh_config` with `optimizer` (a trainer.Optimizer); returns the run's summary.
@@ -340,6 +348,8 @@ def train(
     ("schedule.train_steps", "optimizer", ...) that may differ from the checkpoint's.
     `peak_flops_per_device`: MFU's peak for a device hardware.DEVICE_SPECS lacks.
     `initial_checkpoint`: a new run starts from these parameters (fine-tuning).
+    `reference_checkpoint`: a model with a frozen reference (DoReMi's proxy) reads the
+    reference's parameters from this checkpoint (another run's) when the run starts.
     """
     _check_run(train_steps, log_every_steps, num_microbatches, data.batch_size)
     launch.start_devices(mesh_config)
@@ -366,7 +376,8 @@ def train(
                 max_to_keep=checkpoint.keep, async_save=checkpoint.async_save) as ckpt:
             graphdef, state, restored = trainer.init_or_restore(
                 model, optimizer.tx, mesh, rules, seed, ckpt, data_iterator=data_iter,
-                initial_checkpoint=initial_checkpoint)
+                initial_checkpoint=initial_checkpoint,
+                reference_checkpoint=reference_checkpoint)
             run = (restored.run or {}) if restored else {}
             guards.check_resume(run.get("identity"), identity, allow_resume_changes)
             start_step = _resumed_at(restored, train_steps, model_dir)
@@ -404,7 +415,7 @@ def _compile(model, optimizer, mesh, rules, graphdef, state, num_microbatches: i
     train_step = trainer.make_train_step(
         graphdef, model.loss_fn, optimizer.schedule, num_microbatches=num_microbatches,
         state_sharding=state_sharding, batch_sharding=partitioning.batch_sharding(mesh),
-        rules=rules)
+        rules=rules, after_update=getattr(model, "after_update", None))
     evaluator = Evaluator.create(
         model, graphdef, state_sharding, mesh, rules, evaluation, data.mixture_or_task_name,
         data.task_feature_lengths) if evaluation.enabled else None

@@ -286,7 +286,8 @@ def abstract_train_state(model, tx: optax.GradientTransformation, mesh, rules
 
 
 def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: int,
-                    ckpt=None, data_iterator=None, initial_checkpoint: str | None = None):
+                    ckpt=None, data_iterator=None, initial_checkpoint: str | None = None,
+                    reference_checkpoint: str | None = None):
     """(graphdef, state, restored) of `model` + optimizer on `mesh`.
 
     model: a models.py model (its `make_module` builds the network).
@@ -299,6 +300,9 @@ def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: 
     initial_checkpoint: for a run that starts (nothing in `ckpt`), take the parameters
       from this checkpoint (T5X's INITIAL_CHECKPOINT_PATH: another run's, or a params
       checkpoint), onto this mesh and rule preset, with a fresh optimizer state.
+    reference_checkpoint: for a run that starts, the parameters of the module's frozen
+      `reference` (DoReMi's proxy: the reference run's checkpoint), read onto the shapes
+      and shardings of the module's own parameters (the reference is the same network).
     """
     if ckpt is not None and ckpt.latest_step() is not None:
         graphdef, target = abstract_train_state(model, tx, mesh, rules)
@@ -313,6 +317,13 @@ def init_or_restore(model, tx: optax.GradientTransformation, mesh, rules, seed: 
         nnx.update(train_state.model, params)
         if hasattr(train_state.model, "reset_reference"):  # DPO: the reference = the start
             train_state.model.reset_reference()
+    if reference_checkpoint is not None:
+        if not hasattr(train_state.model, "reference"):
+            raise ValueError(f"reference_checkpoint={reference_checkpoint!r}, but the model "
+                             f"{type(model).__name__} has no frozen reference.")
+        params = checkpoints.restore_params(reference_checkpoint,
+                                            nnx.state(train_state.model, nnx.Param))
+        nnx.update(train_state.model.reference, params)
     graphdef, state = nnx.split(train_state)
     return graphdef, state, None
 
@@ -438,14 +449,14 @@ def make_train_step(
     batch_sharding: Any = None,
     rules: Any = None,
     donate: bool = True,
+    after_update: Callable[[nnx.Module, dict], dict] | None = None,
 ) -> Callable[[nnx.State, Batch, jax.Array], tuple[nnx.State, dict[str, jax.Array]]]:
     """Builds `train_step(state, batch, key) -> (new_state, metrics)`, jitted.
 
     Args:
       graphdef: from `create_train_state`.
       loss_fn: the model contract's `loss_fn(module, batch, rng) -> (loss, metrics)`.
-      schedule: the optimizer's schedule, to report `learning_rate` (the rate used for
-        this step's update).
+      schedule: the optimizer's schedule, to report `learning_rate` (this step's rate).
       num_microbatches: gradient accumulation: the global batch is split into this many
         microbatches along the batch dimension, run one after another (lax.scan).
       state_sharding, batch_sharding: shardings of the state pytree and of the batch
@@ -455,9 +466,10 @@ def make_train_step(
         call the step under `jax.set_mesh(mesh)` (without both the constraints are
         no-ops, and FSDP on 8 CPU devices ran 4x slower).
       donate: donate the input state buffers (the caller must not use them afterwards).
+      after_update: `(module, metrics) -> metrics` after the update (DoReMi's weights).
 
-    `key` is `jax.random.key(seed)`, the same every step: the step's rng is
-    `fold_in(key, step)`, microbatch i's is `fold_in(that, i)`.
+    `key` is `jax.random.key(seed)`, the same every step: the step's rng is `fold_in(key,
+    step)`, microbatch i's is `fold_in(that, i)`.
     Metrics: the model's metrics combined exactly over microbatches, plus
     `learning_rate`, `grad_norm` (global L2 norm before clipping), `param_norm` and
     `nonfinite` (1.0 when the step was rejected, see below).
@@ -465,11 +477,9 @@ def make_train_step(
     Non-finite guard: when the loss, the gradient norm or the updated parameters' norm
     is NaN or Inf, the step returns the state it was given (parameters, optimizer state
     and step counter unchanged), decided inside the compiled step: no host round trip.
-    `loss_scale` (1.0 in training) multiplies the loss and its gradients: the fault
-    drills of guards.FaultDrills use NaN or a large factor to rehearse the guards.
+    `loss_scale` (1.0 in training) scales loss and gradients (guards.FaultDrills' NaN).
     """
-    if num_microbatches < 1:
-        raise ValueError(f"num_microbatches={num_microbatches} must be ≥ 1.")
+    _check_step_options(num_microbatches, after_update)
 
     @_with_rules(rules)
     def step_fn(state: nnx.State, batch: Batch, key: jax.Array, loss_scale):
@@ -504,10 +514,20 @@ def make_train_step(
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
         train_state.optimizer.update(model, grads)
+        metrics = after_update(model, metrics) if after_update else metrics
         metrics["param_norm"] = optax.global_norm(nnx.state(model, nnx.Param))
         return _keep_if_not_finite(nnx.state(train_state), old_state, metrics)
 
     return _jit_train_step(step_fn, state_sharding, batch_sharding, donate)
+
+
+def _check_step_options(num_microbatches: int, after_update) -> None:
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches={num_microbatches} must be ≥ 1.")
+    if after_update is not None and num_microbatches != 1:
+        # Its metrics (DoReMi's weights, arrays) are not combined over microbatches.
+        raise ValueError(f"num_microbatches={num_microbatches}: a model whose step updates "
+                         "its own state (DoReMi's proxy) trains with NUM_MICROBATCHES = 1.")
 
 
 def _jit_train_step(step_fn, state_sharding, batch_sharding, donate: bool):
