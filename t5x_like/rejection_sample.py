@@ -111,16 +111,9 @@ def _vocabulary_spec(vocab) -> dict:
     return {"path": os.path.abspath(path), "extra_ids": int(vocab.extra_ids)}
 
 
-def rejection_sample(*, policy, policy_checkpoint: str, reward_model, reward_checkpoint: str,
-                     mesh_config, mixture_or_task_name: str,
-                     task_feature_lengths: Mapping[str, int], output_dir: str,
-                     num_samples: int = 8, split: str = "validation",
-                     decode: DecodeConfig = DecodeConfig(method="sample"),
-                     batch_size: int = 8, max_prompts: int | None = None, seed: int = 0,
-                     prompt_feature: str = "inputs", sft_form: str = "lm") -> dict:
-    """Samples, scores and keeps the best response per prompt of every task of
-    `mixture_or_task_name` (its `split`, in order, at most `max_prompts` per task);
-    writes `output_dir` (module docstring) and returns the summary."""
+def _check(policy, reward_model, decode: DecodeConfig, num_samples: int, sft_form: str,
+           prompt_feature: str, task_feature_lengths: Mapping[str, int], tasks):
+    """The settings, before anything is loaded; returns the prompts' vocabulary."""
     if num_samples < 1 or decode.method != "sample":
         raise ValueError(f"rejection sampling needs num_samples >= 1 (RS_NUM_SAMPLES, got "
                          f"{num_samples}) drawn with decoding.DecodeConfig.method = 'sample' "
@@ -136,10 +129,6 @@ def rejection_sample(*, policy, policy_checkpoint: str, reward_model, reward_che
     if prompt_feature not in task_feature_lengths:
         raise ValueError(f"The prompts are the tasks' {prompt_feature!r} feature, which "
                          f"RS_TASK_FEATURE_LENGTHS={dict(task_feature_lengths)} lacks.")
-    output_dir = os.path.abspath(output_dir)
-    _check_new_output(output_dir)
-    launch.start_devices(mesh_config)
-    tasks = mixtures.leaf_tasks(mixture_or_task_name)
     vocab = tasks[0].output_features[prompt_feature].vocabulary
     for task in tasks:
         other = task.output_features[prompt_feature].vocabulary
@@ -148,13 +137,15 @@ def rejection_sample(*, policy, policy_checkpoint: str, reward_model, reward_che
                              "sample each separately.")
     for model in (policy, reward_model):
         vocabulary.check_model_covers(vocab, model.cfg.vocab_size)
-    eos_id = decode.eos_id
-    width = int(task_feature_lengths[prompt_feature])
+    return vocab
 
-    policy_run, policy_params = Inference.from_checkpoint(
-        policy, mesh_config, policy_checkpoint, decode, batch_size)
-    reward_run, reward_params = Inference.from_checkpoint(
-        reward_model, mesh_config, reward_checkpoint, DecodeConfig(), batch_size)
+
+def _sample_and_score(policy_run, policy_params, reward_run, reward_params, tasks,
+                      task_feature_lengths, split: str, batch_size: int, max_prompts,
+                      prompt_feature: str, num_samples: int, eos_id: int, seed: int):
+    """(prompts [B, P], responses [N, B, T], rewards [N, B], task name of each prompt)
+    over every task's prompts, in order."""
+    width = int(task_feature_lengths[prompt_feature])
     key = jax.random.key(seed)
     prompts, responses, rewards, names = [], [], [], []
     batch_index = 0
@@ -177,13 +168,14 @@ def rejection_sample(*, policy, policy_checkpoint: str, reward_model, reward_che
             batch_index += 1
         log.info("%s: %d prompts sampled", task.name, names.count(task.name))
     if not names:
-        raise ValueError(f"{mixture_or_task_name!r} has no examples in split {split!r}.")
-    prompts_BP = np.concatenate(prompts, axis=0)
-    responses_NBT = np.concatenate(responses, axis=1)
-    rewards_NB = np.concatenate(rewards, axis=1)
-    chosen_B = rejection.best_of(rewards_NB, num_samples)
-    columns = np.arange(len(names))
+        return None
+    return (np.concatenate(prompts, axis=0), np.concatenate(responses, axis=1),
+            np.concatenate(rewards, axis=1), names)
 
+
+def _write_output(output_dir: str, summary: dict, prompts_BP, responses_NBT, rewards_NB,
+                  chosen_B, names, vocab, eos_id: int, response_length: int) -> None:
+    """The output directory (module docstring), written whole under `.partial` first."""
     partial = output_dir + ".partial"
     if os.path.exists(partial):
         shutil.rmtree(partial)  # an earlier run of this command that did not finish
@@ -193,33 +185,66 @@ def rejection_sample(*, policy, policy_checkpoint: str, reward_model, reward_che
     with open(os.path.join(partial, "samples.jsonl"), "w", encoding="utf-8") as f:
         for b, name in enumerate(names):
             texts = [vocab.decode([t for t in rejection._response_tokens(
-                responses_NBT[i, b], eos_id) if t != eos_id]) for i in range(num_samples)]
+                responses_NBT[i, b], eos_id) if t != eos_id])
+                for i in range(responses_NBT.shape[0])]
             f.write(json.dumps({
                 "task": name, "prompt": vocab.decode([int(t) for t in prompts_BP[b] if t]),
                 "responses": texts, "rewards": [float(r) for r in rewards_NB[:, b]],
                 "kept": int(chosen_B[b])}, ensure_ascii=False) + "\n")
+    with open(os.path.join(partial, rejection.SUMMARY_FILE), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(partial, "finetune.gin"), "w", encoding="utf-8") as f:
+        f.write(_finetune_gin(output_dir, summary["sft_form"], summary["prompt_length"],
+                              response_length))
+    if os.path.isdir(output_dir):
+        os.rmdir(output_dir)  # empty (checked before sampling)
+    os.replace(partial, output_dir)
+
+
+def rejection_sample(*, policy, policy_checkpoint: str, reward_model, reward_checkpoint: str,
+                     mesh_config, mixture_or_task_name: str,
+                     task_feature_lengths: Mapping[str, int], output_dir: str,
+                     num_samples: int = 8, split: str = "validation",
+                     decode: DecodeConfig = DecodeConfig(method="sample"),
+                     batch_size: int = 8, max_prompts: int | None = None, seed: int = 0,
+                     prompt_feature: str = "inputs", sft_form: str = "lm") -> dict:
+    """Samples, scores and keeps the best response per prompt of every task of
+    `mixture_or_task_name` (its `split`, in order, at most `max_prompts` per task);
+    writes `output_dir` (module docstring) and returns the summary."""
+    tasks = mixtures.leaf_tasks(mixture_or_task_name)
+    vocab = _check(policy, reward_model, decode, num_samples, sft_form, prompt_feature,
+                   task_feature_lengths, tasks)
+    output_dir = os.path.abspath(output_dir)
+    _check_new_output(output_dir)
+    launch.start_devices(mesh_config)
+    policy_run, policy_params = Inference.from_checkpoint(
+        policy, mesh_config, policy_checkpoint, decode, batch_size)
+    reward_run, reward_params = Inference.from_checkpoint(
+        reward_model, mesh_config, reward_checkpoint, DecodeConfig(), batch_size)
+    sampled = _sample_and_score(policy_run, policy_params, reward_run, reward_params, tasks,
+                                task_feature_lengths, split, batch_size, max_prompts,
+                                prompt_feature, num_samples, decode.eos_id, seed)
+    if sampled is None:
+        raise ValueError(f"{mixture_or_task_name!r} has no examples in split {split!r}.")
+    prompts_BP, responses_NBT, rewards_NB, names = sampled
+    chosen_B = rejection.best_of(rewards_NB, num_samples)
     summary = {
         "prompts": len(names), "num_samples": num_samples,
         "mean_reward_all_samples": float(rewards_NB.mean()),
-        "mean_reward_kept": float(rewards_NB[chosen_B, columns].mean()),
+        "mean_reward_kept": float(rewards_NB[chosen_B, np.arange(len(names))].mean()),
         "mean_best_of_k_reward": {str(k): v for k, v in best_of_k_means(rewards_NB).items()},
         "policy_checkpoint": policy_checkpoint, "reward_checkpoint": reward_checkpoint,
         "mixture_or_task_name": mixture_or_task_name, "split": split,
         "tasks": {t.name: names.count(t.name) for t in tasks},
         "decode": {k: getattr(decode, k) for k in ("max_decode_length", "temperature",
                                                    "top_k", "top_p", "eos_id", "bos_id")},
-        "seed": seed, "prompt_length": width,
+        "seed": seed, "prompt_length": int(task_feature_lengths[prompt_feature]),
         "sft_form": sft_form, "sft_file": rejection.SFT_FILE,
         "sft_task_name": rejection.sft_task_name(output_dir),
         "vocabulary": _vocabulary_spec(vocab),
     }
-    with open(os.path.join(partial, rejection.SUMMARY_FILE), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(partial, "finetune.gin"), "w", encoding="utf-8") as f:
-        f.write(_finetune_gin(output_dir, sft_form, width, decode.max_decode_length))
-    if os.path.isdir(output_dir):
-        os.rmdir(output_dir)  # empty (checked above)
-    os.replace(partial, output_dir)
+    _write_output(output_dir, summary, prompts_BP, responses_NBT, rewards_NB, chosen_B,
+                  names, vocab, decode.eos_id, decode.max_decode_length)
     log.info("kept %d of %d x %d samples (mean reward %.4f, all samples %.4f) -> %s",
              len(names), len(names), num_samples, summary["mean_reward_kept"],
              summary["mean_reward_all_samples"], output_dir)
