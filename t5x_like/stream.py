@@ -196,7 +196,8 @@ class Stream:
     def __init__(self, spec: store.ShardSpec, global_batch_size: int, *,
                  workers: int | None = None, task_modules: Sequence[str] = (),
                  worker_init: Callable[[], None] | None = None, prefetch: int = 4,
-                 domain_ids: bool = False, process_index: int | None = None, process_count: int | None = None):
+                 domain_ids: bool = False, process_index: int | None = None,
+                 process_count: int | None = None):
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
         shards = spec.num_shards
