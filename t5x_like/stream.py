@@ -79,33 +79,23 @@ class _ShardStream:
                  first_step: int):
         import tensorflow as tf  # noqa: PLC0415 - workers only: the parent needs no TF here
 
-        segment_features = [s for s in pipeline.TOKEN_SEGMENTS.values()
-                            if s in store.CONVERTER_FEATURES[spec.converter]]
-
-        def examples_in(batch):
-            return tf.reduce_sum(tf.reduce_max(
-                tf.stack([batch[s] for s in segment_features]), axis=[0, 2]))
-
-        def running_count(before, batch):  # examples of the shard before each step
-            return before + tf.cast(examples_in(batch), tf.int64), (before, batch)
+        def split_counts(rows):  # the step's rows, and their examples per task
+            rows = dict(rows)
+            return rows, tf.reduce_sum(rows.pop(pipeline.TASK_COUNTS), axis=0)
 
         steps = pipeline.shard_rows(spec, shard_index).batch(rows_per_step, drop_remainder=True)
-        steps = steps.scan(tf.constant(0, tf.int64), running_count)
         # Fast-forward inside tf.data: the skipped rows are made but never leave C++.
-        self._steps = steps.skip(first_step).as_numpy_iterator()
-        self._labels = pipeline.TaskLabels(spec, shard_index)
+        self._steps = steps.map(split_counts).skip(first_step).as_numpy_iterator()
         self.shard_index, self.step = shard_index, first_step
 
     def next_block(self) -> dict[str, Any]:
-        examples_before, rows = next(self._steps)
+        rows, task_counts = next(self._steps)
         stats = pipeline.row_stats(rows)
-        examples = int(stats["segments"].sum())
         block = {
             "shard": self.shard_index,
             "step": self.step,
             "rows": rows,
-            "task_counts": self._labels.counts(int(examples_before),
-                                               int(examples_before) + examples),
+            "task_counts": task_counts.astype(np.int64),
             "tokens": np.array([stats["tokens"][f] for f in sorted(stats["tokens"])]),
             "loss_tokens": stats["loss_tokens"],
         }
@@ -332,10 +322,11 @@ class StreamIterator:
 
 
 def stream_for(mixture: str, task_feature_lengths: Mapping[str, int], converter: str,
-               seed: int, global_batch_size: int, num_shards: int,
-               **options: Any) -> Stream:
+               seed: int, global_batch_size: int, num_shards: int, *,
+               pack_pool: int = pipeline.DEFAULT_PACK_POOL, **options: Any) -> Stream:
     """The `Stream` of a run's data settings (the tasks must be registered); `options`
     are `Stream`'s (workers, task_modules, worker_init, ...)."""
-    spec = pipeline.shard_spec(mixture, task_feature_lengths, converter, seed, num_shards)
+    spec = pipeline.shard_spec(mixture, task_feature_lengths, converter, seed, num_shards,
+                               pack_pool=pack_pool)
     return Stream(spec, global_batch_size, **options)
 

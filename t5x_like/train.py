@@ -67,6 +67,9 @@ class DataConfig:
       data's identity: a run may resume with another number.
     task_modules: modules that register the tasks, imported by the data workers besides
       those the gin files import (`import tasks`); for runs started from Python.
+    pack_pool: examples of a stream shard packed together, best-fit over the row's
+      lengths (`t5x_like/packing.py`); 1 packs greedily in order (seqio's packing).
+      Part of the data's identity. A store keeps the pool it was prepared with.
     """
 
     mixture_or_task_name: str
@@ -77,12 +80,16 @@ class DataConfig:
     stream_shards: int = 2
     data_workers: int | None = None
     task_modules: Sequence[str] = ()
+    pack_pool: int = pipeline.DEFAULT_PACK_POOL
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"BATCH_SIZE={self.batch_size} must be ≥ 1.")
         if self.stream_shards < 1:
             raise ValueError(f"train.DataConfig.stream_shards={self.stream_shards} must be ≥ 1.")
+        if self.pack_pool < 1:
+            raise ValueError(f"train.DataConfig.pack_pool={self.pack_pool} must be ≥ 1 "
+                             "(1: greedy packing in order).")
         if self.data_workers is not None and self.data_workers < 1:
             raise ValueError(f"train.DataConfig.data_workers={self.data_workers} must be ≥ 1 "
                              "(or None: one per shard of the process, up to the core count).")
@@ -193,7 +200,8 @@ def data_source(data: DataConfig, converter: str, train_steps: int):
         return _store_loader(data, converter, train_steps)
     source = stream.stream_for(
         data.mixture_or_task_name, data.task_feature_lengths, converter, data.seed,
-        data.batch_size, data.stream_shards, workers=data.data_workers,
+        data.batch_size, data.stream_shards, pack_pool=data.pack_pool,
+        workers=data.data_workers,
         task_modules=(*launch.gin_imports(), *data.task_modules),
         worker_init=launch.hide_gpus_from_tensorflow)
     log.info("data: streaming %s, %d shards (%d rows of each per step), %d in this "
@@ -222,7 +230,9 @@ def _store_loader(data: DataConfig, converter: str, train_steps: int) -> loader.
             "store_dir to stream the data.")
     shards = pipeline.shard_spec(data.mixture_or_task_name, data.task_feature_lengths,
                                  converter, data.seed, manifest["num_shards"],
-                                 shuffle_buffer_size=manifest["shuffle_buffer_size"])
+                                 shuffle_buffer_size=manifest["shuffle_buffer_size"],
+                                 pack_pool=manifest.get("pack_pool",
+                                                        store.LEGACY_SPEC_FIELDS["pack_pool"]))
     try:
         store.StoreSpec(**shards.as_dict(), num_examples=manifest["num_examples"]
                         ).check_against(store_dir, manifest)
