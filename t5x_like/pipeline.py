@@ -183,6 +183,7 @@ def shard_rows(spec: store.ShardSpec, shard_index: int) -> tf.data.Dataset:
     if spec.pack_pool > 1 and spec.converter in PACKED_CONVERTERS:
         return pool_packed_rows(spec.converter, mixed, spec.task_feature_lengths,
                                 spec.pack_pool, len(leaves))
+    mixed = mixed.map(lambda ex: {k: v for k, v in ex.items() if k != packing.TASK})
     rows = make_converter(spec.converter)(mixed, dict(spec.task_feature_lengths))
     return _with_drawn_task_counts(rows, TaskLabels(spec, shard_index))
 

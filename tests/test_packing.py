@@ -144,7 +144,8 @@ def _shard_counts(pack_pool, rows):
     return out, sum(r[pipeline.TASK_COUNTS] for r in out), examples, spec
 
 
-def test_whole_pools_hold_exactly_the_drawn_examples(test_tasks):
+@pytest.mark.usefixtures("test_tasks")
+def test_whole_pools_hold_exactly_the_drawn_examples():
     """Every example of a pool is in that pool's rows: the task counts of the rows of
     whole pools are the counts of the first draws, as with greedy packing."""
     greedy, greedy_counts, greedy_examples, spec = _shard_counts(1, 60)
