@@ -48,7 +48,7 @@ def _examples(converter, n, seed=0):
     names = ["inputs", "targets"] if converter != "lm" else ["targets"]
     out = []
     for i in range(n):
-        ex = {k: rng.integers(2, 250, size=int(rng.integers(1, 15))).astype(np.int32)
+        ex = {k: rng.integers(2, 250, size=int(rng.integers(1, 9))).astype(np.int32)
               for k in names}
         ex[packing.TASK] = np.int32(i % 3 == 0)
         out.append(ex)
