@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/stream_bench.py [--mixture reka_mix_ul2] \
         [--feature_lengths inputs=128,targets=128] [--converter encdec] [--shards 2] \
-        [--workers 2] [--batch_size 16] [--num_batches 150] [--model_tokens_per_s RATE]
+        [--workers 2] [--batch_size 16] [--num_batches 150] [--pack_pool 256] \
+        [--model_tokens_per_s RATE]
 
 What the trainer's data iterator (t5x_like/stream.py) delivers, alone on the machine:
   - start-up: seconds from creating the iterator to the first batch (spawning the
@@ -36,6 +37,8 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_batches", type=int, default=150)
+    parser.add_argument("--pack_pool", type=int, default=pipeline.DEFAULT_PACK_POOL,
+                        help="examples packed together, best-fit; 1: seqio's greedy")
     parser.add_argument("--task_module", action="append", default=None,
                         help="module registering the mixture (repeatable); default: tasks")
     parser.add_argument("--model_tokens_per_s", type=float, default=None)
@@ -46,7 +49,8 @@ def main():
 
     start = time.perf_counter()
     source = stream.stream_for(args.mixture, lengths, args.converter, 0, args.batch_size,
-                               args.shards, workers=args.workers, task_modules=modules,
+                               args.shards, pack_pool=args.pack_pool,
+                               workers=args.workers, task_modules=modules,
                                worker_init=launch.hide_gpus_from_tensorflow)
     it = source.iterator()
     try:
@@ -66,7 +70,8 @@ def main():
     rows = args.num_batches * args.batch_size
     positions = rows * row_positions
     print(f"stream {args.mixture} {args.converter} {lengths}: {args.shards} shards in "
-          f"{args.workers} worker processes, batch {args.batch_size}")
+          f"{args.workers} worker processes, batch {args.batch_size}, pack pool "
+          f"{args.pack_pool}")
     print(f"first batch after {first_s:.1f} s (workers start, pipelines build)")
     print(f"{args.num_batches} batches in {seconds:.1f} s: {rows / seconds:,.1f} rows/s, "
           f"{positions / seconds:,.0f} positions/s, {tokens / seconds:,.0f} non-padding "

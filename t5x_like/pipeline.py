@@ -9,17 +9,20 @@ mixture, lengths, seed and shard count.
 
 A shard reads `seqio.ShardInfo(k, num_shards)` of every leaf task's source, repeated
 (as seqio's `Mixture.get_dataset` does), with seeds derived from (seed, k, task):
-SeqIO defines the examples (source → tokenize → UL2 denoiser → EOS), seqio's feature
-converter packs them.
+SeqIO defines the examples (source → tokenize → UL2 denoiser → EOS); they are packed
+`spec.pack_pool` at a time, best-fit (`packing.py`), or with `pack_pool` 1 greedily in
+order by seqio's own packing; seqio's feature converter makes the model features.
 
 Mixing, and why it is not seqio's: mixtures do not label their examples and the feature
 converters drop extra features, so per-task counts would be lost. The leaf task of
 every example slot is drawn here instead: `task_draws(spec, k, j)` gives the draws of
 slot chunk j, a pure function of (seed, shard, j), and `choose_from_datasets` takes the
-drawn task's next example. The converter's packing is greedy and in order and never
-drops an example, so the examples in the first rows of a shard are the first draws:
-`TaskLabels` counts them exactly (real counts, not rate estimates) from the rows' segment
-ids alone, in any process, without a side channel out of the tf.data graph.
+drawn task's next example. Every row then carries `TASK_COUNTS`, its examples per leaf
+task (real counts, not rate estimates): the pool packer counts the `task` feature of
+the examples it packs; seqio's greedy packing keeps the order and never drops an
+example, so the examples of its first rows are the first draws (`TaskLabels`). The
+consumers (stream, prepare) take `TASK_COUNTS` off the row before it is stored or
+batched.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from t5x_like import mixtures, preference_data, store, vocabulary
+from t5x_like import mixtures, packing, preference_data, store, vocabulary
+from t5x_like.packing import TASK_COUNTS  # noqa: F401 - consumers take it off the rows
 
 # Segment-id features whose non-zero entries are the non-padding token positions.
 TOKEN_SEGMENTS = {
@@ -44,6 +48,9 @@ TOKEN_SEGMENTS = {
     "chosen_tokens": "chosen_tokens",
     "rejected_tokens": "rejected_tokens",
 }
+# Examples packed together (packing.py); 1: seqio's greedy in-order packing, as before.
+DEFAULT_PACK_POOL = 256
+PACKED_CONVERTERS = ("encdec", "prefix_lm", "lm")  # preference pairs are never packed
 DRAW_CHUNK = 4096  # task draws per numpy call: one call per 4,096 examples
 # Source files hashed whole up to this size; bigger ones by their size, first and last
 # MiB, so a fingerprint of a large corpus costs milliseconds, not a read of it.
@@ -93,13 +100,15 @@ def mixture_vocabulary_checksum(leaves: Sequence[tuple[str, float]]) -> str:
 
 def shard_spec(mixture: str, task_feature_lengths: Mapping[str, int], converter: str,
                seed: int, num_shards: int, *, split: str = "train",
-               shuffle_buffer_size: int = 128) -> store.ShardSpec:
+               shuffle_buffer_size: int = 128,
+               pack_pool: int = DEFAULT_PACK_POOL) -> store.ShardSpec:
     """The spec of a mixture's shards (the tasks must be registered)."""
     leaves = mixtures.leaf_tasks_and_rates(mixture)
     return store.ShardSpec(
         mixture=mixture, split=split, seed=int(seed), converter=converter,
         task_feature_lengths=dict(task_feature_lengths), num_shards=int(num_shards),
         shuffle_buffer_size=int(shuffle_buffer_size),
+        pack_pool=int(pack_pool),
         vocabulary_checksum=mixture_vocabulary_checksum(leaves))
 
 
@@ -167,9 +176,57 @@ def shard_rows(spec: store.ShardSpec, shard_index: int) -> tf.data.Dataset:
     choices = tf.data.Dataset.counter().map(
         lambda j: tf.ensure_shape(tf.numpy_function(draws, [j], tf.int64, stateful=False),
                                   [DRAW_CHUNK])).unbatch()
-    datasets = [task_dataset(spec, shard_index, i, name) for i, (name, _) in enumerate(leaves)]
+    datasets = [task_dataset(spec, shard_index, i, name)
+                .map(lambda ex, i=i: {**ex, packing.TASK: tf.constant(i, tf.int32)})
+                for i, (name, _) in enumerate(leaves)]
     mixed = tf.data.Dataset.choose_from_datasets(datasets, choices, stop_on_empty_dataset=True)
-    return make_converter(spec.converter)(mixed, dict(spec.task_feature_lengths))
+    if spec.pack_pool > 1 and spec.converter in PACKED_CONVERTERS:
+        return pool_packed_rows(spec.converter, mixed, spec.task_feature_lengths,
+                                spec.pack_pool, len(leaves))
+    mixed = mixed.map(lambda ex: {k: v for k, v in ex.items() if k != packing.TASK})
+    rows = make_converter(spec.converter)(mixed, dict(spec.task_feature_lengths))
+    return _with_drawn_task_counts(rows, TaskLabels(spec, shard_index))
+
+
+def pool_packed_rows(converter_name: str, examples: tf.data.Dataset,
+                     task_feature_lengths: Mapping[str, int], pool: int,
+                     num_tasks: int) -> tf.data.Dataset:
+    """Examples (task features and `packing.TASK`) packed `pool` at a time by
+    `packing.pack_pool`, turned into model features by seqio's converter: its per-row
+    conversion, after the packing that its `__call__` would do greedily. Rows carry
+    `TASK_COUNTS`."""
+    converter = make_converter(converter_name)
+    lengths = dict(task_feature_lengths)
+    if converter_name == "prefix_lm":  # one decoder sequence: inputs, then targets
+        examples = examples.map(
+            lambda ex: {**converter._concat_and_add_masks(ex), packing.TASK: ex[packing.TASK]},
+            num_parallel_calls=tf.data.AUTOTUNE)
+        lengths = converter._concat_task_feature_lengths(lengths)
+    rows = packing.pack_pool(examples, lengths, pool, num_tasks)
+
+    def convert(row):
+        counts = row.pop(TASK_COUNTS)
+        return {**converter._convert_example(row), TASK_COUNTS: counts}
+
+    return rows.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _with_drawn_task_counts(rows: tf.data.Dataset, labels: TaskLabels) -> tf.data.Dataset:
+    """In-order rows with the task counts of their examples, which are the next draws."""
+    segment_ids = [s for s in ("encoder_segment_ids", "decoder_segment_ids")
+                   if s in rows.element_spec]
+
+    def count(before, row):
+        if segment_ids:
+            n = tf.cast(tf.reduce_max([tf.reduce_max(row[s]) for s in segment_ids]), tf.int64)
+        else:  # unpacked rows: one example each
+            n = tf.constant(1, tf.int64)
+        counts = tf.numpy_function(
+            lambda a, b: labels.counts(int(a), int(b)).astype(np.int32), [before, before + n],
+            tf.int32, stateful=False)
+        return before + n, {**row, TASK_COUNTS: tf.ensure_shape(counts, [len(labels.leaves)])}
+
+    return rows.scan(tf.constant(0, tf.int64), count)
 
 
 class TaskLabels:
@@ -255,13 +312,16 @@ class RowCounts:
     """Running totals of `row_stats` over rows as they are written, and their SHA-256."""
 
     tokens: dict[str, int]
+    task_counts: np.ndarray | int = 0  # examples per leaf task
     loss_tokens: int = 0
     segments: int = 0
     rows: int = 0
     digest: Any = dataclasses.field(default_factory=hashlib.sha256)
 
-    def add(self, row: Mapping[str, np.ndarray], record: bytes) -> None:
+    def add(self, row: Mapping[str, np.ndarray], record: bytes,
+            task_counts: np.ndarray) -> None:
         self.digest.update(record)
+        self.task_counts = self.task_counts + np.asarray(task_counts, np.int64)
         stats = row_stats({k: np.asarray(v)[None] for k, v in row.items()})
         for f, n in stats["tokens"].items():
             self.tokens[f] += n

@@ -84,14 +84,16 @@ class _Job:
 def _write_rows(ds, num_rows: int, layout: store.RecordLayout,
                 tmp_path: str) -> pipeline.RowCounts:
     counts = pipeline.RowCounts({f: 0 for f in pipeline.TOKEN_SEGMENTS if f in layout.names})
+    ds = ds.map(lambda row: ({k: v for k, v in row.items() if k != pipeline.TASK_COUNTS},
+                             row[pipeline.TASK_COUNTS]))
     # group_size:1 keeps every record individually addressable: the loader's shuffled
     # reads then decode one record, not a group of them.
     writer = array_record_module.ArrayRecordWriter(tmp_path, "group_size:1")
     try:
-        for row in ds.take(num_rows).as_numpy_iterator():
+        for row, task_counts in ds.take(num_rows).as_numpy_iterator():
             record = layout.encode(row)
             writer.write(record)
-            counts.add(row, record)
+            counts.add(row, record, task_counts)
     finally:
         writer.close()
     return counts
@@ -123,14 +125,13 @@ def _prepare_shard(job: _Job, shard_index: int, out_dir: str) -> dict:
     os.replace(tmp_path, os.path.join(out_dir, name))
     _fsync_dir(out_dir)
 
-    labels = pipeline.TaskLabels(spec, shard_index)
-    task_counts = labels.counts(0, counts.segments)
+    leaves = mixtures.leaf_tasks_and_rates(spec.mixture)
     record = {
         "shard_index": shard_index,
         "file": name,
         "num_examples": counts.rows,
         "num_task_examples": counts.segments,
-        "task_counts": {labels.leaves[i][0]: int(c) for i, c in enumerate(task_counts)},
+        "task_counts": {name: int(c) for (name, _), c in zip(leaves, counts.task_counts)},
         "tokens": counts.tokens,
         "loss_tokens": counts.loss_tokens,
         "sha256": counts.digest.hexdigest(),
@@ -275,6 +276,7 @@ def prepare(
     split: str = "train",
     task_modules: Sequence[str] = (),
     shuffle_buffer_size: int = 128,
+    pack_pool: int = pipeline.DEFAULT_PACK_POOL,
     beam_args: Sequence[str] = (),
 ) -> dict:
     """Materialises `num_examples` packed rows of `mixture` into an ArrayRecord store.
@@ -294,6 +296,7 @@ def prepare(
       shuffle_buffer_size: per-task seqio shuffle buffer. Small by default: every shard
         fills one buffer per leaf task (35 for reka_mix_ul2) before its first row
         (seqio's default 1000 made a 128-row shard spend most of its time filling them).
+      pack_pool: examples packed together, best-fit (`packing.py`); 1 packs greedily.
       beam_args: Apache Beam pipeline options, e.g. ["--runner=DirectRunner"]: the
         shards then run as a Beam pipeline (same rows); empty: local processes.
 
@@ -306,18 +309,20 @@ def prepare(
     mixtures.import_task_modules(task_modules)
     spec = make_spec(mixture, task_feature_lengths, converter, num_examples, seed,
                      num_shards=num_shards, split=split,
-                     shuffle_buffer_size=shuffle_buffer_size)
+                     shuffle_buffer_size=shuffle_buffer_size, pack_pool=pack_pool)
     return prepare_spec(spec, out_dir, workers, task_modules=task_modules,
                         beam_args=beam_args)
 
 
 def make_spec(mixture: str, task_feature_lengths: Mapping[str, int] | str, converter: str,
               num_examples: int, seed: int, *, num_shards: int = 8, split: str = "train",
-              shuffle_buffer_size: int = 128) -> store.StoreSpec:
+              shuffle_buffer_size: int = 128,
+              pack_pool: int = pipeline.DEFAULT_PACK_POOL) -> store.StoreSpec:
     """The identity of the store `prepare` would write (the tasks must be registered)."""
     shards = pipeline.shard_spec(mixture, _parse_task_feature_lengths(task_feature_lengths),
                                  converter, seed, num_shards, split=split,
-                                 shuffle_buffer_size=shuffle_buffer_size)
+                                 shuffle_buffer_size=shuffle_buffer_size,
+                                 pack_pool=pack_pool)
     return store.StoreSpec(**shards.as_dict(), num_examples=int(num_examples))
 
 
@@ -372,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--shuffle_buffer_size", type=int, default=128,
                         help="per-task seqio shuffle buffer")
+    parser.add_argument("--pack_pool", type=int, default=pipeline.DEFAULT_PACK_POOL,
+                        help="examples packed together, best-fit; 1: greedy in order")
     parser.add_argument("--runner", default=None,
                         help="run the shards as an Apache Beam pipeline on this runner "
                              "(DirectRunner, FlinkRunner, SparkRunner, DataflowRunner, ...); "
@@ -387,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.mixture, args.feature_lengths, args.converter, args.num_examples, args.seed,
         args.out, args.num_shards, args.workers, split=args.split,
         task_modules=tuple(args.task_module), shuffle_buffer_size=args.shuffle_buffer_size,
+        pack_pool=args.pack_pool,
         beam_args=[f"--runner={args.runner}", *beam_args] if args.runner else ())
     summary = {k: manifest[k] for k in ("mixture", "num_examples", "tokens",
                                         "padding_fraction", "task_counts")}

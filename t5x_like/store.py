@@ -85,6 +85,10 @@ class ManifestMismatchError(ValueError):
     """The store at a directory was prepared with other settings than the ones requested."""
 
 
+# Spec fields added later, with the value every store written before them had.
+LEGACY_SPEC_FIELDS = {"pack_pool": 1}
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardSpec:
     """What defines the packed rows of every SeqIO shard of a mixture (pipeline.py makes
@@ -98,6 +102,8 @@ class ShardSpec:
     task_feature_lengths: dict[str, int]
     num_shards: int
     shuffle_buffer_size: int
+    # Examples packed together, best-fit (packing.py); 1: seqio's greedy packing.
+    pack_pool: int
     vocabulary_checksum: str
 
     def __post_init__(self):
@@ -115,6 +121,9 @@ class ShardSpec:
             raise ValueError(f"Feature lengths must be positive, got {bad}.")
         if self.num_shards <= 0:
             raise ValueError(f"num_shards must be positive, got {self.num_shards}.")
+        if self.pack_pool <= 0:
+            raise ValueError(f"pack_pool must be positive (1: greedy packing), got "
+                             f"{self.pack_pool}.")
         # Normalised so that a spec compares equal to its manifest copy.
         object.__setattr__(self, "task_feature_lengths",
                            {str(k): int(v) for k, v in sorted(self.task_feature_lengths.items())})
@@ -141,6 +150,7 @@ class StoreSpec(ShardSpec):
     def check_against(self, store_dir: str, manifest: Mapping[str, Any]) -> None:
         """Raises ManifestMismatchError naming every field the stored manifest differs in."""
         requested = self.as_dict()
+        manifest = {**LEGACY_SPEC_FIELDS, **manifest}
         mismatched = {k: (manifest.get(k), v) for k, v in requested.items()
                       if manifest.get(k) != v}
         if mismatched:

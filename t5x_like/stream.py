@@ -79,38 +79,34 @@ class _ShardStream:
                  first_step: int, domain_ids: bool = False):
         import tensorflow as tf  # noqa: PLC0415 - workers only: the parent needs no TF here
 
-        segment_features = [s for s in pipeline.TOKEN_SEGMENTS.values()
-                            if s in store.CONVERTER_FEATURES[spec.converter]]
-
-        def examples_in(batch):
-            return tf.reduce_sum(tf.reduce_max(
-                tf.stack([batch[s] for s in segment_features]), axis=[0, 2]))
-
-        def running_count(before, batch):  # examples of the shard before each step
-            return before + tf.cast(examples_in(batch), tf.int64), (before, batch)
+        def split_counts(before, rows):  # the step's rows, their examples per task, and
+            rows = dict(rows)              # the shard's examples before them
+            counts = tf.cast(tf.reduce_sum(rows.pop(pipeline.TASK_COUNTS), axis=0), tf.int64)
+            return before + tf.reduce_sum(counts), (rows, counts, before)
 
         steps = pipeline.shard_rows(spec, shard_index).batch(rows_per_step, drop_remainder=True)
-        steps = steps.scan(tf.constant(0, tf.int64), running_count)
         # Fast-forward inside tf.data: the skipped rows are made but never leave C++.
-        self._steps = steps.skip(first_step).as_numpy_iterator()
-        self._labels = pipeline.TaskLabels(spec, shard_index)
+        self._steps = steps.scan(tf.constant(0, tf.int64), split_counts).skip(
+            first_step).as_numpy_iterator()
+        # Domain ids need each segment's task: in-order packing (pack_pool 1) keeps the
+        # draw order, so segment s of the step's rows is draw (examples before) + s - 1.
+        self._labels = pipeline.TaskLabels(spec, shard_index) if domain_ids else None
         self._domains = mixtures.leaf_components(spec.mixture) if domain_ids else None
         self.shard_index, self.step = shard_index, first_step
 
     def next_block(self) -> dict[str, Any]:
-        examples_before, rows = next(self._steps)
+        rows, task_counts, examples_before = next(self._steps)
         stats = pipeline.row_stats(rows)
-        examples = int(stats["segments"].sum())
         if self._domains is not None:  # a new dict: the rows stay as tf.data made them
+            start = int(examples_before)
             rows = {**rows, pipeline.DOMAIN_IDS: pipeline.domain_ids(
-                rows, self._labels.labels(int(examples_before),
-                                          int(examples_before) + examples), self._domains)}
+                rows, self._labels.labels(start, start + int(stats["segments"].sum())),
+                self._domains)}
         block = {
             "shard": self.shard_index,
             "step": self.step,
             "rows": rows,
-            "task_counts": self._labels.counts(int(examples_before),
-                                               int(examples_before) + examples),
+            "task_counts": task_counts.astype(np.int64),
             "tokens": np.array([stats["tokens"][f] for f in sorted(stats["tokens"])]),
             "loss_tokens": stats["loss_tokens"],
         }
@@ -227,6 +223,12 @@ class Stream:
         if domain_ids and "decoder_segment_ids" not in self.layout.names:
             raise ValueError(f"Domain ids label packed decoder rows; the {spec.converter!r} "
                              "rows have no decoder_segment_ids.")
+        if domain_ids and spec.pack_pool != 1:
+            raise ValueError(
+                f"Domain ids follow the examples in the order they were drawn, which pool "
+                f"packing (pack_pool={spec.pack_pool}) reorders: set "
+                "train.DataConfig.pack_pool = 1 for a run with domain ids (runs/doremi.gin "
+                "does).")
         self.names = (*self.layout.names, *([pipeline.DOMAIN_IDS] if domain_ids else []))
         fields = ",".join(f"{k}={v}" for k, v in sorted(spec.as_dict().items()))
         self.state_info = {
@@ -349,10 +351,11 @@ class StreamIterator:
 
 
 def stream_for(mixture: str, task_feature_lengths: Mapping[str, int], converter: str,
-               seed: int, global_batch_size: int, num_shards: int,
-               **options: Any) -> Stream:
+               seed: int, global_batch_size: int, num_shards: int, *,
+               pack_pool: int = pipeline.DEFAULT_PACK_POOL, **options: Any) -> Stream:
     """The `Stream` of a run's data settings (the tasks must be registered); `options`
     are `Stream`'s (workers, task_modules, worker_init, ...)."""
-    spec = pipeline.shard_spec(mixture, task_feature_lengths, converter, seed, num_shards)
+    spec = pipeline.shard_spec(mixture, task_feature_lengths, converter, seed, num_shards,
+                               pack_pool=pack_pool)
     return Stream(spec, global_batch_size, **options)
 

@@ -70,7 +70,11 @@ class DataConfig:
       those the gin files import (`import tasks`); for runs started from Python.
     domain_ids: label every batch's decoder positions with their example's part of the
       mixture (`pipeline.DOMAIN_IDS`, `mixtures.components`), for a model whose loss
-      weights domains (DoReMi's proxy, `models.DoReMiModel`). Streams only.
+      weights domains (DoReMi's proxy, `models.DoReMiModel`). Streams only, with
+      `pack_pool` 1.
+    pack_pool: examples of a stream shard packed together, best-fit over the row's
+      lengths (`t5x_like/packing.py`); 1 packs greedily in order (seqio's packing).
+      Part of the data's identity. A store keeps the pool it was prepared with.
     """
 
     mixture_or_task_name: str
@@ -82,6 +86,7 @@ class DataConfig:
     data_workers: int | None = None
     task_modules: Sequence[str] = ()
     domain_ids: bool = False
+    pack_pool: int = pipeline.DEFAULT_PACK_POOL
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -91,6 +96,9 @@ class DataConfig:
         if self.domain_ids and self.store_dir:
             raise ValueError("train.DataConfig.domain_ids labels streamed rows; a prepared "
                              "store's rows carry no labels: unset store_dir.")
+        if self.pack_pool < 1:
+            raise ValueError(f"train.DataConfig.pack_pool={self.pack_pool} must be ≥ 1 "
+                             "(1: greedy packing in order).")
         if self.data_workers is not None and self.data_workers < 1:
             raise ValueError(f"train.DataConfig.data_workers={self.data_workers} must be ≥ 1 "
                              "(or None: one per shard of the process, up to the core count).")
@@ -201,7 +209,8 @@ def data_source(data: DataConfig, converter: str, train_steps: int):
         return _store_loader(data, converter, train_steps)
     source = stream.stream_for(
         data.mixture_or_task_name, data.task_feature_lengths, converter, data.seed,
-        data.batch_size, data.stream_shards, workers=data.data_workers,
+        data.batch_size, data.stream_shards, pack_pool=data.pack_pool,
+        workers=data.data_workers,
         task_modules=(*launch.gin_imports(), *data.task_modules),
         worker_init=launch.hide_gpus_from_tensorflow, domain_ids=data.domain_ids)
     log.info("data: streaming %s, %d shards (%d rows of each per step), %d in this "
@@ -230,7 +239,9 @@ def _store_loader(data: DataConfig, converter: str, train_steps: int) -> loader.
             "store_dir to stream the data.")
     shards = pipeline.shard_spec(data.mixture_or_task_name, data.task_feature_lengths,
                                  converter, data.seed, manifest["num_shards"],
-                                 shuffle_buffer_size=manifest["shuffle_buffer_size"])
+                                 shuffle_buffer_size=manifest["shuffle_buffer_size"],
+                                 pack_pool=manifest.get("pack_pool",
+                                                        store.LEGACY_SPEC_FIELDS["pack_pool"]))
     try:
         store.StoreSpec(**shards.as_dict(), num_examples=manifest["num_examples"]
                         ).check_against(store_dir, manifest)

@@ -90,7 +90,7 @@ def test_a_mixture_file_registers_a_mixture_with_its_rates(tmp_path, monkeypatch
     assert mixtures.register_mixture_files() == ["my_learned_mix"]
     assert dict(mixtures.leaf_tasks_and_rates("my_learned_mix")) == pytest.approx(rates)
     # A stream of it, with each position's domain (its part of the mixture).
-    spec = pipeline.shard_spec("my_learned_mix", {"targets": 64}, "lm", 0, 1)
+    spec = pipeline.shard_spec("my_learned_mix", {"targets": 64}, "lm", 0, 1, pack_pool=1)
     rows = next(pipeline.shard_rows(spec, 0).batch(16).as_numpy_iterator())
     examples = int(pipeline.row_stats(rows)["segments"].sum())
     ids = pipeline.domain_ids(rows, pipeline.TaskLabels(spec, 0).labels(0, examples),
@@ -201,7 +201,8 @@ def test_doremi_learns_weights_writes_a_mixture_and_it_trains(tmp_path, monkeypa
     monkeypatch.delenv(mixtures.MIXTURE_FILES_ENV, raising=False)
     data = train.DataConfig(mixture_or_task_name="reka_mix_causal",
                             task_feature_lengths={"targets": 64}, batch_size=8,
-                            stream_shards=1, data_workers=1, task_modules=("tasks",))
+                            stream_shards=1, data_workers=1, task_modules=("tasks",),
+                            pack_pool=1)
     summary = doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path / "doremi"),
                             mixture_name="reka_mix_doremi_test", rounds=1,
                             train_fn=_train_fn)
@@ -258,7 +259,7 @@ def test_iterated_doremi_trains_each_round_on_the_last_weights_until_they_settle
         return train.RunSummary(model_dir, 0, 3, (1.0,) * 3)
 
     data = train.DataConfig(mixture_or_task_name="reka_mix_causal",
-                            task_feature_lengths={"targets": 64}, batch_size=8)
+                            task_feature_lengths={"targets": 64}, batch_size=8, pack_pool=1)
     summary = doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path), rounds=3,
                             mixture_name="reka_mix_doremi_rounds", train_fn=fake_train)
     assert calls == [
@@ -279,3 +280,15 @@ def test_iterated_doremi_trains_each_round_on_the_last_weights_until_they_settle
         doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path / "stop"),
                       train_fn=lambda **kw: train.RunSummary(kw["model_dir"], 0, 1, (),
                                                              stopped_by="SIGTERM"))
+
+
+def test_doremi_refuses_pool_packing_before_any_run(tmp_path):
+    """Domain ids follow the draw order, which pool packing reorders: refused up front."""
+    def never(**kwargs):
+        raise AssertionError("no run may start")
+
+    data = train.DataConfig(mixture_or_task_name="reka_mix_causal",
+                            task_feature_lengths={"targets": 64}, batch_size=8, pack_pool=8)
+    with pytest.raises(ValueError, match="pack_pool = 1"):
+        doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path), train_fn=never)
+    assert not os.listdir(tmp_path)
