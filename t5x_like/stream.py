@@ -230,7 +230,11 @@ class Stream:
                 "train.DataConfig.pack_pool = 1 for a run with domain ids (runs/doremi.gin "
                 "does).")
         self.names = (*self.layout.names, *([pipeline.DOMAIN_IDS] if domain_ids else []))
-        fields = ",".join(f"{k}={v}" for k, v in sorted(spec.as_dict().items()))
+        # A field added later is left out at the value every earlier stream had, so that
+        # runs saved before it resume (store.LEGACY_SPEC_FIELDS).
+        fields = ",".join(f"{k}={v}" for k, v in sorted(spec.as_dict().items())
+                          if k not in store.LEGACY_SPEC_FIELDS
+                          or store.LEGACY_SPEC_FIELDS[k] != v)
         self.state_info = {
             "global_batch_size": global_batch_size,
             "seed": spec.seed,
@@ -318,11 +322,17 @@ class StreamIterator:
         if mismatched:
             details = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in
                                 mismatched.items())
+            legacy = {k: v for k, v in store.LEGACY_SPEC_FIELDS.items()
+                      if f"{k}=" not in str(state.get("stream"))
+                      and f"{k}=" in self._stream.state_info["stream"]}
+            hint = (f" It was saved before {', '.join(legacy)} existed: resume it with "
+                    + " ".join(f"--gin.train.DataConfig.{k}={v}" for k, v in legacy.items())
+                    + "." if legacy else "")
             raise ValueError(
                 "Cannot resume the data iterator: it was saved with other settings "
                 f"({details}). The stream's rows depend on the mixture, lengths, seed, shard "
-                "count, vocabulary and source files: resume with those, or start a new run "
-                "(a new MODEL_DIR).")
+                "count, packing, vocabulary and source files: resume with those, or start "
+                f"a new run (a new MODEL_DIR).{hint}")
         next_index = int(state["next_index"])
         if next_index < 0:
             raise ValueError(f"Saved next_index {next_index} must be ≥ 0.")

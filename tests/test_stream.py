@@ -18,8 +18,8 @@ LENGTHS = {"targets": 64}
 SEED, SHARDS, BATCH = 3, 2, 8  # 4 rows of each shard per step
 
 
-def _spec(seed=SEED, shards=SHARDS):
-    return pipeline.shard_spec("tt_mix_lm", LENGTHS, "lm", seed, shards)
+def _spec(seed=SEED, shards=SHARDS, **kwargs):
+    return pipeline.shard_spec("tt_mix_lm", LENGTHS, "lm", seed, shards, **kwargs)
 
 
 def _stream(process_index=0, process_count=1, workers=None, **kwargs):
@@ -98,6 +98,14 @@ def test_the_state_is_global_and_refuses_other_data(test_tasks):
     for other in (dict(seed=4), dict(shards=4)):
         with pytest.raises(ValueError, match="Cannot resume the data iterator: .*stream"):
             _stream(**other).iterator(state)
+    # A state saved before pool packing existed (no pack_pool in it) is greedy packing's:
+    # it resumes with pack_pool=1, and the error under another pool says how.
+    greedy = _stream(pack_pool=1)
+    assert "pack_pool=" not in greedy.state_info["stream"]
+    greedy.iterator(json.loads(json.dumps(greedy.iterator().get_state())))
+    with pytest.raises(ValueError, match=r"saved before pack_pool existed: resume it with "
+                                         r"--gin.train.DataConfig.pack_pool=1\."):
+        _stream(pack_pool=8).iterator(greedy.iterator().get_state())
 
 
 def test_the_fingerprint_changes_with_the_source_files(test_tasks, tmp_path):
