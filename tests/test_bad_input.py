@@ -148,6 +148,7 @@ def test_debug_shows_the_traceback(finished, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_a_smoke_run_shortens_a_long_warmup(finished, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         summary = _run(finished, tmp_path / "smoke", "--gin.WARMUP_STEPS=2000")

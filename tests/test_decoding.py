@@ -104,6 +104,7 @@ def test_greedy_equals_argmax_of_full_passes_and_beam_one_equals_greedy():
     np.testing.assert_allclose(beam["scores"], greedy["scores"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_top_k_one_is_greedy_and_tokens_stop_at_eos():
     cfg = tiny_config()
     module, model = make_module(cfg), models.model_for(cfg)

@@ -121,6 +121,7 @@ def test_infer_writes_predictions_and_scores_of_the_users_task(trained, tmp_path
         _infer(trained, tmp_path)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_users_task_metrics(trained):
     result = evaluation.evaluate(
         model=MODEL, mesh_config=FSDP,

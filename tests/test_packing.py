@@ -66,7 +66,10 @@ LENGTHS = {"encdec": {"inputs": 16, "targets": 16}, "prefix_lm": {"inputs": 16, 
            "lm": {"targets": 24}}
 
 
-@pytest.mark.parametrize("converter", ["encdec", "prefix_lm", "lm"])
+# About 12 s each for the two-feature forms: those run with the slow tests.
+@pytest.mark.parametrize("converter", [pytest.param("encdec", marks=pytest.mark.slow),
+                                       pytest.param("prefix_lm", marks=pytest.mark.slow),
+                                       "lm"])
 def test_rows_are_seqios_packed_rows_of_the_same_examples(converter):
     """Each pool-packed row equals seqio's own packed converter run on that row's
     examples in stream order: same features, tokens, segment ids, positions, decoder

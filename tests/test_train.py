@@ -154,6 +154,7 @@ def test_standalone_eval_of_the_last_checkpoint_equals_the_in_training_eval(stra
     assert all(end[d]["bpc"] < start[d]["bpc"] for d in EVAL.bpc_tasks)
 
 
+@pytest.mark.slow
 def test_eval_over_checkpoints_writes_bpc_by_step_and_training_flops(straight, tmp_path):
     restore = evaluation.RestoreCheckpointConfig(mode="specific", steps=[6, 2],
                                                  include_init=True)
