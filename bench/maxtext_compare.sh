@@ -24,7 +24,12 @@ cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 STEPS=${2:-15}
 VENV=bench/.maxtext-venv
-PY312=${PY312:-$(command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1)}
+if [ -z "${PY312:-}" ]; then  # the first python3.12 that runs (a pyenv shim may not)
+  for candidate in $(command -v python3.12) /root/.pyenv/versions/3.12*/bin/python3.12; do
+    if "$candidate" -c "import sys" 2>/dev/null; then PY312=$candidate; break; fi
+  done
+fi
+[ -n "${PY312:-}" ] || { echo "MaxText needs Python >= 3.12: set PY312=/path/to/python3.12"; exit 1; }
 OURS=${OURS_PYTHON:-.venv/bin/python}
 
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import maxtext.trainers.pre_train.train" 2>/dev/null; then

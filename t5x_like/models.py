@@ -92,27 +92,33 @@ def _fused_forward(x_BLD, w_DV, targets_BL, weights_BL, scale, z_loss, chunk):
     chunk = _chunk_length(x_BLD.shape[1], chunk)
 
     def body(dw_DV, xs):
-        x_BcD, targets_Bc, weights_Bc = xs
-        logits_BcV = scale * jnp.einsum("BcD,DV->BcV", x_BcD, w_DV,
-                                        preferred_element_type=jnp.float32)
-        log_z_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
-        onehot_BcV = jax.nn.one_hot(targets_Bc, logits_BcV.shape[-1], dtype=jnp.float32)
-        nll_Bc = log_z_Bc - jnp.sum(onehot_BcV * logits_BcV, axis=-1)
-        correct_Bc = (jnp.argmax(logits_BcV, axis=-1) == targets_Bc).astype(jnp.float32)
+        # The chunk's B·c tokens as one axis T: 2-D matmuls (see layers.dense).
+        x_BcD, x_DT, targets_Bc, weights_Bc = xs
+        x_TD = x_BcD.reshape(-1, x_BcD.shape[-1])
+        targets_T, weights_T = targets_Bc.reshape(-1), weights_Bc.reshape(-1)
+        logits_TV = scale * jnp.dot(x_TD, w_DV, preferred_element_type=jnp.float32)
+        log_z_T = jax.nn.logsumexp(logits_TV, axis=-1)
+        target_logit_T = jnp.take_along_axis(logits_TV, targets_T[:, None], axis=-1)[:, 0]
+        nll_T = log_z_T - target_logit_T
+        correct_T = (jnp.argmax(logits_TV, axis=-1) == targets_T).astype(jnp.float32)
         # d/dlogits of w·(log Z − logit[t] + z·log²Z) = w·(softmax·(1 + 2z·log Z) − onehot)
-        probs_BcV = jnp.exp(logits_BcV - log_z_Bc[..., None])
-        g_BcV = (weights_Bc[..., None] * scale * (
-            probs_BcV * (1.0 + 2.0 * z_loss * log_z_Bc)[..., None] - onehot_BcV)
-                 ).astype(x_BcD.dtype)
-        dx_BcD = jnp.einsum("BcV,DV->BcD", g_BcV, w_DV, preferred_element_type=jnp.float32)
-        dw_DV = dw_DV + jnp.einsum("BcD,BcV->DV", x_BcD, g_BcV,
-                                   preferred_element_type=jnp.float32)
-        sums = jnp.stack([jnp.sum(weights_Bc * nll_Bc),
-                          jnp.sum(weights_Bc * z_loss * jnp.square(log_z_Bc)),
-                          jnp.sum(weights_Bc * correct_Bc)])
-        return dw_DV, (sums, dx_BcD.astype(x_BcD.dtype))
+        onehot_TV = jax.nn.one_hot(targets_T, logits_TV.shape[-1], dtype=jnp.float32)
+        probs_TV = jnp.exp(logits_TV - log_z_T[:, None])
+        g_TV = (weights_T[:, None] * scale * (
+            probs_TV * (1.0 + 2.0 * z_loss * log_z_T)[:, None] - onehot_TV)).astype(x_TD.dtype)
+        dx_TD = jnp.einsum("TV,DV->TD", g_TV, w_DV, preferred_element_type=jnp.float32)
+        dw_DV = dw_DV + jnp.dot(x_DT, g_TV, preferred_element_type=jnp.float32)
+        sums = jnp.stack([jnp.sum(weights_T * nll_T),
+                          jnp.sum(weights_T * z_loss * jnp.square(log_z_T)),
+                          jnp.sum(weights_T * correct_T)])
+        return dw_DV, (sums, dx_TD.reshape(x_BcD.shape).astype(x_BcD.dtype))
 
-    xs = (_in_chunks(x_BLD, chunk), _in_chunks(targets_BL, chunk),
+    # x's chunks also transposed, [D, B·c], made once: XLA on CPU hands x_DT·g to its fast
+    # matmul library but runs x_TDᵀ·g (a contraction over the leading axis) in a
+    # generic loop about 2x slower.
+    x_nBcD = _in_chunks(x_BLD, chunk)
+    x_nDT = jnp.swapaxes(x_nBcD.reshape(x_nBcD.shape[0], -1, x_BLD.shape[-1]), 1, 2)
+    xs = (x_nBcD, x_nDT, _in_chunks(targets_BL, chunk),
           _in_chunks(weights_BL.astype(jnp.float32), chunk))
     dw_DV, (sums_n3, dx_nBcD) = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32), xs)
     dx_BLD = jnp.moveaxis(dx_nBcD, 0, 1).reshape(x_BLD.shape)
