@@ -81,12 +81,9 @@ def _write(path: str, text: str) -> None:
 
 
 def _mixture_file(path: str, name: str, rates: Mapping[str, float], comment: str) -> None:
-    """Writes and registers a mixture file; lists it for the data workers to come."""
+    """Writes and registers a mixture file; records it for the data workers to come."""
     _write(path, mixtures.mixture_file_text(name, rates, comment))
-    mixtures.register_mixture_file(path)
-    listed = [p for p in os.environ.get(mixtures.MIXTURE_FILES_ENV, "").split(os.pathsep) if p]
-    os.environ[mixtures.MIXTURE_FILES_ENV] = os.pathsep.join(
-        dict.fromkeys([*listed, os.path.abspath(path)]))
+    mixtures.register_mixture_file(path, record=True)
 
 
 def run_round(train_fn, model, data: train_lib.DataConfig, round_dir: str, eta: float,

@@ -3,7 +3,10 @@ domain labels of packed rows, mixture files, the proxy's train step, and (slow) 
 whole `doremi` loop: a reference run, a proxy run, the learned mixture trained on."""
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +17,7 @@ from flax import nnx
 
 import tasks  # noqa: F401  (registers reka_mix_ul2, reka_mix_causal)
 from t5x_like import (checkpoints, doremi, evaluation, group_dro, mixtures, models, network, partitioning,
-                      pipeline, train, trainer)
+                      pipeline, rejection, train, trainer)
 from tiny import fill_params, tiny_config
 
 
@@ -86,7 +89,8 @@ def test_a_mixture_file_registers_a_mixture_with_its_rates(tmp_path, monkeypatch
     path.write_text(mixtures.mixture_file_text("my_learned_mix", rates, "a test"))
     text = path.read_text()
     assert "MIXTURE_OR_TASK_NAME = 'my_learned_mix'" in text and "import tasks" in text
-    monkeypatch.setenv(mixtures.MIXTURE_FILES_ENV, str(path))
+    monkeypatch.delenv(mixtures.REGISTRATIONS_ENV, raising=False)  # restored afterwards
+    mixtures.record_registration(mixtures.MIXTURE_FILE, str(path))
     assert mixtures.register_mixture_files() == ["my_learned_mix"]
     assert dict(mixtures.leaf_tasks_and_rates("my_learned_mix")) == pytest.approx(rates)
     # A stream of it, with each position's domain (its part of the mixture).
@@ -102,6 +106,35 @@ def test_a_mixture_file_registers_a_mixture_with_its_rates(tmp_path, monkeypatch
     bad.write_text("MIXTURE_OR_TASK_NAME = 'x'\n")
     with pytest.raises(ValueError, match="not a mixture file"):
         mixtures.register_mixture_file(str(bad))
+
+
+def test_registrations_are_replayed_in_a_new_process_that_imports_their_module(
+        tmp_path, monkeypatch):
+    """A data worker is a new Python process that imports the task modules: it inherits
+    what was recorded here, and the modules that register replay it at import."""
+    monkeypatch.delenv(mixtures.REGISTRATIONS_ENV, raising=False)  # restored afterwards
+    path = tmp_path / "worker_mix.gin"
+    path.write_text(mixtures.mixture_file_text("worker_mix", {"code_causal": 0.25,
+                                                              "math_causal": 0.75}))
+    assert mixtures.register_mixture_file(str(path), record=True) == "worker_mix"
+    mixtures.record_registration("a_kind", "k", value=[1, 2])
+    mixtures.record_registration("a_kind", "k", value=[3])  # the same key: replaced
+    mixtures.record_registration(rejection.SFT_TASK, "sft_gone", directory=str(tmp_path / "gone"),
+                                 form="lm")
+    code = ("import json, tasks\n"
+            "from t5x_like import mixtures, rejection\n"
+            "print(json.dumps([dict(mixtures.leaf_tasks_and_rates('worker_mix')),\n"
+            "                  mixtures.recorded_registrations('a_kind')]))\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rates, kind = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rates == {"code_causal": 0.25, "math_causal": 0.75}
+    assert kind == {"k": {"value": [3]}}
+    # rejection.py replayed its recorded SFT task: its output is gone, so it warns.
+    assert "sft_gone" in done.stderr and "no rejection-sampling output" in done.stderr
 
 
 def _proxy_state(cfg, domains=("a", "b"), rates=(0.25, 0.75)):
@@ -198,7 +231,7 @@ def _train_fn(**kwargs):
 
 @pytest.mark.slow
 def test_doremi_learns_weights_writes_a_mixture_and_it_trains(tmp_path, monkeypatch):
-    monkeypatch.delenv(mixtures.MIXTURE_FILES_ENV, raising=False)
+    monkeypatch.delenv(mixtures.REGISTRATIONS_ENV, raising=False)
     data = train.DataConfig(mixture_or_task_name="reka_mix_causal",
                             task_feature_lengths={"targets": 64}, batch_size=8,
                             stream_shards=1, data_workers=1, task_modules=("tasks",),
@@ -245,7 +278,7 @@ def test_iterated_doremi_trains_each_round_on_the_last_weights_until_they_settle
     """The rounds' bookkeeping, with stand-ins for the runs: round r + 1's reference and
     proxy train on round r's weights (a registered mixture), and the rounds stop once no
     weight moves by the tolerance."""
-    monkeypatch.delenv(mixtures.MIXTURE_FILES_ENV, raising=False)
+    monkeypatch.delenv(mixtures.REGISTRATIONS_ENV, raising=False)
     parts = ["code_causal", "math_causal", "multilingual_causal", "stem_causal", "web_causal"]
     learned = iter([[0.3, 0.1, 0.3, 0.2, 0.1], [0.3005, 0.1, 0.2995, 0.2, 0.1],
                     [0.9, 0.025, 0.025, 0.025, 0.025]])
