@@ -140,11 +140,6 @@ def doremi(
     """
     if rounds < 1:
         raise ValueError(f"doremi.rounds={rounds} must be ≥ 1.")
-    if data.pack_pool != 1:  # before the reference run, not after it
-        raise ValueError(f"train.DataConfig.pack_pool={data.pack_pool}: the proxy's domain "
-                         "ids follow the examples in draw order, which pool packing "
-                         "reorders. Set train.DataConfig.pack_pool = 1 (runs/doremi.gin "
-                         "does) so that reference and proxy see the same rows.")
     train_fn = train_fn or gin.get_configurable("t5x_like.train.train")
     mixture_file = mixture_file or os.path.join(model_dir, f"{mixture_name}.gin")
     baseline = data.mixture_or_task_name

@@ -53,18 +53,14 @@ def test_excess_is_clipped_at_zero_and_counted_per_domain_token():
     np.testing.assert_allclose(tokens, [2.0, 2.0, 1.0])
 
 
-def test_domain_ids_label_each_packed_segment_with_its_examples_domain():
-    rows = {"decoder_segment_ids": np.array([[1, 1, 2, 2, 2, 0],
-                                             [1, 2, 3, 3, 0, 0]]),
-            "decoder_target_tokens": np.ones((2, 6), np.int32),
-            "decoder_loss_weights": np.ones((2, 6), np.int32)}
-    labels = np.array([3, 0, 1, 2, 3])  # leaf task of examples 0..4, in packing order
+def test_domain_ids_label_each_position_with_its_tasks_domain():
+    task_ids = np.array([[4, 4, 1, 1, 1, 0],  # 1 + leaf task of each position, 0: padding
+                         [2, 3, 4, 4, 0, 0]])
     label_domains = [0, 0, 1, 1]  # leaf tasks 0, 1 are domain 0; 2, 3 domain 1
-    ids = pipeline.domain_ids(rows, labels, label_domains)
+    ids = pipeline.domain_ids(task_ids, label_domains)
     np.testing.assert_array_equal(ids, [[2, 2, 1, 1, 1, 0],
                                         [1, 2, 2, 2, 0, 0]])
-    with pytest.raises(ValueError, match="labels"):
-        pipeline.domain_ids(rows, labels[:4], label_domains)
+    assert ids.dtype == np.int32
     assert models.DOMAIN_IDS == pipeline.DOMAIN_IDS  # what the proxy's loss reads
 
 
@@ -94,11 +90,9 @@ def test_a_mixture_file_registers_a_mixture_with_its_rates(tmp_path, monkeypatch
     assert mixtures.register_mixture_files() == ["my_learned_mix"]
     assert dict(mixtures.leaf_tasks_and_rates("my_learned_mix")) == pytest.approx(rates)
     # A stream of it, with each position's domain (its part of the mixture).
-    spec = pipeline.shard_spec("my_learned_mix", {"targets": 64}, "lm", 0, 1, pack_pool=1)
+    spec = pipeline.shard_spec("my_learned_mix", {"targets": 64}, "lm", 0, 1, pack_pool=8)
     rows = next(pipeline.shard_rows(spec, 0).batch(16).as_numpy_iterator())
-    examples = int(pipeline.row_stats(rows)["segments"].sum())
-    ids = pipeline.domain_ids(rows, pipeline.TaskLabels(spec, 0).labels(0, examples),
-                              mixtures.leaf_components("my_learned_mix"))
+    ids = pipeline.domain_ids(rows[pipeline.TASK_IDS], mixtures.leaf_components("my_learned_mix"))
     assert ids.shape == rows["decoder_target_tokens"].shape
     np.testing.assert_array_equal(ids > 0, rows["decoder_segment_ids"] > 0)
     assert set(np.unique(ids)) - {0} <= {1, 2, 3, 4, 5}
@@ -234,8 +228,7 @@ def test_doremi_learns_weights_writes_a_mixture_and_it_trains(tmp_path, monkeypa
     monkeypatch.delenv(mixtures.REGISTRATIONS_ENV, raising=False)
     data = train.DataConfig(mixture_or_task_name="reka_mix_causal",
                             task_feature_lengths={"targets": 64}, batch_size=8,
-                            stream_shards=1, data_workers=1, task_modules=("tasks",),
-                            pack_pool=1)
+                            stream_shards=1, data_workers=1, task_modules=("tasks",))
     summary = doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path / "doremi"),
                             mixture_name="reka_mix_doremi_test", rounds=1,
                             train_fn=_train_fn)
@@ -292,7 +285,7 @@ def test_iterated_doremi_trains_each_round_on_the_last_weights_until_they_settle
         return train.RunSummary(model_dir, 0, 3, (1.0,) * 3)
 
     data = train.DataConfig(mixture_or_task_name="reka_mix_causal",
-                            task_feature_lengths={"targets": 64}, batch_size=8, pack_pool=1)
+                            task_feature_lengths={"targets": 64}, batch_size=8)
     summary = doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path), rounds=3,
                             mixture_name="reka_mix_doremi_rounds", train_fn=fake_train)
     assert calls == [
@@ -313,15 +306,3 @@ def test_iterated_doremi_trains_each_round_on_the_last_weights_until_they_settle
         doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path / "stop"),
                       train_fn=lambda **kw: train.RunSummary(kw["model_dir"], 0, 1, (),
                                                              stopped_by="SIGTERM"))
-
-
-def test_doremi_refuses_pool_packing_before_any_run(tmp_path):
-    """Domain ids follow the draw order, which pool packing reorders: refused up front."""
-    def never(**kwargs):
-        raise AssertionError("no run may start")
-
-    data = train.DataConfig(mixture_or_task_name="reka_mix_causal",
-                            task_feature_lengths={"targets": 64}, batch_size=8, pack_pool=8)
-    with pytest.raises(ValueError, match="pack_pool = 1"):
-        doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path), train_fn=never)
-    assert not os.listdir(tmp_path)
