@@ -81,12 +81,9 @@ def _write(path: str, text: str) -> None:
 
 
 def _mixture_file(path: str, name: str, rates: Mapping[str, float], comment: str) -> None:
-    """Writes and registers a mixture file; lists it for the data workers to come."""
+    """Writes and registers a mixture file; records it for the data workers to come."""
     _write(path, mixtures.mixture_file_text(name, rates, comment))
-    mixtures.register_mixture_file(path)
-    listed = [p for p in os.environ.get(mixtures.MIXTURE_FILES_ENV, "").split(os.pathsep) if p]
-    os.environ[mixtures.MIXTURE_FILES_ENV] = os.pathsep.join(
-        dict.fromkeys([*listed, os.path.abspath(path)]))
+    mixtures.register_mixture_file(path, record=True)
 
 
 def run_round(train_fn, model, data: train_lib.DataConfig, round_dir: str, eta: float,
@@ -143,11 +140,6 @@ def doremi(
     """
     if rounds < 1:
         raise ValueError(f"doremi.rounds={rounds} must be ≥ 1.")
-    if data.pack_pool != 1:  # before the reference run, not after it
-        raise ValueError(f"train.DataConfig.pack_pool={data.pack_pool}: the proxy's domain "
-                         "ids follow the examples in draw order, which pool packing "
-                         "reorders. Set train.DataConfig.pack_pool = 1 (runs/doremi.gin "
-                         "does) so that reference and proxy see the same rows.")
     train_fn = train_fn or gin.get_configurable("t5x_like.train.train")
     mixture_file = mixture_file or os.path.join(model_dir, f"{mixture_name}.gin")
     baseline = data.mixture_or_task_name

@@ -4,7 +4,10 @@ SeqIO's own `get_mixture_or_task` does the look-up; ours adds the nearest regist
 names to its error, since a misspelt MIXTURE_OR_TASK_NAME is the most common mistake.
 Registrations themselves live in task modules (the shipped `tasks/`, or a user's module
 imported by their gin file); worker processes import the same modules
-(`import_task_modules`) to see the same registry.
+(`import_task_modules`) to see the same registry. A registration made at run time (a
+mixture file DoReMi wrote, a rejection-sampling output) is also recorded in the
+environment (`record_registration`), which worker processes inherit, and the module
+that made it replays it when a worker imports that module (`recorded_registrations`).
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import seqio
 
@@ -87,14 +92,34 @@ def leaf_components(name: str) -> list[int]:
     return [index[leaf] for leaf, _ in leaf_tasks_and_rates(name)]
 
 
+# Registrations the data workers repeat: {kind: {key: JSON-able arguments}} as JSON.
+REGISTRATIONS_ENV = "T5X_LIKE_REGISTRATIONS"
+
+
+def record_registration(kind: str, key: str, **arguments: Any) -> None:
+    """Records a registration of `kind` in REGISTRATIONS_ENV, so that worker processes
+    (which inherit the environment) can replay it; a later one with the same kind and
+    key replaces it."""
+    recorded = json.loads(os.environ.get(REGISTRATIONS_ENV, "{}"))
+    recorded.setdefault(kind, {})[key] = arguments
+    os.environ[REGISTRATIONS_ENV] = json.dumps(recorded)
+
+
+def recorded_registrations(kind: str) -> dict[str, dict[str, Any]]:
+    """The registrations of `kind` recorded here or by a parent process, {key:
+    arguments}, in the order first recorded."""
+    return json.loads(os.environ.get(REGISTRATIONS_ENV, "{}")).get(kind, {})
+
+
 # A mixture file (what `python -m t5x_like.doremi` writes): a gin file whose lines
 #   MIXTURE_OR_TASK_NAME = 'reka_mix_doremi'
 #   MIXTURE_RATES = {'code_ul2': 0.21, ...}
 # name a mixture and its rates over registered tasks or mixtures. Task modules register
 # such files at import (`register_mixture_files`): the shipped gin_configs/mixtures/*.gin
-# and those listed in MIXTURE_FILES_ENV (os.pathsep-separated), which worker processes
-# inherit. Including the file in a run's gin files then trains on that mixture.
-MIXTURE_FILES_ENV = "T5X_LIKE_MIXTURE_FILES"
+# and those recorded as MIXTURE_FILE registrations (keyed by absolute path), which
+# worker processes inherit. Including the file in a run's gin files then trains on that
+# mixture.
+MIXTURE_FILE = "mixture_file"
 _NAME_LINE = re.compile(r"^MIXTURE_OR_TASK_NAME\s*=\s*(.+)$", re.M)
 _RATES_LINE = re.compile(r"^MIXTURE_RATES\s*=\s*(\{.*\})\s*$", re.M)
 
@@ -120,22 +145,26 @@ def read_mixture_file(path: str) -> tuple[str, dict[str, float]]:
     return ast.literal_eval(name.group(1).strip()), dict(ast.literal_eval(rates.group(1)))
 
 
-def register_mixture_file(path: str) -> str:
+def register_mixture_file(path: str, record: bool = False) -> str:
     """Registers the mixture of a mixture file (its parts must be registered); returns
-    its name."""
+    its name. `record`: also for the data worker processes to come (a MIXTURE_FILE
+    registration, which `register_mixture_files` replays)."""
     name, rates = read_mixture_file(path)
     for part in rates:
         get_mixture_or_task(part)
     seqio.MixtureRegistry.remove(name)
     seqio.MixtureRegistry.add(name, [(part, float(r)) for part, r in sorted(rates.items())
                                      if r > 0])
+    if record:
+        record_registration(MIXTURE_FILE, os.path.abspath(path))
     return name
 
 
 def register_mixture_files(paths: Sequence[str] = ()) -> list[str]:
-    """Registers the mixture files `paths` and those listed in MIXTURE_FILES_ENV."""
-    listed = [p for p in os.environ.get(MIXTURE_FILES_ENV, "").split(os.pathsep) if p]
-    return [register_mixture_file(p) for p in dict.fromkeys([*paths, *listed])]
+    """Registers the mixture files `paths` and those recorded as MIXTURE_FILE
+    registrations (here or by a parent process)."""
+    recorded = recorded_registrations(MIXTURE_FILE)
+    return [register_mixture_file(p) for p in dict.fromkeys([*paths, *recorded])]
 
 
 def import_task_modules(task_modules: Sequence[str]) -> None:

@@ -23,8 +23,10 @@ What that keeps:
 What it costs: each pool's last rows may be part-full (about one row per feature-length
 dimension per pool), and a shard's first row waits for a whole pool of examples.
 
-Every row also carries `TASK_COUNTS`: how many of its examples came from each leaf task
-(from the `task` feature of the examples), so per-task counts stay exact.
+Every row also carries, from the `task` feature of the examples, `TASK_COUNTS`: how
+many of its examples came from each leaf task, so per-task counts stay exact; and
+`TASK_IDS`: the leaf task of every `targets` position's example, so a per-domain loss
+labels each position with the task its segment came from.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import tensorflow as tf
 
 TASK = "task"  # an example's leaf-task index (scalar int64)
 TASK_COUNTS = "task_counts"  # a row's examples per leaf task, int32[num_tasks]
+# Per `targets` position of a row: 1 + the leaf-task index of its example, 0 on padding.
+TASK_IDS = "task_ids"
 
 
 def assign_rows(lengths: np.ndarray, capacity: Sequence[int]) -> list[np.ndarray]:
@@ -66,9 +70,11 @@ def assign_rows(lengths: np.ndarray, capacity: Sequence[int]) -> list[np.ndarray
 def _pack_pool_numpy(features: Sequence[str], capacity: Sequence[int], num_tasks: int,
                      tasks: np.ndarray, lengths: np.ndarray, *tokens: np.ndarray):
     """One pool: padded tokens [n, L_f] per feature → packed rows [R, L_f] per feature
-    (tokens, segment ids, positions) and task counts [R, num_tasks]."""
+    (tokens, segment ids, positions), task counts [R, num_tasks] and the task ids of
+    the `targets` positions [R, L_targets]."""
     rows = assign_rows(lengths, capacity)
     out = []
+    task_ids = np.zeros((len(rows), capacity[features.index("targets")]), np.int32)
     for f, (values, length) in enumerate(zip(tokens, capacity)):
         packed = np.zeros((3, len(rows), length), np.int32)  # tokens, segments, positions
         for r, members in enumerate(rows):
@@ -78,19 +84,22 @@ def _pack_pool_numpy(features: Sequence[str], capacity: Sequence[int], num_tasks
                 packed[0, r, at:at + n] = values[i, :n]
                 packed[1, r, at:at + n] = segment
                 packed[2, r, at:at + n] = np.arange(n)
+                if features[f] == "targets":
+                    task_ids[r, at:at + n] = tasks[i] + 1
                 at += n
         out.extend(packed)
     counts = np.zeros((len(rows), num_tasks), np.int32)
     for r, members in enumerate(rows):
         counts[r] = np.bincount(tasks[members], minlength=num_tasks)
-    return (*out, counts)
+    return (*out, counts, task_ids)
 
 
 def pack_pool(examples: tf.data.Dataset, feature_lengths: Mapping[str, int], pool: int,
               num_tasks: int) -> tf.data.Dataset:
-    """Packs `examples` (1-D int32 features, trimmed here to `feature_lengths`, and a
-    scalar `TASK`) `pool` at a time into rows of seqio's packed format plus
-    `TASK_COUNTS`. The stream's last, partial pool is packed too."""
+    """Packs `examples` (1-D int32 features, `targets` among them, trimmed here to
+    `feature_lengths`, and a scalar `TASK`) `pool` at a time into rows of seqio's packed
+    format plus `TASK_COUNTS` and `TASK_IDS`. The stream's last, partial pool is packed
+    too."""
     names = sorted(feature_lengths)
     capacity = [int(feature_lengths[k]) for k in names]
 
@@ -103,7 +112,7 @@ def pack_pool(examples: tf.data.Dataset, feature_lengths: Mapping[str, int], poo
 
     @tf.autograph.experimental.do_not_convert
     def pack(batch):
-        specs = [tf.int32] * (3 * len(names)) + [tf.int32]
+        specs = [tf.int32] * (3 * len(names) + 2)
         arrays = tf.numpy_function(
             lambda tasks, lengths, *tokens: _pack_pool_numpy(
                 names, capacity, num_tasks, tasks, lengths, *tokens),
@@ -113,7 +122,8 @@ def pack_pool(examples: tf.data.Dataset, feature_lengths: Mapping[str, int], poo
         for f, (k, length) in enumerate(zip(names, capacity)):
             for j, suffix in enumerate(("", "_segment_ids", "_positions")):
                 row[k + suffix] = tf.ensure_shape(arrays[3 * f + j], [None, length])
-        row[TASK_COUNTS] = tf.ensure_shape(arrays[-1], [None, num_tasks])
+        row[TASK_COUNTS] = tf.ensure_shape(arrays[-2], [None, num_tasks])
+        row[TASK_IDS] = tf.ensure_shape(arrays[-1], [None, feature_lengths["targets"]])
         return row
 
     padded = {k: [n] for k, n in zip(names, capacity)}

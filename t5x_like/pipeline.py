@@ -18,11 +18,12 @@ converters drop extra features, so per-task counts would be lost. The leaf task 
 every example slot is drawn here instead: `task_draws(spec, k, j)` gives the draws of
 slot chunk j, a pure function of (seed, shard, j), and `choose_from_datasets` takes the
 drawn task's next example. Every row then carries `TASK_COUNTS`, its examples per leaf
-task (real counts, not rate estimates): the pool packer counts the `task` feature of
-the examples it packs; seqio's greedy packing keeps the order and never drops an
-example, so the examples of its first rows are the first draws (`TaskLabels`). The
-consumers (stream, prepare) take `TASK_COUNTS` off the row before it is stored or
-batched.
+task (real counts, not rate estimates), and `TASK_IDS`, the leaf task of each decoder
+position's example: the pool packer takes both from the `task` feature of the examples
+it packs; seqio's greedy packing keeps the order and never drops an example, so the
+examples of its first rows are the first draws (`TaskLabels`), and a row's segment s is
+its s-th example. The consumers (stream, prepare) take both off the row before it is
+stored or batched.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import seqio
 import tensorflow as tf
 
 from t5x_like import mixtures, packing, preference_data, store, vocabulary
-from t5x_like.packing import TASK_COUNTS  # noqa: F401 - consumers take it off the rows
+from t5x_like.packing import TASK_COUNTS, TASK_IDS  # noqa: F401 - consumers take them off
 
 # Segment-id features whose non-zero entries are the non-padding token positions.
 TOKEN_SEGMENTS = {
@@ -185,7 +186,7 @@ def shard_rows(spec: store.ShardSpec, shard_index: int) -> tf.data.Dataset:
                                 spec.pack_pool, len(leaves))
     mixed = mixed.map(lambda ex: {k: v for k, v in ex.items() if k != packing.TASK})
     rows = make_converter(spec.converter)(mixed, dict(spec.task_feature_lengths))
-    return _with_drawn_task_counts(rows, TaskLabels(spec, shard_index))
+    return _with_drawn_tasks(rows, TaskLabels(spec, shard_index))
 
 
 def pool_packed_rows(converter_name: str, examples: tf.data.Dataset,
@@ -194,7 +195,7 @@ def pool_packed_rows(converter_name: str, examples: tf.data.Dataset,
     """Examples (task features and `packing.TASK`) packed `pool` at a time by
     `packing.pack_pool`, turned into model features by seqio's converter: its per-row
     conversion, after the packing that its `__call__` would do greedily. Rows carry
-    `TASK_COUNTS`."""
+    `TASK_COUNTS` and `TASK_IDS` (the decoder positions': seqio's `targets`)."""
     converter = make_converter(converter_name)
     lengths = dict(task_feature_lengths)
     if converter_name == "prefix_lm":  # one decoder sequence: inputs, then targets
@@ -205,36 +206,44 @@ def pool_packed_rows(converter_name: str, examples: tf.data.Dataset,
     rows = packing.pack_pool(examples, lengths, pool, num_tasks)
 
     def convert(row):
-        counts = row.pop(TASK_COUNTS)
-        return {**converter._convert_example(row), TASK_COUNTS: counts}
+        tasks = {k: row.pop(k) for k in (TASK_COUNTS, TASK_IDS)}
+        return {**converter._convert_example(row), **tasks}
 
     return rows.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _with_drawn_task_counts(rows: tf.data.Dataset, labels: TaskLabels) -> tf.data.Dataset:
-    """In-order rows with the task counts of their examples, which are the next draws."""
+def _with_drawn_tasks(rows: tf.data.Dataset, labels: TaskLabels) -> tf.data.Dataset:
+    """In-order rows with the tasks of their examples, which are the next draws:
+    `TASK_COUNTS`, and `TASK_IDS` on rows with decoder segments (segment s of a row is
+    its s-th example)."""
     segment_ids = [s for s in ("encoder_segment_ids", "decoder_segment_ids")
                    if s in rows.element_spec]
+    num_tasks = len(labels.leaves)
+
+    def drawn(start, stop, segments):
+        tasks = labels.labels(int(start), int(stop))
+        ids = np.where(segments > 0, tasks[np.maximum(segments, 1) - 1] + 1, 0)
+        return np.bincount(tasks, minlength=num_tasks).astype(np.int32), ids.astype(np.int32)
 
     def count(before, row):
         if segment_ids:
             n = tf.cast(tf.reduce_max([tf.reduce_max(row[s]) for s in segment_ids]), tf.int64)
         else:  # unpacked rows: one example each
             n = tf.constant(1, tf.int64)
-        counts = tf.numpy_function(
-            lambda a, b: labels.counts(int(a), int(b)).astype(np.int32), [before, before + n],
-            tf.int32, stateful=False)
-        return before + n, {**row, TASK_COUNTS: tf.ensure_shape(counts, [len(labels.leaves)])}
+        segments = row.get("decoder_segment_ids", tf.zeros([0], tf.int32))
+        counts, ids = tf.numpy_function(drawn, [before, before + n, segments],
+                                        [tf.int32, tf.int32], stateful=False)
+        out = {**row, TASK_COUNTS: tf.ensure_shape(counts, [num_tasks])}
+        if "decoder_segment_ids" in row:
+            out[TASK_IDS] = tf.ensure_shape(ids, segments.shape)
+        return before + n, out
 
     return rows.scan(tf.constant(0, tf.int64), count)
 
 
 class TaskLabels:
-    """Which leaf task each example of a shard came from, by its position in the shard.
-
-    `counts(start, stop)`: examples per leaf task among examples [start, stop) of the
-    shard, where a shard's first rows hold its first examples (packing keeps the order).
-    """
+    """Which leaf task each example of a shard came from, by its position in the shard
+    (the order of the draws, which greedy packing keeps)."""
 
     def __init__(self, spec: store.ShardSpec, shard_index: int):
         self._spec, self._shard = spec, shard_index
@@ -257,37 +266,17 @@ class TaskLabels:
             start += end
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
-    def counts(self, start: int, stop: int) -> np.ndarray:
-        out = np.zeros(len(self.leaves), np.int64)
-        while start < stop:
-            chunk, offset = divmod(start, DRAW_CHUNK)
-            end = min(stop - start, DRAW_CHUNK - offset)
-            out += np.bincount(self._draws(chunk)[offset:offset + end],
-                               minlength=len(self.leaves))
-            start += end
-        return out
-
 
 DOMAIN_IDS = "decoder_domain_ids"
 
 
-def domain_ids(rows: Mapping[str, np.ndarray], example_labels: np.ndarray,
-               label_domains: Sequence[int]) -> np.ndarray:
-    """[R, L] int32: for every decoder position of packed rows, 1 + the domain of the
-    example it belongs to (0 on padding). Row r's segment s (1, 2, ...) is example
-    (examples in rows before r) + s − 1 of `example_labels` (the rows' examples, in
-    order, by leaf-task index; packing keeps the order), and `label_domains` maps a
-    leaf-task index to its domain (`mixtures.leaf_components`)."""
-    segments_RL = rows["decoder_segment_ids"]
-    per_row = row_stats(rows)["segments"]
-    first_R = np.concatenate([[0], np.cumsum(per_row)[:-1]]).astype(np.int64)
-    index_RL = first_R[:, None] + np.maximum(segments_RL, 1) - 1
-    if len(example_labels) < per_row.sum():
-        raise ValueError(f"{per_row.sum()} examples in the rows, {len(example_labels)} "
-                         "labels.")
-    domains = np.asarray(label_domains, np.int64)[np.asarray(example_labels, np.int64)]
-    index_RL = np.minimum(index_RL, max(len(domains) - 1, 0))
-    return np.where(segments_RL > 0, domains[index_RL] + 1, 0).astype(np.int32)
+def domain_ids(task_ids: np.ndarray, label_domains: Sequence[int]) -> np.ndarray:
+    """int32 of `task_ids`' shape: for every decoder position of packed rows, 1 + the
+    domain of its example, 0 on padding. `task_ids` are the rows' `TASK_IDS` (1 + the
+    leaf-task index of each position's example, 0 on padding) and `label_domains` maps
+    a leaf-task index to its domain (`mixtures.leaf_components`)."""
+    table = np.concatenate([[0], np.asarray(label_domains, np.int64) + 1]).astype(np.int32)
+    return table[np.asarray(task_ids, np.int64)]
 
 
 def row_stats(rows: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -84,7 +84,8 @@ class _Job:
 def _write_rows(ds, num_rows: int, layout: store.RecordLayout,
                 tmp_path: str) -> pipeline.RowCounts:
     counts = pipeline.RowCounts({f: 0 for f in pipeline.TOKEN_SEGMENTS if f in layout.names})
-    ds = ds.map(lambda row: ({k: v for k, v in row.items() if k != pipeline.TASK_COUNTS},
+    ds = ds.map(lambda row: ({k: v for k, v in row.items()
+                              if k not in (pipeline.TASK_COUNTS, pipeline.TASK_IDS)},
                              row[pipeline.TASK_COUNTS]))
     # group_size:1 keeps every record individually addressable: the loader's shuffled
     # reads then decode one record, not a group of them.

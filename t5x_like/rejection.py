@@ -13,10 +13,10 @@ SeqIO task over it to fine-tune on.
 `python -m t5x_like.rejection_sample` (rejection_sample.py) runs the whole step over a
 SeqIO task's prompts and writes an output directory; `register_sft_task(directory)`
 (gin-configurable: `MIXTURE_OR_TASK_NAME = @rejection.register_sft_task()`) registers
-its kept set as a task for `runs/finetune.gin`. The registration is also written to the
-environment (SFT_TASKS_ENV), and importing this module registers what is there: the
-trainer's data worker processes import it (train.DataConfig.task_modules) and so see
-the same task.
+its kept set as a task for `runs/finetune.gin`. The registration is also recorded in the
+environment (`mixtures.record_registration`, kind SFT_TASK), and importing this module
+replays what is recorded there: the trainer's data worker processes import it
+(train.DataConfig.task_modules) and so see the same task.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
+from t5x_like import mixtures
 from t5x_like import vocabulary as vocabulary_lib
 from t5x_like.decoding import DecodeConfig
 
-SFT_TASKS_ENV = "T5X_LIKE_SFT_TASKS"  # {task name: {"directory", "form"}} as JSON
+SFT_TASK = "sft_task"  # a registration kind: key the task name; directory, form
 SFT_FILE = "kept.tfrecord.gz"
 SUMMARY_FILE = "summary.json"
 # How the kept pairs are trained on: "lm", one causal text (prompt + response, the loss on
@@ -185,24 +186,22 @@ def register_sft_task(directory: str, form: str | None = None, name: str | None 
     name = name or sft_task_name(directory)
     sft_task(name, os.path.join(directory, SFT_FILE), summary_vocabulary(summary),
              ("train", "validation"), form)
-    registered = json.loads(os.environ.get(SFT_TASKS_ENV, "{}"))
-    registered[name] = {"directory": directory, "form": form}
-    os.environ[SFT_TASKS_ENV] = json.dumps(registered)
+    mixtures.record_registration(SFT_TASK, name, directory=directory, form=form)
     return name
 
 
-def _register_from_environment() -> None:
+def _register_recorded() -> None:
     """The SFT tasks the parent process registered (a data worker's import)."""
-    for name, entry in json.loads(os.environ.get(SFT_TASKS_ENV, "{}")).items():
+    for name, entry in mixtures.recorded_registrations(SFT_TASK).items():
         if name in seqio.TaskRegistry.names():
             continue
         if not os.path.exists(os.path.join(entry["directory"], SUMMARY_FILE)):
             # an output since removed, registered by some ancestor process
             logging.getLogger("t5x_like.rejection").warning(
                 "%s=...%s...: %s has no rejection-sampling output any more; task %s is not "
-                "registered.", SFT_TASKS_ENV, name, entry["directory"], name)
+                "registered.", mixtures.REGISTRATIONS_ENV, name, entry["directory"], name)
             continue
         register_sft_task(entry["directory"], entry["form"], name)
 
 
-_register_from_environment()
+_register_recorded()

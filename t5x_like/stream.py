@@ -27,8 +27,7 @@ deterministic round-robin over them, shared-memory transfer and clean shutdown, 
 state is ours (a few integers) rather than tf.data's (tens of MB per shard).
 
 Resuming at step s: each shard's stream is rebuilt and fast-forwarded s·r rows inside
-tf.data (no rows reach Python), counting the examples it passes for the per-task
-counts. The cost grows with s (about a second per thousand rows per shard here);
+tf.data (no rows reach Python). The cost grows with s (about a second per thousand rows per shard here);
 `README.md` says what it means for long runs.
 
 Each block carries what its rows hold (examples per task, tokens, padding), summed by
@@ -79,29 +78,23 @@ class _ShardStream:
                  first_step: int, domain_ids: bool = False):
         import tensorflow as tf  # noqa: PLC0415 - workers only: the parent needs no TF here
 
-        def split_counts(before, rows):  # the step's rows, their examples per task, and
-            rows = dict(rows)              # the shard's examples before them
+        def split_counts(rows):  # the step's rows and their examples per task
+            rows = dict(rows)
             counts = tf.cast(tf.reduce_sum(rows.pop(pipeline.TASK_COUNTS), axis=0), tf.int64)
-            return before + tf.reduce_sum(counts), (rows, counts, before)
+            return rows, counts
 
         steps = pipeline.shard_rows(spec, shard_index).batch(rows_per_step, drop_remainder=True)
         # Fast-forward inside tf.data: the skipped rows are made but never leave C++.
-        self._steps = steps.scan(tf.constant(0, tf.int64), split_counts).skip(
-            first_step).as_numpy_iterator()
-        # Domain ids need each segment's task: in-order packing (pack_pool 1) keeps the
-        # draw order, so segment s of the step's rows is draw (examples before) + s - 1.
-        self._labels = pipeline.TaskLabels(spec, shard_index) if domain_ids else None
+        self._steps = steps.map(split_counts).skip(first_step).as_numpy_iterator()
         self._domains = mixtures.leaf_components(spec.mixture) if domain_ids else None
         self.shard_index, self.step = shard_index, first_step
 
     def next_block(self) -> dict[str, Any]:
-        rows, task_counts, examples_before = next(self._steps)
+        rows, task_counts = next(self._steps)
+        task_ids = rows.pop(pipeline.TASK_IDS, None)  # each decoder position's leaf task
         stats = pipeline.row_stats(rows)
-        if self._domains is not None:  # a new dict: the rows stay as tf.data made them
-            start = int(examples_before)
-            rows = {**rows, pipeline.DOMAIN_IDS: pipeline.domain_ids(
-                rows, self._labels.labels(start, start + int(stats["segments"].sum())),
-                self._domains)}
+        if self._domains is not None:
+            rows[pipeline.DOMAIN_IDS] = pipeline.domain_ids(task_ids, self._domains)
         block = {
             "shard": self.shard_index,
             "step": self.step,
@@ -223,12 +216,6 @@ class Stream:
         if domain_ids and "decoder_segment_ids" not in self.layout.names:
             raise ValueError(f"Domain ids label packed decoder rows; the {spec.converter!r} "
                              "rows have no decoder_segment_ids.")
-        if domain_ids and spec.pack_pool != 1:
-            raise ValueError(
-                f"Domain ids follow the examples in the order they were drawn, which pool "
-                f"packing (pack_pool={spec.pack_pool}) reorders: set "
-                "train.DataConfig.pack_pool = 1 for a run with domain ids (runs/doremi.gin "
-                "does).")
         self.names = (*self.layout.names, *([pipeline.DOMAIN_IDS] if domain_ids else []))
         # A field added later is left out at the value every earlier stream had, so that
         # runs saved before it resume (store.LEGACY_SPEC_FIELDS).

@@ -70,8 +70,7 @@ class DataConfig:
       those the gin files import (`import tasks`); for runs started from Python.
     domain_ids: label every batch's decoder positions with their example's part of the
       mixture (`pipeline.DOMAIN_IDS`, `mixtures.components`), for a model whose loss
-      weights domains (DoReMi's proxy, `models.DoReMiModel`). Streams only, with
-      `pack_pool` 1.
+      weights domains (DoReMi's proxy, `models.DoReMiModel`). Streams only.
     pack_pool: examples of a stream shard packed together, best-fit over the row's
       lengths (`t5x_like/packing.py`); 1 packs greedily in order (seqio's packing).
       Part of the data's identity. A store keeps the pool it was prepared with.

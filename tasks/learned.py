@@ -1,7 +1,8 @@
 """Mixtures with learned rates: every mixture file in gin_configs/mixtures/ (what
-`python -m t5x_like.doremi` writes, e.g. reka_mix_doremi.gin) and those listed in the
-T5X_LIKE_MIXTURE_FILES environment variable, registered over the tasks and mixtures of
-reka_mix.py (`t5x_like.mixtures.register_mixture_files`). A run trains on one by
+`python -m t5x_like.doremi` writes, e.g. reka_mix_doremi.gin) and those a parent process
+recorded for its workers (`t5x_like.mixtures.record_registration`, as DoReMi does with
+the files it writes), registered over the tasks and mixtures of reka_mix.py
+(`t5x_like.mixtures.register_mixture_files`). A run trains on one by
 including its file: `--gin_file=mixtures/reka_mix_doremi.gin`."""
 import pathlib
 

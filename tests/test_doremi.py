@@ -3,7 +3,10 @@ domain labels of packed rows, mixture files, the proxy's train step, and (slow) 
 whole `doremi` loop: a reference run, a proxy run, the learned mixture trained on."""
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +17,7 @@ from flax import nnx
 
 import tasks  # noqa: F401  (registers reka_mix_ul2, reka_mix_causal)
 from t5x_like import (checkpoints, doremi, evaluation, group_dro, mixtures, models, network, partitioning,
-                      pipeline, train, trainer)
+                      pipeline, rejection, train, trainer)
 from tiny import fill_params, tiny_config
 
 
@@ -50,18 +53,14 @@ def test_excess_is_clipped_at_zero_and_counted_per_domain_token():
     np.testing.assert_allclose(tokens, [2.0, 2.0, 1.0])
 
 
-def test_domain_ids_label_each_packed_segment_with_its_examples_domain():
-    rows = {"decoder_segment_ids": np.array([[1, 1, 2, 2, 2, 0],
-                                             [1, 2, 3, 3, 0, 0]]),
-            "decoder_target_tokens": np.ones((2, 6), np.int32),
-            "decoder_loss_weights": np.ones((2, 6), np.int32)}
-    labels = np.array([3, 0, 1, 2, 3])  # leaf task of examples 0..4, in packing order
+def test_domain_ids_label_each_position_with_its_tasks_domain():
+    task_ids = np.array([[4, 4, 1, 1, 1, 0],  # 1 + leaf task of each position, 0: padding
+                         [2, 3, 4, 4, 0, 0]])
     label_domains = [0, 0, 1, 1]  # leaf tasks 0, 1 are domain 0; 2, 3 domain 1
-    ids = pipeline.domain_ids(rows, labels, label_domains)
+    ids = pipeline.domain_ids(task_ids, label_domains)
     np.testing.assert_array_equal(ids, [[2, 2, 1, 1, 1, 0],
                                         [1, 2, 2, 2, 0, 0]])
-    with pytest.raises(ValueError, match="labels"):
-        pipeline.domain_ids(rows, labels[:4], label_domains)
+    assert ids.dtype == np.int32
     assert models.DOMAIN_IDS == pipeline.DOMAIN_IDS  # what the proxy's loss reads
 
 
@@ -86,15 +85,14 @@ def test_a_mixture_file_registers_a_mixture_with_its_rates(tmp_path, monkeypatch
     path.write_text(mixtures.mixture_file_text("my_learned_mix", rates, "a test"))
     text = path.read_text()
     assert "MIXTURE_OR_TASK_NAME = 'my_learned_mix'" in text and "import tasks" in text
-    monkeypatch.setenv(mixtures.MIXTURE_FILES_ENV, str(path))
+    monkeypatch.delenv(mixtures.REGISTRATIONS_ENV, raising=False)  # restored afterwards
+    mixtures.record_registration(mixtures.MIXTURE_FILE, str(path))
     assert mixtures.register_mixture_files() == ["my_learned_mix"]
     assert dict(mixtures.leaf_tasks_and_rates("my_learned_mix")) == pytest.approx(rates)
     # A stream of it, with each position's domain (its part of the mixture).
-    spec = pipeline.shard_spec("my_learned_mix", {"targets": 64}, "lm", 0, 1, pack_pool=1)
+    spec = pipeline.shard_spec("my_learned_mix", {"targets": 64}, "lm", 0, 1, pack_pool=8)
     rows = next(pipeline.shard_rows(spec, 0).batch(16).as_numpy_iterator())
-    examples = int(pipeline.row_stats(rows)["segments"].sum())
-    ids = pipeline.domain_ids(rows, pipeline.TaskLabels(spec, 0).labels(0, examples),
-                              mixtures.leaf_components("my_learned_mix"))
+    ids = pipeline.domain_ids(rows[pipeline.TASK_IDS], mixtures.leaf_components("my_learned_mix"))
     assert ids.shape == rows["decoder_target_tokens"].shape
     np.testing.assert_array_equal(ids > 0, rows["decoder_segment_ids"] > 0)
     assert set(np.unique(ids)) - {0} <= {1, 2, 3, 4, 5}
@@ -102,6 +100,35 @@ def test_a_mixture_file_registers_a_mixture_with_its_rates(tmp_path, monkeypatch
     bad.write_text("MIXTURE_OR_TASK_NAME = 'x'\n")
     with pytest.raises(ValueError, match="not a mixture file"):
         mixtures.register_mixture_file(str(bad))
+
+
+def test_registrations_are_replayed_in_a_new_process_that_imports_their_module(
+        tmp_path, monkeypatch):
+    """A data worker is a new Python process that imports the task modules: it inherits
+    what was recorded here, and the modules that register replay it at import."""
+    monkeypatch.delenv(mixtures.REGISTRATIONS_ENV, raising=False)  # restored afterwards
+    path = tmp_path / "worker_mix.gin"
+    path.write_text(mixtures.mixture_file_text("worker_mix", {"code_causal": 0.25,
+                                                              "math_causal": 0.75}))
+    assert mixtures.register_mixture_file(str(path), record=True) == "worker_mix"
+    mixtures.record_registration("a_kind", "k", value=[1, 2])
+    mixtures.record_registration("a_kind", "k", value=[3])  # the same key: replaced
+    mixtures.record_registration(rejection.SFT_TASK, "sft_gone", directory=str(tmp_path / "gone"),
+                                 form="lm")
+    code = ("import json, tasks\n"
+            "from t5x_like import mixtures, rejection\n"
+            "print(json.dumps([dict(mixtures.leaf_tasks_and_rates('worker_mix')),\n"
+            "                  mixtures.recorded_registrations('a_kind')]))\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rates, kind = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rates == {"code_causal": 0.25, "math_causal": 0.75}
+    assert kind == {"k": {"value": [3]}}
+    # rejection.py replayed its recorded SFT task: its output is gone, so it warns.
+    assert "sft_gone" in done.stderr and "no rejection-sampling output" in done.stderr
 
 
 def _proxy_state(cfg, domains=("a", "b"), rates=(0.25, 0.75)):
@@ -198,11 +225,10 @@ def _train_fn(**kwargs):
 
 @pytest.mark.slow
 def test_doremi_learns_weights_writes_a_mixture_and_it_trains(tmp_path, monkeypatch):
-    monkeypatch.delenv(mixtures.MIXTURE_FILES_ENV, raising=False)
+    monkeypatch.delenv(mixtures.REGISTRATIONS_ENV, raising=False)
     data = train.DataConfig(mixture_or_task_name="reka_mix_causal",
                             task_feature_lengths={"targets": 64}, batch_size=8,
-                            stream_shards=1, data_workers=1, task_modules=("tasks",),
-                            pack_pool=1)
+                            stream_shards=1, data_workers=1, task_modules=("tasks",))
     summary = doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path / "doremi"),
                             mixture_name="reka_mix_doremi_test", rounds=1,
                             train_fn=_train_fn)
@@ -245,7 +271,7 @@ def test_iterated_doremi_trains_each_round_on_the_last_weights_until_they_settle
     """The rounds' bookkeeping, with stand-ins for the runs: round r + 1's reference and
     proxy train on round r's weights (a registered mixture), and the rounds stop once no
     weight moves by the tolerance."""
-    monkeypatch.delenv(mixtures.MIXTURE_FILES_ENV, raising=False)
+    monkeypatch.delenv(mixtures.REGISTRATIONS_ENV, raising=False)
     parts = ["code_causal", "math_causal", "multilingual_causal", "stem_causal", "web_causal"]
     learned = iter([[0.3, 0.1, 0.3, 0.2, 0.1], [0.3005, 0.1, 0.2995, 0.2, 0.1],
                     [0.9, 0.025, 0.025, 0.025, 0.025]])
@@ -259,7 +285,7 @@ def test_iterated_doremi_trains_each_round_on_the_last_weights_until_they_settle
         return train.RunSummary(model_dir, 0, 3, (1.0,) * 3)
 
     data = train.DataConfig(mixture_or_task_name="reka_mix_causal",
-                            task_feature_lengths={"targets": 64}, batch_size=8, pack_pool=1)
+                            task_feature_lengths={"targets": 64}, batch_size=8)
     summary = doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path), rounds=3,
                             mixture_name="reka_mix_doremi_rounds", train_fn=fake_train)
     assert calls == [
@@ -280,15 +306,3 @@ def test_iterated_doremi_trains_each_round_on_the_last_weights_until_they_settle
         doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path / "stop"),
                       train_fn=lambda **kw: train.RunSummary(kw["model_dir"], 0, 1, (),
                                                              stopped_by="SIGTERM"))
-
-
-def test_doremi_refuses_pool_packing_before_any_run(tmp_path):
-    """Domain ids follow the draw order, which pool packing reorders: refused up front."""
-    def never(**kwargs):
-        raise AssertionError("no run may start")
-
-    data = train.DataConfig(mixture_or_task_name="reka_mix_causal",
-                            task_feature_lengths={"targets": 64}, batch_size=8, pack_pool=8)
-    with pytest.raises(ValueError, match="pack_pool = 1"):
-        doremi.doremi(model=MODEL, data=data, model_dir=str(tmp_path), train_fn=never)
-    assert not os.listdir(tmp_path)

@@ -87,12 +87,16 @@ def test_rows_are_seqios_packed_rows_of_the_same_examples(converter):
                                                if k != packing.TASK} | {packing.TASK: 0}
                                               for i in members]),
                                     lengths).as_numpy_iterator())
-        counts = row.pop(packing.TASK_COUNTS)
+        counts, task_ids = row.pop(packing.TASK_COUNTS), row.pop(packing.TASK_IDS)
         assert set(row) == set(want)
         for name in want:
             np.testing.assert_array_equal(row[name], want[name], err_msg=name)
         assert counts.tolist() == np.bincount([examples[i][packing.TASK] for i in members],
                                               minlength=2).tolist()
+        # Every decoder position is labelled 1 + the task of its segment's example.
+        np.testing.assert_array_equal(task_ids, [
+            0 if s == 0 else 1 + examples[members[s - 1]][packing.TASK]
+            for s in row["decoder_segment_ids"]])
     assert sum(len(_members_of(r, examples, converter)) for r in rows) == len(examples)
 
 
@@ -151,11 +155,12 @@ def _shard_counts(pack_pool, rows):
 def test_whole_pools_hold_exactly_the_drawn_examples():
     """Every example of a pool is in that pool's rows: the task counts of the rows of
     whole pools are the counts of the first draws, as with greedy packing."""
+    def drawn(spec, stop):
+        return np.bincount(pipeline.TaskLabels(spec, 0).labels(0, stop), minlength=2).tolist()
+
     greedy, greedy_counts, greedy_examples, spec = _shard_counts(1, 60)
-    assert greedy_counts.tolist() == pipeline.TaskLabels(spec, 0).counts(
-        0, greedy_examples).tolist()
+    assert greedy_counts.tolist() == drawn(spec, greedy_examples)
     pooled, counts, examples, spec = _shard_counts(8, 60)
-    labels = pipeline.TaskLabels(spec, 0)
     # The rows of the first k pools (8 examples each) hold draws [0, 8k) exactly.
     seen, pools = 0, 0
     running = np.zeros(2, np.int64)
@@ -163,7 +168,7 @@ def test_whole_pools_hold_exactly_the_drawn_examples():
         running += row[pipeline.TASK_COUNTS]
         seen += int(row["encoder_segment_ids"].max())
         if seen % 8 == 0:
-            assert running.tolist() == labels.counts(0, seen).tolist()
+            assert running.tolist() == drawn(spec, seen)
             pools += 1
     assert pools >= 5
 

@@ -59,7 +59,7 @@ import os  # noqa: E402
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from t5x_like import checkpoints, partitioning, rejection_sample  # noqa: E402
+from t5x_like import checkpoints, mixtures, partitioning, rejection_sample  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DP = partitioning.MeshConfig(shape={"data": 8}, rules="dp")  # cheapest to compile
@@ -94,7 +94,7 @@ def _save_module(directory, module):
 
 def test_rejection_sample_writes_the_kept_set_and_registers_it_for_fine_tuning(
         tmp_path, monkeypatch):
-    monkeypatch.setenv(rejection.SFT_TASKS_ENV, "{}")  # removed again afterwards
+    monkeypatch.setenv(mixtures.REGISTRATIONS_ENV, "{}")  # removed again afterwards
     cfg = tiny_config(**SMALL)
     policy, reward_model = models.DecoderOnlyModel(cfg), models.RewardModel(cfg)
     policy_dir = _save_module(tmp_path / "policy", policy.make_module(nnx.Rngs(0)))
@@ -127,7 +127,8 @@ def test_rejection_sample_writes_the_kept_set_and_registers_it_for_fine_tuning(
 
     # The kept set through the gin-configurable registration, both forms.
     name = rejection.register_sft_task(out)
-    assert name == summary["sft_task_name"] and name in os.environ[rejection.SFT_TASKS_ENV]
+    assert name == summary["sft_task_name"] and name in mixtures.recorded_registrations(
+        rejection.SFT_TASK)
     read = list(seqio.get_mixture_or_task(name).get_dataset(
         None, split="train", shuffle=False).as_numpy_iterator())
     assert len(read) == 10

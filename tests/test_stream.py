@@ -83,6 +83,35 @@ def test_a_shard_started_at_a_later_step_continues_it_exactly(blocks):
         np.testing.assert_array_equal(got["task_counts"], want["task_counts"])
 
 
+@pytest.mark.usefixtures("test_tasks")
+@pytest.mark.parametrize("pack_pool", [8, 1])
+def test_domain_ids_are_the_task_of_each_positions_example(pack_pool):
+    """Pool packing (which reorders the drawn examples) as greedy packing: every decoder
+    position's domain id is the task of its segment's document, told by the document's
+    marker byte, and a shard started at a later step labels its rows the same."""
+    spec = _spec(pack_pool=pack_pool)
+    domain = {ord("a"): 1, ord("B"): 2}  # tt_mix_lm's domains: its tasks, by name
+    assert pipeline.DOMAIN_IDS in stream.Stream(spec, BATCH, domain_ids=True).names
+    it = stream._ShardSetIterator(spec, [0], BATCH // SHARDS, 0, domain_ids=True)
+    blocks = [next(it) for _ in range(3)]
+    order = []  # the domain of every segment, in row order
+    for block in blocks:
+        rows = block["rows"]
+        segments, ids = rows["decoder_segment_ids"], rows[pipeline.DOMAIN_IDS]
+        np.testing.assert_array_equal(ids == 0, segments == 0)
+        for r in range(len(segments)):
+            for s in range(1, segments[r].max() + 1):
+                at = segments[r] == s
+                order.append(domain[int(rows["decoder_target_tokens"][r][at][0]) - 3])
+                assert set(ids[r][at].tolist()) == {order[-1]}
+    assert set(order) == {1, 2}
+    drawn = (pipeline.TaskLabels(spec, 0).labels(0, len(order)) + 1).tolist()
+    assert (order == drawn) == (pack_pool == 1)
+    later = stream._ShardSetIterator(spec, [0], BATCH // SHARDS, 2, domain_ids=True)
+    np.testing.assert_array_equal(next(later)["rows"][pipeline.DOMAIN_IDS],
+                                  blocks[2]["rows"][pipeline.DOMAIN_IDS])
+
+
 def test_each_process_makes_only_its_own_shards(test_tasks):
     assert [_stream(p, 2).shards for p in range(2)] == [[0], [1]]
     assert _stream().shards == [0, 1] and _stream().workers in (1, 2)
