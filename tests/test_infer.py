@@ -106,6 +106,7 @@ def _infer(directory, out, **kwargs):
                        decode=decoding.DecodeConfig(max_decode_length=8), **kwargs)
 
 
+@pytest.mark.slow
 def test_infer_writes_predictions_and_scores_of_the_users_task(trained, tmp_path):
     paths = _infer(trained, tmp_path)
     rows = [json.loads(line) for line in open(paths["my_qa"], encoding="utf-8")]
