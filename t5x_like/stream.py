@@ -27,8 +27,8 @@ deterministic round-robin over them, shared-memory transfer and clean shutdown, 
 state is ours (a few integers) rather than tf.data's (tens of MB per shard).
 
 Resuming at step s: each shard's stream is rebuilt and fast-forwarded s·r rows inside
-tf.data (no rows reach Python). The cost grows with s (about a second per thousand rows per shard here);
-`README.md` says what it means for long runs.
+tf.data (no rows reach Python). The cost grows with s (about a second per thousand rows
+per shard here); `README.md` says what it means for long runs.
 
 Each block carries what its rows hold (examples per task, tokens, padding), summed by
 `StreamIterator.scalars()` into the run's data metrics as it goes.
