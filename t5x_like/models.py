@@ -57,8 +57,15 @@ def token_losses(logits_BLV, targets_BL, z_loss: float):
     target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[:, :, None], axis=-1)[:, :, 0]
     nll_BL = log_z_BL - target_logit_BL
     z_loss_BL = z_loss * jnp.square(log_z_BL)
-    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
-    return nll_BL, z_loss_BL, correct_BL
+    return nll_BL, z_loss_BL, _is_top(target_logit_BL, logits_BLV)
+
+
+def _is_top(target_logit, logits):
+    """1.0 where the target's logit is the largest of its row (a tie for the top counts
+    as correct), else 0.0. Compared against the max that log Z already reduces, so XLA
+    shares that pass; an argmax is a second, slower (value, index) reduction (6% of
+    the reference model's step on CPU)."""
+    return (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
 
 
 def _in_chunks(a_BL, chunk: int):
@@ -100,7 +107,7 @@ def _fused_forward(x_BLD, w_DV, targets_BL, weights_BL, scale, z_loss, chunk):
         log_z_T = jax.nn.logsumexp(logits_TV, axis=-1)
         target_logit_T = jnp.take_along_axis(logits_TV, targets_T[:, None], axis=-1)[:, 0]
         nll_T = log_z_T - target_logit_T
-        correct_T = (jnp.argmax(logits_TV, axis=-1) == targets_T).astype(jnp.float32)
+        correct_T = _is_top(target_logit_T, logits_TV)
         # d/dlogits of w·(log Z − logit[t] + z·log²Z) = w·(softmax·(1 + 2z·log Z) − onehot)
         onehot_TV = jax.nn.one_hot(targets_T, logits_TV.shape[-1], dtype=jnp.float32)
         probs_TV = jnp.exp(logits_TV - log_z_T[:, None])

@@ -223,3 +223,14 @@ def test_fused_chunked_loss_equals_the_whole_logits_loss_and_gradients(base, chu
         expected = np.asarray(g.get_value())
         assert np.abs(expected).max() > 0, path  # every parameter gets a gradient
         assert_close(f_flat[path].get_value(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_accuracy_counts_a_tie_for_the_top_logit_as_correct():
+    from t5x_like.models import fused_loss_sums, token_losses
+
+    logits = np.array([[[1.0, 3.0, 3.0, 0.0], [2.0, 1.0, 0.0, 0.0]]], np.float32)
+    targets, weights = np.array([[2, 1]]), np.ones((1, 2), np.float32)
+    np.testing.assert_array_equal(token_losses(logits, targets, 0.0)[2], [[1.0, 0.0]])
+    # logits = x·I: the fused loss sees the same rows
+    sums = fused_loss_sums(logits, np.eye(4, dtype=np.float32), targets, weights, 1.0, 0.0, 0)
+    assert float(sums[3]) == 1.0
