@@ -220,7 +220,12 @@ def worker(devices: int, keys: list[str], dtypes: list[str], steps: int) -> dict
 
 
 def spawn(devices: int, keys: list[str], dtypes: list[str], steps: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+    """One worker process per device count, started as `python -m t5x_like.train` starts
+    (XLA's buffers in huge pages: t5x_like/__init__.py)."""
+    sys.path.insert(0, REPO)
+    from t5x_like import with_huge_pages
+
+    env = dict(with_huge_pages(dict(os.environ)), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
                           + f" --xla_force_host_platform_device_count={devices}").strip(),
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))

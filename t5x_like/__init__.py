@@ -34,6 +34,34 @@ if "--multiprocessing-fork" in sys.orig_argv and WORKER_PARENT_ENV in os.environ
     if os.getppid() != int(os.environ[WORKER_PARENT_ENV]):
         os._exit(1)  # the parent died before the signal was armed
 
+# Large allocations in transparent huge pages: XLA on CPU maps every step's temporary
+# buffer afresh (752 MB for bench/reference_llama.gin), and in 4 KiB pages the kernel
+# faulted in and zeroed about 180,000 of them per step, about a sixth of the step's
+# time (docs/PERFORMANCE.md). glibc's malloc asks for huge pages when this tunable is
+# set; glibc reads tunables only at start-up, so the entry points (`python -m
+# t5x_like.<module>`: sys.argv[0] is "-m" while the package imports) restart themselves
+# once with it, before any import. A GLIBC_TUNABLES that already names
+# glibc.malloc.hugetlb (e.g. =0, to opt out) is left alone; elsewhere than Linux and
+# without transparent huge pages ("never" in /sys/kernel/mm/transparent_hugepage/enabled)
+# it changes nothing. Code that imports t5x_like into its own process sets it itself:
+# `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python ...`.
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def with_huge_pages(env: dict) -> dict:
+    """A copy of `env` with HUGE_PAGES_TUNABLE added to GLIBC_TUNABLES, unless that
+    already says how glibc.malloc.hugetlb is set."""
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables:
+        return dict(env)
+    return dict(env, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES_TUNABLE])))
+
+
+if (sys.platform == "linux" and sys.argv[:1] == ["-m"] and sys.executable
+        and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")):
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+              with_huge_pages(dict(os.environ)))
+
 if TYPE_CHECKING:  # noqa: SIM108 - imports for readers and tools only
     # ruff: noqa: F401
     from t5x_like.bpc import bits_per_character, load_bpc_eval
@@ -50,7 +78,8 @@ if TYPE_CHECKING:  # noqa: SIM108 - imports for readers and tools only
                                   make_train_step)
     from t5x_like.vocabulary import get_vocabulary
 
-# name -> (module, attribute); kept equal to the imports above by tests/test_init.py.
+# name -> (module, attribute); kept equal to the imports above by
+# tests/test_architecture.py.
 _EXPORTS = {
     # data
     "get_vocabulary": ("vocabulary", "get_vocabulary"),

@@ -297,6 +297,8 @@ def run(configurable: str, argv: Sequence[str] | None = None,
     args = parse_flags(sys.argv[1:] if argv is None else argv, prog=prog,
                        extra_flags=extra_flags)
     setup_logging()
+    # The package's start-up sets it (t5x_like/__init__.py): say so, it moves the speed.
+    log.info("GLIBC_TUNABLES=%s", os.environ.get("GLIBC_TUNABLES", ""))
     hide_gpus_from_tensorflow()
     try:
         if args.multiprocess or args.coordinator_address is not None:

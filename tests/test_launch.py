@@ -101,3 +101,25 @@ def test_tensorflow_sees_no_gpu_after_start_up():
     launch.hide_gpus_from_tensorflow()
     assert tf.config.get_visible_devices("GPU") == []
     assert tf.config.get_visible_devices("CPU")  # the host is still TensorFlow's
+
+
+def test_entry_points_restart_with_huge_pages_unless_the_user_set_them(tmp_path):
+    """`python -m t5x_like.<entry>` restarts itself once with glibc's huge-page tunable
+    (t5x_like/__init__.py); a GLIBC_TUNABLES that names it is the user's choice."""
+    import os
+    import subprocess
+    import sys
+
+    import t5x_like
+
+    assert t5x_like.with_huge_pages({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert (t5x_like.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+            ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    assert (t5x_like.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+            ["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(t5x_like.__file__)))
+    out = subprocess.run([sys.executable, "-m", "t5x_like.eval", "--gin_file=missing.gin"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "missing.gin" in out.stderr, out.stderr[-2000:]
+    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in out.stderr
