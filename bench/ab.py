@@ -9,7 +9,9 @@ All variants are compiled first; then each round times every variant in turn (st
 bench/speed.py times them: metrics fetched one step late), so load from other processes
 falls on all of them alike. Prints each variant's median step time and its ratio to the
 first variant's (< 1: faster). This is how docs/PERFORMANCE.md's before/after numbers
-were measured.
+were measured. One process has one glibc setting: start it with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to time steps as `python -m t5x_like.train` runs
+them (docs/PERFORMANCE.md, change 5).
 """
 import argparse
 import ast
@@ -53,7 +55,8 @@ def main():
     for _ in range(args.rounds):
         for entry in built.values():
             step_fn, state, batch, mesh, times = entry
-            _, intervals, entry[1] = speed.time_steps(step_fn, state, batch, mesh, args.steps)
+            _, intervals, entry[1], _ = speed.time_steps(step_fn, state, batch, mesh,
+                                                         args.steps)
             times += intervals
     first = None
     for name, (*_, times) in built.items():

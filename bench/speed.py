@@ -147,9 +147,12 @@ def make_step(model, devices: int, batch_size: int, lengths: dict):
 
 
 def time_steps(step_fn, state, batch, mesh, steps: int, warmup: int = 3):
-    """(compile+first step s, step intervals s, the new state): each iteration dispatches
-    a step and fetches the previous one's metrics (train's loop does the same). The
-    state given is donated: use the one returned."""
+    """(compile+first step s, step intervals s, the new state, page faults per timed
+    step): each iteration dispatches a step and fetches the previous one's metrics
+    (train's loop does the same). The state given is donated: use the one returned.
+    Faults are the process's minor faults (docs/PERFORMANCE.md, huge pages)."""
+    import resource
+
     import jax
 
     key = jax.random.key(0)
@@ -161,6 +164,7 @@ def time_steps(step_fn, state, batch, mesh, steps: int, warmup: int = 3):
         for _ in range(warmup):
             state, metrics = step_fn(state, batch, key)
         jax.device_get(metrics)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         stamps = [time.perf_counter()]
         for _ in range(steps):
             state, new_metrics = step_fn(state, batch, key)
@@ -168,7 +172,9 @@ def time_steps(step_fn, state, batch, mesh, steps: int, warmup: int = 3):
             metrics = new_metrics
             stamps.append(time.perf_counter())
         jax.device_get(metrics)
-    return compile_s, [b - a for a, b in zip(stamps, stamps[1:])], state
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return (compile_s, [b - a for a, b in zip(stamps, stamps[1:])], state,
+            faults // max(steps, 1))
 
 
 def run_row(case: Case, dtype: str, steps: int, peaks: dict, rss: PeakRss,
@@ -179,7 +185,7 @@ def run_row(case: Case, dtype: str, steps: int, peaks: dict, rss: PeakRss,
     rss.reset()
     step_fn, state, batch, mesh, optimizer = make_step(model, case.devices, case.batch,
                                                        case.lengths)
-    compile_s, intervals, state = time_steps(step_fn, state, batch, mesh, steps)
+    compile_s, intervals, state, faults = time_steps(step_fn, state, batch, mesh, steps)
     del state, batch
     step_s = statistics.median(intervals)
     ours = model.train_flops_per_step(case.batch, case.lengths)
@@ -196,7 +202,7 @@ def run_row(case: Case, dtype: str, steps: int, peaks: dict, rss: PeakRss,
             "flops_palm": ours.palm, "flops_maxtext": ours.maxtext,
             "xla_over_palm": xla_ratio[case.name]["palm"],
             "xla_over_maxtext": xla_ratio[case.name]["maxtext"],
-            "peak_rss_bytes": rss.peak}
+            "peak_rss_bytes": rss.peak, "faults_per_step": faults}
 
 
 def worker(devices: int, keys: list[str], dtypes: list[str], steps: int) -> dict:
@@ -206,7 +212,7 @@ def worker(devices: int, keys: list[str], dtypes: list[str], steps: int) -> dict
     from t5x_like import flops
 
     rss = PeakRss()
-    peaks = {dt: flops.measure_matmul_flops(jax.devices()[0], dt, n=1024, repeats=7)
+    peaks = {dt: flops.measure_matmul_flops(jax.devices()[0], dt, n=1024, repeats=20)
              for dt in ("float32", "bfloat16")}
     rows, xla_ratio = [], {}
     for case in CASES:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
 import time
 from typing import Any
 
@@ -124,7 +123,9 @@ _SECONDS_PER_DAY = 86_400.0
 
 def measure_matmul_flops(device: Any = None, dtype: str = "float32", n: int = 1024,
                          repeats: int = 7) -> float:
-    """Matmul rate (FLOP/s) of `device`: median time of a jitted n×n `dtype` matmul.
+    """Matmul rate (FLOP/s) of `device`: the fastest of `repeats` runs of a jitted n×n
+    `dtype` matmul (a peak is the best rate the device reaches; a median of runs a few
+    ms long took a burst of load for the device's speed and once read a third of it).
 
     On CPU, XLA runs one matmul on all host cores, so this is the rate of the whole host.
     On a shared 2-core machine, other processes move it by tens of percent between runs:
@@ -141,7 +142,7 @@ def measure_matmul_flops(device: Any = None, dtype: str = "float32", n: int = 10
         start = time.perf_counter()
         matmul(a, a).block_until_ready()
         times.append(time.perf_counter() - start)
-    return 2.0 * n**3 / statistics.median(times)
+    return 2.0 * n**3 / min(times)
 
 
 def measure_cpu_peak_flops(n: int = 1024, repeats: int = 7) -> float:
