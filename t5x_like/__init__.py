@@ -36,8 +36,8 @@ if "--multiprocessing-fork" in sys.orig_argv and WORKER_PARENT_ENV in os.environ
 
 # Large allocations in transparent huge pages: XLA on CPU maps every step's temporary
 # buffer afresh (752 MB for bench/reference_llama.gin), and in 4 KiB pages the kernel
-# faulted in and zeroed about 180,000 of them per step, about a sixth of the step's
-# time (docs/PERFORMANCE.md). glibc's malloc asks for huge pages when this tunable is
+# faulted in and zeroed about 184,000 of them per step; in huge pages the step takes
+# about 0.9x as long (docs/PERFORMANCE.md, change 5). glibc's malloc asks for huge pages when this tunable is
 # set; glibc reads tunables only at start-up, so the entry points (`python -m
 # t5x_like.<module>`: sys.argv[0] is "-m" while the package imports) restart themselves
 # once with it, before any import. A GLIBC_TUNABLES that already names
