@@ -19,9 +19,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import speed  # noqa: E402
+
+REPO = speed.REPO
 
 
 def parse_setting(text: str):
@@ -72,18 +74,13 @@ def main():
         for tree in trees.values():
             subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO)
     first = statistics.median(r["tokens_per_s"] for r in rows[settings[0][0]])
-    result = {"time_utc": time.strftime("%Y%m%d-%H%M%S", time.gmtime()),
-              "settings": args.setting, "rows": rows, "medians": {}}
+    result = {"settings": args.setting, "rows": rows, "medians": {}}
     for name, tokens in ((n, [r["tokens_per_s"] for r in rs]) for n, rs in rows.items()):
         median = statistics.median(tokens)
         result["medians"][name] = median
         print(f"{name:<12} median {median:8.0f} tok/s   x{median / first:.3f} of "
               f"{settings[0][0]}")
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    path = os.path.join(REPO, "bench", "results", f"alternate-{result['time_utc']}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("written:", os.path.relpath(path, REPO))
+    speed.save_json("alternate", result)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,11 +75,7 @@ def main(argv=None) -> dict:
           f"tok/s, CLI / bare = {cli / bare:.3f}")
     result = {"args": vars(args), "rounds": rounds, "bare_tokens_per_s": bare,
               "cli_tokens_per_s": cli, "cli_over_bare": cli / bare}
-    os.makedirs(speed.RESULTS, exist_ok=True)
-    out = os.path.join(speed.RESULTS, f"cli_speed-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    speed.save_json("cli_speed", result)
     return result
 
 

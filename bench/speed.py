@@ -35,6 +35,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
+sys.path.insert(0, REPO)  # t5x_like, for a bench script run from any directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,10 +229,9 @@ def worker(devices: int, keys: list[str], dtypes: list[str], steps: int) -> dict
 def spawn(devices: int, keys: list[str], dtypes: list[str], steps: int) -> dict:
     """One worker process per device count, started as `python -m t5x_like.train` starts
     (XLA's buffers in huge pages: t5x_like/__init__.py)."""
-    sys.path.insert(0, REPO)
     from t5x_like import with_huge_pages
 
-    env = dict(with_huge_pages(dict(os.environ)), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+    env = dict(with_huge_pages(os.environ), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
                           + f" --xla_force_host_platform_device_count={devices}").strip(),
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
@@ -295,14 +295,23 @@ def main(argv=None) -> list[dict]:
 
 
 def write_results(results: list[dict], out: str | None, args: str) -> str:
+    """The table as `out`, or as bench/results/speed-<time>.json and latest.json."""
+    record = {"command": f"bench/speed.py {args}".strip(), "results": results}
+    path = save_json("speed", record, out)
+    if out is None:
+        save_json("speed", record, os.path.join(RESULTS, "latest.json"))
+    return path
+
+
+def save_json(kind: str, record: dict, out: str | None = None) -> str:
+    """`record` stamped with the UTC time ("time_utc"), written to `out` or to
+    bench/results/<kind>-<time>.json; prints and returns the path. Every bench script
+    writes its results this way."""
     os.makedirs(RESULTS, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    path = out or os.path.join(RESULTS, f"speed-{stamp}.json")
-    record = {"time_utc": stamp, "command": f"bench/speed.py {args}".strip(),
-              "results": results}
-    for target in {path, os.path.join(RESULTS, "latest.json")} if out is None else {path}:
-        with open(target, "w") as f:
-            json.dump(record, f, indent=1)
+    path = out or os.path.join(RESULTS, f"{kind}-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump({"time_utc": stamp, **record}, f, indent=1)
     print(f"written: {os.path.relpath(path, REPO)}")
     return path
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 # Worker processes that t5x_like spawns (the data workers, prepare's) die with their
 # parent, even when it is killed with SIGKILL: set here, the first t5x_like code a
@@ -37,10 +37,10 @@ if "--multiprocessing-fork" in sys.orig_argv and WORKER_PARENT_ENV in os.environ
 # Large allocations in transparent huge pages: XLA on CPU maps every step's temporary
 # buffer afresh (752 MB for bench/reference_llama.gin), and in 4 KiB pages the kernel
 # faulted in and zeroed about 184,000 of them per step; in huge pages the step takes
-# about 0.9x as long (docs/PERFORMANCE.md, change 5). glibc's malloc asks for huge pages when this tunable is
-# set; glibc reads tunables only at start-up, so the entry points (`python -m
-# t5x_like.<module>`: sys.argv[0] is "-m" while the package imports) restart themselves
-# once with it, before any import. A GLIBC_TUNABLES that already names
+# about 0.9x as long (docs/PERFORMANCE.md, change 5). glibc's malloc asks for huge
+# pages when this tunable is set; glibc reads tunables only at start-up, so the entry
+# points (`python -m t5x_like.<module>`: sys.argv[0] is "-m" while the package
+# imports) restart themselves once with it, before any import. A GLIBC_TUNABLES that already names
 # glibc.malloc.hugetlb (e.g. =0, to opt out) is left alone; elsewhere than Linux and
 # without transparent huge pages ("never" in /sys/kernel/mm/transparent_hugepage/enabled)
 # it changes nothing. Code that imports t5x_like into its own process sets it itself:
@@ -48,7 +48,7 @@ if "--multiprocessing-fork" in sys.orig_argv and WORKER_PARENT_ENV in os.environ
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
-def with_huge_pages(env: dict) -> dict:
+def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
     """A copy of `env` with HUGE_PAGES_TUNABLE added to GLIBC_TUNABLES, unless that
     already says how glibc.malloc.hugetlb is set."""
     tunables = env.get("GLIBC_TUNABLES", "")
@@ -59,8 +59,7 @@ def with_huge_pages(env: dict) -> dict:
 
 if (sys.platform == "linux" and sys.argv[:1] == ["-m"] and sys.executable
         and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")):
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
-              with_huge_pages(dict(os.environ)))
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], with_huge_pages(os.environ))
 
 if TYPE_CHECKING:  # noqa: SIM108 - imports for readers and tools only
     # ruff: noqa: F401
