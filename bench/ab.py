@@ -1,15 +1,18 @@
-"""A/B of train-step variants in one process, alternating, as ratios of medians.
+"""A/B of train-step variants in one process, interleaved step by step, as ratios.
 
     .venv/bin/python bench/ab.py --gin bench/reference_llama.gin --lengths targets=256 \
-        --batch 8 --devices 1 --variant base: --variant fused:fused_loss=True \
-        [--variant fused64:fused_loss=True,loss_chunk_length=64] [--rounds 3 --steps 10]
+        --batch 8 --devices 1 --variant base: --variant noscan:scan_layers=False \
+        [--variant base2:] [--rounds 3 --steps 10]
 
 Each variant is a name and TransformerConfig overrides (name=value, Python literals).
-All variants are compiled first; then each round times every variant in turn (steps as
-bench/speed.py times them: metrics fetched one step late), so load from other processes
-falls on all of them alike. Prints each variant's median step time and its ratio to the
-first variant's (< 1: faster). This is how docs/PERFORMANCE.md's before/after numbers
-were measured. One process has one glibc setting: start it with
+All variants are compiled and warmed up first; then rounds x steps steps of each are
+timed one at a time, interleaved (A B C, then C B A, ...), each step waited for, so load
+from other processes falls on all of them alike. Prints each variant's fastest, 20th
+percentile and median step and their ratios to the first variant's (< 1: faster).
+On a shared 2-core VM the fastest step is the steadiest of the three: load only ever
+adds time. An A/A run (the same variant twice, `--variant base: --variant base2:`)
+shows how far the numbers can be trusted in that sitting (docs/PERFORMANCE.md, "How
+speed is measured"). One process has one glibc setting: start it with
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to time steps as `python -m t5x_like.train` runs
 them (docs/PERFORMANCE.md, change 5).
 """
@@ -19,6 +22,7 @@ import dataclasses
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +46,8 @@ def main():
     args = parser.parse_args()
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
                                f"platform_device_count={args.devices}").strip()
+    import jax
+
     import speed
 
     lengths = {k: int(v) for k, v in (kv.split("=") for kv in args.lengths.split(","))}
@@ -51,19 +57,26 @@ def main():
         model = type(base)(dataclasses.replace(base.cfg, **overrides))
         step_fn, state, batch, mesh, _ = speed.make_step(model, args.devices, args.batch,
                                                          lengths)
-        built[name] = [step_fn, state, batch, mesh, []]
-    for _ in range(args.rounds):
-        for entry in built.values():
+        built[name] = [step_fn, speed.time_steps(step_fn, state, batch, mesh, 0)[2], batch,
+                       mesh, []]
+    key = jax.random.key(0)
+    order = list(built.values())
+    for i in range(args.rounds * args.steps):
+        for entry in (order if i % 2 == 0 else order[::-1]):
             step_fn, state, batch, mesh, times = entry
-            _, intervals, entry[1], _ = speed.time_steps(step_fn, state, batch, mesh,
-                                                         args.steps)
-            times += intervals
+            with jax.set_mesh(mesh):
+                start = time.perf_counter()
+                entry[1], metrics = step_fn(state, batch, key)
+                jax.block_until_ready(metrics)
+                times.append(time.perf_counter() - start)
     first = None
     for name, (*_, times) in built.items():
-        median = statistics.median(times)
-        first = first or median
-        print(f"{name:<24} median {median * 1e3:8.1f} ms over {len(times)} steps  "
-              f"ratio {median / first:.3f}")
+        times.sort()
+        stats = (times[0], times[len(times) // 5], statistics.median(times))
+        first = first or stats
+        print(f"{name:<16} fastest {stats[0] * 1e3:7.1f} ms  p20 {stats[1] * 1e3:7.1f}  "
+              f"median {stats[2] * 1e3:7.1f}  over {len(times)} steps;  ratios "
+              + " / ".join(f"{s / f:.3f}" for s, f in zip(stats, first)))
 
 
 if __name__ == "__main__":
