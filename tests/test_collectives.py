@@ -172,6 +172,22 @@ def test_a_compiled_fsdp_step_reduce_scatters_every_gradient_once():
     assert 2 * layers <= gathered <= 2 * layers + expected
 
 
+def test_a_tied_table_is_reduced_once_and_gathered_once_on_fsdp():
+    """tiny_palm (tied embeddings) on fsdp 8 (float32): the table's gradient (its lookup's
+    scatter-add and its head's matmul, summed) is reduce-scattered once per step, like
+    every other parameter's; the table is gathered once, for the head (the fused loss
+    makes the head's gradient in the forward pass, so the backward needs no second copy)."""
+    found, params, sizes = _compiled("tiny_palm", {"fsdp": 8}, "fsdp")
+    shard = {path: memory.shard_bytes(v.get_value(), sizes, gathered=("fsdp",))
+             for path, v in nnx.to_flat_state(params)}
+    table = shard[("embed", "embedding")]
+    layers = sum(b for path, b in shard.items() if path[0] == "decoder")
+    reduced = sum(c.bytes_per_step for c in found if c.priced_as == "reduce-scatter")
+    assert reduced == sum(shard.values())
+    gathered = sum(c.bytes_per_step for c in found if c.op == "all-gather" and c.dtype == "f32")
+    assert table + 2 * layers <= gathered <= table + 2 * (sum(shard.values()) - table)
+
+
 def test_a_compiled_fsdp_tp_step_communicates_over_the_axes_its_rules_name():
     """tiny_llama on fsdp 2 x tensor 4: weights gathered along fsdp (pairs), layer
     outputs summed along tensor (fours), nothing along any other axis."""
