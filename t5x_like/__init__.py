@@ -40,25 +40,30 @@ if "--multiprocessing-fork" in sys.orig_argv and WORKER_PARENT_ENV in os.environ
 # about 0.9x as long (docs/PERFORMANCE.md, change 5). glibc's malloc asks for huge
 # pages when this tunable is set; glibc reads tunables only at start-up, so the entry
 # points (`python -m t5x_like.<module>`: sys.argv[0] is "-m" while the package
-# imports) restart themselves once with it, before any import. A GLIBC_TUNABLES that already names
-# glibc.malloc.hugetlb (e.g. =0, to opt out) is left alone; elsewhere than Linux and
+# imports) restart themselves once with it, before any import. A GLIBC_TUNABLES that
+# already names glibc.malloc.hugetlb (e.g. =0, to opt out) is left alone; elsewhere than Linux and
 # without transparent huge pages ("never" in /sys/kernel/mm/transparent_hugepage/enabled)
 # it changes nothing. Code that imports t5x_like into its own process sets it itself:
 # `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python ...`.
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGETLB = "glibc.malloc.hugetlb"
+HUGE_PAGES_TUNABLE = f"{HUGETLB}=1"
+
+
+def _names_hugetlb(env: Mapping[str, str]) -> bool:
+    return HUGETLB in env.get("GLIBC_TUNABLES", "")
 
 
 def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
     """A copy of `env` with HUGE_PAGES_TUNABLE added to GLIBC_TUNABLES, unless that
     already says how glibc.malloc.hugetlb is set."""
-    tunables = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables:
+    if _names_hugetlb(env):
         return dict(env)
+    tunables = env.get("GLIBC_TUNABLES", "")
     return dict(env, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES_TUNABLE])))
 
 
 if (sys.platform == "linux" and sys.argv[:1] == ["-m"] and sys.executable
-        and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")):
+        and not _names_hugetlb(os.environ)):
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], with_huge_pages(os.environ))
 
 if TYPE_CHECKING:  # noqa: SIM108 - imports for readers and tools only
