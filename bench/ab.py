@@ -12,9 +12,9 @@ percentile and median step and their ratios to the first variant's (< 1: faster)
 On a shared 2-core VM the fastest step is usually the steadiest of the three (load
 only ever adds time), though not always. An A/A run (the same variant twice, `--variant
 base: --variant base2:`) shows how far the numbers can be trusted in that sitting
-(docs/PERFORMANCE.md, "How speed is measured on this machine"). One process has one glibc setting: start it with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to time steps as `python -m t5x_like.train` runs
-them (docs/PERFORMANCE.md, change 5).
+(docs/PERFORMANCE.md, "How speed is measured on this machine"). One process has one
+glibc setting: start it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to time steps as
+`python -m t5x_like.train` runs them (docs/PERFORMANCE.md, change 5).
 """
 import argparse
 import ast
