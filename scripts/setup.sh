@@ -1,12 +1,43 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.11) and installs t5x_like with its pinned dependencies, the
-# test tools, the interop extra (torch, transformers: the reference of tests/test_hf.py)
-# and Apache Beam (prepare --runner, t5x_like.dedup).
-# Idempotent: a second run only checks that everything is installed.
+# Creates .venv (Python 3.12 or newer) and installs t5x_like with its pinned dependencies.
+#   bash scripts/setup.sh        what the demo and the library need, nothing more
+#   bash scripts/setup.sh test   that, plus the test tools and Apache Beam (prepare --runner,
+#                                t5x_like.dedup); INTEROP=1 adds the interop extra (torch and
+#                                transformers: the live Hugging Face tests)
+# Idempotent: a second run only checks that everything is installed. A .venv of an older
+# Python (made by an earlier version of this script) is made anew.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3.11}
-command -v "$PY" >/dev/null 2>&1 || PY=python3
+MODE=${1:-demo}
+case "$MODE" in
+  demo) EXTRAS= ;;
+  test) EXTRAS="[test,beam${INTEROP:+,interop}]" ;;
+  *) echo "usage: bash scripts/setup.sh [demo|test]" >&2; exit 2 ;;
+esac
+BEAM=apache-beam==2.78.0
+
+supported() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; }
+
+find_python() {
+  if [ -n "${PYTHON:-}" ]; then
+    supported "$PYTHON" && { echo "$PYTHON"; return; }
+    echo "PYTHON=$PYTHON is not a Python 3.12 or newer." >&2; return 1
+  fi
+  local c
+  for c in python3.12 python3.13 python3; do
+    command -v "$c" >/dev/null 2>&1 && supported "$c" && { echo "$c"; return; }
+  done
+  # pyenv installs versions that its shims only run when selected.
+  if command -v pyenv >/dev/null 2>&1; then
+    for c in "$(pyenv root)"/versions/3.1[23]*/bin/python3; do
+      [ -x "$c" ] && supported "$c" && { echo "$c"; return; }
+    done
+  fi
+  echo "t5x_like needs Python 3.12 or newer (jax 0.12 has no wheel for 3.11); none was" \
+       "found. Install one, or name it: PYTHON=/path/to/python3.12 bash scripts/setup.sh" >&2
+  return 1
+}
+
 # Drops two notices that say nothing about this project: pip's warning about find-links
 # folders (named by some machines' pip configs) that do not exist, and setuptools' notice
 # that an editable install is one.
@@ -14,11 +45,19 @@ quiet_pip() {
   .venv/bin/pip "$@" 2> >(grep -v "^WARNING: Location 'file://.*' is ignored" \
     | sed '/BuildBackendWarning: Editable installation/,/with strategy, WheelFile/d' >&2)
 }
+
+if [ -x .venv/bin/python ] && ! supported .venv/bin/python; then
+  echo "setup: .venv is $(.venv/bin/python --version 2>&1); making it anew with Python 3.12+" >&2
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
+  PY=$(find_python)
   "$PY" -m venv .venv
   quiet_pip install -q --upgrade pip
 fi
-quiet_pip install -q -e '.[test,interop,beam]'
-# Beam without its own requirements: it pins protobuf<7, which would break seqio's
-# import of sentencepiece (pyproject.toml, the beam extra, says why).
-quiet_pip install -q --no-deps apache-beam==2.77.0
+quiet_pip install -q -e ".$EXTRAS"
+if [ "$MODE" = test ]; then
+  # Beam without its own requirements: it pins protobuf<7, which would break seqio's
+  # import of sentencepiece (pyproject.toml, the beam extra, says why).
+  quiet_pip install -q --no-deps "$BEAM"
+fi

@@ -3,7 +3,7 @@
 # the tests marked slow (about 40 min more) when RUN_SLOW=1 or under CI (CI=true).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh test
 if [ "${RUN_SLOW:-0}" = "1" ] || [ "${CI:-false}" = "true" ]; then
   exec .venv/bin/python -m pytest -q -m "" "$@"
 fi
