@@ -4,7 +4,10 @@ Also pins the exact parameter counts of the full-size models, counted from abstr
 shapes (nothing is allocated).
 """
 import math
+import os
 import pathlib
+import subprocess
+import sys
 
 import gin
 import jax
@@ -109,19 +112,29 @@ def test_gpu_presets_fill_their_meshes_from_the_cluster(name, shape, nodes):
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in mesh_cfg.xla_flags
 
 
-def test_the_gpu_presets_xla_flags_are_known_to_this_xla():
+@pytest.mark.parametrize("mesh_gin", [p for p in MESH_GINS if "xla_flags" in p.read_text()],
+                         ids=lambda p: p.stem)
+def test_every_presets_xla_flags_are_known_to_this_xla(mesh_gin):
     """XLA aborts at start-up on a flag it does not know (flags are renamed between
-    releases): start jax with all of the presets' flags, as a GPU run would."""
-    import os
-    import subprocess
-    import sys
-
-    flags = build_macro(GIN_DIR / "meshes" / "h100_node.gin", "MESH_CONFIG").xla_flags
+    releases), and warns of one it deprecated: start jax's CPU backend with all of the
+    preset's flags, as a GPU run would (XLA parses every backend's flags at start-up)."""
+    flags = build_macro(mesh_gin, "MESH_CONFIG").xla_flags
+    assert flags, f"{mesh_gin.name} names XLA flags but binds none"
     env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices())"],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "CpuDevice" in result.stdout
+    assert "deprecated" not in result.stderr.lower(), result.stderr[-2000:]
+
+
+def test_an_unknown_xla_flag_fails_that_check():
+    """The check above can fail: XLA refuses a flag name it does not know."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_gpu_enable_pipelined_everything=true",
+           "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices())"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "xla_gpu_enable_pipelined_everything" in result.stderr
 
 
 # Exact counts from abstract shapes (docs/MODELS.md): Llama 3 8B 8,030,261,248;
