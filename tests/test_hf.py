@@ -1,11 +1,17 @@
-"""Hugging Face interop (t5x_like/hf.py) against transformers itself: tiny random Llama
-models saved with save_pretrained, imported, run, exported and loaded back.
+"""Hugging Face interop (t5x_like/hf.py) without torch: tiny random Llama and Mistral
+models that transformers saved with save_pretrained, and the logits and greedy tokens it
+computed with them (tests/golden/hf/, made by make_golden.py there), imported, run,
+exported and read back; and what needs no model (refusals, config forms, RoPE).
 
-transformers and torch are the reference only (the `interop` extra); nothing is
-downloaded: every model is made here with random weights.
+The golden files keep Hugging Face parity in the default suite, where torch and
+transformers are not installed (the way MaxText keeps HF golden logits).
+tests/test_hf_live.py runs the same comparisons against transformers itself where the
+`interop` extra is installed; nothing is downloaded by either.
 """
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -14,66 +20,70 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-import torch
-import transformers
 from flax import nnx
 
+from hf_common import ATOL, GOLDEN_DIR, GOLDEN_REFERENCE_FILE, LLAMA_CONFIG, max_diff
 from t5x_like import decoding, hf, layers
 from tiny import build, jit_apply, make_module, random_tokens, strict_rank_promotion, tiny_config  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 256
-ATOL = 1e-4  # float32 throughout; measured: 1.4e-6 to 2.2e-6 on logits up to ~5, 1.6e-5 on
-# the tied models' logits up to ~60 (unscaled x·Eᵀ with N(0, 1) embeddings)
-HF_SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=500_000.0)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights of unit-scale activations (init_range 0.02 would leave logits near 0 and
-    make a 1e-4 comparison weak); norm weights away from 1 so a misplaced norm shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            elif p.ndim == 1:  # biases, where a config has them
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / p.shape[1] ** 0.5)
+def golden(name):
+    """(save_pretrained folder, reference arrays) of a golden model: `tokens` and
+    transformers' `logits` for them; for `llama` also `prompt` and its `generated`
+    greedy continuation."""
+    directory = pathlib.Path(GOLDEN_DIR) / name
+    with np.load(directory / GOLDEN_REFERENCE_FILE) as arrays:
+        return directory, dict(arrays)
 
 
-def _save_hf(directory, *, family="llama", seed=0, save_kwargs=None, **overrides):
-    config_class, model_class = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[family]
-    config = config_class(**{**HF_SIZES, "tie_word_embeddings": False, **overrides})
-    torch.manual_seed(seed)
-    model = model_class(config).to(torch.float32).eval()
-    _randomize(model, seed)
-    model.save_pretrained(directory, **(save_kwargs or {}))
-    return model
+def tensors(directory):
+    """{name: array} of every safetensors file of a folder (one file or shards)."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(safetensors.numpy.load_file(str(pathlib.Path(directory) / name)))
+    return out
 
 
-def _hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+def shard_copy(source, directory, tensors_per_shard):
+    """`source` (a single-file save_pretrained folder) as save_pretrained writes a model
+    above max_shard_size: shards model-0000i-of-0000n.safetensors listed in
+    model.safetensors.index.json. torch-free: safetensors.numpy splits the file."""
+    weights = safetensors.numpy.load_file(str(source / hf.SAFETENSORS_FILE))
+    names = list(weights)
+    groups = [names[i:i + tensors_per_shard] for i in range(0, len(names), tensors_per_shard)]
+    directory.mkdir(parents=True)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        file_name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        safetensors.numpy.save_file({n: weights[n] for n in group}, str(directory / file_name),
+                                    metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, file_name))
+    total = sum(w.nbytes for w in weights.values())
+    (directory / hf.INDEX_FILE).write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    shutil.copy(source / hf.CONFIG_FILE, directory / hf.CONFIG_FILE)
+    return directory
 
 
-def _max_diff(a, b):
-    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+def greedy_tokens(model, module, prompt_BL, length=32):
+    """Our KV-cache decoder (models.predict_batch, greedy) continuing `prompt_BL` by
+    `length` tokens, as transformers' `generate(do_sample=False)` without EOS. Hugging
+    Face's Llama has no shifted-in start token (its tokenizer writes BOS into the
+    prompt): bos_id=None."""
+    graphdef, state = nnx.split(module)
+    decode = decoding.DecodeConfig(max_decode_length=length, eos_id=-1, bos_id=None)
+    out = jax.jit(lambda s, p: model.predict_batch(nnx.merge(graphdef, s), {"prompt": p},
+                                                   decode))(state, jnp.asarray(prompt_BL))
+    return np.asarray(out["tokens"])
 
 
-@pytest.fixture(scope="module")
-def hf_llama(tmp_path_factory):
-    """A tiny GQA Llama (untied, rope_theta 500k, float32) and its save_pretrained folder."""
-    directory = tmp_path_factory.mktemp("hf_llama")
-    return _save_hf(directory), directory
+def _assert_golden_logits(module, ref):
+    """The message names the difference alone (pytest would print both logit arrays)."""
+    diff = max_diff(jit_apply(module)(ref["tokens"]), ref["logits"])
+    assert diff < ATOL, f"max |ours - transformers'| logit difference {diff:.3g}"
 
 
 # ------------------------------------------------------------------------------ import
@@ -81,62 +91,43 @@ def hf_llama(tmp_path_factory):
 
 @pytest.mark.parametrize("sharded, scan_layers", [(False, True), (True, False)],
                          ids=["single_file_scanned", "sharded_unrolled"])
-def test_imported_logits_match_transformers(tmp_path, hf_llama, sharded, scan_layers):
-    reference, directory = hf_llama
+def test_imported_logits_match_the_golden_logits(tmp_path, sharded, scan_layers):
+    directory, ref = golden("llama")
     if sharded:
-        directory = tmp_path / "sharded"
-        reference.save_pretrained(directory, max_shard_size="20KB")
-        assert len(json.loads((directory / hf.INDEX_FILE).read_text())["weight_map"]) > 10
+        directory = shard_copy(directory, tmp_path / "sharded", tensors_per_shard=4)
+        index = json.loads((directory / hf.INDEX_FILE).read_text())
+        assert len(set(index["weight_map"].values())) > 2
         assert not (directory / hf.SAFETENSORS_FILE).exists()
     model, module = hf.load(directory, dtype="float32", scan_layers=scan_layers)
     cfg = model.cfg
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta) == (4, 2, 16, 5e5)
     assert (cfg.z_loss, cfg.block, cfg.tie_embeddings, cfg.scan_layers) == (
         0.0, "sequential", False, scan_layers)
-    tokens = random_tokens(0, (2, 40), VOCAB)
-    ours, ref = jit_apply(module)(tokens), _hf_logits(reference, tokens)
-    assert np.abs(ref).max() > 2.0  # logits of real size: the tolerance means something
-    assert _max_diff(ours, ref) < ATOL
+    assert np.abs(ref["logits"]).max() > 2.0  # logits of real size: the tolerance means something
+    _assert_golden_logits(module, ref)
 
 
-def test_greedy_32_tokens_match_generate(hf_llama):
-    """Our KV-cache decoder (models.predict_batch, greedy) against transformers'
-    `generate(do_sample=False)`: the same 32 tokens. Hugging Face's Llama has no
-    shifted-in start token (its tokenizer writes BOS into the prompt): bos_id=None."""
-    reference, directory = hf_llama
+def test_greedy_32_tokens_match_the_golden_generate():
+    directory, ref = golden("llama")
     model, module = hf.load(directory, dtype="float32")
-    prompt = random_tokens(1, (2, 8), VOCAB)
-    with torch.no_grad():
-        expected = reference.generate(
-            torch.tensor(prompt, dtype=torch.long), do_sample=False, max_new_tokens=32,
-            eos_token_id=None, pad_token_id=0,
-            attention_mask=torch.ones(prompt.shape, dtype=torch.long))[:, 8:].numpy()
-    graphdef, state = nnx.split(module)
-    decode = decoding.DecodeConfig(max_decode_length=32, eos_id=-1, bos_id=None)
-    ours = jax.jit(lambda s, p: model.predict_batch(nnx.merge(graphdef, s), {"prompt": p},
-                                                    decode))(state, jnp.asarray(prompt))
+    expected = ref["generated"]
     assert expected.shape == (2, 32)
     assert len(set(expected[0].tolist())) > 3  # not a constant sequence
-    np.testing.assert_array_equal(np.asarray(ours["tokens"]), expected)
+    np.testing.assert_array_equal(greedy_tokens(model, module, ref["prompt"]), expected)
 
 
-def test_tied_hf_model_imports_with_unscaled_tied_logits(tmp_path):
-    reference = _save_hf(tmp_path, tie_word_embeddings=True, seed=2)
-    model, module = hf.load(tmp_path, dtype="float32")
+def test_tied_hf_model_imports_with_unscaled_tied_logits():
+    directory, ref = golden("llama_tied")
+    model, module = hf.load(directory, dtype="float32")
     assert model.cfg.tie_embeddings and not model.cfg.scale_tied_logits
-    tokens = random_tokens(3, (2, 24), VOCAB)
-    assert _max_diff(jit_apply(module)(tokens), _hf_logits(reference, tokens)) < ATOL
+    _assert_golden_logits(module, ref)
 
 
-def test_mistral_without_sliding_window_is_the_same_network(tmp_path):
-    reference = _save_hf(tmp_path, family="mistral", sliding_window=None, seed=4)
-    _, module = hf.load(tmp_path, dtype="float32")
-    tokens = random_tokens(5, (1, 24), VOCAB)
-    assert _max_diff(jit_apply(module)(tokens), _hf_logits(reference, tokens)) < ATOL
-
-
-_LLAMA = {"model_type": "llama", **HF_SIZES, "hidden_act": "silu", "attention_bias": False,
-          "mlp_bias": False, "tie_word_embeddings": False}
+def test_mistral_without_sliding_window_is_the_same_network():
+    directory, ref = golden("mistral")
+    assert json.loads((directory / hf.CONFIG_FILE).read_text())["model_type"] == "mistral"
+    _, module = hf.load(directory, dtype="float32")
+    _assert_golden_logits(module, ref)
 
 
 @pytest.mark.parametrize("changes, option", [
@@ -155,35 +146,43 @@ _LLAMA = {"model_type": "llama", **HF_SIZES, "hidden_act": "silu", "attention_bi
 ])
 def test_unsupported_options_are_refused_by_name(changes, option):
     with pytest.raises(ValueError) as err:
-        hf.config_from_hf({**_LLAMA, **changes})
+        hf.config_from_hf({**LLAMA_CONFIG, **changes})
     assert option in str(err.value) and "not supported" in str(err.value)
 
 
 def test_both_config_json_forms_and_defaults():
-    v4 = hf.config_from_hf({**_LLAMA, "rope_scaling": None, "torch_dtype": "bfloat16"})
-    v5 = hf.config_from_hf({**{k: v for k, v in _LLAMA.items() if k != "rope_theta"},
+    v4 = hf.config_from_hf({**LLAMA_CONFIG, "rope_scaling": None, "torch_dtype": "bfloat16"})
+    v5 = hf.config_from_hf({**{k: v for k, v in LLAMA_CONFIG.items() if k != "rope_theta"},
                             "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
                             "dtype": "bfloat16"})
     assert v4 == v5 and v4.rope_theta == 5e5 and v4.dtype == "bfloat16"
-    minimal = hf.config_from_hf({k: _LLAMA[k] for k in (
+    minimal = hf.config_from_hf({k: LLAMA_CONFIG[k] for k in (
         "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads")})
     assert (minimal.num_kv_heads, minimal.head_dim, minimal.norm_eps, minimal.rope_theta) == (
         4, 16, 1e-6, 10_000.0)  # transformers' LlamaConfig defaults
     with pytest.raises(ValueError, match="no 'intermediate_size'"):
-        hf.config_from_hf({k: v for k, v in _LLAMA.items() if k != "intermediate_size"})
+        hf.config_from_hf({k: v for k, v in LLAMA_CONFIG.items() if k != "intermediate_size"})
 
 
 def test_weights_the_config_does_not_describe_are_refused(tmp_path):
-    _save_hf(tmp_path, attention_bias=True)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "attention_bias": False}))
+    """The golden Llama with layer 0's attention biases added (as a model saved with
+    attention_bias=True has them) and config.json left saying attention_bias=False."""
+    source, _ = golden("llama")
+    shutil.copy(source / hf.CONFIG_FILE, tmp_path / hf.CONFIG_FILE)
+    weights = safetensors.numpy.load_file(str(source / hf.SAFETENSORS_FILE))
+    rng = np.random.default_rng(12)
+    for proj, size in (("q", 64), ("k", 32), ("v", 32), ("o", 64)):
+        weights[f"model.layers.0.self_attn.{proj}_proj.bias"] = (
+            0.1 * rng.standard_normal(size)).astype(np.float32)
+    safetensors.numpy.save_file(weights, str(tmp_path / hf.SAFETENSORS_FILE),
+                                metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"does not use: \['model.layers.0.self_attn.k_proj.bias'"):
         hf.load(tmp_path, dtype="float32")
 
 
 def test_a_folder_without_safetensors_is_a_clear_error(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(_LLAMA))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_CONFIG))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
         hf.load(tmp_path)
@@ -192,7 +191,7 @@ def test_a_folder_without_safetensors_is_a_clear_error(tmp_path):
 # ------------------------------------------------------------------------------ export
 
 
-def _our_llama(**changes):
+def our_llama(**changes):
     """Our tiny Llama-form model with random weights, norm scales away from 1."""
     cfg = tiny_config(**{"block": "sequential", "tie_embeddings": False,
                          "rope_theta": 500_000.0, "norm_eps": 1e-5, **changes})
@@ -204,25 +203,57 @@ def _our_llama(**changes):
     return cfg, module
 
 
-@pytest.mark.parametrize("changes, hf_tied", [
-    ({}, False),
-    ({"tie_embeddings": True, "scale_tied_logits": False}, True),
-    ({"tie_embeddings": True}, False),  # PaLM-scaled tied logits: exported untied, head E/√D
-    ({"scan_layers": False}, False),
-], ids=["untied", "tied_unscaled", "tied_scaled_as_untied", "unrolled"])
-def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, changes, hf_tied):
-    cfg, module = _our_llama(**changes)
+# (our_llama's changes, whether the export is HF-tied) of each Llama form we export.
+EXPORT_FORMS = [
+    pytest.param({}, False, id="untied"),
+    pytest.param({"tie_embeddings": True, "scale_tied_logits": False}, True, id="tied_unscaled"),
+    # PaLM-scaled tied logits: exported untied, head E/√D
+    pytest.param({"tie_embeddings": True}, False, id="tied_scaled_as_untied"),
+    pytest.param({"scan_layers": False}, False, id="unrolled"),
+]
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_tied"])
+def test_export_of_an_imported_model_is_the_golden_folder_bitwise(tmp_path, name):
+    """Import then export gives back transformers' own files: every tensor (names, dtypes,
+    values) and the config fields a loader reads. With the import tests, this pins the
+    export's mapping to Hugging Face's, not just to our import."""
+    source, _ = golden(name)
+    model, module = hf.load(source, dtype="float32")
+    original = json.loads((source / hf.CONFIG_FILE).read_text())
+    files = hf.write_hf(tmp_path, model.cfg, nnx.state(module, nnx.Param),
+                        token_ids={k: original[k] for k in hf.TOKEN_ID_FIELDS})
+    assert files == [hf.CONFIG_FILE, hf.SAFETENSORS_FILE]
+    golden_tensors, exported = tensors(source), tensors(tmp_path)
+    assert sorted(exported) == sorted(golden_tensors)  # tied: no lm_head.weight in either
+    for tensor_name, value in golden_tensors.items():
+        assert exported[tensor_name].dtype == value.dtype == np.float32
+        np.testing.assert_array_equal(exported[tensor_name], value, err_msg=tensor_name)
+    config = json.loads((tmp_path / hf.CONFIG_FILE).read_text())
+    for key in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "hidden_act", "rms_norm_eps", "attention_bias", "mlp_bias",
+                "tie_word_embeddings", *hf.TOKEN_ID_FIELDS):
+        assert config[key] == original[key], key
+    assert config["rope_theta"] == original["rope_parameters"]["rope_theta"] == 5e5
+    assert hf.config_from_hf(config, dtype="float32") == model.cfg
+
+
+@pytest.mark.parametrize("changes, hf_tied", EXPORT_FORMS)
+def test_exported_model_imports_back_with_the_same_logits(tmp_path, changes, hf_tied):
+    """Each Llama form of ours, exported and read back by hf.load (tests/test_hf_live.py
+    loads the same exports in transformers)."""
+    cfg, module = our_llama(**changes)
     files = hf.write_hf(tmp_path, cfg, nnx.state(module, nnx.Param),
-                         token_ids={"pad_token_id": None})
-    assert files == ["config.json", "model.safetensors"]
-    reference, info = transformers.LlamaForCausalLM.from_pretrained(
-        tmp_path, dtype=torch.float32, output_loading_info=True)
-    assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
-    assert reference.config.tie_word_embeddings == hf_tied
+                        token_ids={"pad_token_id": None})
+    assert files == [hf.CONFIG_FILE, hf.SAFETENSORS_FILE]
+    model, imported = hf.load(tmp_path, dtype="float32")
+    assert model.cfg.tie_embeddings == hf_tied and not model.cfg.scale_tied_logits
+    assert ("lm_head.weight" in tensors(tmp_path)) != hf_tied
     tokens = random_tokens(9, (2, 24), cfg.vocab_size)
-    ours, ref = jit_apply(module)(tokens), _hf_logits(reference.eval(), tokens)
-    assert np.abs(ref).max() > 1.0
-    assert _max_diff(ours, ref) < ATOL
+    ours, back = jit_apply(module)(tokens), jit_apply(imported)(tokens)
+    assert np.abs(ours).max() > 1.0
+    assert max_diff(ours, back) < ATOL
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -239,16 +270,17 @@ def test_export_refuses_what_llama_cannot_express(tmp_path, changes, words):
 
 
 def test_large_exports_are_sharded_with_an_index(tmp_path):
-    cfg, module = _our_llama()
+    cfg, module = our_llama()
     files = hf.write_hf(tmp_path, cfg, nnx.state(module, nnx.Param), max_shard_bytes=20_000)
     index = json.loads((tmp_path / hf.INDEX_FILE).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and files == ["config.json", *shards, hf.INDEX_FILE]
     assert index["metadata"]["total_size"] == 4 * sum(
         v[...].size for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)))
-    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert sorted(index["weight_map"]) == sorted(tensors(tmp_path))
+    _, imported = hf.load(tmp_path, dtype="float32")
     tokens = random_tokens(10, (1, 16), cfg.vocab_size)
-    assert _max_diff(jit_apply(module)(tokens), _hf_logits(reference.eval(), tokens)) < ATOL
+    assert max_diff(jit_apply(module)(tokens), jit_apply(imported)(tokens)) < ATOL
     with pytest.raises(FileExistsError, match="not empty"):
         hf.write_hf(tmp_path, cfg, nnx.state(module, nnx.Param))
 
@@ -264,19 +296,10 @@ def _run_cli(*args):
     return result
 
 
-def _tensors(directory):
-    names = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
-    out = {}
-    for name in names:
-        out.update(safetensors.numpy.load_file(str(directory / name)))
-    return out
-
-
 @pytest.mark.slow
-def test_import_then_export_commands_round_trip_the_weights_bitwise(tmp_path, hf_llama):
-    reference, _ = hf_llama
-    source = tmp_path / "hf"
-    reference.save_pretrained(source, max_shard_size="40KB")
+def test_import_then_export_commands_round_trip_the_weights_bitwise(tmp_path):
+    golden_dir, _ = golden("llama")
+    source = shard_copy(golden_dir, tmp_path / "hf", tensors_per_shard=2)
     ckpt, gin_file, out = tmp_path / "ckpt", tmp_path / "model.gin", tmp_path / "out"
     _run_cli("import", f"--hf_dir={source}", f"--out={ckpt}", f"--gin_out={gin_file}",
              "--dtype=float32")
@@ -285,22 +308,23 @@ def test_import_then_export_commands_round_trip_the_weights_bitwise(tmp_path, hf
     _run_cli("export", f"--gin_file={gin_file}", f"--checkpoint={ckpt}", f"--out={out}",
              "--max_shard_bytes=40000", "--bos_token_id=1", "--eos_token_id=2",
              "--pad_token_id=none")
-    original, exported = _tensors(source), _tensors(out)
+    original, exported = tensors(source), tensors(out)
     assert sorted(exported) == sorted(original)
     for name, value in original.items():
         assert exported[name].dtype == value.dtype
         np.testing.assert_array_equal(exported[name], value, err_msg=name)
     hf_config = json.loads((out / "config.json").read_text())
+    golden_config = json.loads((golden_dir / "config.json").read_text())
     for key in ("vocab_size", "hidden_size", "num_key_value_heads", "head_dim", "rms_norm_eps",
                 "bos_token_id", "eos_token_id", "pad_token_id"):
-        assert hf_config[key] == reference.config.to_dict()[key], key
+        assert hf_config[key] == golden_config[key], key
     assert hf_config["rope_theta"] == 500_000.0
 
 
 def test_model_gin_text_builds_the_same_config():
     import gin
 
-    cfg = hf.config_from_hf({**_LLAMA, "tie_word_embeddings": True}, dtype="bfloat16")
+    cfg = hf.config_from_hf({**LLAMA_CONFIG, "tie_word_embeddings": True}, dtype="bfloat16")
     gin.clear_config()
     try:
         gin.parse_config(hf.model_gin_text(cfg, "somewhere"))
@@ -351,9 +375,9 @@ def test_interleaved_weights_permuted_give_the_same_attention():
     pos = jnp.broadcast_to(jnp.arange(12)[None, :], (2, 12))
     xj = jnp.asarray(x, jnp.float32)
     ours = attn(xj, xj, mask, pos, pos)
-    assert _max_diff(ours, expected) < 1e-4 and np.abs(expected).max() > 0.1
+    assert max_diff(ours, expected) < 1e-4 and np.abs(expected).max() > 0.1
     # Without the permutation the two conventions disagree: the test can fail.
     attn.wq[...], attn.wk[...] = jnp.asarray(wq, jnp.float32), jnp.asarray(wk, jnp.float32)
-    assert _max_diff(attn(xj, xj, mask, pos, pos), expected) > 1e-2
+    assert max_diff(attn(xj, xj, mask, pos, pos), expected) > 1e-2
     for w in (wq, wk):
         np.testing.assert_array_equal(hf.half_split_to_interleaved(hf.interleaved_to_half_split(w)), w)
