@@ -39,10 +39,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from multiprocessing import resource_tracker, shared_memory
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
+import grain.multiprocessing
 import jax
 from absl import flags as absl_flags
 import numpy as np
@@ -55,6 +57,70 @@ log = logging.getLogger("t5x_like.stream")
 
 STREAM_FORMAT = 1  # bump when the rows of a stream change for the same settings
 _STATE_FIELDS = ("global_batch_size", "seed", "stream")
+# Blocks reach the parent in shared memory that the workers create under names of their
+# own, "t5x_like_<parent pid>_<opening>_<shard>_<step>_<array>", and do not register
+# with Python's resource tracker: the parent registers a block when it opens it and
+# unregisters it when grain unlinks it, so only blocks the parent read are tracked.
+# grain unlinks the blocks that are read and those still in its queues, but not one its
+# reader thread had taken off a worker's queue when the run ended; the tracker then
+# warned of leaked shared_memory objects at the end of every run. `close()` unlinks
+# whatever of the opening is left, and a stream opened after a SIGKILL removes the
+# blocks of owners that no longer run.
+_SHM_PREFIX = "t5x_like_"
+_SHM_DIR = "/dev/shm"  # where POSIX shared memory shows on Linux (elsewhere: no sweep)
+
+
+def _to_shared_memory(block: dict[str, Any], tag: str) -> dict[str, Any]:
+    """`block` with its arrays copied into named shared memory (in a worker)."""
+    count = 0
+
+    def copy(array: np.ndarray) -> np.ndarray:
+        nonlocal count
+        name = f"{_SHM_PREFIX}{tag}_{block['shard']}_{block['step']}_{count}"
+        count += 1
+        shm = shared_memory.SharedMemory(name, create=True, size=max(array.nbytes, 1))
+        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001 - see above
+        out = grain.multiprocessing.SharedMemoryArray.from_shared_memory(
+            shm, array.shape, array.dtype)
+        out[...] = array
+        return out
+
+    return {**block, "rows": {k: copy(v) for k, v in block["rows"].items()},
+            "task_counts": copy(block["task_counts"]), "tokens": copy(block["tokens"])}
+
+
+def _unlink_blocks(prefix: str) -> int:
+    """Removes the shared memory whose names start with `prefix`; returns how many."""
+    if not os.path.isdir(_SHM_DIR):
+        return 0
+    removed = 0
+    for name in os.listdir(_SHM_DIR):
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(_SHM_DIR, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _unlink_orphaned_blocks() -> None:
+    """Removes the blocks of stream owners that no longer run (killed with SIGKILL)."""
+    if not os.path.isdir(_SHM_DIR):
+        return
+    owners = {n[len(_SHM_PREFIX):].split("_", 1)[0] for n in os.listdir(_SHM_DIR)
+              if n.startswith(_SHM_PREFIX)}
+    for owner in owners:
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            _unlink_blocks(f"{_SHM_PREFIX}{owner}_")
+
+
+def _finish_grain_unlinks() -> None:
+    """Waits for the unlinks grain hands to its deletion thread (the blocks it had
+    buffered), so that none of them finds its block already removed."""
+    pool = getattr(grain.multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        pool.apply(int)  # one thread, first in first out: the earlier unlinks are done
 
 
 # ----------------------------------------------------------------------------- workers
@@ -68,6 +134,13 @@ def _init_worker(task_modules: Sequence[str], init: Callable[[], None] | None,
     del worker_index, worker_count
     if init is not None:
         init()
+    # A shard's 35 task pipelines (the demo's) start with about 200 tf.data functions to
+    # instantiate, and Grappler's graph rewrites of each were about a fifth of a worker's
+    # time to its first block (docs/PERFORMANCE.md, "Time to the first step"); the rows
+    # are the same without them, and the workers make rows far faster than steps use them.
+    import tensorflow as tf  # noqa: PLC0415 - workers only
+
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     mixtures.import_task_modules(task_modules)
 
 
@@ -108,12 +181,14 @@ class _ShardStream:
 
 
 class _ShardSetIterator(grain.DatasetIterator):
-    """A worker's shards, read round-robin one step-block at a time."""
+    """A worker's shards, read round-robin one step-block at a time; with `shm_tag`,
+    each block's arrays in shared memory named after it (`_to_shared_memory`)."""
 
     def __init__(self, spec: store.ShardSpec, shards: Sequence[int], rows_per_step: int,
-                 first_step: int, domain_ids: bool = False):
+                 first_step: int, domain_ids: bool = False, shm_tag: str | None = None):
         super().__init__()
         self._args = (spec, list(shards), rows_per_step, first_step, domain_ids)
+        self._shm_tag = shm_tag
         self._streams: list[_ShardStream] | None = None
         self._turn = 0
 
@@ -124,7 +199,7 @@ class _ShardSetIterator(grain.DatasetIterator):
                              for k in shards]
         block = self._streams[self._turn].next_block()
         self._turn = (self._turn + 1) % len(self._streams)
-        return block
+        return block if self._shm_tag is None else _to_shared_memory(block, self._shm_tag)
 
     def get_state(self) -> dict[str, Any]:
         # grain asks after every element; the run's state is StreamIterator's.
@@ -139,11 +214,11 @@ class _ShardSet(grain.IterDataset):
     shards among its workers (grain's in-place slicing protocol)."""
 
     def __init__(self, spec: store.ShardSpec, shards: Sequence[int], rows_per_step: int,
-                 first_step: int, domain_ids: bool = False):
+                 first_step: int, domain_ids: bool, shm_tag: str):
         super().__init__()
         self._spec, self._shards = spec, list(shards)
         self._rows_per_step, self._first_step = rows_per_step, first_step
-        self._domain_ids = domain_ids
+        self._domain_ids, self._shm_tag = domain_ids, shm_tag
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
         del sequential_slice
@@ -151,7 +226,7 @@ class _ShardSet(grain.IterDataset):
 
     def __iter__(self) -> _ShardSetIterator:
         return _ShardSetIterator(self._spec, self._shards, self._rows_per_step,
-                                 self._first_step, self._domain_ids)
+                                 self._first_step, self._domain_ids, self._shm_tag)
 
 
 # ----------------------------------------------------------------------------- parent
@@ -217,6 +292,11 @@ class Stream:
             raise ValueError(f"Domain ids label packed decoder rows; the {spec.converter!r} "
                              "rows have no decoder_segment_ids.")
         self.names = (*self.layout.names, *([pipeline.DOMAIN_IDS] if domain_ids else []))
+        # Every batch feature's row length (int32 rows; domain ids label decoder rows).
+        self.feature_lengths = dict(zip(self.layout.names, self.layout.lengths))
+        if domain_ids:
+            self.feature_lengths[pipeline.DOMAIN_IDS] = self.feature_lengths[
+                "decoder_segment_ids"]
         # A field added later is left out at the value every earlier stream had, so that
         # runs saved before it resume (store.LEGACY_SPEC_FIELDS).
         fields = ",".join(f"{k}={v}" for k, v in sorted(spec.as_dict().items())
@@ -229,10 +309,12 @@ class Stream:
                       f"{pipeline.source_fingerprint(spec.mixture, spec.split)}",
         }
 
-    def open(self, first_step: int) -> grain.DatasetIterator:
-        """The grain iterator over this process's step-blocks from `first_step` on."""
+    def open(self, first_step: int, shm_tag: str) -> grain.DatasetIterator:
+        """The grain iterator over this process's step-blocks from `first_step` on; its
+        blocks' shared memory is named after `shm_tag`."""
+        _unlink_orphaned_blocks()
         ds = _ShardSet(self.spec, self.shards, self.rows_per_step, first_step,
-                       self.domain_ids)
+                       self.domain_ids, shm_tag)
         # grain reads its absl flags while starting workers; outside absl.app (our entry
         # points parse argparse flags) they must be marked parsed, keeping their defaults.
         if not absl_flags.FLAGS.is_parsed():
@@ -267,13 +349,15 @@ class StreamIterator:
         self._stream = stream
         self._step = 0
         self._it: grain.DatasetIterator | None = None
+        self._openings = 0  # names the shared memory of each opening's blocks
         self._totals = {"examples": np.zeros(len(stream.leaves), np.int64),
                         "tokens": np.zeros(len(pipeline.TOKEN_SEGMENTS), np.int64),
                         "rows": 0, "loss_tokens": 0}
 
     def start(self) -> None:
         if self._it is None:
-            self._it = self._stream.open(self._step)
+            self._openings += 1
+            self._it = self._stream.open(self._step, self._shm_tag())
 
     def __iter__(self) -> StreamIterator:
         return self
@@ -327,10 +411,16 @@ class StreamIterator:
             self.close()
             self._step = next_index
 
+    def _shm_tag(self) -> str:
+        return f"{os.getpid()}_{self._openings}"
+
     def close(self) -> None:
+        """Stops the workers and frees the shared memory of every block not read."""
         if self._it is not None:
             self._it.close()
             self._it = None
+            _finish_grain_unlinks()
+            _unlink_blocks(f"{_SHM_PREFIX}{self._shm_tag()}_")
 
     def scalars(self) -> dict[str, float]:
         """What the rows read so far held (all processes' rows in a multi-process run):

@@ -45,12 +45,13 @@ train.train.log_every_steps = 1
 class Run:
     """One `python -m t5x_like.train` subprocess with its output collected as it comes."""
 
-    def __init__(self, tmp, model_dir, *flags):
+    def __init__(self, tmp, model_dir, *flags, new_session=False):
         env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "t5x_like.train", "--gin_file=exp.gin",
              f"--gin_search_paths={tmp}", f"--gin.MODEL_DIR='{model_dir}'", *flags],
-            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=new_session)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -129,6 +130,7 @@ def straight(tmp_path_factory):
     (tmp / "exp.gin").write_text(GIN)
     run = Run(tmp, tmp / "straight")
     assert run.finish() == 0, run.output[-4000:]
+    assert "leaked" not in run.output, run.output[-4000:]  # the workers' shared memory
     return tmp
 
 
@@ -142,12 +144,26 @@ def test_sigterm_saves_and_the_same_command_resumes_bitwise(straight, tmp_path):
     assert 3 <= stopped < STEPS
     assert (f"stopped by SIGTERM at step {stopped}: checkpoint saved in {model_dir}"
             in run.output) and "run the same command to resume" in run.output
+    assert "leaked" not in run.output, run.output[-4000:]
     # Metric lines are complete for every step the checkpoint covers.
     assert [r["step"] for r in _train_rows(model_dir)] == list(range(1, stopped + 1))
     resumed = Run(straight, model_dir)
     assert resumed.finish() == 0, resumed.output[-4000:]
     assert f"resumed from {model_dir} at step {stopped}" in resumed.output
     _assert_same_state(straight / "straight", model_dir)
+
+
+def test_ctrl_c_stops_cleanly_and_leaves_no_shared_memory(straight, tmp_path):
+    """SIGINT to the trainer and its data workers, as Ctrl-C in a terminal sends it to
+    the whole process group: a checkpoint, exit 0, no warning of leaked shared memory,
+    and none of the run's blocks left behind."""
+    model_dir = tmp_path / "run"
+    run = Run(straight, model_dir, new_session=True)
+    run.wait_for("step  2/16")
+    os.killpg(run.proc.pid, signal.SIGINT)
+    assert run.finish() == 0, run.output[-4000:]
+    assert "stopped by SIGINT" in run.output and "leaked" not in run.output, run.output[-4000:]
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"t5x_like_{run.proc.pid}_")]
 
 
 def test_nan_steps_leave_the_state_unchanged_and_stop_the_run(straight, tmp_path):

@@ -7,6 +7,8 @@ worker-count invariance and across processes.
 """
 
 import json
+import os
+from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
@@ -179,8 +181,30 @@ def test_worker_processes_give_the_same_batches_whatever_their_number(test_tasks
             scalars = it.scalars()
         finally:
             it.close()
+        # Every block the workers made and the parent did not read is gone with them.
+        assert not [n for n in os.listdir("/dev/shm")
+                    if n.startswith(f"{stream._SHM_PREFIX}{os.getpid()}_")]
         for g, e in zip(got, expected[first:]):
             np.testing.assert_array_equal(g, e)
         counts = sum(b["task_counts"] for b in blocks[2 * first:])
         assert scalars["data/task_examples/tt_a_lm"] == counts[0]
         assert scalars["data/examples"] == counts.sum()
+
+
+def test_blocks_of_a_stream_owner_that_no_longer_runs_are_removed():
+    """A trainer killed with SIGKILL leaves its workers' blocks in shared memory; the next
+    stream opened on the machine removes them, and leaves a running owner's alone."""
+    dead = 2 ** 22 + 1  # above Linux's default pid_max (4,194,304): never running
+    while os.path.exists(f"/proc/{dead}"):
+        dead += 1
+    names = [f"{stream._SHM_PREFIX}{dead}_1_0_5_0", f"{stream._SHM_PREFIX}{os.getpid()}_9_0_5_0"]
+    made = [shared_memory.SharedMemory(n, create=True, size=8) for n in names]
+    try:
+        stream._unlink_orphaned_blocks()
+        assert not os.path.exists(f"/dev/shm/{names[0]}")
+        assert os.path.exists(f"/dev/shm/{names[1]}")
+    finally:
+        for shm in made:
+            shm.close()
+        made[1].unlink()
+        shared_memory.resource_tracker.unregister(made[0]._name, "shared_memory")
