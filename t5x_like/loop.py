@@ -25,10 +25,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from t5x_like import checkpoints, guards, loader, metrics
+from t5x_like import checkpoints, guards, loader, metrics, partitioning
 
 log = logging.getLogger("t5x_like.train")
 ABANDONED_DIR = "abandoned"
@@ -155,6 +156,15 @@ class TrainLoop:
                                             self.meter.eta_s(self.train_steps - self.step)),
                         file=sys.stderr)
         self._window.clear()
+
+    def compile_step(self, feature_lengths: Mapping[str, int], batch_size: int) -> None:
+        """Compiles the train step for global batches of these features (int32 rows of
+        these lengths, as `loader.to_global_batch` makes them) before the first rows
+        arrive: jit compiles on the first call, which would wait for them first."""
+        sharding = partitioning.batch_sharding(self.mesh)
+        batch = {name: jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)
+                 for name, length in feature_lengths.items()}
+        self.train_step.lower(self.state, batch, self.key).compile()
 
     def evaluate(self) -> dict[str, dict[str, float]] | None:
         if self.evaluator is None:

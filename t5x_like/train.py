@@ -312,7 +312,8 @@ def _print_summary(summary: RunSummary) -> None:
 def _check_checkpoints(ckpt_dir: str, identity, allow_resume_changes, initial_checkpoint,
                        abstract_params) -> None:
     """Before anything is written: a resumed run must match its checkpoints' identity, and
-    a new run's `initial_checkpoint` must hold this model's parameter shapes."""
+    a new run's `initial_checkpoint` must hold this model's parameter shapes. Returns
+    whether the run resumes (it has a checkpoint)."""
     resuming = False
     if os.path.isdir(ckpt_dir):
         with checkpoints.CheckpointManager(ckpt_dir, create=False) as existing:
@@ -326,6 +327,7 @@ def _check_checkpoints(ckpt_dir: str, identity, allow_resume_changes, initial_ch
         # process still checking would then see a directory the others did not, and open
         # it as a resume (out of step with their barrier). All check, then any writes.
         multihost_utils.sync_global_devices("t5x_like.train: checkpoints checked")
+    return resuming
 
 
 def train(
@@ -373,14 +375,15 @@ def train(
         Evaluator.check_batch_size(evaluation.batch_size, mesh)
     identity = _run_identity(model, data, optimizer, train_steps, num_microbatches, seed)
     ckpt_dir = os.path.join(model_dir, "checkpoints")
-    _check_checkpoints(ckpt_dir, identity, allow_resume_changes, initial_checkpoint,
-                       lambda: partitioning.abstract_sharded(model.make_module, mesh, rules)[1])
+    resuming = _check_checkpoints(ckpt_dir, identity, allow_resume_changes, initial_checkpoint,
+                                  lambda: partitioning.abstract_sharded(model.make_module,
+                                                                        mesh, rules)[1])
     source = data_source(data, converter,
                          train_steps + guard.reserve_batches(checkpoint.save_every_steps))
 
     with guards.RunLock(model_dir), guards.PreemptionWatcher() as watcher:
         config_text = _write_operative_config(model_dir)
-        data_iter = source.iterator()
+        data_iter = _open_data(source, resuming)
         with contextlib.closing(data_iter), checkpoints.CheckpointManager(
                 ckpt_dir, save_interval_steps=checkpoint.save_every_steps,
                 max_to_keep=checkpoint.keep, async_save=checkpoint.async_save) as ckpt:
@@ -391,7 +394,7 @@ def train(
             run = (restored.run or {}) if restored else {}
             guards.check_resume(run.get("identity"), identity, allow_resume_changes)
             start_step = _resumed_at(restored, train_steps, model_dir)
-            data_iter.start()  # workers make the first rows while the step compiles
+            data_iter.start()  # resumed: from the restored step, while the step compiles
             train_step, evaluator = _compile(model, optimizer, mesh, rules, graphdef, state,
                                              num_microbatches, evaluation, data)
             loop = loop_lib.TrainLoop(
@@ -404,6 +407,7 @@ def train(
                 train_steps=train_steps, log_every=log_every_steps,
                 eval_every=evaluation.every_steps, step=start_step)
             with jax.set_mesh(mesh), contextlib.closing(loop.writer):
+                loop.compile_step(source.feature_lengths, data.batch_size)
                 eval_start = loop.evaluate()
                 stopped_by = loop.run(min(train_steps, stop_at_step or train_steps), watcher)
                 # A signal asks for a quick exit: no final evaluation then.
@@ -416,6 +420,15 @@ def train(
     if jax.process_index() == 0:
         _print_summary(summary)
     return summary
+
+
+def _open_data(source, resuming: bool):
+    """The run's data iterator. A new run's data workers start at once, at step 0, while
+    the model initialises; a resumed run's start once the restore has set their step."""
+    data_iter = source.iterator()
+    if not resuming:
+        data_iter.start()
+    return data_iter
 
 
 def _compile(model, optimizer, mesh, rules, graphdef, state, num_microbatches: int,
