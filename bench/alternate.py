@@ -6,7 +6,10 @@
 
 A setting is `name[@git-rev]:ENV=value,...`: environment variables for the process, and
 optionally another commit, checked out once into a temporary git worktree whose own
-bench/speed.py runs (so a change's before and after are timed in one sitting). What
+bench/speed.py runs (so a change's before and after are timed in one sitting). The key
+PYTHON names the interpreter instead of an environment variable: another commit on its
+own stack, e.g. `--setting old@6e1e8c8:PYTHON=../old/.venv/bin/python --setting new:`
+(a venv made by that commit's scripts/setup.sh). What
 one process cannot switch (glibc tunables, XLA flags, the code itself) is compared this
 way; config variants of one model are better timed in one process (bench/ab.py).
 Prints each round's tokens/s, then each setting's median and its ratio to the first
@@ -33,8 +36,10 @@ def parse_setting(text: str):
 
 
 def run_once(tree: str, env: dict, args, out: str) -> dict:
+    env = dict(env)
+    python = os.path.abspath(env.pop("PYTHON")) if "PYTHON" in env else sys.executable
     subprocess.run(
-        [sys.executable, os.path.join(tree, "bench", "speed.py"), "--only", args.only,
+        [python, os.path.join(tree, "bench", "speed.py"), "--only", args.only,
          "--devices", str(args.devices), "--dtypes", args.dtype, "--steps", str(args.steps),
          "--out", out],
         cwd=tree, env=dict(os.environ, **env), check=True, stdout=subprocess.DEVNULL,
