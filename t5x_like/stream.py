@@ -39,8 +39,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from multiprocessing import resource_tracker, shared_memory
 from collections.abc import Callable, Mapping, Sequence
+from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 import grain
@@ -89,19 +89,16 @@ def _to_shared_memory(block: dict[str, Any], tag: str) -> dict[str, Any]:
             "task_counts": copy(block["task_counts"]), "tokens": copy(block["tokens"])}
 
 
-def _unlink_blocks(prefix: str) -> int:
-    """Removes the shared memory whose names start with `prefix`; returns how many."""
+def _unlink_blocks(prefix: str) -> None:
+    """Removes the shared memory whose names start with `prefix`."""
     if not os.path.isdir(_SHM_DIR):
-        return 0
-    removed = 0
+        return
     for name in os.listdir(_SHM_DIR):
         if name.startswith(prefix):
             try:
                 os.unlink(os.path.join(_SHM_DIR, name))
-                removed += 1
             except FileNotFoundError:
                 pass
-    return removed
 
 
 def _unlink_orphaned_blocks() -> None:

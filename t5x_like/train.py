@@ -310,7 +310,7 @@ def _print_summary(summary: RunSummary) -> None:
 
 
 def _check_checkpoints(ckpt_dir: str, identity, allow_resume_changes, initial_checkpoint,
-                       abstract_params) -> None:
+                       abstract_params) -> bool:
     """Before anything is written: a resumed run must match its checkpoints' identity, and
     a new run's `initial_checkpoint` must hold this model's parameter shapes. Returns
     whether the run resumes (it has a checkpoint)."""

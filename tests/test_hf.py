@@ -89,6 +89,16 @@ def _assert_golden_logits(module, ref):
 # ------------------------------------------------------------------------------ import
 
 
+def load_llama(directory, scan_layers: bool):
+    """`hf.load` of the tiny GQA Llama (golden or live), its config checked field by field."""
+    model, module = hf.load(directory, dtype="float32", scan_layers=scan_layers)
+    cfg = model.cfg
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta) == (4, 2, 16, 5e5)
+    assert (cfg.z_loss, cfg.block, cfg.tie_embeddings, cfg.scan_layers) == (
+        0.0, "sequential", False, scan_layers)
+    return module
+
+
 @pytest.mark.parametrize("sharded, scan_layers", [(False, True), (True, False)],
                          ids=["single_file_scanned", "sharded_unrolled"])
 def test_imported_logits_match_the_golden_logits(tmp_path, sharded, scan_layers):
@@ -98,11 +108,7 @@ def test_imported_logits_match_the_golden_logits(tmp_path, sharded, scan_layers)
         index = json.loads((directory / hf.INDEX_FILE).read_text())
         assert len(set(index["weight_map"].values())) > 2
         assert not (directory / hf.SAFETENSORS_FILE).exists()
-    model, module = hf.load(directory, dtype="float32", scan_layers=scan_layers)
-    cfg = model.cfg
-    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta) == (4, 2, 16, 5e5)
-    assert (cfg.z_loss, cfg.block, cfg.tie_embeddings, cfg.scan_layers) == (
-        0.0, "sequential", False, scan_layers)
+    module = load_llama(directory, scan_layers)
     assert np.abs(ref["logits"]).max() > 2.0  # logits of real size: the tolerance means something
     _assert_golden_logits(module, ref)
 
