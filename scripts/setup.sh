@@ -28,11 +28,9 @@ find_python() {
     command -v "$c" >/dev/null 2>&1 && supported "$c" && { echo "$c"; return; }
   done
   # pyenv installs versions that its shims only run when selected.
-  if command -v pyenv >/dev/null 2>&1; then
-    for c in "$(pyenv root)"/versions/3.1[23]*/bin/python3; do
-      [ -x "$c" ] && supported "$c" && { echo "$c"; return; }
-    done
-  fi
+  for c in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[23]*/bin/python3; do
+    [ -x "$c" ] && supported "$c" && { echo "$c"; return; }
+  done
   echo "t5x_like needs Python 3.12 or newer (jax 0.12 has no wheel for 3.11); none was" \
        "found. Install one, or name it: PYTHON=/path/to/python3.12 bash scripts/setup.sh" >&2
   return 1
