@@ -47,7 +47,6 @@ def main():
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
                                f"platform_device_count={args.devices}").strip()
     import jax
-
     import speed
 
     lengths = {k: int(v) for k, v in (kv.split("=") for kv in args.lengths.split(","))}

@@ -5,7 +5,7 @@
         [--config.layers=4,32] [--config.devices=8] [--config.rules=fsdp] \
         [--config.batch_size=8] [--config.length=128] [--config.repeats=3]
 
-For each layer count: lower + compile of trainer.make_train_step on abstract sharded
+For each layer count: lower + compile of train_state.make_train_step on abstract sharded
 state (nothing allocated), `repeats` times in fresh jit objects (jax's compile cache is
 cleared between them), the median printed; then the ratio of the deepest to the
 shallowest. The same with scan_layers=False for contrast (`--config.unrolled=True`).
@@ -44,7 +44,10 @@ def compile_seconds(layers: int, config) -> float:
     """Median seconds to lower and compile the train step of `layers` layers."""
     import gin  # noqa: PLC0415
 
-    from t5x_like import launch, partitioning, plan, trainer  # noqa: PLC0415
+    from t5x_like import launch
+    from t5x_like.model import partitioning
+    from t5x_like.planning import planner  # noqa: PLC0415
+    from t5x_like.training import optimizers
 
     gin.clear_config()
     launch.parse_gin([f"models/{config.model}.gin"], [
@@ -56,7 +59,7 @@ def compile_seconds(layers: int, config) -> float:
     for _ in range(config.repeats):
         jax.clear_caches()
         start = time.perf_counter()
-        plan._compile(model, trainer.adamw_llama2(1e-3, 1, 10), mesh,
+        planner._compile(model, optimizers.adamw_llama2(1e-3, 1, 10), mesh,
                       partitioning.get_rules(config.rules), config.batch_size,
                       {"targets": config.length}, 1)
         times.append(time.perf_counter() - start)

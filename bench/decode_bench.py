@@ -54,7 +54,7 @@ def _prompt_batch(model, batch_size: int, prompt_length: int) -> dict:
     """The family's prompt feature: encoder inputs, or a causal prompt, of random ids."""
     tokens = np.random.default_rng(0).integers(6, 4000, (batch_size, prompt_length),
                                                dtype=np.int32)
-    key = "encoder_input_tokens" if model.converter_name({}) == "encdec" else "prompt"
+    key = model.data_form({}).prompt_feature
     return {key: jnp.asarray(tokens)}
 
 
@@ -70,7 +70,8 @@ def _timed(fn, repeats: int) -> float:
 
 
 def measure(model_name: str, batch_size: int, config) -> dict:
-    from t5x_like import decoding, launch
+    from t5x_like import launch
+    from t5x_like.model import decoding
 
     launch.parse_gin([f"models/{model_name}.gin"], [])
     model = gin.query_parameter("%MODEL").scoped_configurable_fn()

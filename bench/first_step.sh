@@ -25,7 +25,7 @@ for ((r = 0; r < rounds; r++)); do
       (cd "$checkout" && .venv/bin/python -m t5x_like.train \
         --gin_file=experiments/demo_encdec_ul2.gin --gin.TRAIN_STEPS="$steps" \
         --gin.MODEL_DIR="'$dir'" --gin.train.train.stop_at_step=1 \
-        --gin.evaluation.EvalConfig.enabled=False) > "$dir.log" 2>&1
+        --gin.evaluate.EvalConfig.enabled=False) > "$dir.log" 2>&1
       wall=$(echo "$(date +%s.%N) - $start" | bc)
       walls[$key]="${walls[$key]:-} $wall"
       echo "round $r $key: $wall s to step 1 and exit;" \

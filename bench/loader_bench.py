@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from t5x_like import loader as loader_lib  # noqa: E402
-from t5x_like import prepare as prepare_lib  # noqa: E402
-from t5x_like import store  # noqa: E402
+from t5x_like.data import prepare as prepare_lib  # noqa: E402
+from t5x_like.data import store  # noqa: E402
+from t5x_like.training import loader as loader_lib  # noqa: E402
 
 
 def _bench_loader(loader, num_batches, mesh=None):

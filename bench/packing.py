@@ -24,11 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from t5x_like import launch, mixtures, pipeline  # noqa: E402
+from t5x_like import launch
+from t5x_like.data import forms, mixtures, pipeline  # noqa: E402
 
 
 def measure(mixture, lengths, converter, pool, rows):
-    spec = pipeline.shard_spec(mixture, lengths, converter, 0, 1, pack_pool=pool)
+    spec = pipeline.shard_spec(mixture, lengths, forms.get(converter), 0, 1, pack_pool=pool)
     layout = pipeline.record_layout(spec)
     widths = {f: n for f, n in zip(layout.names, layout.lengths) if f in pipeline.TOKEN_SEGMENTS}
     start = time.perf_counter()

@@ -63,7 +63,6 @@ def main():
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}")
     import jax
-
     import speed
 
     case = next(c for c in speed.CASES if c.name == args.only and c.devices == args.devices)

@@ -132,16 +132,17 @@ def make_step(model, devices: int, batch_size: int, lengths: dict):
     (fsdp over all of them), as train.py builds them."""
     import jax
 
-    from t5x_like import loader, partitioning, trainer
+    from t5x_like.model import partitioning
+    from t5x_like.training import loader, optimizers, train_state
 
     mesh = partitioning.make_mesh({"data": 1, "fsdp": devices, "tensor": 1},
                                   jax.devices()[:devices])
     rules = partitioning.get_rules("fsdp")
-    optimizer = trainer.adamw_llama2(peak_lr=1e-3, warmup_steps=10, total_steps=1000)
-    graphdef, state, _ = trainer.init_or_restore(model, optimizer.tx, mesh, rules, seed=0)
-    step_fn = trainer.make_train_step(
+    optimizer = optimizers.adamw_llama2(peak_lr=1e-3, warmup_steps=10, total_steps=1000)
+    graphdef, state, _ = train_state.init_or_restore(model, optimizer.tx, mesh, rules, seed=0)
+    step_fn = train_state.make_train_step(
         graphdef, model.loss_fn, optimizer.schedule,
-        state_sharding=trainer.state_shardings(state),
+        state_sharding=train_state.state_shardings(state),
         batch_sharding=partitioning.batch_sharding(mesh), rules=rules)
     batch = loader.to_global_batch(random_batch(model, batch_size, lengths), mesh)
     return step_fn, state, batch, mesh, optimizer
@@ -180,7 +181,8 @@ def time_steps(step_fn, state, batch, mesh, steps: int, warmup: int = 3):
 
 def run_row(case: Case, dtype: str, steps: int, peaks: dict, rss: PeakRss,
             xla_ratio: dict) -> dict:
-    from t5x_like import flops, plan
+    from t5x_like.model import flops
+    from t5x_like.planning import planner
 
     model = load_model(case.gin, dtype)
     rss.reset()
@@ -192,7 +194,7 @@ def run_row(case: Case, dtype: str, steps: int, peaks: dict, rss: PeakRss,
     ours = model.train_flops_per_step(case.batch, case.lengths)
     _, mfu = flops.mfu(ours, step_s, case.devices, peaks[dtype] / case.devices)
     if case.name not in xla_ratio:  # dtype-independent: once per model, on one device
-        xla = plan.xla_train_flops(model, optimizer, case.batch, case.lengths)
+        xla = planner.xla_train_flops(model, optimizer, case.batch, case.lengths)
         xla_ratio[case.name] = {"palm": xla / ours.palm, "maxtext": xla / ours.maxtext}
     tokens = case.batch * model.tokens_per_example(case.lengths)
     return {"model": case.name, "devices": case.devices, "dtype": dtype,
@@ -210,7 +212,7 @@ def worker(devices: int, keys: list[str], dtypes: list[str], steps: int) -> dict
     """One process's rows: the peaks first, then each case and dtype asked for."""
     import jax
 
-    from t5x_like import flops
+    from t5x_like.model import flops
 
     rss = PeakRss()
     peaks = {dt: flops.measure_matmul_flops(jax.devices()[0], dt, n=1024, repeats=20)

@@ -5,7 +5,7 @@
         [--workers 2] [--batch_size 16] [--num_batches 150] [--pack_pool 256] \
         [--model_tokens_per_s RATE]
 
-What the trainer's data iterator (t5x_like/stream.py) delivers, alone on the machine:
+What the trainer's data iterator (t5x_like/data/stream.py) delivers, alone on the machine:
   - start-up: seconds from creating the iterator to the first batch (spawning the
     workers, importing TensorFlow, building every task's SeqIO pipeline, filling their
     shuffle buffers);
@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from t5x_like import launch, mixtures, pipeline, stream  # noqa: E402
+from t5x_like import launch
+from t5x_like.data import forms, mixtures, pipeline, stream  # noqa: E402
 
 
 def main():
@@ -48,7 +49,7 @@ def main():
     mixtures.import_task_modules(modules)
 
     start = time.perf_counter()
-    source = stream.stream_for(args.mixture, lengths, args.converter, 0, args.batch_size,
+    source = stream.stream_for(args.mixture, lengths, forms.get(args.converter), 0, args.batch_size,
                                args.shards, pack_pool=args.pack_pool,
                                workers=args.workers, task_modules=modules,
                                worker_init=launch.hide_gpus_from_tensorflow)

@@ -21,9 +21,9 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
     import tasks.reka_mix  # noqa: F401 - registers the demo's tasks
-    from t5x_like import stream
+    from t5x_like.data import forms, stream
 
-    it = stream.stream_for("reka_mix_ul2", {"inputs": 128, "targets": 128}, "encdec", 0, 16, 2,
+    it = stream.stream_for("reka_mix_ul2", {"inputs": 128, "targets": 128}, forms.ENCDEC, 0, 16, 2,
                            task_modules=["tasks.reka_mix"]).iterator()
     digest = hashlib.sha256()
     try:

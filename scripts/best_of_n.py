@@ -25,8 +25,11 @@ import seqio  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import tasks  # noqa: E402,F401  (registers the preference tasks)
-from t5x_like import checkpoints, layers, models, rejection  # noqa: E402
-from t5x_like.decoding import DecodeConfig  # noqa: E402
+from t5x_like.model import families, layers  # noqa: E402
+from t5x_like.objectives import preference  # noqa: E402
+from t5x_like.model.decoding import DecodeConfig  # noqa: E402
+from t5x_like.recipes import best_of_n  # noqa: E402
+from t5x_like.training import checkpoints
 
 
 def _restore(model, run_dir):
@@ -54,7 +57,7 @@ def main():
     parser.add_argument("--reward_dir", required=True)
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--policy_is_dpo", action="store_true",
-                        help="the policy run trained a models.DPOModel")
+                        help="the policy run trained a preference.DPOModel")
     parser.add_argument("--prompts_per_domain", type=int, default=16)
     parser.add_argument("--max_decode_length", type=int, default=33)
     args = parser.parse_args()
@@ -62,8 +65,8 @@ def main():
         [os.path.join(os.path.dirname(__file__), "..", "gin_configs", "models", "tiny_llama.gin")],
         [])
     cfg = layers.TransformerConfig(**_bound_fields())  # models/tiny_llama.gin's config
-    policy = (models.DPOModel(cfg) if args.policy_is_dpo else models.DecoderOnlyModel(cfg))
-    reward_model = models.RewardModel(cfg)
+    policy = (preference.DPOModel(cfg) if args.policy_is_dpo else families.DecoderOnlyModel(cfg))
+    reward_model = preference.RewardModel(cfg)
     policy_module = _restore(policy, args.policy_dir)
     reward_module = _restore(reward_model, args.reward_dir)
     prompts = []
@@ -73,10 +76,10 @@ def main():
         prompts += [ex["inputs"] for ex in ds.take(args.prompts_per_domain).as_numpy_iterator()]
     prompts = np.stack(prompts).astype(np.int32)
     decode = DecodeConfig(method="sample", max_decode_length=args.max_decode_length)
-    _, rewards = rejection.sample_and_score(policy, policy_module, reward_model, reward_module,
+    _, rewards = best_of_n.sample_and_score(policy, policy_module, reward_model, reward_module,
                                             prompts, 8, decode, seed=0)
     ks = [1, 2, 4, 8]
-    best = {k: float(rewards[rejection.best_of(rewards, k), np.arange(len(prompts))].mean())
+    best = {k: float(rewards[best_of_n.best_of(rewards, k), np.arange(len(prompts))].mean())
             for k in ks}
     os.makedirs(args.out_dir, exist_ok=True)
     result = {"policy_dir": args.policy_dir, "reward_dir": args.reward_dir,

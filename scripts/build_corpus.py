@@ -934,7 +934,7 @@ def _provenance(stats: dict, sources: dict[str, list[Source]]) -> str:
         "`scripts/train_tokenizer.py` on a balanced sample of the train split only; its "
         "settings are in that script's docstring. Retrained with other sizes, keep pieces "
         "+ sentinels equal to the models' `vocab_size` and the sentinels at least what "
-        "`t5x_like.ul2.sentinel_budget` gives for the longest inputs you train on.",
+        "`t5x_like.data.ul2.sentinel_budget` gives for the longest inputs you train on.",
         "",
     ]
     for domain in DOMAINS:

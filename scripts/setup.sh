@@ -2,7 +2,7 @@
 # Creates .venv (Python 3.12 or newer) and installs t5x_like with its pinned dependencies.
 #   bash scripts/setup.sh        what the demo and the library need, nothing more
 #   bash scripts/setup.sh test   that, plus the test tools and Apache Beam (prepare --runner,
-#                                t5x_like.dedup); INTEROP=1 adds the interop extra (torch and
+#                                t5x_like.data.dedup); INTEROP=1 adds the interop extra (torch and
 #                                transformers: the live Hugging Face tests)
 # Idempotent: a second run only checks that everything is installed. A .venv of an older
 # Python (made by an earlier version of this script) is made anew.

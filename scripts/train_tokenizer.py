@@ -6,12 +6,12 @@ not crowded out), never on validation, so bits-per-character on validation stays
 honest.
 
 Settings follow PaLM's tokenizer where they matter and T5's ids so that SeqIO works:
-- 7,680 pieces; `t5x_like.vocabulary.get_vocabulary()` (seqio's
+- 7,680 pieces; `t5x_like.data.vocabulary.get_vocabulary()` (seqio's
   `SentencePieceVocabulary(path, extra_ids=512)`) adds 512 sentinels on top, for 8,192
   ids in all: the tiny models' `vocab_size`, a multiple of 1024 (good for sharding V).
   512 sentinels because UL2's x1 denoiser (mean span 3, half the tokens noise) cuts up
   to 511 spans at inputs of 2,048 tokens, each span its own sentinel; with fewer, the
-  last spans would reuse ordinary pieces (`t5x_like.ul2.sentinel_budget` checks it).
+  last spans would reuse ordinary pieces (`t5x_like.data.ul2.sentinel_budget` checks it).
 - pad=0, eos=1, unk=2, no bos (T5 convention); `[NLU] [NLG] [S2S]` as user-defined
   symbols, so they are the single ids 3, 4, 5 (UL2 mode tokens).
 - Lossless: identity normalisation, whitespace kept (no collapsing of spaces,
@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-from t5x_like.vocabulary import NUM_EXTRA_IDS  # noqa: E402 - sentinels on top of the pieces
+from t5x_like.data.vocabulary import NUM_EXTRA_IDS  # noqa: E402 - sentinels on top of the pieces
 
 DOMAINS = ("code", "stem", "web", "math", "multilingual")
 TOTAL_IDS = 8192  # the tiny models' vocab_size (gin_configs/models/tiny_*.gin)

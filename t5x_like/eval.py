@@ -1,10 +1,13 @@
-"""`python -m t5x_like.eval --gin_file=...`: evaluates the newest checkpoint of a run.
+"""`python -m t5x_like.eval`: evaluates a run's checkpoints (loss, BPC per domain, task metrics).
 
-The code lives in t5x_like/evaluation.py (this name would shadow the builtin `eval` for
-code that imports it); this module only keeps the command that T5X users type.
+The code is t5x_like/evaluation/evaluate.py; this file only starts the process
+(t5x_like/process.py).
 """
 
-from t5x_like import evaluation
-
 if __name__ == "__main__":
-    evaluation.main()
+    from t5x_like import process
+
+    process.restart_with_huge_pages()
+    from t5x_like.evaluation import evaluate
+
+    evaluate.main()

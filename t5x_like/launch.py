@@ -32,7 +32,6 @@ from jax._src import xla_bridge as _xla_bridge
 
 log = logging.getLogger("t5x_like.launch")
 
-from t5x_like import guards
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_GIN_SEARCH_PATHS = (os.path.join(REPO_ROOT, "gin_configs"), REPO_ROOT)
@@ -45,6 +44,17 @@ CONFIG_ERRORS = (ValueError, TypeError, KeyError, OSError, ImportError)
 # Python modules that the parsed gin files import (`import my_tasks`): the task modules
 # that worker processes must import too, so that they see the same SeqIO registry.
 _gin_imports: list[str] = []
+
+
+class RunStopped(RuntimeError):
+    """The run stopped itself on purpose (a guard fired); the message says why.
+
+    `save_state`: the state is good to checkpoint before stopping (after skipped
+    non-finite steps it is the last good one; after a loss spike it is not)."""
+
+    def __init__(self, message: str, save_state: bool = False):
+        super().__init__(message)
+        self.save_state = save_state
 
 
 # ---------------------------------------------------------------------------
@@ -114,6 +124,45 @@ def _imports_of(parsed: gin.config.ParsedConfigFileIncludesAndImports) -> list[s
     return names
 
 
+# Modules that moved into the subpackages (old `t5x_like.<name>` -> new module); a gin file
+# or binding that still names the old place gets the new one in its error message.
+MOVED_MODULES = {
+    "vocabulary": "data.vocabulary", "mixtures": "data.mixtures", "documents": "data.documents",
+    "packing": "data.packing", "store": "data.store", "pipeline": "data.pipeline",
+    "preference_data": "data.pairs", "ul2": "data.ul2", "stream": "data.stream",
+    "partitioning": "model.partitioning", "layers": "model.layers", "network": "model.network",
+    "models": "model.families", "decoding": "model.decoding", "flops": "model.flops",
+    "hardware": "model.hardware", "preference": "objectives.preference",
+    "group_dro": "objectives.group_dro", "trainer": "training.optimizers",
+    "loop": "training.loop", "checkpoints": "training.checkpoints", "guards": "training.guards",
+    "metrics": "training.metrics", "loader": "training.loader", "train": "training.train",
+    "evaluation": "evaluation.evaluate", "bpc": "evaluation.bpc",
+    "inference": "evaluation.predict", "infer": "evaluation.infer", "plan": "planning.planner",
+    "memory": "planning.memory", "collectives": "planning.collectives", "hf": "interop.hf",
+    "doremi": "recipes.doremi", "rejection": "recipes.best_of_n",
+    "rejection_sample": "recipes.rejection_sampling",
+}
+# Classes that left their module's successor (models.RewardModel -> preference.RewardModel).
+_MOVED_NAMES = {"RewardModel": "objectives.preference", "DPOModel": "objectives.preference",
+                "DoReMiModel": "objectives.group_dro", "TrainState": "training.train_state",
+                "make_train_step": "training.train_state"}
+
+
+def moved_hint(message: str) -> str | None:
+    """For a gin error that names a module's old place, where it is now (else None)."""
+    found = (re.search(r"No module named 't5x_like\.(\w+)'", message)
+             or re.search(r"No configurable matching '(\w+)\.(\w+)", message))
+    if not found or found.group(1) not in MOVED_MODULES:
+        return None
+    old = found.group(1)
+    new = _MOVED_NAMES.get(found.group(2) if found.lastindex == 2 else "", MOVED_MODULES[old])
+    package, module = new.rsplit(".", 1)
+    return (f"t5x_like's modules moved into subpackages: `from t5x_like import {old}` is now "
+            f"`from t5x_like.{package} import {module}`, and gin names its configurables "
+            f"`{module}.<name>` (e.g. --gin.{module}.<name>.<param>=...). Every move: "
+            "docs/ARCHITECTURE.md, \"Package layout\".")
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
               search_paths: Sequence[str] = ()) -> list[str]:
     """Parses gin files then bindings (later ones win), with our search paths and the
@@ -127,7 +176,16 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
         if path:
             gin.add_config_file_search_path(path)
     _drop_package_resource_reader()
-    parsed = gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=False)
+    try:
+        parsed = gin.parse_config_files_and_bindings(gin_files, bindings,
+                                                     finalize_config=False)
+    except (ImportError, ValueError) as e:
+        hint = moved_hint(str(e))
+        if hint is None:
+            raise
+        # (gin re-raises a proxy class that takes no message: a plain one instead)
+        error = ModuleNotFoundError if isinstance(e, ImportError) else ValueError
+        raise error(f"{e}\n{hint}") from None
     imported = [name for p in parsed for name in _imports_of(p)]
     _gin_imports[:] = sorted({name for name in imported
                               if not name.startswith(("t5x_like", "__gin__"))})
@@ -287,17 +345,17 @@ def run(configurable: str, argv: Sequence[str] | None = None,
     """Parses flags and gin, starts logging and processes, and calls the configurable.
 
     `configurable` is the gin-registered function by its full name, e.g.
-    "t5x_like.train.train": run as `python -m`, an entry point's file is `__main__`, a
+    "t5x_like.training.train.train": run as `python -m`, an entry point's file is `__main__`, a
     second module object that gin never registered, so the name (not the function
     object) says which one gin calls. `extra_flags` are the entry point's own flags,
     passed to it as keyword arguments (over its gin bindings). A configuration error
     (CONFIG_ERRORS) is printed as one paragraph and exits with code 2, a run a guard
-    stopped (guards.RunStopped) with code 1; `--debug` shows the traceback instead.
+    stopped (RunStopped) with code 1; `--debug` shows the traceback instead.
     """
     args = parse_flags(sys.argv[1:] if argv is None else argv, prog=prog,
                        extra_flags=extra_flags)
     setup_logging()
-    # The package's start-up sets it (t5x_like/__init__.py): say so, it moves the speed.
+    # The entry point set it (process.restart_with_huge_pages): say so, it moves the speed.
     log.info("GLIBC_TUNABLES=%s", os.environ.get("GLIBC_TUNABLES", ""))
     hide_gpus_from_tensorflow()
     try:
@@ -309,10 +367,10 @@ def run(configurable: str, argv: Sequence[str] | None = None,
         check_bindings(args.gin_bindings)
         extra = {name: getattr(args, name) for name in (extra_flags or {})}
         return gin.get_configurable(configurable)(**extra)
-    except (*CONFIG_ERRORS, guards.RunStopped) as e:
+    except (*CONFIG_ERRORS, RunStopped) as e:
         if args.debug or os.environ.get(DEBUG_ENV):
             raise
         message = str(e).strip() or type(e).__name__
-        print(f"{prog}: {'stopped' if isinstance(e, guards.RunStopped) else 'error'}: "
+        print(f"{prog}: {'stopped' if isinstance(e, RunStopped) else 'error'}: "
               f"{message}\n(run with --debug for the traceback)", file=sys.stderr, flush=True)
-        raise SystemExit(1 if isinstance(e, guards.RunStopped) else 2) from None
+        raise SystemExit(1 if isinstance(e, RunStopped) else 2) from None

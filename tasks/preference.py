@@ -5,7 +5,7 @@ Importing registers (no file I/O):
   CONTINUATION_TOKENS tokens, the prompt = its first PROMPT_TOKENS tokens, chosen =
   the true continuation, rejected = that continuation with a share of its tokens replaced
   by other tokens of the document, the share set by the pair's rating (0..3, from a hash
-  of the text; t5x_like/preference_data.py, CORRUPTION_BY_RATING). Splits train and
+  of the text; t5x_like/data/pairs.py, CORRUPTION_BY_RATING). Splits train and
   validation, from the corpus's own splits, so held-out pairs come from held-out
   documents.
 - Mixture `reka_preference`: the five domains at equal rates.
@@ -22,8 +22,8 @@ from typing import Union
 
 import seqio
 
-from t5x_like import documents, preference_data
-from t5x_like import vocabulary as vocabulary_lib
+from t5x_like.data import documents, pairs
+from t5x_like.data import vocabulary as vocabulary_lib
 from tasks import reka_mix
 
 PROMPT_TOKENS = 32
@@ -55,7 +55,7 @@ def register_tasks(corpus_dir: Union[str, pathlib.Path, None] = None, seed: int 
             name, source=reka_mix.make_source(corpus_dir, domain), output_features=features,
             preprocessors=[
                 documents.filter_documents, keep_text, tokenize,
-                preference_data.corrupted_continuation_pairs(PROMPT_TOKENS,
+                pairs.corrupted_continuation_pairs(PROMPT_TOKENS,
                                                              CONTINUATION_TOKENS, seed),
                 seqio.preprocessors.append_eos,
             ],

@@ -2,7 +2,7 @@
 
 Importing registers (no file I/O; datasets are built only by get_dataset):
 - Task `{domain}_ul2_{denoiser}` for each domain x UL2 denoiser (features inputs,
-  targets; t5x_like/ul2.py),
+  targets; t5x_like/data/ul2.py),
 - Task `{domain}_causal` (feature targets; each document its own example(s), EOS at
   its end, so that packing keeps documents apart, as Llama 3 trains) and
   `{domain}_causal_concat` (documents concatenated with EOS between them and cut into
@@ -17,7 +17,7 @@ Importing registers (no file I/O; datasets are built only by get_dataset):
 
 Domains and names are pinned in docs/ARCHITECTURE.md. Every source document that is
 empty (only whitespace) or not valid UTF-8 is dropped before tokenizing
-(`t5x_like.documents.filter_documents`); `count_skipped` counts them with the same
+(`t5x_like.data.documents.filter_documents`); `count_skipped` counts them with the same
 predicate.
 
 Rates are plain Python (`register_mixtures`); a gin file picks a registered mixture by
@@ -38,8 +38,8 @@ from typing import Mapping, Optional, Union
 import seqio
 import tensorflow as tf
 
-from t5x_like import documents, mixtures, ul2
-from t5x_like import vocabulary as vocabulary_lib
+from t5x_like.data import documents, mixtures, ul2
+from t5x_like.data import vocabulary as vocabulary_lib
 
 DOMAINS = ("code", "stem", "web", "math", "multilingual")
 SPLITS = ("train", "validation")

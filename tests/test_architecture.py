@@ -17,9 +17,20 @@ MAX_FUNCTION_LINES = 80
 MAX_TRAIN_LINES = 90
 
 
+# The subpackages in data-flow order: a module imports only modules of its own
+# subpackage, of the ones before it, and the base modules (BASE), never one after it.
+LAYERS = ("data", "model", "objectives", "training", "evaluation", "planning", "interop",
+          "recipes")
+BASE = ("t5x_like.launch", "t5x_like.process")  # imported by all, importing no subpackage
+
+
+def _name(path: pathlib.Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _modules() -> dict[str, ast.Module]:
-    return {f"t5x_like.{p.stem}" if p.stem != "__init__" else "t5x_like":
-            ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.glob("*.py"))}
+    return {_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def _imported(tree: ast.Module, modules) -> set[str]:
@@ -40,12 +51,26 @@ def _imported(tree: ast.Module, modules) -> set[str]:
     return out
 
 
+def _is_package(name: str) -> bool:
+    return name == "t5x_like" or name.removeprefix("t5x_like.") in LAYERS
+
+
 def _graph():
+    """Module -> the package modules it imports. Packages' __init__ files hold no code
+    (their own test), so importing `t5x_like.data` for `from t5x_like.data import store`
+    is not an edge; the module is."""
     modules = _modules()
-    # The package's __init__ only re-exports (under TYPE_CHECKING or lazily); it is not
-    # an edge of the data flow.
-    return {name: _imported(tree, modules) & set(modules) - {"t5x_like", name}
-            for name, tree in modules.items() if name != "t5x_like"}
+    return {name: {m for m in _imported(tree, modules) & set(modules)
+                   if not _is_package(m) and m != name}
+            for name, tree in modules.items() if not _is_package(name)}
+
+
+def _layer(name: str) -> str:
+    """A module's place: its subpackage, "base", or "entry" (a `python -m` command)."""
+    parts = name.split(".")
+    if len(parts) == 3:
+        return parts[1]
+    return "base" if name in BASE else "entry"
 
 
 def test_the_import_graph_of_the_package_has_no_cycle():
@@ -70,6 +95,63 @@ def test_the_import_graph_of_the_package_has_no_cycle():
             visit(node)
 
 
+def test_subpackages_import_only_the_ones_before_them():
+    graph = _graph()
+    assert {_layer(n) for n in graph} == {*LAYERS, "base", "entry"}
+    rank = {layer: i for i, layer in enumerate(LAYERS)}
+    upward = []
+    for name, deps in graph.items():
+        layer = _layer(name)
+        for dep in deps:
+            dep_layer = _layer(dep)
+            if dep_layer == "entry" or (layer == "base" and dep_layer != "base") or (
+                    layer in rank and dep_layer in rank and rank[dep_layer] > rank[layer]):
+                upward.append(f"{name} -> {dep}")
+    assert upward == []
+
+
+def test_entry_points_only_start_the_process_and_call_their_module():
+    """`t5x_like/<entry>.py` is the command; its code lives in a subpackage."""
+    graph = _graph()
+    for name, deps in graph.items():
+        if _layer(name) == "entry":
+            assert len(deps - {"t5x_like.process"}) == 1, (name, deps)
+            assert len(_functions_of(PACKAGE / f"{name.split('.')[-1]}.py")) == 0, name
+
+
+def test_package_init_files_have_no_code():
+    """Importing t5x_like or a subpackage runs nothing: the top package holds the lazy
+    public API (names resolved on first use), the subpackages a docstring."""
+    for path in sorted(PACKAGE.rglob("__init__.py")):
+        tree = ast.parse(path.read_text())
+        body = tree.body[1:] if ast.get_docstring(tree) else tree.body
+        if path.parent != PACKAGE:
+            assert body == [], path
+            continue
+        allowed = (ast.Import, ast.ImportFrom, ast.If, ast.Assign, ast.FunctionDef)
+        assert all(isinstance(node, allowed) for node in body), path
+        for node in body:
+            if isinstance(node, ast.If):
+                assert getattr(node.test, "id", "") == "TYPE_CHECKING", path
+            if isinstance(node, ast.Assign):  # a literal table, or __all__ = sorted(...)
+                value = node.value
+                if isinstance(value, ast.Call):
+                    assert ast.unparse(value) == "sorted(_EXPORTS)", path
+                else:
+                    ast.literal_eval(value)  # raises on anything but a literal
+
+
+def test_importing_the_package_imports_no_jax_and_restarts_nothing():
+    import subprocess
+    import sys
+
+    code = ("import os, sys, t5x_like; print(os.getpid(), sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('jax', 'tensorflow', 'seqio', 'gin', 't5x_like')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split(" ", 1)
+    assert out[1].strip() == "['t5x_like']"
+
+
 def test_no_library_module_imports_the_shipped_tasks():
     modules = _modules()
     offenders = sorted(name for name, tree in modules.items() if "tasks" in _imported(tree, modules))
@@ -77,29 +159,30 @@ def test_no_library_module_imports_the_shipped_tasks():
 
 
 def test_the_graph_has_the_expected_direction():
-    """Spot checks of the data flow: entry points on top, the model layer below."""
+    """Spot checks of the data flow beyond the layers: the training run is imported
+    only by recipes (DoReMi runs it twice), the data layer never sees a mesh."""
     graph = _graph()
-    assert "t5x_like.train" not in graph["t5x_like.evaluation"]
-    assert "t5x_like.network" not in graph["t5x_like.partitioning"]
-    assert "t5x_like.prepare" not in graph["t5x_like.loader"]
-    # doremi runs train twice (reference and proxy): the one entry point above train.
-    for entry in ("t5x_like.train", "t5x_like.evaluation", "t5x_like.eval", "t5x_like.plan"):
-        assert not any(entry in deps for name, deps in graph.items()
-                       if name not in ("t5x_like.train", "t5x_like.eval", "t5x_like.doremi")
-                       ), entry
-    assert not any("t5x_like.doremi" in deps for deps in graph.values())
+    assert [n for n, deps in graph.items() if "t5x_like.training.train" in deps
+            and _layer(n) not in ("recipes", "entry")] == []
+    assert "t5x_like.model.network" not in graph["t5x_like.model.partitioning"]
+    assert "t5x_like.data.prepare" not in graph["t5x_like.training.loader"]
+
+
+def _functions_of(path):
+    return [node for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
 
 
 def _functions():
-    for path in sorted(PACKAGE.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                yield path.name, node.name, node.end_lineno - node.lineno + 1
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in _functions_of(path):
+            yield path.relative_to(PACKAGE).as_posix(), node.name, node.end_lineno - node.lineno + 1
 
 
 def test_functions_are_short():
     long = [(f, name, n) for f, name, n in _functions()
-            if n > (MAX_TRAIN_LINES if (f, name) == ("train.py", "train") else MAX_FUNCTION_LINES)]
+            if n > (MAX_TRAIN_LINES if (f, name) == ("training/train.py", "train")
+                    else MAX_FUNCTION_LINES)]
     assert long == []
 
 
@@ -129,7 +212,8 @@ def test_public_api_imports_match_the_lazy_table():
         if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
             for stmt in node.body:
                 for alias in stmt.names:
-                    typed[alias.asname or alias.name] = (stmt.module.split(".")[-1], alias.name)
+                    module = stmt.module.removeprefix("t5x_like.")
+                    typed[alias.asname or alias.name] = (module, alias.name)
     table = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                  and getattr(n.targets[0], "id", "") == "_EXPORTS")
     assert typed == table

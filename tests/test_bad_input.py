@@ -1,6 +1,6 @@
-"""Every case of README's "what happens when ..." bad-input table: the command exits with
-one clear paragraph (no traceback) naming the problem, and MODEL_DIR is unchanged byte
-for byte (or, for a new one, not created).
+"""Every case of the "what happens when ..." bad-input table (docs/OPERATIONS.md): the
+command exits with one clear paragraph (no traceback) naming the problem, and MODEL_DIR
+is unchanged byte for byte (or, for a new one, not created).
 
 In-process through `launch.run`, the code path of `python -m t5x_like.train`, on a small
 finished run made once per module.
@@ -24,7 +24,7 @@ TASK_FEATURE_LENGTHS = {'targets': 64}
 TRAIN_STEPS = 2
 BATCH_SIZE = 8
 WARMUP_STEPS = 1
-evaluation.EvalConfig.enabled = False
+evaluate.EvalConfig.enabled = False
 train.DataConfig.data_workers = 1
 train.CheckpointConfig.save_every_steps = 2
 """
@@ -33,7 +33,7 @@ train.CheckpointConfig.save_every_steps = 2
 def _run(tmp, model_dir, *flags):
     gin.clear_config()
     try:
-        return launch.run("t5x_like.train.train", [
+        return launch.run("t5x_like.training.train.train", [
             f"--gin_file={tmp / 'exp.gin'}", f"--gin.MODEL_DIR='{model_dir}'", *flags])
     finally:
         gin.clear_config()
@@ -42,7 +42,7 @@ def _run(tmp, model_dir, *flags):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished (streamed) run, and a store prepared with the run's settings."""
-    from t5x_like import prepare
+    from t5x_like.data import prepare
 
     tmp = tmp_path_factory.mktemp("bad_input")
     (tmp / "exp.gin").write_text(GIN)
@@ -84,8 +84,8 @@ CASES = {
                                             r"BATCH_SIZE=8 must split into NUM_MICROBATCHES=3",
                                             False),
     "eval batch the mesh cannot split": (
-        ["--gin.evaluation.EvalConfig.enabled=True",
-         "--gin.evaluation.EvalConfig.batch_size=12"],
+        ["--gin.evaluate.EvalConfig.enabled=True",
+         "--gin.evaluate.EvalConfig.batch_size=12"],
         r"EvalConfig.batch_size=12 is not a multiple of 8", False),
     "resume with another architecture of the same shapes": (
         ["--gin.layers.TransformerConfig.rope_theta=10000.0"],

@@ -1,4 +1,4 @@
-"""Tests for t5x_like/bpc.py: windows score every token once, with the right context."""
+"""Tests for t5x_like/evaluation/bpc.py: windows score every token once, with the right context."""
 
 import glob
 import math
@@ -6,9 +6,10 @@ import os
 
 import numpy as np
 import pytest
-
-from t5x_like import bpc, vocabulary
 from test_prepare import test_tasks  # noqa: F401  (fixture)
+
+from t5x_like.data import vocabulary
+from t5x_like.evaluation import bpc
 
 
 def _stream(n, seed=0):

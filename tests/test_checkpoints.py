@@ -5,15 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from t5x_like import checkpoints, layers, models, partitioning, trainer
+from t5x_like.model import families, layers, partitioning
+from t5x_like.training import checkpoints, optimizers, train_state
 
 CFG = layers.TransformerConfig(
     vocab_size=64, emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
     num_decoder_layers=2, block="sequential", tie_embeddings=False, dtype="float32")
 B, L = 8, 16
-_ADAMW = trainer.adamw_llama2(1e-2, warmup_steps=1, total_steps=20)
+_ADAMW = optimizers.adamw_llama2(1e-2, warmup_steps=1, total_steps=20)
 
 
 class _Iterator:
@@ -44,11 +46,12 @@ def _batch(seed):
 
 
 def _state(seed=0, cfg=CFG):
-    return trainer.create_train_state(models.DecoderOnlyModel(cfg).make_module(seed), _ADAMW.tx)
+    module = families.DecoderOnlyModel(cfg).make_module(seed)
+    return train_state.create_train_state(module, _ADAMW.tx)
 
 
 _GRAPHDEF, _ = _state()
-_STEP = trainer.make_train_step(_GRAPHDEF, models.DecoderOnlyModel(CFG).loss_fn,
+_STEP = train_state.make_train_step(_GRAPHDEF, families.DecoderOnlyModel(CFG).loss_fn,
                                 _ADAMW.schedule)
 
 
@@ -202,9 +205,9 @@ def test_mismatched_model_is_a_clear_error_and_deletes_nothing(tmp_path):
     with checkpoints.CheckpointManager(tmp_path, save_interval_steps=1) as mgr:
         mgr.save(1, state, config_text="x")
     before = _listing(tmp_path)
-    wider = models.DecoderOnlyModel(layers.TransformerConfig(**{**CFG.__dict__, "emb_dim": 48}))
+    wider = families.DecoderOnlyModel(layers.TransformerConfig(**{**CFG.__dict__, "emb_dim": 48}))
     # the target only needs shapes: what a run with the wider config would build
-    abstract = nnx.eval_shape(lambda: trainer.TrainState(wider.make_module(0), _ADAMW.tx))
+    abstract = nnx.eval_shape(lambda: train_state.TrainState(wider.make_module(0), _ADAMW.tx))
     _, other = nnx.split(abstract)
     with checkpoints.CheckpointManager(tmp_path) as mgr:
         with pytest.raises(ValueError) as err:
@@ -301,7 +304,7 @@ def test_newest_run_item_is_read_alone(tmp_path):
 
 
 def _params(seed=0, cfg=CFG):
-    return nnx.state(models.DecoderOnlyModel(cfg).make_module(seed), nnx.Param)
+    return nnx.state(families.DecoderOnlyModel(cfg).make_module(seed), nnx.Param)
 
 
 def test_params_checkpoint_round_trip_with_its_config(tmp_path):
@@ -316,14 +319,14 @@ def test_params_checkpoint_round_trip_with_its_config(tmp_path):
 
 
 def test_restore_params_reads_the_model_of_a_training_checkpoint_onto_another_mesh(tmp_path):
-    model = models.DecoderOnlyModel(CFG)
+    model = families.DecoderOnlyModel(CFG)
     fsdp = partitioning.make_mesh({"fsdp": 8})
     with checkpoints.CheckpointManager(tmp_path / "run" / "checkpoints") as mgr:
-        graphdef, state, restored_step = trainer.init_or_restore(
+        graphdef, state, restored_step = train_state.init_or_restore(
             model, _ADAMW.tx, fsdp, "fsdp", seed=3, ckpt=mgr)
         assert restored_step is None
         mgr.save(1, state, force=True)
-    expected = trainer.params_of(graphdef, state)
+    expected = train_state.params_of(graphdef, state)
     _, abstract = partitioning.abstract_sharded(
         model.make_module, partitioning.make_mesh({"fsdp": 2, "tensor": 4}), "fsdp_tp")
     target = abstract.filter(nnx.Param)
@@ -337,7 +340,7 @@ def test_restore_params_reads_the_model_of_a_training_checkpoint_onto_another_me
 
 def test_restore_params_names_the_first_mismatching_parameter_and_both_shapes(tmp_path):
     path = checkpoints.save_params(tmp_path / "p", _params(0))
-    other = models.DecoderOnlyModel(layers.TransformerConfig(**{**CFG.__dict__, "mlp_dim": 80}))
+    other = families.DecoderOnlyModel(layers.TransformerConfig(**{**CFG.__dict__, "mlp_dim": 80}))
     with pytest.raises(ValueError) as err:
         checkpoints.restore_params(path, partitioning.abstract_params(other.make_module))
     lines = str(err.value).splitlines()

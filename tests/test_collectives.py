@@ -4,8 +4,10 @@ node spans, and their link times; checked on hand-written HLO and a compiled ste
 import pytest
 from flax import nnx
 
-from t5x_like import collectives, memory, models, partitioning, plan, trainer
-from t5x_like.collectives import Collective
+from t5x_like.model import families, partitioning
+from t5x_like.planning import collectives, memory, planner
+from t5x_like.planning.collectives import Collective
+from t5x_like.training import optimizers, train_state
 
 
 def _groups(attributes, n=8):
@@ -146,13 +148,13 @@ def test_scaling_the_data_axis_keeps_buffers_and_grows_groups():
 def _compiled(model_name, mesh_shape, rules):
     from test_configs import model_config  # noqa: PLC0415
 
-    model = models.model_for(model_config(model_name))
+    model = families.model_for(model_config(model_name))
     mesh = partitioning.make_mesh(mesh_shape)
-    compiled, graphdef, state, _ = plan._compile(
-        model, trainer.adamw_llama2(1e-3, 1, 10), mesh, partitioning.get_rules(rules), 8,
+    compiled, graphdef, state, _ = planner._compile(
+        model, optimizers.adamw_llama2(1e-3, 1, 10), mesh, partitioning.get_rules(rules), 8,
         {"targets": 64}, 1)
     found = collectives.parse(compiled.as_text(), dict(mesh.shape))
-    return found, trainer.params_of(graphdef, state), dict(mesh.shape)
+    return found, train_state.params_of(graphdef, state), dict(mesh.shape)
 
 
 def test_a_compiled_fsdp_step_reduce_scatters_every_gradient_once():

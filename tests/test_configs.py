@@ -13,7 +13,7 @@ import gin
 import jax
 import pytest
 
-from t5x_like import layers, models, partitioning
+from t5x_like.model import families, layers, partitioning
 
 GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
 MODEL_GINS = sorted((GIN_DIR / "models").glob("*.gin"))
@@ -37,7 +37,7 @@ def model_config(name: str) -> layers.TransformerConfig:
 
 def factory(cfg: layers.TransformerConfig):
     """The zero-argument module factory that partitioning takes, for a bare config."""
-    return models.model_for(cfg).make_module
+    return families.model_for(cfg).make_module
 
 
 def test_the_repo_ships_the_expected_configs():
@@ -60,7 +60,7 @@ def test_every_model_gin_builds_a_config_whose_params_all_have_logical_axes(path
     assert cfg.is_encoder_decoder == ("encdec" in path.stem)
     # MODEL (what train.train takes) wraps the same config, in the right family.
     model = build_macro(path, "MODEL")
-    expected = models.EncoderDecoderModel if cfg.is_encoder_decoder else models.DecoderOnlyModel
+    expected = families.EncoderDecoderModel if cfg.is_encoder_decoder else families.DecoderOnlyModel
     assert type(model) is expected and model.cfg == cfg
 
 
@@ -169,7 +169,7 @@ def test_reka_edge_is_about_7b():
 
 def test_public_api_resolves_every_name():
     import t5x_like
-    from t5x_like import prepare as prepare_module
+    from t5x_like.data import prepare as prepare_module
 
     for name in t5x_like.__all__:
         assert getattr(t5x_like, name) is not None, name

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from t5x_like import decoding, models, partitioning
 from tiny import make_module, random_tokens, tiny_config
+
+from t5x_like.model import decoding, families, partitioning
 
 B, T = 3, 5
 LENGTHS = (6, 3, 1)  # prompt lengths of the three rows
@@ -32,7 +32,7 @@ def _right_padded(rows, width):
 @pytest.mark.parametrize("family", ["causal", "prefix_lm"])
 def test_cached_decoder_steps_equal_the_full_forward_pass(family):
     cfg = tiny_config(block="parallel" if family == "prefix_lm" else "sequential")
-    module, model = make_module(cfg), models.model_for(cfg)
+    module, model = make_module(cfg), families.model_for(cfg)
     rows = _ragged_prompts()
     key = "inputs" if family == "prefix_lm" else "prompt"
     prompts = _right_padded([r[:n] for r, n in zip(rows, LENGTHS)], max(LENGTHS))
@@ -55,7 +55,7 @@ def test_cached_decoder_steps_equal_the_full_forward_pass(family):
 
 def test_cached_encoder_decoder_steps_equal_the_full_forward_pass():
     cfg = tiny_config(num_encoder_layers=2, block="parallel")
-    module, model = make_module(cfg), models.model_for(cfg)
+    module, model = make_module(cfg), families.model_for(cfg)
     encoder = _right_padded([r[:n] for r, n in zip(_ragged_prompts(), LENGTHS)], 7)
     targets = random_tokens(9, (B, T))
     first_logits, cache = model._start_decoding(
@@ -92,7 +92,7 @@ def _greedy_by_full_forward(module, prompt, steps):
 
 def test_greedy_equals_argmax_of_full_passes_and_beam_one_equals_greedy():
     cfg = tiny_config()
-    module, model = make_module(cfg), models.model_for(cfg)
+    module, model = make_module(cfg), families.model_for(cfg)
     prompts = _right_padded([r[:n] for r, n in zip(_ragged_prompts(3), LENGTHS)], 6)
     batch = {"prompt": jnp.asarray(prompts)}
     greedy = _predict(model, module, batch, max_decode_length=6, eos_id=-1)
@@ -107,7 +107,7 @@ def test_greedy_equals_argmax_of_full_passes_and_beam_one_equals_greedy():
 @pytest.mark.slow
 def test_sampling_is_seeded_top_k_one_is_greedy_and_tokens_stop_at_eos():
     cfg = tiny_config()
-    module, model = make_module(cfg), models.model_for(cfg)
+    module, model = make_module(cfg), families.model_for(cfg)
     batch = {"prompt": jnp.asarray(_right_padded([[5, 6, 7], [9]], 3))}
     greedy = _predict(model, module, batch, max_decode_length=8, eos_id=-1)
     top1 = _predict(model, module, batch, method="sample", top_k=1, max_decode_length=8,
@@ -173,7 +173,7 @@ def test_decoding_on_a_sharded_mesh_equals_one_device():
     """The cache is constrained like the activations (batch over data axes, kv heads over
     tensor under fsdp_tp_kv): same tokens and scores as unsharded."""
     cfg = tiny_config(num_heads=4, num_kv_heads=4, head_dim=8)
-    model = models.model_for(cfg)
+    model = families.model_for(cfg)
     module = make_module(cfg)
     rows = [random_tokens(20 + b, (n,)) for b, n in enumerate((6, 3, 1, 2, 5, 4, 1, 3))]
     prompts = jnp.asarray(_right_padded(rows, 6))

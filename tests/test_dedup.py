@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from t5x_like import dedup
+from t5x_like.data import dedup
 
 N = 100
 UNIGRAMS = dedup.DedupConfig(shingle="word", ngram=1, threshold=0.8)

@@ -14,11 +14,15 @@ import numpy as np
 import pytest
 import seqio
 from flax import nnx
+from tiny import fill_params, tiny_config
 
 import tasks  # noqa: F401  (registers reka_mix_ul2, reka_mix_causal)
-from t5x_like import (checkpoints, doremi, evaluation, group_dro, mixtures, models, network, partitioning,
-                      pipeline, rejection, train, trainer)
-from tiny import fill_params, tiny_config
+from t5x_like.data import forms, mixtures, pipeline
+from t5x_like.evaluation import evaluate
+from t5x_like.model import families, network, partitioning
+from t5x_like.objectives import group_dro
+from t5x_like.recipes import best_of_n, doremi
+from t5x_like.training import checkpoints, optimizers, train, train_state
 
 
 def test_one_group_dro_update_matches_the_hand_computation():
@@ -61,7 +65,7 @@ def test_domain_ids_label_each_position_with_its_tasks_domain():
     np.testing.assert_array_equal(ids, [[2, 2, 1, 1, 1, 0],
                                         [1, 2, 2, 2, 0, 0]])
     assert ids.dtype == np.int32
-    assert models.DOMAIN_IDS == pipeline.DOMAIN_IDS  # what the proxy's loss reads
+    assert group_dro.DOMAIN_IDS == pipeline.DOMAIN_IDS  # what the proxy's loss reads
 
 
 def test_the_domains_of_a_mixture_are_its_parts():
@@ -90,7 +94,7 @@ def test_a_mixture_file_registers_a_mixture_with_its_rates(tmp_path, monkeypatch
     assert mixtures.register_mixture_files() == ["my_learned_mix"]
     assert dict(mixtures.leaf_tasks_and_rates("my_learned_mix")) == pytest.approx(rates)
     # A stream of it, with each position's domain (its part of the mixture).
-    spec = pipeline.shard_spec("my_learned_mix", {"targets": 64}, "lm", 0, 1, pack_pool=8)
+    spec = pipeline.shard_spec("my_learned_mix", {"targets": 64}, forms.LM, 0, 1, pack_pool=8)
     rows = next(pipeline.shard_rows(spec, 0).batch(16).as_numpy_iterator())
     ids = pipeline.domain_ids(rows[pipeline.TASK_IDS], mixtures.leaf_components("my_learned_mix"))
     assert ids.shape == rows["decoder_target_tokens"].shape
@@ -113,10 +117,11 @@ def test_registrations_are_replayed_in_a_new_process_that_imports_their_module(
     assert mixtures.register_mixture_file(str(path), record=True) == "worker_mix"
     mixtures.record_registration("a_kind", "k", value=[1, 2])
     mixtures.record_registration("a_kind", "k", value=[3])  # the same key: replaced
-    mixtures.record_registration(rejection.SFT_TASK, "sft_gone", directory=str(tmp_path / "gone"),
+    mixtures.record_registration(best_of_n.SFT_TASK, "sft_gone", directory=str(tmp_path / "gone"),
                                  form="lm")
     code = ("import json, tasks\n"
-            "from t5x_like import mixtures, rejection\n"
+            "from t5x_like.data import mixtures\n"
+            "from t5x_like.recipes import best_of_n\n"
             "print(json.dumps([dict(mixtures.leaf_tasks_and_rates('worker_mix')),\n"
             "                  mixtures.recorded_registrations('a_kind')]))\n")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,16 +132,16 @@ def test_registrations_are_replayed_in_a_new_process_that_imports_their_module(
     rates, kind = json.loads(done.stdout.strip().splitlines()[-1])
     assert rates == {"code_causal": 0.25, "math_causal": 0.75}
     assert kind == {"k": {"value": [3]}}
-    # rejection.py replayed its recorded SFT task: its output is gone, so it warns.
+    # best_of_n.py replayed its recorded SFT task: its output is gone, so it warns.
     assert "sft_gone" in done.stderr and "no rejection-sampling output" in done.stderr
 
 
 def _proxy_state(cfg, domains=("a", "b"), rates=(0.25, 0.75)):
-    proxy = models.DoReMiModel(models.DecoderOnlyModel(cfg), domains, rates)
+    proxy = group_dro.DoReMiModel(families.DecoderOnlyModel(cfg), domains, rates)
     with nnx.use_eager_sharding(False):
         module = fill_params(nnx.eval_shape(lambda: proxy.make_module(0)), seed=1)
     # The reference: other parameters of the same shape.
-    reference = fill_params(nnx.eval_shape(lambda: models.DecoderOnlyModel(cfg).make_module(0)),
+    reference = fill_params(nnx.eval_shape(lambda: families.DecoderOnlyModel(cfg).make_module(0)),
                             seed=2)
     # fill_params fills Params only: the Group DRO state as make_module starts it.
     module.domain_weights.set_value(jnp.array([0.5, 0.5]))
@@ -157,11 +162,11 @@ def test_the_proxy_step_updates_the_weights_and_trains_on_the_weighted_loss():
              "decoder_loss_weights": np.ones((4, 8), np.int32),
              "decoder_segment_ids": np.ones((4, 8), np.int32),
              "decoder_positions": np.tile(np.arange(8, dtype=np.int32), (4, 1)),
-             models.DOMAIN_IDS: np.array([[1] * 8, [2] * 8, [2] * 8, [2] * 8], np.int32)}
+             families.DOMAIN_IDS: np.array([[1] * 8, [2] * 8, [2] * 8, [2] * 8], np.int32)}
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    base = models.DecoderOnlyModel(cfg)
-    nll = np.asarray(models.token_losses(base.logits(module, batch), tokens, 0.0)[0])
-    ref = np.asarray(models.token_losses(base.logits(reference, batch), tokens, 0.0)[0])
+    base = families.DecoderOnlyModel(cfg)
+    nll = np.asarray(families.token_losses(base.logits(module, batch), tokens, 0.0)[0])
+    ref = np.asarray(families.token_losses(base.logits(reference, batch), tokens, 0.0)[0])
     excess = np.maximum(nll - ref, 0.0)
     scores = np.array([excess[0].mean(), excess[1:].mean()])
     expect = np.array([0.5, 0.5]) * np.exp(scores)
@@ -175,12 +180,12 @@ def test_the_proxy_step_updates_the_weights_and_trains_on_the_weighted_loss():
     assert float(loss) == pytest.approx(expect_loss, rel=1e-5)
     np.testing.assert_allclose(metrics["doremi_alpha"], expect, rtol=1e-5)
     # Without domain ids (evaluation), the base model's own loss.
-    plain = {k: v for k, v in batch.items() if k != models.DOMAIN_IDS}
+    plain = {k: v for k, v in batch.items() if k != families.DOMAIN_IDS}
     assert float(proxy.loss_fn(module, plain)[0]) == pytest.approx(float(nll.mean()), rel=1e-5)
 
-    optimizer = trainer.adamw_llama2(peak_lr=1e-3, warmup_steps=0, total_steps=10)
-    graphdef, state = trainer.create_train_state(module, optimizer.tx)
-    step = trainer.make_train_step(graphdef, proxy.loss_fn, optimizer.schedule,
+    optimizer = optimizers.adamw_llama2(peak_lr=1e-3, warmup_steps=0, total_steps=10)
+    graphdef, state = train_state.create_train_state(module, optimizer.tx)
+    step = train_state.make_train_step(graphdef, proxy.loss_fn, optimizer.schedule,
                                    after_update=proxy.after_update, donate=False)
     new_state, out = step(state, batch, jax.random.key(0))
     new = nnx.merge(graphdef, new_state).model
@@ -197,20 +202,20 @@ def test_the_proxy_step_updates_the_weights_and_trains_on_the_weighted_loss():
                          nnx.state(new, nnx.Param), nnx.state(module, nnx.Param))
     assert max(jax.tree.leaves(moved)) > 0
     with pytest.raises(ValueError, match="NUM_MICROBATCHES"):
-        trainer.make_train_step(graphdef, proxy.loss_fn, num_microbatches=2,
+        train_state.make_train_step(graphdef, proxy.loss_fn, num_microbatches=2,
                                 after_update=proxy.after_update)
 
 
 def test_a_proxy_needs_one_positive_rate_per_domain():
-    base = models.DecoderOnlyModel(tiny_config())
+    base = families.DecoderOnlyModel(tiny_config())
     with pytest.raises(ValueError, match="positive sampling rates"):
-        models.DoReMiModel(base, ("a", "b"), (1.0, 0.0))
+        group_dro.DoReMiModel(base, ("a", "b"), (1.0, 0.0))
     with pytest.raises(ValueError, match="eta"):
-        models.DoReMiModel(base, ("a", "b"), (1.0, 1.0), eta=0.0)
+        group_dro.DoReMiModel(base, ("a", "b"), (1.0, 1.0), eta=0.0)
 
 
 STEPS = 4
-MODEL = models.DecoderOnlyModel(tiny_config(vocab_size=8192, emb_dim=64, head_dim=16,
+MODEL = families.DecoderOnlyModel(tiny_config(vocab_size=8192, emb_dim=64, head_dim=16,
                                             mlp_dim=128))
 FSDP = partitioning.MeshConfig(shape={"data": 1, "fsdp": 8, "tensor": 1}, rules="fsdp")
 
@@ -218,9 +223,9 @@ FSDP = partitioning.MeshConfig(shape={"data": 1, "fsdp": 8, "tensor": 1}, rules=
 def _train_fn(**kwargs):
     kwargs.setdefault("reference_checkpoint", None)
     return train.train(
-        mesh_config=FSDP, optimizer=trainer.adamw_llama2(3e-3, 1, STEPS), train_steps=STEPS,
+        mesh_config=FSDP, optimizer=optimizers.adamw_llama2(3e-3, 1, STEPS), train_steps=STEPS,
         checkpoint=train.CheckpointConfig(save_every_steps=STEPS, keep=1),
-        evaluation=evaluation.EvalConfig(enabled=False), log_every_steps=1, **kwargs)
+        evaluation=evaluate.EvalConfig(enabled=False), log_every_steps=1, **kwargs)
 
 
 @pytest.mark.slow
@@ -239,7 +244,7 @@ def test_doremi_learns_weights_writes_a_mixture_and_it_trains(tmp_path, monkeypa
     assert all(w >= 1e-3 / 5 for w in weights.values())
     assert summary["rounds"][0]["weights"] != summary["rounds"][0]["sampling_rates"]
     # The proxy's reference is the reference run's final parameters.
-    proxy = models.DoReMiModel(MODEL, list(weights), [1.0] * 5)
+    proxy = group_dro.DoReMiModel(MODEL, list(weights), [1.0] * 5)
     ref_params = _flat(checkpoints.restore_params(
         summary["rounds"][0]["reference_dir"],
         nnx.state(nnx.eval_shape(lambda: MODEL.make_module(0)), nnx.Param)))

@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import pytest
 
-from t5x_like import flops, hardware, layers, models
+from t5x_like.model import families, flops, hardware, layers
 
 LLAMA3_8B = layers.TransformerConfig(
     vocab_size=128_256, emb_dim=4096, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -20,7 +20,7 @@ PALM_540B = dataclasses.replace(PALM_8B, num_decoder_layers=118, emb_dim=18_432,
 
 
 def _n(cfg):
-    return models.model_for(cfg).num_params
+    return families.model_for(cfg).num_params
 
 
 def test_parameter_counts_from_spec():
@@ -75,7 +75,7 @@ def test_maxtext_matches_its_formula_per_device():
     attn = 4 * B * S**2 * Hq * hd / 2
     emb = 2 * B * S * d * V
     total_tf = (ffn * L + (qkv + proj) * L + emb) * 3 / 1e12 + attn * L * 3 / 1e12
-    step = models.DecoderOnlyModel(cfg).train_flops_per_step(B, {"targets": S})
+    step = families.DecoderOnlyModel(cfg).train_flops_per_step(B, {"targets": S})
     assert step.maxtext / 1e12 == pytest.approx(total_tf, rel=1e-12)
 
 
@@ -93,7 +93,7 @@ def test_encoder_decoder_formula():
     assert ex.palm == pytest.approx(3 * (32 * enc + 32 * (dec_common + 4 * S_d**2 * HQ) + logits))
     assert ex.maxtext == pytest.approx(
         3 * (32 * enc + 32 * (dec_common + 2 * S_d**2 * HQ) + logits))
-    per_step = models.EncoderDecoderModel(cfg).train_flops_per_step(
+    per_step = families.EncoderDecoderModel(cfg).train_flops_per_step(
         4, {"inputs": S_e, "targets": S_d})
     assert per_step.palm == pytest.approx(4 * ex.palm)
 
@@ -190,14 +190,16 @@ def test_mfu_units():
 def test_both_conventions_within_5_percent_of_xla_cost_analysis(name, lengths):
     import gin
 
-    from t5x_like import launch, plan, trainer
+    from t5x_like import launch
+    from t5x_like.planning import planner
+    from t5x_like.training import optimizers
 
     gin.clear_config()
     launch.parse_gin([f"models/{name}.gin"], [])
     model = gin.query_parameter("%MODEL").scoped_configurable_fn()
     gin.clear_config()
-    optimizer = trainer.adamw_llama2(peak_lr=1e-3, warmup_steps=10, total_steps=100)
-    xla = plan.xla_train_flops(model, optimizer, 16, lengths)
+    optimizer = optimizers.adamw_llama2(peak_lr=1e-3, warmup_steps=10, total_steps=100)
+    xla = planner.xla_train_flops(model, optimizer, 16, lengths)
     ours = model.train_flops_per_step(16, lengths)
     assert xla / ours.palm == pytest.approx(1.0, abs=0.05)
     assert xla / ours.maxtext == pytest.approx(1.0, abs=0.05)

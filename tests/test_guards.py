@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from t5x_like import guards
+from t5x_like.training import guards
 
 
 def _hold_lock(model_dir, ready, release):

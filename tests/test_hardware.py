@@ -2,7 +2,7 @@
 
 import pytest
 
-from t5x_like import hardware
+from t5x_like.model import hardware
 
 
 @pytest.mark.parametrize("device_kind,name", [

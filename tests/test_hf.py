@@ -1,4 +1,4 @@
-"""Hugging Face interop (t5x_like/hf.py) without torch: tiny random Llama and Mistral
+"""Hugging Face interop (t5x_like/interop/hf.py) without torch: tiny random Llama and Mistral
 models that transformers saved with save_pretrained, and the logits and greedy tokens it
 computed with them (tests/golden/hf/, made by make_golden.py there), imported, run,
 exported and read back; and what needs no model (refusals, config forms, RoPE).
@@ -21,10 +21,18 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
-
 from hf_common import ATOL, GOLDEN_DIR, GOLDEN_REFERENCE_FILE, LLAMA_CONFIG, max_diff
-from t5x_like import decoding, hf, layers
-from tiny import build, jit_apply, make_module, random_tokens, strict_rank_promotion, tiny_config  # noqa: F401
+from tiny import (  # noqa: F401
+    build,
+    jit_apply,
+    make_module,
+    random_tokens,
+    strict_rank_promotion,
+    tiny_config,
+)
+
+from t5x_like.interop import hf
+from t5x_like.model import decoding, layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Hugging Face interop (t5x_like/hf.py) against transformers itself: tiny random Llama
+"""Hugging Face interop (t5x_like/interop/hf.py) against transformers itself: tiny random Llama
 models saved with save_pretrained, imported, run, exported and loaded back in
 transformers; and the golden files of tests/test_hf.py checked against the installed
 transformers.
@@ -16,13 +16,19 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from flax import nnx  # noqa: E402  (after the skips, as every import below)
-
-from hf_common import (ATOL, GOLDEN_MODELS, VOCAB, hf_generate, hf_logits,  # noqa: E402
-                       max_diff, save_hf)
-from t5x_like import hf  # noqa: E402
-from test_hf import (EXPORT_FORMS, golden, greedy_tokens, load_llama, our_llama,  # noqa: E402
-                     tensors)
+from hf_common import (  # noqa: E402
+    ATOL,
+    GOLDEN_MODELS,
+    VOCAB,
+    hf_generate,
+    hf_logits,
+    max_diff,
+    save_hf,
+)
+from test_hf import EXPORT_FORMS, golden, greedy_tokens, load_llama, our_llama, tensors  # noqa: E402
 from tiny import jit_apply, random_tokens, strict_rank_promotion  # noqa: E402,F401
+
+from t5x_like.interop import hf  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 import tasks  # noqa: F401  (registers code_causal / math_causal for the fine-tuning test)
-from t5x_like import (decoding, evaluation, infer, launch, layers, models, partitioning,
-                      train, trainer)
+from t5x_like import launch
+from t5x_like.evaluation import evaluate, infer
+from t5x_like.model import decoding, families, layers, partitioning
+from t5x_like.training import optimizers, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +29,7 @@ import os
 
 import seqio
 import tensorflow as tf
-from t5x_like import vocabulary
+from t5x_like.data import vocabulary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = vocabulary.get_vocabulary()
@@ -62,7 +64,7 @@ seqio.TaskRegistry.add(
 '''
 
 LENGTHS = {"inputs": 32, "targets": 16}
-MODEL = models.DecoderOnlyModel(layers.TransformerConfig(
+MODEL = families.DecoderOnlyModel(layers.TransformerConfig(
     vocab_size=8192, emb_dim=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
     num_decoder_layers=2, block="sequential", tie_embeddings=False, dtype="float32",
     z_loss=0.0))
@@ -93,9 +95,9 @@ def trained(tmp_path_factory):
     data = train.DataConfig(mixture_or_task_name="my_qa", task_feature_lengths=LENGTHS,
                             batch_size=8, data_workers=1, task_modules=("my_qa_tasks",))
     train.train(model=MODEL, mesh_config=FSDP, data=data,
-                optimizer=trainer.adamw_llama2(peak_lr=3e-3, warmup_steps=1, total_steps=4),
+                optimizer=optimizers.adamw_llama2(peak_lr=3e-3, warmup_steps=1, total_steps=4),
                 train_steps=4, model_dir=str(directory / "run"),
-                evaluation=evaluation.EvalConfig(enabled=False), log_every_steps=2)
+                evaluation=evaluate.EvalConfig(enabled=False), log_every_steps=2)
     return directory
 
 
@@ -124,12 +126,12 @@ def test_infer_writes_predictions_and_scores_of_the_users_task(trained, tmp_path
 
 @pytest.mark.slow
 def test_evaluate_reports_the_users_task_metrics(trained):
-    result = evaluation.evaluate(
+    result = evaluate.evaluate(
         model=MODEL, mesh_config=FSDP,
-        optimizer=trainer.adamw_llama2(peak_lr=3e-3, warmup_steps=1, total_steps=4),
+        optimizer=optimizers.adamw_llama2(peak_lr=3e-3, warmup_steps=1, total_steps=4),
         model_dir=str(trained / "run"), mixture_or_task_name="my_qa",
         task_feature_lengths=LENGTHS,
-        evaluation=evaluation.EvalConfig(batch_size=8, decode=decoding.DecodeConfig(
+        evaluation=evaluate.EvalConfig(batch_size=8, decode=decoding.DecodeConfig(
             max_decode_length=8)))
     assert set(result["results"]) == {"my_qa"}
     metrics = result["results"]["my_qa"]
@@ -139,7 +141,8 @@ def test_evaluate_reports_the_users_task_metrics(trained):
 
 @pytest.mark.slow
 def test_the_cli_runs_a_users_task_through_train_infer_and_eval(tmp_path):
-    """What README's "Your own task" shows, in subprocesses: their gin file, their module."""
+    """What docs/INFERENCE.md's "Evaluating and predicting on your own task" shows, in
+    subprocesses: their gin file, their module."""
     write_user_task(tmp_path)
     (tmp_path / "my_exp.gin").write_text(
         "include 'models/tiny_llama.gin'\ninclude 'runs/pretrain.gin'\n"
@@ -148,7 +151,7 @@ def test_the_cli_runs_a_users_task_through_train_infer_and_eval(tmp_path):
         "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 16}\n"
         "TRAIN_STEPS = 4\nBATCH_SIZE = 8\nWARMUP_STEPS = 1\nMODEL_DIR = 'run'\n"
         "train.DataConfig.data_workers = 1\nEVAL_EVERY_STEPS = 1000\n"
-        "evaluation.EvalConfig.batch_size = 8\n")
+        "evaluate.EvalConfig.batch_size = 8\n")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
 
     def run(module, *flags):
@@ -171,30 +174,31 @@ def test_the_cli_runs_a_users_task_through_train_infer_and_eval(tmp_path):
 def test_fine_tuning_starts_from_the_pretrained_loss_on_another_rule_preset(tmp_path):
     """Pretrained on code (fsdp), fine-tuned on math under fsdp_tp: the first fine-tuning
     step's loss is the pretrained model's loss on that batch (not a fresh init's)."""
-    model = models.DecoderOnlyModel(MODEL.cfg)
+    model = families.DecoderOnlyModel(MODEL.cfg)
     pre = train.DataConfig(mixture_or_task_name="code_causal",
                            task_feature_lengths={"targets": 64}, batch_size=8,
                            data_workers=1, task_modules=("tasks",))
-    opt = trainer.adamw_llama2(peak_lr=3e-3, warmup_steps=1, total_steps=12)
+    opt = optimizers.adamw_llama2(peak_lr=3e-3, warmup_steps=1, total_steps=12)
     train.train(model=model, mesh_config=FSDP, data=pre, optimizer=opt, train_steps=12,
-                model_dir=str(tmp_path / "pre"), evaluation=evaluation.EvalConfig(enabled=False))
+                model_dir=str(tmp_path / "pre"), evaluation=evaluate.EvalConfig(enabled=False))
     fine = train.DataConfig(mixture_or_task_name="math_causal",
                             task_feature_lengths={"targets": 64}, batch_size=8,
                             data_workers=1, task_modules=("tasks",))
     tuned = train.train(model=model, mesh_config=FSDP_TP, data=fine,
-                        optimizer=trainer.adamw_llama2(peak_lr=1e-4, warmup_steps=0,
+                        optimizer=optimizers.adamw_llama2(peak_lr=1e-4, warmup_steps=0,
                                                        total_steps=2),
                         train_steps=2, model_dir=str(tmp_path / "fine"), log_every_steps=1,
-                        evaluation=evaluation.EvalConfig(enabled=False),
+                        evaluation=evaluate.EvalConfig(enabled=False),
                         initial_checkpoint=str(tmp_path / "pre"))
     # The pretrained parameters' loss on the fine-tuning run's first batch.
-    from t5x_like import checkpoints, launch as launch_lib
+    from t5x_like import launch as launch_lib
+    from t5x_like.training import checkpoints
 
     mesh, rules = launch_lib.mesh_for(FSDP)
     graphdef, target = partitioning.abstract_sharded(model.make_module, mesh, rules)
     params = checkpoints.restore_params(str(tmp_path / "pre"), target)
     # The fine-tuning run's first batch: its stream is deterministic in (settings, step).
-    rows = train.data_source(fine, model.converter_name(fine.task_feature_lengths), 2).iterator()
+    rows = train.data_source(fine, model.data_form(fine.task_feature_lengths), 2).iterator()
     try:
         first = next(rows)
     finally:

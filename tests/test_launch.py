@@ -55,7 +55,7 @@ def test_gin_macro_builds_what_a_macro_names(clean_gin):
 
 
 def test_a_mesh_that_does_not_match_the_devices_is_refused():
-    from t5x_like import partitioning
+    from t5x_like.model import partitioning
 
     four = partitioning.MeshConfig(shape={"fsdp": 4}, rules="fsdp")
     with pytest.raises(ValueError, match="needs 4 devices but jax sees 8"):
@@ -105,17 +105,18 @@ def test_tensorflow_sees_no_gpu_after_start_up():
 
 def test_entry_points_restart_with_huge_pages_unless_the_user_set_them(tmp_path):
     """`python -m t5x_like.<entry>` restarts itself once with glibc's huge-page tunable
-    (t5x_like/__init__.py); a GLIBC_TUNABLES that names it is the user's choice."""
+    (t5x_like/process.py); a GLIBC_TUNABLES that names it is the user's choice."""
     import os
     import subprocess
     import sys
 
     import t5x_like
+    from t5x_like import process
 
-    assert t5x_like.with_huge_pages({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-    assert (t5x_like.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert process.with_huge_pages({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert (process.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
             ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
-    assert (t5x_like.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert (process.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
             ["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0")
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(t5x_like.__file__)))
@@ -123,3 +124,26 @@ def test_entry_points_restart_with_huge_pages_unless_the_user_set_them(tmp_path)
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "missing.gin" in out.stderr, out.stderr[-2000:]
     assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in out.stderr
+
+
+def test_a_gin_file_naming_a_module_that_moved_is_told_where_it_is(tmp_path):
+    """The layout moved modules into subpackages: a user's gin file or binding that names
+    an old module fails with the new import and the gin name to use."""
+    import gin
+
+    old = tmp_path / "old.gin"
+    old.write_text("from __gin__ import dynamic_registration\nfrom t5x_like import models\n"
+                   "models.DecoderOnlyModel.cfg = None\n")
+    with pytest.raises(ImportError, match="from t5x_like.model import families"):
+        launch.parse_gin([str(old)], [])
+    gin.clear_config()
+    new = tmp_path / "new.gin"
+    new.write_text("from __gin__ import dynamic_registration\n"
+                   "from t5x_like.evaluation import evaluate\n")
+    with pytest.raises(ValueError, match="gin names its configurables `evaluate.<name>`"):
+        launch.parse_gin([str(new)], ["evaluation.EvalConfig.enabled = False"])
+    gin.clear_config()
+    with pytest.raises(ValueError, match="from t5x_like.objectives import preference"):
+        launch.parse_gin([str(new)], ["models.RewardModel.margin = 'small'"])
+    gin.clear_config()
+    assert launch.moved_hint("No configurable matching 'my_tasks.Thing'.") is None

@@ -7,11 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import (  # noqa: F401
+    assert_close,
+    build,
+    make_module,
+    max_abs,
+    model_for,
+    packed_ids,
+    strict_rank_promotion,
+    tiny_config,
+)
 
-from t5x_like import layers
-from t5x_like.partitioning import LAYERS, LOGICAL_AXES
-from tiny import assert_close, build, make_module, max_abs, model_for, packed_ids, strict_rank_promotion, tiny_config  # noqa: F401
-
+from t5x_like.model import layers
+from t5x_like.model.partitioning import LAYERS, LOGICAL_AXES
 
 # ------------------------------------------------------------------------------ config
 

@@ -1,4 +1,4 @@
-"""Tests for t5x_like/loader.py: exact resume, process sharding, global jax batches."""
+"""Tests for t5x_like/training/loader.py: exact resume, process sharding, global jax batches."""
 
 import json
 
@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
-
-from t5x_like import loader as loader_lib
 from test_prepare import ENCDEC_STORE_ARGS, encdec_store, read_rows, test_tasks  # noqa: F401  (fixtures)
+
+from t5x_like.training import loader as loader_lib
 
 
 def _row_ids(batch):

@@ -6,17 +6,19 @@ import dataclasses
 import math
 
 import pytest
-
-from t5x_like import memory, models, partitioning, plan, trainer
 from test_configs import factory, model_config
+
+from t5x_like.model import families, partitioning
+from t5x_like.planning import memory, planner
+from t5x_like.training import optimizers, train_state
 
 
 def _abstract_state(cfg, rules, optimizer=None):
-    optimizer = optimizer or trainer.adamw_llama2(1e-4, 1, 10)
+    optimizer = optimizer or optimizers.adamw_llama2(1e-4, 1, 10)
     mesh = partitioning.make_mesh({"fsdp": 2, "tensor": 4})  # specs hold for any sizes
-    graphdef, state = trainer.abstract_train_state(models.model_for(cfg), optimizer.tx,
+    graphdef, state = train_state.abstract_train_state(families.model_for(cfg), optimizer.tx,
                                                    mesh, rules)
-    return state, trainer.params_of(graphdef, state)
+    return state, train_state.params_of(graphdef, state)
 
 
 def test_llama3_70b_state_on_64_devices_is_the_arithmetic():
@@ -42,7 +44,7 @@ def test_llama3_70b_state_on_64_devices_is_the_arithmetic():
 
 def test_adafactor_state_of_palm_62b_is_two_moments_per_parameter():
     cfg = model_config("palm_62b")
-    state, params = _abstract_state(cfg, "fsdp_tp", trainer.adafactor_palm())
+    state, params = _abstract_state(cfg, "fsdp_tp", optimizers.adafactor_palm())
     sizes = {"data": 1, "fsdp": 8, "tensor": 8}
     optimizer = memory.state_bytes(state, sizes) - memory.state_bytes(params, sizes)
     assert optimizer == pytest.approx(2 * memory.state_bytes(params, sizes), rel=1e-3)
@@ -65,15 +67,15 @@ def test_the_activation_estimate_is_near_xla_own_count(name, changes, mesh, rule
     estimate: within -40%..+20% on these, and within -25%..+13% on 8B-wide layers
     (docs/PLANNING.md has the table); it errs high."""
     cfg = dataclasses.replace(model_config(name), **{**_SMALL, **changes})
-    model = models.model_for(cfg)
+    model = families.model_for(cfg)
     mesh = partitioning.make_mesh(mesh)
-    compiled, graphdef, state, _ = plan._compile(
-        model, trainer.adamw_llama2(1e-4, 1, 10), mesh, partitioning.get_rules(rules), 8,
+    compiled, graphdef, state, _ = planner._compile(
+        model, optimizers.adamw_llama2(1e-4, 1, 10), mesh, partitioning.get_rules(rules), 8,
         lengths, 1)
     sizes = dict(mesh.shape)
-    params = trainer.params_of(graphdef, state)
+    params = train_state.params_of(graphdef, state)
     split = memory.Split.of(rules, sizes, 8)
-    estimate = (memory.activation_bytes(cfg, split, plan._stacks(model, lengths))["total"]
+    estimate = (memory.activation_bytes(cfg, split, planner._stacks(model, lengths))["total"]
                 + memory.state_bytes(params, sizes) + memory.gathered_weight_bytes(params, sizes))
     temporaries = compiled.memory_analysis().temp_size_in_bytes
     assert 0.6 <= temporaries / estimate <= 1.2, (temporaries, estimate)

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from t5x_like import flops, metrics
+from t5x_like.model import flops
+from t5x_like.training import metrics
 
 
 def test_writer_writes_jsonl_and_tensorboard_events(tmp_path):

@@ -6,12 +6,17 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-
-from t5x_like.models import DecoderOnlyModel, EncoderDecoderModel
 from tiny import (  # noqa: F401
-    assert_close, make_module, model_for, packed_ids, random_tokens, strict_rank_promotion,
+    assert_close,
+    make_module,
+    model_for,
+    packed_ids,
+    random_tokens,
+    strict_rank_promotion,
     tiny_config,
 )
+
+from t5x_like.model.families import DecoderOnlyModel, EncoderDecoderModel
 
 L = 12
 DEC = tiny_config(z_loss=1e-2)  # a large coefficient, so a wrong z-loss cannot hide
@@ -226,7 +231,7 @@ def test_fused_chunked_loss_equals_the_whole_logits_loss_and_gradients(base, chu
 
 
 def test_accuracy_counts_a_tie_for_the_top_logit_as_correct():
-    from t5x_like.models import fused_loss_sums, token_losses
+    from t5x_like.model.families import fused_loss_sums, token_losses
 
     logits = np.array([[[1.0, 3.0, 3.0, 0.0], [2.0, 1.0, 0.0, 0.0]]], np.float32)
     targets, weights = np.array([[2, 1]]), np.ones((1, 2), np.float32)

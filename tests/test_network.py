@@ -8,10 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from tiny import (  # noqa: F401
-    assert_close, jit_apply, make_module, max_abs, model_for, packed_ids, random_tokens,
-    strict_rank_promotion, tiny_config, unrolled_copy,
+    assert_close,
+    jit_apply,
+    make_module,
+    max_abs,
+    model_for,
+    packed_ids,
+    random_tokens,
+    strict_rank_promotion,
+    tiny_config,
+    unrolled_copy,
 )
 
 L = 16

@@ -1,4 +1,4 @@
-"""Tests for t5x_like/packing.py: pool packing (best-fit over a pool of examples).
+"""Tests for t5x_like/data/packing.py: pool packing (best-fit over a pool of examples).
 
 Fast: the assignment itself, the row format against seqio's own packing of the same
 examples (so models, masks and metrics see what they saw), isolation of segments,
@@ -9,9 +9,9 @@ to minutes): padding and task shares on the demo mixtures.
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from t5x_like import packing, pipeline
 from test_prepare import test_tasks  # noqa: F401  (fixture)
+
+from t5x_like.data import forms, packing, pipeline
 
 
 def _greedy_rows(lengths, capacity):
@@ -76,9 +76,9 @@ def test_rows_are_seqios_packed_rows_of_the_same_examples(converter):
     inputs (BOS at every segment start), loss weights and causal attention."""
     examples = _examples(converter, 24)
     lengths = LENGTHS[converter]
-    rows = list(pipeline.pool_packed_rows(converter, _dataset(examples), lengths, pool=8,
+    rows = list(pipeline.pool_packed_rows(forms.get(converter), _dataset(examples), lengths, pool=8,
                                           num_tasks=2).as_numpy_iterator())
-    seqio_converter = pipeline.make_converter(converter)
+    seqio_converter = forms.get(converter).converter()
     for row in rows:
         # Which examples: pools keep the order inside a row, not across rows, so the
         # row's segments are looked up by their tokens.
@@ -122,7 +122,7 @@ def test_segments_are_isolated_and_runs_are_deterministic():
     examples = _examples("encdec", 64, seed=1)
 
     def rows():
-        return list(pipeline.pool_packed_rows("encdec", _dataset(examples), LENGTHS["encdec"],
+        return list(pipeline.pool_packed_rows(forms.ENCDEC, _dataset(examples), LENGTHS["encdec"],
                                               pool=32, num_tasks=2).as_numpy_iterator())
 
     first, second = rows(), rows()
@@ -144,7 +144,7 @@ def test_segments_are_isolated_and_runs_are_deterministic():
 
 
 def _shard_counts(pack_pool, rows):
-    spec = pipeline.shard_spec("tt_mix_encdec", {"inputs": 32, "targets": 32}, "encdec", 5, 1,
+    spec = pipeline.shard_spec("tt_mix_encdec", {"inputs": 32, "targets": 32}, forms.ENCDEC, 5, 1,
                                pack_pool=pack_pool)
     out = list(pipeline.shard_rows(spec, 0).take(rows).as_numpy_iterator())
     examples = sum(int(r["encoder_segment_ids"].max()) for r in out)
@@ -174,7 +174,7 @@ def test_whole_pools_hold_exactly_the_drawn_examples():
 
 
 def _measure(mixture, lengths, converter, pack_pool, rows):
-    spec = pipeline.shard_spec(mixture, lengths, converter, 0, 1, pack_pool=pack_pool)
+    spec = pipeline.shard_spec(mixture, lengths, forms.get(converter), 0, 1, pack_pool=pack_pool)
     layout = pipeline.record_layout(spec)
     positions = sum(n for f, n in zip(layout.names, layout.lengths)
                     if f in pipeline.TOKEN_SEGMENTS)
@@ -188,7 +188,7 @@ def _measure(mixture, lengths, converter, pack_pool, rows):
 def test_pool_packing_of_documents_is_under_10_percent_padding():
     """reka_mix_causal at 512 (documents of uneven length): greedy ~14% padding, a
     pool of 256 under 10% (measured ~1%)."""
-    from t5x_like import mixtures
+    from t5x_like.data import mixtures
     mixtures.import_task_modules(["tasks"])
     greedy, _ = _measure("reka_mix_causal", {"targets": 512}, "lm", 1, 400)
     pooled, _ = _measure("reka_mix_causal", {"targets": 512}, "lm", 256, 400)
@@ -199,7 +199,7 @@ def test_pool_packing_of_documents_is_under_10_percent_padding():
 def test_reka_mix_ul2_task_shares_keep_the_rates():
     """reka_mix_ul2 at 128/128, pool 256: the packed rows' per-task shares are within
     1 point of the configured rates, and padding is no worse than greedy's."""
-    from t5x_like import mixtures
+    from t5x_like.data import mixtures
     mixtures.import_task_modules(["tasks"])
     lengths = {"inputs": 128, "targets": 128}
     pooled, counts = _measure("reka_mix_ul2", lengths, "encdec", 256, 2048)

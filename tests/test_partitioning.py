@@ -19,9 +19,18 @@ from flax import linen as nn
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from t5x_like import models, partitioning
-from t5x_like.partitioning import (
-    BATCH, EMBED, HEADS, KV_HEADS, LAYERS, LENGTH, LOGICAL_AXES, MLP, RULE_PRESETS, VOCAB,
+from t5x_like.model import families, partitioning
+from t5x_like.model.partitioning import (
+    BATCH,
+    EMBED,
+    HEADS,
+    KV_HEADS,
+    LAYERS,
+    LENGTH,
+    LOGICAL_AXES,
+    MLP,
+    RULE_PRESETS,
+    VOCAB,
 )
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -46,7 +55,7 @@ def _mesh(name):
 
 
 def _model(cfg):
-    return models.model_for(cfg)
+    return families.model_for(cfg)
 
 
 def test_eight_emulated_devices():

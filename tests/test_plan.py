@@ -1,6 +1,6 @@
 """`python -m t5x_like.plan`: the whole path on a tiny model in this process, a mesh
 planned at full size and with fewer data replicas agreeing, the errors raised before
-anything is compiled, and (slow) the README's plans of full-size models, each a fresh
+anything is compiled, and (slow) the plans of full-size models in docs/PLANNING.md, each a fresh
 process timed against the 5-minute budget."""
 
 import json
@@ -12,21 +12,23 @@ import sys
 import time
 
 import pytest
-
-from t5x_like import hardware, models, partitioning, plan, trainer
-from tiny import assert_no_compile_while
 from test_configs import factory, model_config
+from tiny import assert_no_compile_while
+
+from t5x_like.model import families, hardware, partitioning
+from t5x_like.planning import planner
+from t5x_like.training import optimizers
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _tiny_plan(mesh_config, tmp_path=None, **config):
-    model = models.model_for(model_config("tiny_llama"))
+    model = families.model_for(model_config("tiny_llama"))
     output = str(tmp_path / "plan.json") if tmp_path else None
-    return plan.plan(model=model, mesh_config=mesh_config,
-                     optimizer=trainer.adamw_llama2(1e-3, 10, 100), batch_size=8,
+    return planner.plan(model=model, mesh_config=mesh_config,
+                     optimizer=optimizers.adamw_llama2(1e-3, 10, 100), batch_size=8,
                      task_feature_lengths={"targets": 64}, train_tokens=1e9,
-                     config=plan.PlanConfig(**config), output=output)
+                     config=planner.PlanConfig(**config), output=output)
 
 
 def test_the_whole_plan_of_a_tiny_model(tmp_path, capsys):
@@ -105,12 +107,12 @@ def test_a_mesh_planned_with_fewer_data_replicas_agrees_with_the_full_compile():
 ])
 def test_errors_come_before_any_compile(mesh_kwargs, plan_kwargs, match):
     mesh_config = partitioning.MeshConfig(**{"rules": "fsdp", **mesh_kwargs})
-    model = models.model_for(model_config("tiny_llama"))
+    model = families.model_for(model_config("tiny_llama"))
 
     def run():
         with pytest.raises(ValueError, match=match):
-            plan.plan(model=model, mesh_config=mesh_config,
-                      optimizer=trainer.adamw_llama2(1e-3, 10, 100),
+            planner.plan(model=model, mesh_config=mesh_config,
+                      optimizer=optimizers.adamw_llama2(1e-3, 10, 100),
                       task_feature_lengths={"targets": 64}, **plan_kwargs)
 
     assert_no_compile_while(run)
@@ -119,13 +121,13 @@ def test_errors_come_before_any_compile(mesh_kwargs, plan_kwargs, match):
 def test_an_unknown_device_kind_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"Unknown device kind 'H100 94GB'; known: "
                                          r"\['A100 80GB', 'A100 40GB'"):
-        plan.PlanConfig(device_kinds=("H100 80GB", "H100 94GB"))
+        planner.PlanConfig(device_kinds=("H100 80GB", "H100 94GB"))
 
 
 def test_suggestions_take_the_first_fit_of_each_kind_of_change():
-    base = plan.Variant({"data": 1, "fsdp": 8, "tensor": 1}, {"data": 1, "fsdp": 1, "tensor": 1},
+    base = planner.Variant({"data": 1, "fsdp": 8, "tensor": 1}, {"data": 1, "fsdp": 1, "tensor": 1},
                         "fsdp", "minimal", 8)
-    options = plan.candidates(base, devices_per_node=8, batch_size=64)
+    options = planner.candidates(base, devices_per_node=8, batch_size=64)
     labels = [(category, label) for category, label, _, _ in options]
     assert labels[:2] == [("remat", "remat_policy 'full'"), ("microbatches", "NUM_MICROBATCHES=16")]
     assert ("tensor", "tensor 8 inside a node (fsdp_tp)") in labels
@@ -136,9 +138,9 @@ def test_suggestions_take_the_first_fit_of_each_kind_of_change():
     both = [v for category, _, _, v in options if category == "tensor+nodes"]
     assert [v.num_devices for v in both] == sorted(v.num_devices for v in both)
     h100 = hardware.spec("H100 80GB")
-    picked = plan._suggestions(h100, [("remat", "a", "", 90e9), ("remat", "b", "", 70e9),
+    picked = planner._suggestions(h100, [("remat", "a", "", 90e9), ("remat", "b", "", 70e9),
                                       ("nodes", "c", "", 60e9), ("nodes", "d", "", 50e9)],
-                               plan.PlanConfig())
+                               planner.PlanConfig())
     assert [s["change"] for s in picked] == ["b", "c"]
 
 
@@ -160,7 +162,7 @@ def test_a_tpu_slice_is_planned_with_the_tpu_compiler():
                    tpu_topology="v5e:2x2")
 
 
-# ------------------------------------------------------------------ the README's plans
+# ------------------------------------------------------------------ docs/PLANNING.md's plans
 
 
 def _cli_plan(tmp_path, *gin_args):

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from t5x_like import models, preference
 from tiny import tiny_config
+
+from t5x_like.objectives import preference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +43,7 @@ def test_margin_loss_equals_a_hand_computation_for_each_rating(name, table):
 
 def test_unknown_margin_names_the_choices():
     with pytest.raises(ValueError, match=r"Unknown reward margin 'huge'.*'large'"):
-        models.RewardModel(tiny_config(), margin="huge")
+        preference.RewardModel(tiny_config(), margin="huge")
 
 
 def _pair_batch():
@@ -58,7 +58,7 @@ def _pair_batch():
 
 
 def test_reward_model_loss_on_a_tiny_network():
-    model = models.RewardModel(tiny_config(), margin="large")
+    model = preference.RewardModel(tiny_config(), margin="large")
     module = model.make_module(nnx.Rngs(0))
     batch = {k: jnp.asarray(v) for k, v in _pair_batch().items()}
 
@@ -105,20 +105,20 @@ def test_pairwise_accuracy_per_rating_level_from_sums():
 def test_preference_rows_from_task_features():
     import tensorflow as tf
 
-    from t5x_like import pipeline
+    from t5x_like.data import forms
 
     ds = tf.data.Dataset.from_tensors({
         "inputs": tf.constant([4, 5, 6], tf.int32), "targets": tf.constant([7, 8, 1], tf.int32),
         "rejected": tf.constant([9, 1], tf.int32), "rating": tf.constant([2], tf.int32)})
     lengths = {"inputs": 4, "targets": 3, "rejected": 3, "rating": 1}
-    row = next(pipeline.make_converter("preference")(ds, lengths).as_numpy_iterator())
+    row = next(forms.PREFERENCE.converter()(ds, lengths).as_numpy_iterator())
     np.testing.assert_array_equal(row["chosen_tokens"], [4, 5, 6, 7, 8, 1, 0])
     np.testing.assert_array_equal(row["chosen_response"], [0, 0, 0, 1, 1, 1, 0])
     np.testing.assert_array_equal(row["rejected_tokens"], [4, 5, 6, 9, 1, 0, 0])
     np.testing.assert_array_equal(row["rejected_response"], [0, 0, 0, 1, 1, 0, 0])
     np.testing.assert_array_equal(row["rating"], [2])
     with pytest.raises(ValueError, match="rejected length 4 exceeds targets length 3"):
-        pipeline.make_converter("preference").get_model_feature_lengths(
+        forms.PREFERENCE.converter().get_model_feature_lengths(
             {**lengths, "rejected": 4})
 
 
@@ -165,11 +165,11 @@ def test_dpo_loss_equals_a_hand_computation():
     assert float(loss[0]) == pytest.approx(math.log1p(math.exp(-0.2)), rel=1e-6)
     assert float(loss[1]) == pytest.approx(math.log(2), rel=1e-6)
     with pytest.raises(ValueError, match="beta=0.0 must be > 0"):
-        models.DPOModel(tiny_config(), beta=0.0)
+        preference.DPOModel(tiny_config(), beta=0.0)
 
 
 def test_dpo_is_log_2_where_the_policy_is_the_reference():
-    model = models.DPOModel(tiny_config(), beta=0.5)
+    model = preference.DPOModel(tiny_config(), beta=0.5)
     module = model.make_module(nnx.Rngs(0))
     batch = {k: jnp.asarray(v) for k, v in _pair_batch().items()}
     tokens, response = batch["chosen_tokens"][:1], batch["chosen_response"][:1]
@@ -190,7 +190,7 @@ def test_dpo_is_log_2_where_the_policy_is_the_reference():
 
 @pytest.mark.slow
 def test_dpo_loss_falls_while_the_reference_stays():
-    model = models.DPOModel(tiny_config(), beta=0.5)
+    model = preference.DPOModel(tiny_config(), beta=0.5)
     module = model.make_module(nnx.Rngs(0))
     batch = {k: jnp.asarray(v) for k, v in _pair_batch().items()}
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)

@@ -1,4 +1,4 @@
-"""Tests for t5x_like/prepare.py: packing, manifest counts, idempotency, mismatch errors.
+"""Tests for t5x_like/data/prepare.py: packing, manifest counts, idempotency, mismatch errors.
 
 The tests register their own tiny seqio tasks (a byte vocabulary over text files written
 to a tmp dir) from a module file, so spawned prepare workers can import it too.
@@ -14,8 +14,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from t5x_like import prepare as prepare_lib
-from t5x_like import mixtures, store
+from t5x_like.data import mixtures, store
+from t5x_like.data import prepare as prepare_lib
 
 TEST_TASK_MODULE = "t5x_like_test_tasks"
 

@@ -6,48 +6,51 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from t5x_like import models, rejection, vocabulary
-from t5x_like.decoding import DecodeConfig
 from tiny import tiny_config
+
+from t5x_like.data import vocabulary
+from t5x_like.model import families
+from t5x_like.objectives import preference
+from t5x_like.model.decoding import DecodeConfig
+from t5x_like.recipes import best_of_n
 
 
 def test_best_of_n_keeps_the_highest_reward_and_reads_back_through_seqio(tmp_path):
     cfg = tiny_config()
-    policy = models.DecoderOnlyModel(cfg)
-    reward_model = models.RewardModel(cfg)
+    policy = families.DecoderOnlyModel(cfg)
+    reward_model = preference.RewardModel(cfg)
     policy_module = policy.make_module(nnx.Rngs(0))
     reward_module = reward_model.make_module(nnx.Rngs(1))
     reward_module.reward_head[...] = jax.random.normal(jax.random.key(2), (cfg.emb_dim,))
     prompts = np.array([[5, 6, 7, 0], [9, 10, 11, 12], [13, 14, 0, 0]], np.int32)
     decode = DecodeConfig(method="sample", max_decode_length=6, temperature=1.0)
-    responses, rewards = rejection.sample_and_score(policy, policy_module, reward_model,
+    responses, rewards = best_of_n.sample_and_score(policy, policy_module, reward_model,
                                                     reward_module, prompts, 4, decode, seed=3)
     assert responses.shape == (4, 3, 6) and rewards.shape == (4, 3)
     assert len({responses[i].tobytes() for i in range(4)}) > 1  # the samples differ
     # each reward is the reward model's on prompt + response up to its EOS
     for i in (0, 3):
-        row = list(prompts[1][prompts[1] != 0]) + rejection._response_tokens(responses[i, 1], 1)
+        row = list(prompts[1][prompts[1] != 0]) + best_of_n._response_tokens(responses[i, 1], 1)
         one = nnx.jit(lambda m, t: reward_model.rewards(m, t))(
             reward_module, jnp.asarray([row], jnp.int32))
         assert float(one[0]) == pytest.approx(float(rewards[i, 1]), rel=1e-4, abs=1e-5)
-    best = [rewards[rejection.best_of(rewards, k), range(3)].mean() for k in (1, 2, 4)]
+    best = [rewards[best_of_n.best_of(rewards, k), range(3)].mean() for k in (1, 2, 4)]
     assert best[0] <= best[1] <= best[2]
-    assert np.array_equal(rejection.best_of(rewards, 4), rewards.argmax(axis=0))
+    assert np.array_equal(best_of_n.best_of(rewards, 4), rewards.argmax(axis=0))
     with pytest.raises(ValueError, match="k=5 must be in 1..4"):
-        rejection.best_of(rewards, 5)
+        best_of_n.best_of(rewards, 5)
     with pytest.raises(ValueError, match="method='sample'"):
-        rejection.sample_and_score(policy, policy_module, reward_model, reward_module, prompts,
+        best_of_n.sample_and_score(policy, policy_module, reward_model, reward_module, prompts,
                                    2, DecodeConfig())
-    chosen = rejection.best_of(rewards, 4)
+    chosen = best_of_n.best_of(rewards, 4)
     path = str(tmp_path / "sft.tfrecord.gz")
     vocab = vocabulary.get_vocabulary()
-    assert rejection.write_sft_source(path, prompts, responses, chosen, vocab, 1) == 3
-    task = rejection.sft_task("test_rejection_sft", path, vocab)
+    assert best_of_n.write_sft_source(path, prompts, responses, chosen, vocab, 1) == 3
+    task = best_of_n.sft_task("test_rejection_sft", path, vocab)
     read = list(task.get_dataset(None, split="train", shuffle=False).as_numpy_iterator())
     for b, ex in enumerate(read):
         assert ex["inputs"].tolist() == [int(t) for t in prompts[b] if t]
-        assert ex["targets"].tolist() == rejection._response_tokens(responses[chosen[b], b], 1)
+        assert ex["targets"].tolist() == best_of_n._response_tokens(responses[chosen[b], b], 1)
 
 
 # ---------------------------------------------------------------------------
@@ -59,7 +62,10 @@ import os  # noqa: E402
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from t5x_like import checkpoints, mixtures, partitioning, rejection_sample  # noqa: E402
+from t5x_like.data import mixtures
+from t5x_like.model import partitioning
+from t5x_like.recipes import rejection_sampling  # noqa: E402
+from t5x_like.training import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DP = partitioning.MeshConfig(shape={"data": 8}, rules="dp")  # cheapest to compile
@@ -96,7 +102,7 @@ def test_rejection_sample_writes_the_kept_set_and_registers_it_for_fine_tuning(
         tmp_path, monkeypatch):
     monkeypatch.setenv(mixtures.REGISTRATIONS_ENV, "{}")  # removed again afterwards
     cfg = tiny_config(**SMALL)
-    policy, reward_model = models.DecoderOnlyModel(cfg), models.RewardModel(cfg)
+    policy, reward_model = families.DecoderOnlyModel(cfg), preference.RewardModel(cfg)
     policy_dir = _save_module(tmp_path / "policy", policy.make_module(nnx.Rngs(0)))
     reward_module = reward_model.make_module(nnx.Rngs(1))
     reward_module.reward_head[...] = jax.random.normal(jax.random.key(2), (cfg.emb_dim,))
@@ -104,7 +110,7 @@ def test_rejection_sample_writes_the_kept_set_and_registers_it_for_fine_tuning(
     out = str(tmp_path / "rs")
 
     def run(**kwargs):
-        return rejection_sample.rejection_sample(
+        return rejection_sampling.rejection_sample(
             policy=policy, policy_checkpoint=policy_dir, reward_model=reward_model,
             reward_checkpoint=reward_dir, mesh_config=DP,
             mixture_or_task_name=_prompt_task(), task_feature_lengths={"inputs": 12},
@@ -126,9 +132,9 @@ def test_rejection_sample_writes_the_kept_set_and_registers_it_for_fine_tuning(
         run()
 
     # The kept set through the gin-configurable registration, both forms.
-    name = rejection.register_sft_task(out)
+    name = best_of_n.register_sft_task(out)
     assert name == summary["sft_task_name"] and name in mixtures.recorded_registrations(
-        rejection.SFT_TASK)
+        best_of_n.SFT_TASK)
     read = list(seqio.get_mixture_or_task(name).get_dataset(
         None, split="train", shuffle=False).as_numpy_iterator())
     assert len(read) == 10
@@ -140,42 +146,42 @@ def test_rejection_sample_writes_the_kept_set_and_registers_it_for_fine_tuning(
         assert vocab.decode(tokens).startswith(rows[b]["prompt"])
         assert float(reward_of(reward_module, jnp.asarray([tokens], jnp.int32))[0]) == (
             pytest.approx(rows[b]["rewards"][rows[b]["kept"]], abs=1e-4))
-    prefix = rejection.register_sft_task(out, form="prefix_lm", name="test_rs_prefix")
+    prefix = best_of_n.register_sft_task(out, form="prefix_lm", name="test_rs_prefix")
     pairs = list(seqio.get_mixture_or_task(prefix).get_dataset(
         None, split="validation", shuffle=False).as_numpy_iterator())
     assert [p["inputs"].tolist() + p["targets"].tolist() for p in pairs] == [
         ex["targets"].tolist() for ex in read]
     gin_text = open(os.path.join(out, "finetune.gin")).read()
-    assert "@rejection.register_sft_task()" in gin_text and "{'targets': 18}" in gin_text
+    assert "@best_of_n.register_sft_task()" in gin_text and "{'targets': 18}" in gin_text
     with pytest.raises(FileNotFoundError, match="not the output"):
-        rejection.register_sft_task(str(tmp_path))
+        best_of_n.register_sft_task(str(tmp_path))
 
 
 def test_a_dpo_checkpoint_reads_as_its_policy(tmp_path):
     """A DPOModel's state (policy + frozen reference) restores onto a plain decoder-only
     LM as the policy's parameters, never the reference's."""
     cfg = tiny_config()
-    dpo = models.DPOModel(cfg).make_module(nnx.Rngs(0))
+    dpo = preference.DPOModel(cfg).make_module(nnx.Rngs(0))
     dpo.embed.embedding[...] = dpo.embed.embedding[...] + 1.0  # policy != reference
     path = _save_module(tmp_path / "dpo", dpo)
-    target = nnx.state(models.DecoderOnlyModel(cfg).make_module(nnx.Rngs(5)))
+    target = nnx.state(families.DecoderOnlyModel(cfg).make_module(nnx.Rngs(5)))
     restored = checkpoints.restore_params(path, target)
     np.testing.assert_array_equal(np.asarray(restored["embed"]["embedding"][...]),
                                   np.asarray(dpo.embed.embedding[...]))
     assert "reference" not in restored
     # a mismatch is still refused
     with pytest.raises(checkpoints.CheckpointMismatchError):
-        checkpoints.restore_params(path, nnx.state(models.DecoderOnlyModel(
+        checkpoints.restore_params(path, nnx.state(families.DecoderOnlyModel(
             tiny_config(emb_dim=64)).make_module(nnx.Rngs(0))))
 
 
 TINY_MODEL_GIN = """
 from __gin__ import dynamic_registration
-from t5x_like import layers
-from t5x_like import models
+from t5x_like.model import layers
+from t5x_like.model import families
 
-MODEL = @models.DecoderOnlyModel()
-models.DecoderOnlyModel.cfg = %MODEL_CONFIG
+MODEL = @families.DecoderOnlyModel()
+families.DecoderOnlyModel.cfg = %MODEL_CONFIG
 MODEL_CONFIG = @layers.TransformerConfig()
 layers.TransformerConfig.vocab_size = 8192
 layers.TransformerConfig.emb_dim = 32
@@ -203,19 +209,20 @@ def test_rejection_sampling_then_fine_tuning_on_the_kept_set_end_to_end(tmp_path
     import sys
 
     import tasks  # noqa: F401  (code_causal, reka_preference)
-    from t5x_like import evaluation, metrics, train, trainer
+    from t5x_like.evaluation import evaluate
+    from t5x_like.training import metrics, optimizers, train
     from tasks.preference import PREFERENCE_FEATURE_LENGTHS
 
     cfg = tiny_config(**SMALL, tie_embeddings=False)
     (tmp_path / "tiny_rs_model.gin").write_text(TINY_MODEL_GIN)
-    opt = trainer.adamw_llama2(peak_lr=3e-3, warmup_steps=1, total_steps=6)
-    off = evaluation.EvalConfig(enabled=False)
-    train.train(model=models.DecoderOnlyModel(cfg), mesh_config=DP, optimizer=opt,
+    opt = optimizers.adamw_llama2(peak_lr=3e-3, warmup_steps=1, total_steps=6)
+    off = evaluate.EvalConfig(enabled=False)
+    train.train(model=families.DecoderOnlyModel(cfg), mesh_config=DP, optimizer=opt,
                 data=train.DataConfig(mixture_or_task_name="code_causal",
                                       task_feature_lengths={"targets": 64}, batch_size=8,
                                       data_workers=1, task_modules=("tasks",)),
                 train_steps=6, model_dir=str(tmp_path / "policy"), evaluation=off)
-    train.train(model=models.RewardModel(cfg), mesh_config=DP, optimizer=opt,
+    train.train(model=preference.RewardModel(cfg), mesh_config=DP, optimizer=opt,
                 data=train.DataConfig(mixture_or_task_name="reka_preference",
                                       task_feature_lengths=PREFERENCE_FEATURE_LENGTHS,
                                       batch_size=8, data_workers=1, task_modules=("tasks",)),
@@ -253,7 +260,7 @@ def test_rejection_sampling_then_fine_tuning_on_the_kept_set_end_to_end(tmp_path
     assert np.mean(losses[-2:]) < losses[0], losses
     # the fine-tuned checkpoint loads as the policy and moved away from it
     tuned = checkpoints.restore_params(str(tmp_path / "tuned"), nnx.state(
-        models.DecoderOnlyModel(cfg).make_module(nnx.Rngs(0))))
+        families.DecoderOnlyModel(cfg).make_module(nnx.Rngs(0))))
     start = checkpoints.restore_params(str(tmp_path / "policy"), tuned)
     assert not np.allclose(np.asarray(tuned["embed"]["embedding"][...]),
                            np.asarray(start["embed"]["embedding"][...]))
@@ -270,7 +277,7 @@ def test_the_cli_refuses_an_existing_output_before_loading_anything(tmp_path, ca
     (tmp_path / "rs" / "summary.json").write_text("{}")
     try:
         with pytest.raises(SystemExit) as stopped:
-            rejection_sample.main([
+            rejection_sampling.main([
                 "--gin_file=models/tiny_llama.gin", "--gin_file=meshes/cpu8_fsdp.gin",
                 "--gin_file=runs/rejection_sample.gin", "--gin.POLICY_CHECKPOINT='p'",
                 "--gin.REWARD_CHECKPOINT='r'", f"--gin.RS_OUTPUT_DIR='{tmp_path / 'rs'}'"])

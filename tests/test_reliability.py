@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from t5x_like import metrics
+from t5x_like.training import metrics
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ TASK_FEATURE_LENGTHS = {{'targets': 64}}
 TRAIN_STEPS = {STEPS}
 BATCH_SIZE = 8
 WARMUP_STEPS = 2
-evaluation.EvalConfig.enabled = False
+evaluate.EvalConfig.enabled = False
 train.CheckpointConfig.save_every_steps = 4
 train.CheckpointConfig.keep = 10
 train.train.log_every_steps = 1

@@ -1,4 +1,4 @@
-"""Tests for t5x_like/stream.py: streamed batches are a function of (settings, step).
+"""Tests for t5x_like/data/stream.py: streamed batches are a function of (settings, step).
 
 In-process (the shard streams without worker processes: seconds) for the layout, the
 per-task counts, the equality with a prepared store's rows, resuming and the identity
@@ -12,16 +12,16 @@ from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
-
-from t5x_like import pipeline, stream
 from test_prepare import TEST_TASK_MODULE, _prepare, read_rows, test_tasks  # noqa: F401
+
+from t5x_like.data import forms, pipeline, stream
 
 LENGTHS = {"targets": 64}
 SEED, SHARDS, BATCH = 3, 2, 8  # 4 rows of each shard per step
 
 
 def _spec(seed=SEED, shards=SHARDS, **kwargs):
-    return pipeline.shard_spec("tt_mix_lm", LENGTHS, "lm", seed, shards, **kwargs)
+    return pipeline.shard_spec("tt_mix_lm", LENGTHS, forms.LM, seed, shards, **kwargs)
 
 
 def _stream(process_index=0, process_count=1, workers=None, **kwargs):

@@ -12,9 +12,9 @@ import seqio
 import tensorflow as tf
 
 import tasks  # noqa: F401  (registers)
+from t5x_like.data import documents, mixtures, ul2
+from t5x_like.data import vocabulary as vocabulary_lib
 from tasks import reka_mix
-from t5x_like import documents, mixtures, ul2
-from t5x_like import vocabulary as vocabulary_lib
 
 DENOISERS = list(ul2.DENOISERS)
 SMALL_LENGTHS = {"inputs": 64, "targets": 64}  # every denoiser fits (x4 needs 63)

@@ -24,25 +24,29 @@ import pytest
 from flax import nnx
 
 import tasks  # noqa: F401  (registers code_causal and the validation tasks)
-from t5x_like import (checkpoints, evaluation, launch, layers, memory, models, partitioning,
-                      prepare, train, trainer)
+from t5x_like import launch
+from t5x_like.data import prepare
+from t5x_like.evaluation import evaluate
+from t5x_like.model import families, layers, partitioning
+from t5x_like.planning import memory
+from t5x_like.training import checkpoints, optimizers, train, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, LENGTHS = 6, 8, {"targets": 64}
 
 # A small Llama-style decoder (vocabulary of the shipped tokenizer); every sharded
 # dimension divides by 8 (fsdp) and by 4 (tensor).
-MODEL = models.DecoderOnlyModel(layers.TransformerConfig(
+MODEL = families.DecoderOnlyModel(layers.TransformerConfig(
     vocab_size=8192, emb_dim=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
     num_decoder_layers=2, num_encoder_layers=0, block="sequential", tie_embeddings=False,
     dtype="float32", scan_layers=True))
 FSDP = partitioning.MeshConfig(shape={"data": 1, "fsdp": 8, "tensor": 1}, rules="fsdp")
 FSDP_TP = partitioning.MeshConfig(shape={"data": 1, "fsdp": 2, "tensor": 4}, rules="fsdp_tp")
-EVAL = evaluation.EvalConfig(every_steps=1000, tasks=(),
+EVAL = evaluate.EvalConfig(every_steps=1000, tasks=(),
                              bpc_tasks={"code": "code_validation", "math": "math_validation"},
                              window=64, stride=32,
                              max_tokens=256, batch_size=8)
-EVAL_OFF = evaluation.EvalConfig(enabled=False)
+EVAL_OFF = evaluate.EvalConfig(enabled=False)
 
 
 STORE_ROWS = (STEPS + 14) * BATCH  # enough for the spike test's skipped batches too
@@ -61,7 +65,7 @@ def store(tmp_path_factory):
 
 
 def _optimizer():
-    return trainer.adamw_llama2(peak_lr=3e-3, warmup_steps=2, total_steps=STEPS)
+    return optimizers.adamw_llama2(peak_lr=3e-3, warmup_steps=2, total_steps=STEPS)
 
 
 def _train(model_dir, store, mesh_config=FSDP, evaluation=None, data_workers=None,
@@ -82,7 +86,7 @@ def _final_state(summary, mesh_config=FSDP):
     `mesh_config` (train returns a summary, the state lives in the checkpoint)."""
     mesh, rules = launch.mesh_for(mesh_config)
     with checkpoints.CheckpointManager(os.path.join(summary.model_dir, "checkpoints")) as ckpt:
-        graphdef, state, restored = trainer.init_or_restore(MODEL, _optimizer().tx, mesh,
+        graphdef, state, restored = train_state.init_or_restore(MODEL, _optimizer().tx, mesh,
                                                             rules, 0, ckpt)
     assert restored.step == summary.end_step
     return nnx.merge(graphdef, state)
@@ -142,7 +146,7 @@ def test_resume_under_another_mesh_and_rule_preset(tmp_path, store, straight, st
 
 
 def test_standalone_eval_of_the_last_checkpoint_equals_the_in_training_eval(straight):
-    result = evaluation.evaluate(model=MODEL, mesh_config=FSDP_TP, optimizer=_optimizer(),
+    result = evaluate.evaluate(model=MODEL, mesh_config=FSDP_TP, optimizer=_optimizer(),
                                  model_dir=straight.model_dir, evaluation=EVAL,
                                  mixture_or_task_name="code_causal", task_feature_lengths=LENGTHS)
     assert result["step"] == STEPS
@@ -156,9 +160,9 @@ def test_standalone_eval_of_the_last_checkpoint_equals_the_in_training_eval(stra
 
 @pytest.mark.slow
 def test_eval_over_checkpoints_writes_bpc_by_step_and_training_flops(straight, tmp_path):
-    restore = evaluation.RestoreCheckpointConfig(mode="specific", steps=[6, 2],
+    restore = evaluate.RestoreCheckpointConfig(mode="specific", steps=[6, 2],
                                                  include_init=True)
-    result = evaluation.evaluate(model=MODEL, mesh_config=FSDP, optimizer=_optimizer(),
+    result = evaluate.evaluate(model=MODEL, mesh_config=FSDP, optimizer=_optimizer(),
                                  model_dir=straight.model_dir, evaluation=EVAL,
                                  mixture_or_task_name="code_causal", restore=restore,
                                  batch_size=BATCH, task_feature_lengths=LENGTHS,
@@ -186,18 +190,18 @@ def test_eval_over_checkpoints_writes_bpc_by_step_and_training_flops(straight, t
 
 def test_checkpoint_selection_modes_and_their_errors():
     steps = [300, 50, 100]
-    assert evaluation.RestoreCheckpointConfig().select(steps, "d") == [300]
-    assert evaluation.RestoreCheckpointConfig(mode="all").select(steps, "d") == [50, 100, 300]
-    specific = evaluation.RestoreCheckpointConfig(mode="specific", steps=[300, 50])
+    assert evaluate.RestoreCheckpointConfig().select(steps, "d") == [300]
+    assert evaluate.RestoreCheckpointConfig(mode="all").select(steps, "d") == [50, 100, 300]
+    specific = evaluate.RestoreCheckpointConfig(mode="specific", steps=[300, 50])
     assert specific.select(steps, "d") == [50, 300]
     with pytest.raises(FileNotFoundError, match=r"names \[7\], not in d"):
-        evaluation.RestoreCheckpointConfig(mode="specific", steps=[7]).select(steps, "d")
+        evaluate.RestoreCheckpointConfig(mode="specific", steps=[7]).select(steps, "d")
     with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
-        evaluation.RestoreCheckpointConfig(mode="all").select([], "d")
+        evaluate.RestoreCheckpointConfig(mode="all").select([], "d")
     with pytest.raises(ValueError, match="expected 'latest', 'all' or 'specific'"):
-        evaluation.RestoreCheckpointConfig(mode="every")
+        evaluate.RestoreCheckpointConfig(mode="every")
     with pytest.raises(ValueError, match="steps go with mode 'specific'"):
-        evaluation.RestoreCheckpointConfig(mode="all", steps=[5])
+        evaluate.RestoreCheckpointConfig(mode="all", steps=[5])
 
 
 def test_outputs_in_the_model_dir(straight):
@@ -208,7 +212,7 @@ def test_outputs_in_the_model_dir(straight):
                    os.path.basename(p).isdigit())
     assert steps == [2, 4, 6]
     assert glob.glob(os.path.join(model_dir, "**", "events.out.tfevents*"), recursive=True)
-    from t5x_like import metrics
+    from t5x_like.training import metrics
 
     rows = metrics.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
     train_rows = [r for r in rows if "train/loss" in r]
@@ -267,7 +271,7 @@ def test_mesh_that_does_not_match_the_devices_is_a_clear_error(tmp_path, store):
 
 
 def test_a_model_smaller_than_the_tokenizer_is_refused_before_anything_starts(tmp_path):
-    small = models.DecoderOnlyModel(dataclasses.replace(MODEL.cfg, vocab_size=4096))
+    small = families.DecoderOnlyModel(dataclasses.replace(MODEL.cfg, vocab_size=4096))
     data = train.DataConfig(mixture_or_task_name="code_causal", task_feature_lengths=LENGTHS,
                             batch_size=BATCH)
     with pytest.raises(ValueError, match="vocab_size=4096 is smaller than the vocabulary's 8192"):
@@ -281,7 +285,7 @@ USER_TASKS = '''
 import os
 
 import seqio
-from t5x_like import vocabulary
+from t5x_like.data import vocabulary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = vocabulary.get_vocabulary()
@@ -316,7 +320,7 @@ TRAIN_STEPS = 3
 WARMUP_STEPS = 1
 BATCH_SIZE = 8
 EVAL_EVERY_STEPS = 1000
-evaluation.EvalConfig.enabled = False
+evaluate.EvalConfig.enabled = False
 train.DataConfig.data_workers = 1
 '''
 
@@ -363,7 +367,7 @@ def test_every_experiment_parses_and_binds_a_model_and_a_mesh(path):
             model.make_module, memory.abstract_mesh(mesh_config.global_shape),
             mesh_config.rule_set(),
             batch_size=gin.query_parameter("%BATCH_SIZE") // microbatches)
-        assert model.converter_name(lengths) in ("encdec", "prefix_lm", "lm", "preference")
+        assert model.data_form(lengths).name in ("encdec", "prefix_lm", "lm", "preference")
     finally:
         gin.clear_config()
 
@@ -384,7 +388,7 @@ EVAL_STRIDE = 32
 EVAL_MAX_TOKENS = 256
 EVAL_TASKS = []
 EVAL_BPC_TASKS = {'code': 'code_validation'}
-evaluation.EvalConfig.batch_size = 8
+evaluate.EvalConfig.batch_size = 8
 train.DataConfig.store_dir = 'store'
 train.train.log_every_steps = 1
 '''
@@ -432,7 +436,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, data):
                          capture_output=True, text=True, timeout=1800)
     assert one.returncode == 0, one.stderr[-4000:]
 
-    from t5x_like import metrics
+    from t5x_like.training import metrics
 
     def scalars(run, key):
         return {r["step"]: r[key] for r in metrics.read_jsonl(str(tmp_path / run / "metrics.jsonl"))
@@ -457,7 +461,7 @@ SPIKE_GUARD = dict(spike_factor=3.0, spike_window=3, spike_rewind_steps=2,
 def _spiky(model_dir, store, **kwargs):
     """A run whose batch 3 (step 4) spikes (its loss and gradients × 1000): the guard goes
     back to checkpoint 2 and reads on from batch 5 (2 + 3 skipped)."""
-    from t5x_like import guards
+    from t5x_like.training import guards
 
     return _train(model_dir, store, guard=guards.GuardConfig(**SPIKE_GUARD),
                   drills=guards.FaultDrills(spike_at_batches=(3,)), **kwargs)
@@ -493,7 +497,7 @@ def test_resuming_on_data_that_no_longer_gives_the_same_examples_is_refused(tmp_
     position would read other examples, so the resume is refused, naming the store."""
     import seqio
 
-    from t5x_like import vocabulary
+    from t5x_like.data import vocabulary
 
     notes = tmp_path / "notes.txt"
     # A module-level preprocessor: a nested one let autograph read this test's own body
@@ -571,7 +575,7 @@ def test_streamed_runs_resume_bitwise_after_a_stop_whatever_the_worker_count(
     a, b = _params(streamed), _params(resumed)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    from t5x_like import metrics
+    from t5x_like.training import metrics
 
     rows = [r for r in metrics.read_jsonl(os.path.join(resumed.model_dir, "metrics.jsonl"))
             if "data/examples" in r]

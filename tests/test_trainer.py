@@ -1,4 +1,5 @@
-"""Tests for trainer.py: schedules, Adafactor β2, gradient accumulation, determinism."""
+"""Tests for optimizers.py and train_state.py: schedules, Adafactor β2, gradient
+accumulation, determinism."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t5x_like import trainer
+from t5x_like.training import optimizers, train_state
 
 V, D, B, L = 64, 32, 8, 16
 
@@ -57,14 +58,14 @@ def _batch(seed=0, batch=B):
 
 
 def _state(opt, seed=0):
-    return trainer.create_train_state(_TinyLM(nnx.Rngs(seed)), opt.tx)
+    return train_state.create_train_state(_TinyLM(nnx.Rngs(seed)), opt.tx)
 
 
 # --- schedules and optimizers -------------------------------------------------
 
 
 def test_adamw_schedule_key_steps():
-    opt = trainer.adamw_llama2(3e-4, warmup_steps=2000, total_steps=100_000)
+    opt = optimizers.adamw_llama2(3e-4, warmup_steps=2000, total_steps=100_000)
     s = opt.schedule
     np.testing.assert_allclose(s(0), 0.0)
     np.testing.assert_allclose(s(1000), 1.5e-4, rtol=1e-6)
@@ -76,7 +77,7 @@ def test_adamw_schedule_key_steps():
 
 
 def test_palm_schedule_key_steps():
-    s = trainer.adafactor_palm().schedule
+    s = optimizers.adafactor_palm().schedule
     for k in (0, 1, 5000, 9999, 10_000):
         np.testing.assert_allclose(s(k), 1e-2, rtol=1e-6)
     for k in (10_001, 40_000, 250_000):
@@ -94,16 +95,16 @@ def test_adafactor_beta2_is_one_minus_k_pow_minus_08():
     for k in range(1, 6):
         g = jnp.full((3,), float(k))
         _, state = tx.update(g, state, p)
-        beta2 = float(trainer.adafactor_beta2(k))
+        beta2 = float(optimizers.adafactor_beta2(k))
         np.testing.assert_allclose(beta2, 1 - k ** -0.8, rtol=1e-7)
         v = beta2 * v + (1 - beta2) * float(k) ** 2
         np.testing.assert_allclose(np.asarray(state.v)[0], v, rtol=1e-6)
-    assert float(trainer.adafactor_beta2(1)) == 0.0  # first update: v = g², no bias
+    assert float(optimizers.adafactor_beta2(1)) == 0.0  # first update: v = g², no bias
 
 
 def test_adafactor_first_update_is_lr_times_param_rms_plus_decay():
     """Step 1: v = g², m = 0.1·u; update = -(0.1·lr·rms(p)·sign(g) + lr²·p)."""
-    opt = trainer.adafactor_palm(clip_norm=1e9)
+    opt = optimizers.adafactor_palm(clip_norm=1e9)
     p = {"w": jnp.full((4, 4), 2.0)}
     g = {"w": jnp.full((4, 4), -0.5)}
     state = opt.tx.init(p)
@@ -116,7 +117,7 @@ def test_adafactor_first_update_is_lr_times_param_rms_plus_decay():
 def test_default_decay_mask_skips_norms_and_biases():
     # what nnx.Optimizer hands to optax: a State of plain arrays
     params = nnx.as_pure(nnx.state(_TinyLM(nnx.Rngs(0)), nnx.Param))
-    mask = trainer.default_decay_mask(params)
+    mask = optimizers.default_decay_mask(params)
     flat = {"/".join(str(k.key) for k in path): v
             for path, v in jax.tree_util.tree_leaves_with_path(mask)}
     assert flat["dense/kernel"] and flat["head/kernel"] and flat["embed/embedding"]
@@ -126,7 +127,7 @@ def test_default_decay_mask_skips_norms_and_biases():
 # --- train step ---------------------------------------------------------------
 
 
-_ADAMW = trainer.adamw_llama2(1e-2, warmup_steps=1, total_steps=10)
+_ADAMW = optimizers.adamw_llama2(1e-2, warmup_steps=1, total_steps=10)
 _STEPS = {}
 
 
@@ -135,7 +136,7 @@ def _train_step(num_microbatches, loss_fn=_loss_fn):
     key = (num_microbatches, loss_fn)
     if key not in _STEPS:
         graphdef, _ = _state(_ADAMW)
-        _STEPS[key] = trainer.make_train_step(graphdef, loss_fn, _ADAMW.schedule,
+        _STEPS[key] = train_state.make_train_step(graphdef, loss_fn, _ADAMW.schedule,
                                               num_microbatches=num_microbatches)
     return _STEPS[key]
 
@@ -164,7 +165,7 @@ def test_grad_accumulation_equals_full_batch():
         for name in ("loss", "z_loss", "accuracy", "nll_sum", "weight_sum", "grad_norm",
                      "learning_rate"):
             np.testing.assert_allclose(b[name], a[name], rtol=2e-5, atol=1e-7, err_msg=name)
-    p1, p4 = trainer.params_of(g, s1), trainer.params_of(g, s4)
+    p1, p4 = train_state.params_of(g, s1), train_state.params_of(g, s4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), p1, p4)
     # and the metrics are the ones promised
     assert {"loss", "accuracy", "grad_norm", "learning_rate", "param_norm"} <= set(m1[0])
@@ -172,9 +173,9 @@ def test_grad_accumulation_equals_full_batch():
 
 
 def test_overfit_one_batch_adafactor():
-    opt = trainer.adafactor_palm()
+    opt = optimizers.adafactor_palm()
     graphdef, state = _state(opt)
-    step = trainer.make_train_step(graphdef, _loss_fn, opt.schedule)
+    step = train_state.make_train_step(graphdef, _loss_fn, opt.schedule)
     batch = _batch(0)
     losses = []
     for _ in range(20):
@@ -205,23 +206,24 @@ def test_different_seed_differs():
 
 def test_bad_microbatch_count_is_a_clear_error():
     graphdef, state = _state(_ADAMW)
-    step = trainer.make_train_step(graphdef, _loss_fn, _ADAMW.schedule, num_microbatches=3)
+    step = train_state.make_train_step(graphdef, _loss_fn, _ADAMW.schedule, num_microbatches=3)
     with pytest.raises(ValueError, match="num_microbatches=3"):
         step(state, _batch(0), jax.random.key(0))
 
 
 def test_eval_step_sums_aggregate_exactly():
     graphdef, state = _state(_ADAMW)
-    eval_step = trainer.make_eval_step(graphdef, _loss_fn)
+    eval_step = train_state.make_eval_step(graphdef, _loss_fn)
     full = _batch(0, batch=8)
     total = None
     for lo in range(0, 8, 2):
-        total = trainer.accumulate(total, eval_step(state, {k: v[lo:lo + 2] for k, v in full.items()}))
+        piece = {k: v[lo:lo + 2] for k, v in full.items()}
+        total = train_state.accumulate(total, eval_step(state, piece))
     whole = eval_step(state, full)
     assert set(whole) == {"num_tokens", "nll_sum", "z_loss_sum", "correct_sum", "weight_sum"}
     for k in whole:
         np.testing.assert_allclose(total[k], whole[k], rtol=1e-5)
-    summary = trainer.summarize_eval(total)
+    summary = train_state.summarize_eval(total)
     _, m = _loss_fn(nnx.merge(graphdef, state).model, full)
     np.testing.assert_allclose(summary["loss"], m["loss"], rtol=1e-5)
     np.testing.assert_allclose(summary["accuracy"], m["accuracy"], rtol=1e-5)
@@ -229,7 +231,8 @@ def test_eval_step_sums_aggregate_exactly():
 
 @pytest.mark.slow
 def test_sharded_train_step_keeps_shardings_and_matches_unsharded():
-    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import AxisType, Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"),
                 axis_types=(AxisType.Auto,) * 2)
@@ -242,7 +245,7 @@ def test_sharded_train_step_keeps_shardings_and_matches_unsharded():
     shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), state)
     state = jax.device_put(state, shardings)
     batch_sharding = NamedSharding(mesh, P("data"))
-    step = trainer.make_train_step(graphdef, _loss_fn, _ADAMW.schedule, state_sharding=shardings,
+    step = train_state.make_train_step(graphdef, _loss_fn, _ADAMW.schedule, state_sharding=shardings,
                                    batch_sharding=batch_sharding)
     state, _ = step(state, jax.device_put(_batch(0), batch_sharding), jax.random.key(0))
     jax.tree.map(lambda x, s: (x.sharding == s) or pytest.fail(f"{x.sharding} != {s}"),
@@ -251,7 +254,7 @@ def test_sharded_train_step_keeps_shardings_and_matches_unsharded():
                  state, ref_state)
 
 
-# --- the real model contract (models.py) ----------------------------------------------
+# --- the real model contract (families.py) ----------------------------------------------
 
 
 def test_real_model_decay_mask():
@@ -261,7 +264,7 @@ def test_real_model_decay_mask():
     cfg = tiny_config(block="sequential", tie_embeddings=False)
     params = nnx.as_pure(nnx.state(make_module(cfg), nnx.Param))
     mask = {jax.tree_util.keystr(p): v
-            for p, v in jax.tree_util.tree_leaves_with_path(trainer.default_decay_mask(params))}
+            for p, v in jax.tree_util.tree_leaves_with_path(optimizers.default_decay_mask(params))}
     assert mask["['decoder']['layers']['mlp']['wi_0']"]
     assert mask["['embed']['embedding']"] and mask["['output']['lm_head']['kernel']"]
     assert not mask["['decoder']['layers']['pre_mlp_norm']['scale']"]  # shape (layers, D)
@@ -280,11 +283,11 @@ def test_real_model_grad_accumulation():
     batch["decoder_target_tokens"] = batch["decoder_target_tokens"] % cfg.vocab_size
     results = []
     for k in (1, 2):
-        graphdef, state = trainer.create_train_state(make_module(cfg), _ADAMW.tx)
-        step = trainer.make_train_step(graphdef, model.loss_fn, _ADAMW.schedule,
+        graphdef, state = train_state.create_train_state(make_module(cfg), _ADAMW.tx)
+        step = train_state.make_train_step(graphdef, model.loss_fn, _ADAMW.schedule,
                                        num_microbatches=k)
         state, m = step(state, batch, jax.random.key(0))
-        results.append((trainer.params_of(graphdef, state), jax.device_get(m)))
+        results.append((train_state.params_of(graphdef, state), jax.device_get(m)))
     (p1, m1), (p2, m2) = results
     for name in ("loss", "accuracy", "grad_norm", "weight_sum"):
         np.testing.assert_allclose(m2[name], m1[name], rtol=2e-5, err_msg=name)
@@ -295,7 +298,7 @@ def test_a_non_finite_step_leaves_the_whole_state_unchanged():
     """NaN gradients (the drill's loss_scale) → the state that went in comes out, bitwise,
     with the optimizer's step counter; the next good step trains as if it never happened."""
     graphdef, state = _state(_ADAMW)
-    step = trainer.make_train_step(graphdef, _loss_fn, _ADAMW.schedule, donate=False)
+    step = train_state.make_train_step(graphdef, _loss_fn, _ADAMW.schedule, donate=False)
     key = jax.random.key(0)
     state1, m1 = step(state, _batch(0), key)
     poisoned, m_nan = step(state1, _batch(1), key, float("nan"))
@@ -311,7 +314,7 @@ def test_a_non_finite_step_leaves_the_whole_state_unchanged():
 
 def test_loss_scale_multiplies_loss_and_gradients():
     graphdef, state = _state(_ADAMW)
-    step = trainer.make_train_step(graphdef, _loss_no_rng, _ADAMW.schedule, donate=False)
+    step = train_state.make_train_step(graphdef, _loss_no_rng, _ADAMW.schedule, donate=False)
     _, m1 = step(state, _batch(0), jax.random.key(0))
     _, m3 = step(state, _batch(0), jax.random.key(0), 3.0)
     np.testing.assert_allclose(float(m3["loss"]), 3 * float(m1["loss"]), rtol=1e-6)
@@ -320,25 +323,26 @@ def test_loss_scale_multiplies_loss_and_gradients():
 
 def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning(caplog):
     with caplog.at_level("WARNING"):
-        opt = trainer.adamw_llama2(1e-3, warmup_steps=2000, total_steps=6)
+        opt = optimizers.adamw_llama2(1e-3, warmup_steps=2000, total_steps=6)
     assert "warming up for 0 steps" in caplog.text
     assert float(opt.schedule(0)) == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="warmup_steps=-1 must be ≥ 0"):
-        trainer.adamw_llama2(1e-3, warmup_steps=-1, total_steps=6)
+        optimizers.adamw_llama2(1e-3, warmup_steps=-1, total_steps=6)
 
 
 def test_adafactor_initialises_sharded_on_a_mesh():
     """PaLM's optimizer on an FSDP mesh (sharded init raised before): the second moment
     of each matrix is split like the matrix; Adafactor's shape-(1,) placeholders for
     the factored statistics an unfactored run never fills are replicated."""
-    from t5x_like import models, partitioning  # noqa: PLC0415
     from test_configs import model_config  # noqa: PLC0415
 
-    model = models.model_for(model_config("tiny_palm"))
+    from t5x_like.model import families, partitioning  # noqa: PLC0415
+
+    model = families.model_for(model_config("tiny_palm"))
     mesh = partitioning.make_mesh({"fsdp": 8})
-    graphdef, state, _ = trainer.init_or_restore(
-        model, trainer.adafactor_palm().tx, mesh, partitioning.get_rules("fsdp"), seed=0)
-    params = trainer.params_of(graphdef, state)
+    graphdef, state, _ = train_state.init_or_restore(
+        model, optimizers.adafactor_palm().tx, mesh, partitioning.get_rules("fsdp"), seed=0)
+    params = train_state.params_of(graphdef, state)
     wi = params["decoder"]["layers"]["mlp"]["wi_0"][...]
     flat = {jax.tree_util.keystr(path): leaf
             for path, leaf in jax.tree_util.tree_leaves_with_path(state["optimizer"])}

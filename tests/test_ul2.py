@@ -1,4 +1,4 @@
-"""Tests for t5x_like/ul2.py: T5 length arithmetic, denoiser statistics, losslessness,
+"""Tests for t5x_like/data/ul2.py: T5 length arithmetic, denoiser statistics, losslessness,
 determinism and the feature-length errors.
 
 Runs the real preprocessors on synthetic token documents (ids far below the sentinel
@@ -12,7 +12,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from t5x_like import ul2
+from t5x_like.data import ul2
 
 VOCAB_SIZE = 8192  # the shipped vocabulary's size (docs/ARCHITECTURE.md)
 EXTRA_IDS = 512  # its sentinels

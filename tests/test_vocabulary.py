@@ -1,4 +1,4 @@
-"""The shipped tokenizer and t5x_like.vocabulary: reserved ids, losslessness, checks."""
+"""The shipped tokenizer and t5x_like.data.vocabulary: reserved ids, losslessness, checks."""
 
 import functools
 import io
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import seqio
 
-from t5x_like import vocabulary
+from t5x_like.data import vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAINS = ("code", "stem", "web", "math", "multilingual")
@@ -253,7 +253,7 @@ def test_check_model_covers(hf_vocab, vocab, caplog):
         vocabulary.check_model_covers(tokenizer_vocab, 401)
     with pytest.raises(ValueError, match=r"vocab_size=4096 .* 8192 ids"):
         vocabulary.check_model_covers(vocab, 4096)
-    with caplog.at_level("WARNING", logger="t5x_like.vocabulary"):
+    with caplog.at_level("WARNING", logger="t5x_like.data.vocabulary"):
         vocabulary.check_model_covers(vocab, 8192)  # tiny models: exact
         vocabulary.check_model_covers(tokenizer_vocab, 1024)  # padded to a multiple of 1024
         assert not caplog.records

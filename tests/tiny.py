@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t5x_like.layers import TransformerConfig
-from t5x_like.models import model_for
-from t5x_like.partitioning import EMBED, LAYERS
+from t5x_like.model.families import model_for
+from t5x_like.model.layers import TransformerConfig
+from t5x_like.model.partitioning import EMBED, LAYERS
 
 _TINY = dict(vocab_size=64, emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
              num_decoder_layers=2, num_encoder_layers=0, dtype="float32", scan_layers=True,

@@ -1,0 +1,1 @@
+"""Interoperability: Hugging Face Llama and Mistral weights in and out (`hf`)."""

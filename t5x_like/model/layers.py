@@ -1,0 +1,542 @@
+"""Transformer building blocks shared by the decoder-only and encoder-decoder networks.
+
+Dimension key (used as tensor-name suffixes and einsum letters everywhere):
+  B batch, L query length, M key/memory length, D model dim (emb_dim),
+  H query heads, G kv heads, K head dim, F MLP hidden, V vocab, N layers.
+
+Dtype policy (stated once, here):
+  * parameters are created and stored in float32, so optimizer updates do not lose
+    the small increments bf16 would round away;
+  * matmuls run in `cfg.dtype` (bfloat16 in the big configs), parameters are cast at use,
+    because that is where the accelerator's throughput is;
+  * RMSNorm statistics, RoPE angles, the attention softmax (jax.nn.dot_product_attention
+    computes it in float32), the logits and the loss are float32, because these are the
+    places where bf16 rounding visibly changes results (log-sum-exp over a 256k vocab,
+    variance of the residual stream, rotation of large positions).
+
+Every parameter declares its logical axes where it is created (`out_sharding=` metadata,
+the names from partitioning.py); a rule preset maps them to mesh axes. Activations are
+constrained only at block boundaries, with flax's logical constraint, which is a no-op
+when no rules are active.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+
+from t5x_like.model.partitioning import (
+    BATCH,
+    EMBED,
+    HEAD_DIM,
+    HEADS,
+    KV_HEADS,
+    LAYERS,
+    LENGTH,
+    MLP,
+    VOCAB,
+)
+
+BLOCK_KINDS = ("parallel", "sequential")
+MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu")
+REMAT_POLICIES = ("none", "minimal", "full")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig:
+    """Everything that defines a network; one instance, passed whole, drives every variant.
+
+    Sizes are gin-bound per model (gin_configs/models/*.gin); see docs/MODELS.md.
+    """
+
+    vocab_size: int
+    emb_dim: int
+    num_heads: int
+    num_kv_heads: int  # == num_heads: MHA; fewer: GQA; 1: MQA (PaLM).
+    head_dim: int
+    mlp_dim: int
+    num_decoder_layers: int
+    num_encoder_layers: int = 0  # 0 means decoder-only.
+    block: str = "parallel"  # 'parallel' (PaLM) or 'sequential' (Llama).
+    mlp_activation: str = "swiglu"  # 'swiglu', 'geglu' (gated GELU), 'gelu' (T5 v1.0).
+    norm_eps: float = 1e-6  # Llama uses 1e-5.
+    rope_theta: float = 10_000.0  # Llama 3 uses 500,000.
+    tie_embeddings: bool = True  # tied: logits = x·Eᵀ/√D (PaLM); untied: separate head.
+    # Tied logits divided by √D (PaLM, our models) or not (Hugging Face's tied Llama
+    # models, e.g. Llama 3.2 1B and SmolLM: x·Eᵀ). Read only when tie_embeddings.
+    scale_tied_logits: bool = True
+    dropout_rate: float = 0.0
+    dtype: str = "bfloat16"  # compute dtype; parameters are always float32.
+    scan_layers: bool = True
+    remat_policy: str = "none"  # 'none', 'minimal' (save matmuls), 'full' (save nothing).
+    z_loss: float = 1e-4  # coefficient of log²Z (PaLM).
+    # The training loss's logits: built whole (False) or one chunk of positions at a time
+    # with the gradient made in the same pass (True: models.fused_loss_sums); chunks of
+    # loss_chunk_length positions of every row (0: the whole length). On the bench's
+    # reference model, 1 device, fused ran in 0.66x the plain loss's time, fused with
+    # chunks of 32 in 0.42x; but on an fsdp mesh chunks reduce the head's gradient once
+    # more (tests/test_collectives.py), so chunking is per model (bench/reference_llama.gin).
+    fused_loss: bool = True
+    loss_chunk_length: int = 0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "emb_dim", "num_heads", "num_kv_heads", "head_dim",
+                     "mlp_dim", "num_decoder_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TransformerConfig.{name}={value!r}: expected a positive "
+                                 f"int; set it in the model's gin file.")
+        if not isinstance(self.num_encoder_layers, int) or self.num_encoder_layers < 0:
+            raise ValueError(f"TransformerConfig.num_encoder_layers={self.num_encoder_layers!r}:"
+                             " expected an int >= 0 (0 means decoder-only).")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"TransformerConfig: num_heads={self.num_heads} is not divisible by "
+                f"num_kv_heads={self.num_kv_heads}; each kv head must serve a whole group of "
+                f"query heads. Use a divisor of {self.num_heads} (1 for MQA, "
+                f"{self.num_heads} for MHA).")
+        if self.head_dim % 2:
+            raise ValueError(f"TransformerConfig.head_dim={self.head_dim}: RoPE rotates pairs "
+                             "of dimensions, so head_dim must be even.")
+        _check_choice("block", self.block, BLOCK_KINDS)
+        _check_choice("mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
+        _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("dtype", self.dtype, _DTYPES)
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"TransformerConfig.dropout_rate={self.dropout_rate!r}: expected "
+                             "a rate in [0, 1).")
+        if not isinstance(self.loss_chunk_length, int) or self.loss_chunk_length < 0:
+            raise ValueError(f"TransformerConfig.loss_chunk_length={self.loss_chunk_length!r}: "
+                             "expected an int >= 0 (0: the whole sequence in one chunk).")
+        if self.norm_eps <= 0 or self.rope_theta <= 0 or self.z_loss < 0:
+            raise ValueError(f"TransformerConfig: norm_eps={self.norm_eps}, rope_theta="
+                             f"{self.rope_theta} must be > 0 and z_loss={self.z_loss} >= 0.")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.num_encoder_layers > 0
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"TransformerConfig.{name}={value!r} is not one of {allowed}; "
+                         f"pick one of those in the model's gin file.")
+
+
+# ----------------------------------------------------------------------------------------
+# Parameters and small functions
+# ----------------------------------------------------------------------------------------
+
+
+def _normal_param(rngs: nnx.Rngs, shape, axes, stddev: float) -> nnx.Param:
+    """A float32 N(0, stddev²) parameter carrying its logical axes."""
+    value = stddev * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, out_sharding=axes)
+
+
+def _kernel(rngs: nnx.Rngs, shape, axes, fan_in: int) -> nnx.Param:
+    # PaLM: kernels N(0, 1/√fan_in), so activations keep unit scale without biases.
+    return _normal_param(rngs, shape, axes, 1.0 / math.sqrt(fan_in))
+
+
+def dense(x, w, contract: int = 1, preferred_element_type=None):
+    """x [..., *in] · w [*in, *out] -> [..., *out], the last `contract` axes of x against
+    the first of w, computed as one 2-D matmul. XLA on CPU runs a 2-D dot and its
+    gradient well; the same contraction written over 3-D operands (einsum "BLD,DF->BLF")
+    gets transposing copies in its backward pass (1.8x the time for a SwiGLU block,
+    docs/PERFORMANCE.md). On GPU both forms lower to the same GEMMs."""
+    lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
+    inner = math.prod(w.shape[:contract])
+    y = jnp.dot(x.reshape(-1, inner), w.reshape(inner, -1),
+                preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *out)
+
+
+def dropout(x, rate: float, rng):
+    """Inverted dropout; the identity when `rng` is None (deterministic) or rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def apply_rope(x_BLHK, positions_BL, theta: float):
+    """Rotary embedding (half-split convention) at the given per-token positions.
+
+    Positions are SeqIO's per-segment positions, so a packed example is rotated exactly as
+    it would be alone. Angles are computed in float32 (large positions × small
+    frequencies lose digits in bf16).
+    """
+    k = x_BLHK.shape[-1]
+    half = k // 2
+    freq_k = theta ** (-2.0 * jnp.arange(half, dtype=jnp.float32) / k)
+    angle_BLk = positions_BL.astype(jnp.float32)[:, :, None] * freq_k[None, None, :]
+    sin_BL1k = jnp.sin(angle_BLk)[:, :, None, :]
+    cos_BL1k = jnp.cos(angle_BLk)[:, :, None, :]
+    x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos_BL1k - x2 * sin_BL1k, x2 * cos_BL1k + x1 * sin_BL1k],
+                          axis=-1)
+    return out.astype(x_BLHK.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Masks. A mask is boolean (B, 1, L, M): True where query l may attend to key m.
+# Segment id 0 is padding; tokens never attend across segments or to padding.
+# A query row with no allowed key (padding) gets the mean of V from
+# jax.nn.dot_product_attention; such rows carry zero loss weight.
+# ----------------------------------------------------------------------------------------
+
+
+def _segment_mask(q_segment_ids_BL, kv_segment_ids_BM):
+    same_BLM = q_segment_ids_BL[:, :, None] == kv_segment_ids_BM[:, None, :]
+    return same_BLM & (kv_segment_ids_BM != 0)[:, None, :]
+
+
+def bidirectional_mask(segment_ids_BL):
+    """Encoder self-attention: every token sees its whole segment."""
+    return _segment_mask(segment_ids_BL, segment_ids_BL)[:, None, :, :]
+
+
+def causal_mask(segment_ids_BL, causal_attention_BL=None):
+    """Decoder self-attention: causal within a segment; prefix-LM if causal_attention given.
+
+    SeqIO semantics: tokens where `decoder_causal_attention` is 1 form the prefix, and
+    attend to each other bidirectionally (within their segment); every token also sees
+    all earlier tokens of its segment.
+    """
+    length = segment_ids_BL.shape[1]
+    idx_L = jnp.arange(length)
+    causal_LM = idx_L[:, None] >= idx_L[None, :]
+    allowed_BLM = jnp.broadcast_to(causal_LM[None, :, :], (segment_ids_BL.shape[0],
+                                                           length, length))
+    if causal_attention_BL is not None:
+        prefix_BL = causal_attention_BL != 0
+        allowed_BLM = allowed_BLM | (prefix_BL[:, :, None] & prefix_BL[:, None, :])
+    return (allowed_BLM & _segment_mask(segment_ids_BL, segment_ids_BL))[:, None, :, :]
+
+
+def cross_mask(decoder_segment_ids_BL, encoder_segment_ids_BM):
+    """Cross-attention: decoder segment k attends only to encoder segment k."""
+    return _segment_mask(decoder_segment_ids_BL, encoder_segment_ids_BM)[:, None, :, :]
+
+
+# ----------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm without bias; statistics in float32, output in the compute dtype."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        del rngs
+        self.eps = cfg.norm_eps
+        self.dtype = cfg.compute_dtype
+        self.scale = nnx.Param(jnp.ones((cfg.emb_dim,), jnp.float32), out_sharding=(EMBED,))
+
+    def __call__(self, x_BLD):
+        x_BLD = x_BLD.astype(jnp.float32)
+        ms_BL1 = jnp.mean(jnp.square(x_BLD), axis=-1, keepdims=True)
+        y_BLD = x_BLD * jax.lax.rsqrt(ms_BL1 + self.eps) * self.scale[...][None, None, :]
+        return y_BLD.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table; when tied, also the output projection (x·Eᵀ, times 1/√D
+    when cfg.scale_tied_logits)."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.dtype = cfg.compute_dtype
+        self.scale_logits = cfg.scale_tied_logits
+        # PaLM: embeddings N(0, 1); with tied logits scaled by 1/√D the logits start O(1).
+        self.embedding = _normal_param(rngs, (cfg.vocab_size, cfg.emb_dim), (VOCAB, EMBED), 1.0)
+
+    def __call__(self, tokens_BL):
+        return jnp.take(self.embedding[...].astype(self.dtype), tokens_BL, axis=0)
+
+    def attend(self, x_BLD):
+        """Tied logits, float32 (accumulated in float32 from compute-dtype operands)."""
+        logits_BLV = dense(x_BLD.astype(self.dtype), self.embedding[...].astype(self.dtype).T,
+                           preferred_element_type=jnp.float32)
+        if not self.scale_logits:
+            return logits_BLV
+        return logits_BLV / jnp.sqrt(jnp.float32(x_BLD.shape[-1]))
+
+
+class LmHead(nnx.Module):
+    """Untied output projection (Llama); float32 logits."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.dtype = cfg.compute_dtype
+        self.kernel = _kernel(rngs, (cfg.emb_dim, cfg.vocab_size), (EMBED, VOCAB), cfg.emb_dim)
+
+    def __call__(self, x_BLD):
+        return dense(x_BLD.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                     preferred_element_type=jnp.float32)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with H query heads and G kv heads (MHA, GQA or MQA).
+
+    Self-attention applies RoPE at the given positions; cross-attention does not (query and
+    memory positions live in different sequences).
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        d, h, g, k = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.dtype = cfg.compute_dtype
+        self.rope_theta = cfg.rope_theta
+        self.wq = _kernel(rngs, (d, h, k), (EMBED, HEADS, HEAD_DIM), d)
+        self.wk = _kernel(rngs, (d, g, k), (EMBED, KV_HEADS, HEAD_DIM), d)
+        self.wv = _kernel(rngs, (d, g, k), (EMBED, KV_HEADS, HEAD_DIM), d)
+        self.wo = _kernel(rngs, (h, k, d), (HEADS, HEAD_DIM, EMBED), h * k)
+
+    def __call__(self, x_BLD, memory_BMD, mask_B1LM, positions_BL=None, memory_positions_BM=None,
+                 *, kv=None):
+        """Attention of x over memory; `kv` passes the memory's keys and values already
+        projected (`project_kv`: decoding reuses the encoder's across steps)."""
+        if kv is None:
+            kv = self.project_kv(memory_BMD, memory_positions_BM)
+        return self.attend(self.query(x_BLD, positions_BL), kv, mask_B1LM)
+
+    def query(self, x_BLD, positions_BL=None):
+        q_BLHK = dense(x_BLD, self.wq[...].astype(self.dtype))
+        if positions_BL is not None:
+            q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
+        return q_BLHK
+
+    def project_kv(self, memory_BMD, memory_positions_BM=None):
+        """(keys, values) [B, M, G, K] of the memory, keys rotated when positions are given."""
+        k_BMGK = dense(memory_BMD, self.wk[...].astype(self.dtype))
+        v_BMGK = dense(memory_BMD, self.wv[...].astype(self.dtype))
+        if memory_positions_BM is not None:
+            k_BMGK = apply_rope(k_BMGK, memory_positions_BM, self.rope_theta)
+        return k_BMGK, v_BMGK
+
+    def attend(self, q_BLHK, kv, mask_B1LM):
+        k_BMGK, v_BMGK = kv
+        # Scale 1/√K, float32 softmax; broadcasts the G kv heads over the H query heads.
+        o_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BMGK, v_BMGK, mask=mask_B1LM)
+        return dense(o_BLHK, self.wo[...].astype(self.dtype), contract=2)
+
+    def cached(self, x_BLD, positions_BL, cache, index, mask_B1LS):
+        """Self-attention of L new tokens against a KV cache of S slots.
+
+        Their keys and values are written at slots index..index+L-1 of `cache`
+        ({"k", "v"}: [B, S, G, K]); they attend over all S slots as `mask_B1LS` allows.
+        Returns (output, updated cache).
+        """
+        k_BLGK, v_BLGK = self.project_kv(x_BLD, positions_BL)
+        k_BSGK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BLGK.astype(cache["k"].dtype),
+                                                     index, axis=1)
+        v_BSGK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BLGK.astype(cache["v"].dtype),
+                                                     index, axis=1)
+        k_BSGK = nn.with_logical_constraint(k_BSGK, _CACHE_AXES)
+        v_BSGK = nn.with_logical_constraint(v_BSGK, _CACHE_AXES)
+        out_BLD = self.attend(self.query(x_BLD, positions_BL), (k_BSGK, v_BSGK), mask_B1LS)
+        return out_BLD, {"k": k_BSGK, "v": v_BSGK}
+
+
+# A KV cache is sharded like the activations it holds: batch over the data axes, kv heads
+# as the rules say (split under fsdp_tp_kv), slots and head dimension whole.
+_CACHE_AXES = (BATCH, None, KV_HEADS, HEAD_DIM)
+
+
+class Mlp(nnx.Module):
+    """Feed-forward layer: gated (SwiGLU / GeGLU: act(x·wi_0)·(x·wi_1)) or plain GELU."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.emb_dim, cfg.mlp_dim
+        self.dtype = cfg.compute_dtype
+        self.activation = cfg.mlp_activation
+        if self.activation == "gelu":
+            self.wi = _kernel(rngs, (d, f), (EMBED, MLP), d)
+        else:
+            self.wi_0 = _kernel(rngs, (d, f), (EMBED, MLP), d)
+            self.wi_1 = _kernel(rngs, (d, f), (EMBED, MLP), d)
+        self.wo = _kernel(rngs, (f, d), (MLP, EMBED), f)
+
+    def __call__(self, x_BLD):
+        dt = self.dtype
+        if self.activation == "gelu":
+            h_BLF = jax.nn.gelu(dense(x_BLD, self.wi[...].astype(dt)))
+        else:
+            act = jax.nn.silu if self.activation == "swiglu" else jax.nn.gelu
+            gate_BLF = act(dense(x_BLD, self.wi_0[...].astype(dt)))
+            h_BLF = gate_BLF * dense(x_BLD, self.wi_1[...].astype(dt))
+        return dense(h_BLF, self.wo[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """One transformer layer: self-attention, optional cross-attention, MLP.
+
+    'sequential' (Llama):  x += SelfAttn(LN₁x); x += CrossAttn(LN₂x, enc); x += MLP(LN₃x)
+    'parallel' (PaLM):     h = LN(x); x += SelfAttn(h) + CrossAttn(h, enc) + MLP(h)
+    In the parallel form cross-attention is a third parallel branch reading the same
+    normalised input, so the layer keeps one norm and one residual add (PaLM's speed
+    argument); encoder information reaches the MLP one layer later.
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, cross_attention: bool, rngs: nnx.Rngs):
+        self.block = cfg.block
+        self.dropout_rate = cfg.dropout_rate
+        self.has_cross_attention = cross_attention
+        self.self_attention = Attention(cfg, rngs=rngs)
+        if cross_attention:
+            self.cross_attention = Attention(cfg, rngs=rngs)
+        self.mlp = Mlp(cfg, rngs=rngs)
+        if cfg.block == "parallel":
+            self.pre_norm = RMSNorm(cfg, rngs=rngs)
+        else:
+            self.pre_self_attention_norm = RMSNorm(cfg, rngs=rngs)
+            if cross_attention:
+                self.pre_cross_attention_norm = RMSNorm(cfg, rngs=rngs)
+            self.pre_mlp_norm = RMSNorm(cfg, rngs=rngs)
+
+    def __call__(self, x_BLD, *, mask_B1LL, positions_BL, encoded_BMD=None,
+                 cross_mask_B1LM=None, rng=None):
+        def self_attention(h_BLD):
+            return self.self_attention(h_BLD, h_BLD, mask_B1LL, positions_BL, positions_BL), None
+
+        return self._forward(x_BLD, self_attention, encoded_BMD, cross_mask_B1LM, None, rng)[0]
+
+    def decode(self, x_BLD, *, cache, index, mask_B1LS, positions_BL, cross_kv=None,
+               cross_mask_B1LM=None):
+        """The layer on L new tokens with a KV cache (decoding; no dropout). `cross_kv`:
+        the encoder's keys and values for this layer's cross-attention. Returns
+        (x, updated cache)."""
+
+        def self_attention(h_BLD):
+            return self.self_attention.cached(h_BLD, positions_BL, cache, index, mask_B1LS)
+
+        return self._forward(x_BLD, self_attention, None, cross_mask_B1LM, cross_kv, None)
+
+    def _forward(self, x_BLD, self_attention, encoded_BMD, cross_mask_B1LM, cross_kv, rng):
+        rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
+        drop = lambda y, i: dropout(y, self.dropout_rate, rngs[i])
+        cross = lambda h: self.cross_attention(h, encoded_BMD, cross_mask_B1LM, kv=cross_kv)
+        if self.block == "parallel":
+            h_BLD = self.pre_norm(x_BLD)
+            attended_BLD, cache = self_attention(h_BLD)
+            y_BLD = drop(attended_BLD, 0)
+            if self.has_cross_attention:
+                y_BLD += drop(cross(h_BLD), 1)
+            y_BLD += drop(self.mlp(h_BLD), 2)
+            return x_BLD + y_BLD, cache
+        attended_BLD, cache = self_attention(self.pre_self_attention_norm(x_BLD))
+        x_BLD = x_BLD + drop(attended_BLD, 0)
+        if self.has_cross_attention:
+            x_BLD = x_BLD + drop(cross(self.pre_cross_attention_norm(x_BLD)), 1)
+        return x_BLD + drop(self.mlp(self.pre_mlp_norm(x_BLD)), 2), cache
+
+
+def _remat_policy(name: str):
+    return {
+        "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "full": jax.checkpoint_policies.nothing_saveable,
+    }[name]
+
+
+_SCAN_METADATA = {nnx.PARTITION_NAME: LAYERS}
+
+
+class BlockStack(nnx.Module):
+    """N Blocks, scanned (parameters stacked on a leading 'layers' axis) or unrolled.
+
+    Scanned: created under nnx.vmap and applied with nnx.scan, both with the 'layers'
+    partition metadata so each parameter's logical axes gain/lose LAYERS at axis 0.
+    Remat (nnx.remat with the configured policy) wraps one layer's application.
+    """
+
+    def __init__(self, cfg: TransformerConfig, num_layers: int, *, cross_attention: bool,
+                 rngs: nnx.Rngs):
+        self.num_layers = num_layers
+        self.scan_layers = cfg.scan_layers
+        self.remat_policy = cfg.remat_policy
+        self.dropout_rate = cfg.dropout_rate
+        make_block = lambda r: Block(cfg, cross_attention=cross_attention, rngs=r)
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_SCAN_METADATA)
+            def make_stack(r):
+                return make_block(r)
+
+            self.layers = make_stack(rngs)
+        else:
+            self.layers = nnx.List([make_block(rngs) for _ in range(num_layers)])
+
+    def __call__(self, x_BLD, *, mask_B1LL, positions_BL, encoded_BMD=None,
+                 cross_mask_B1LM=None, rng=None):
+        deterministic = rng is None or self.dropout_rate == 0.0
+        context = dict(mask_B1LL=mask_B1LL, positions_BL=positions_BL,
+                       encoded_BMD=encoded_BMD, cross_mask_B1LM=cross_mask_B1LM)
+
+        def apply_block(block, x_BLD, layer_rng, context):
+            x_BLD = block(x_BLD, rng=None if deterministic else layer_rng, **context)
+            # The one activation constraint: the residual stream between blocks.
+            return nn.with_logical_constraint(x_BLD, (BATCH, LENGTH, None))
+
+        if self.remat_policy != "none":
+            apply_block = nnx.remat(apply_block, policy=_remat_policy(self.remat_policy))
+        layer_rngs = jax.random.split(jax.random.key(0) if deterministic else rng,
+                                      self.num_layers)
+        if self.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, 0, None), out_axes=nnx.Carry,
+                      transform_metadata=_SCAN_METADATA)
+            def scan_fn(block, x_BLD, layer_rng, context):
+                return apply_block(block, x_BLD, layer_rng, context)
+
+            return scan_fn(self.layers, x_BLD, layer_rngs, context)
+        for i, block in enumerate(self.layers):
+            x_BLD = apply_block(block, x_BLD, layer_rngs[i], context)
+        return x_BLD
+
+    def decode(self, x_BLD, *, caches, index, mask_B1LS, positions_BL, cross_kv=None,
+               cross_mask_B1LM=None):
+        """All layers on L new tokens with KV caches (decoding).
+
+        caches: {"k", "v"}: [B, N, S, G, K], layer i's cache at [:, i]; cross_kv: the
+        encoder's (keys, values), [B, N, M, G, K] each (`cross_kv`), or None. Returns
+        (x, updated caches).
+        """
+
+        def layer(block, x_BLD, cache, kv):
+            x_BLD, cache = block.decode(x_BLD, cache=cache, index=index, mask_B1LS=mask_B1LS,
+                                        positions_BL=positions_BL, cross_kv=kv,
+                                        cross_mask_B1LM=cross_mask_B1LM)
+            return nn.with_logical_constraint(x_BLD, (BATCH, LENGTH, None)), cache
+
+        if self.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, 1, 1), out_axes=(nnx.Carry, 1),
+                      transform_metadata=_SCAN_METADATA)
+            def scan_fn(block, x_BLD, cache, kv):
+                return layer(block, x_BLD, cache, kv)
+
+            return scan_fn(self.layers, x_BLD, caches, cross_kv)
+        new = []
+        for i, block in enumerate(self.layers):
+            at_i = lambda tree: jax.tree.map(lambda a: a[:, i], tree)
+            x_BLD, cache = layer(block, x_BLD, at_i(caches), at_i(cross_kv))
+            new.append(cache)
+        return x_BLD, jax.tree.map(lambda *a: jnp.stack(a, axis=1), *new)
+
+    def cross_kv(self, encoded_BMD):
+        """Every layer's cross-attention (keys, values) of the encoder output, [B, N, M, G, K]
+        each: computed once per decoded sequence."""
+        if self.scan_layers:
+            @nnx.scan(in_axes=(0, None), out_axes=1, transform_metadata=_SCAN_METADATA)
+            def scan_fn(block, encoded_BMD):
+                return block.cross_attention.project_kv(encoded_BMD)
+
+            return scan_fn(self.layers, encoded_BMD)
+        kvs = [block.cross_attention.project_kv(encoded_BMD) for block in self.layers]
+        return jax.tree.map(lambda *a: jnp.stack(a, axis=1), *kvs)

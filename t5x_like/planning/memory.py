@@ -1,0 +1,158 @@
+"""Per-device memory of a training step: the state exactly, the activations by formula.
+
+The state (parameters, their gradients, the optimizer's moments) is counted from the
+abstract sharded train state: each leaf's shard shape under its PartitionSpec, for any
+mesh sizes (`state_bytes`), so a planner can price a mesh it has no devices for.
+
+The activations are a formula in the model's shape (`activation_bytes`,
+docs/PLANNING.md "Activation memory"): what the scan over layers keeps per layer for the
+backward pass under the configured remat policy, one layer's full working set while it
+is recomputed and differentiated, and the logits; `gathered_weight_bytes` adds the
+weights FSDP gathers for the layer in flight. Checked against XLA's own count for
+float32 models in tests/test_memory.py. It mirrors how the blocks in layers.py compute (attention scores materialised
+in float32, jax.nn.dot_product_attention's XLA path; matmul outputs in the compute
+dtype) and is labelled an estimate next to the compiler's own count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
+
+from t5x_like.model import partitioning
+from t5x_like.model.partitioning import BATCH, HEADS, KV_HEADS, LAYERS
+
+_F32 = 4  # attention logits and probabilities, the output logits: float32 (layers.py)
+
+
+# ---------------------------------------------------------------------------- the state
+
+
+def abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
+    """A device-free mesh of these axis sizes (for shard shapes and size checks)."""
+    names = tuple(partitioning.MESH_AXES)
+    return AbstractMesh(tuple(sizes[a] for a in names), names,
+                        axis_types=(AxisType.Auto,) * len(names))
+
+
+def shard_bytes(leaf: jax.ShapeDtypeStruct, sizes: Mapping[str, int],
+                gathered: tuple[str, ...] = ()) -> int:
+    """Bytes of one device's shard of `leaf` (carrying a NamedSharding) on a mesh of
+    `sizes`, with the mesh axes in `gathered` undone (an FSDP all-gather's result)."""
+    sizes = {a: 1 if a in gathered else n for a, n in sizes.items()}
+    shape = NamedSharding(abstract_mesh(sizes), leaf.sharding.spec).shard_shape(leaf.shape)
+    return math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+
+
+def state_bytes(state, sizes: Mapping[str, int]) -> int:
+    """Per-device bytes of an abstract sharded pytree on a mesh of `sizes`."""
+    return sum(shard_bytes(leaf, sizes) for leaf in jax.tree.leaves(state))
+
+
+def gathered_weight_bytes(params, sizes: Mapping[str, int]) -> int:
+    """What FSDP gathers at once: the weights of the layer in flight, whole along
+    `fsdp` and still split along `tensor` (the largest layer of the model's stacks).
+    Embedding and output head are not gathered whole: the compiled steps reduce their
+    partial products instead.
+
+    params: the abstract sharded parameters (an nnx.State whose variables keep their
+    logical axes: a scanned stack's first axis is LAYERS, one slice per layer).
+    """
+    per_stack: dict[str, int] = {}
+    for path, var in nnx.to_flat_state(params):
+        leaf = var.get_value()
+        if (var.get_metadata().get("out_sharding") or ())[:1] == (LAYERS,):
+            nbytes = shard_bytes(leaf, sizes, gathered=("fsdp",)) // leaf.shape[0]
+            per_stack[str(path[0])] = per_stack.get(str(path[0]), 0) + nbytes
+    return max(per_stack.values(), default=0)
+
+
+# ----------------------------------------------------------------------- activations
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """How a mesh and batch divide one device's activations.
+
+    rows: batch rows per device per microbatch; tensor: ways heads, MLP and vocabulary
+    are split; kv_tensor: ways kv heads are split.
+    """
+
+    rows: int
+    tensor: int
+    kv_tensor: int
+
+    @classmethod
+    def of(cls, rules, sizes: Mapping[str, int], rows_per_microbatch: int) -> Split:
+        def ways(name: str) -> int:
+            return partitioning.split_ways(rules, name, sizes)
+
+        return cls(max(1, rows_per_microbatch // ways(BATCH)), ways(HEADS),
+                   ways(KV_HEADS))
+
+
+def _layer(cfg, split: Split, length: int, memory: int | None, c: int) -> dict[str, int]:
+    """Bytes of one layer's tensors (names as in layers.py) for a stack of `length`
+    positions; `memory`: the encoder length a decoder layer cross-attends to."""
+    r, t = split.rows, split.tensor
+    heads, kv_heads, mlp = cfg.num_heads // t, cfg.num_kv_heads // split.kv_tensor, cfg.mlp_dim // t
+    x = r * length * cfg.emb_dim * c
+    q = r * length * heads * cfg.head_dim * c
+    kv = 2 * r * length * kv_heads * cfg.head_dim * c
+    h = r * length * mlp * c
+    gated = cfg.mlp_activation != "gelu"
+    # Dot outputs ("minimal" keeps exactly these): q, k, v, attention out, MLP in/out.
+    dots = q + kv + x + (2 if gated else 1) * h + x
+    # The rest of the forward: norms, RoPE'd q/k, attention values, activation output
+    # and product, scores and probabilities (float32) and the probabilities cast back.
+    norms = (1 if cfg.block == "parallel" else 2 + (memory is not None)) * x
+    scores = r * heads * length * length * (2 * _F32 + c)
+    rest = norms + q + kv // 2 + q + (2 if gated else 1) * h + scores
+    if memory is not None:  # cross-attention: q, k/v over the encoder, out; its scores
+        cross_kv = 2 * r * memory * kv_heads * cfg.head_dim * c
+        dots += q + cross_kv + x
+        rest += q + r * heads * length * memory * (2 * _F32 + c)
+    return {"carry": x, "dots": dots, "rest": rest}
+
+
+def _saved(layer: Mapping[str, int], policy: str) -> int:
+    """What the scan keeps per layer for the backward pass (layers.py's remat policies:
+    'full' saves nothing but the layer input, 'minimal' the dot outputs too)."""
+    return {"full": layer["carry"], "minimal": layer["carry"] + layer["dots"],
+            "none": layer["carry"] + layer["dots"] + layer["rest"]}[policy]
+
+
+def activation_bytes(cfg, split: Split, stacks: Mapping[str, int],
+                     policy: str | None = None) -> dict[str, int]:
+    """Per-device activation bytes of one microbatch, by part.
+
+    stacks: {'encoder': M, 'decoder': L} positions per row (no 'encoder' for a
+    decoder-only model; a prefix LM's L is inputs + targets). policy: remat policy,
+    default the config's.
+    """
+    policy = policy or cfg.remat_policy
+    c = jnp.dtype(cfg.dtype).itemsize
+    memory = stacks.get("encoder")
+    layers = []
+    if memory:
+        layers.append((cfg.num_encoder_layers, _layer(cfg, split, memory, None, c)))
+    layers.append((cfg.num_decoder_layers, _layer(cfg, split, stacks["decoder"], memory, c)))
+    saved = sum(n * _saved(layer, policy) for n, layer in layers)
+    # The layer being differentiated: its whole forward, recomputed or kept (the
+    # gradients reuse the buffers its forward frees).
+    working = max(_saved(layer, "none") for _, layer in layers)
+    # Float32 logits, their softmax and their gradient, over this device's vocabulary;
+    # with the vocabulary whole on every device (no tensor split) the compiled steps
+    # also build the embedding's (or head's) gradient whole before reducing it.
+    vocab = cfg.vocab_size // split.tensor
+    logits = 3 * split.rows * stacks["decoder"] * vocab * _F32
+    if split.tensor == 1:
+        logits += vocab * cfg.emb_dim * _F32
+    return {"saved": saved, "working": working, "logits": logits,
+            "total": saved + working + logits}
