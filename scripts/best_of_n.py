@@ -29,7 +29,7 @@ from t5x_like.model import families, layers  # noqa: E402
 from t5x_like.objectives import preference  # noqa: E402
 from t5x_like.model.decoding import DecodeConfig  # noqa: E402
 from t5x_like.recipes import best_of_n  # noqa: E402
-from t5x_like.training import checkpoints
+from t5x_like.training import checkpoints  # noqa: E402
 
 
 def _restore(model, run_dir):

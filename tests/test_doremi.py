@@ -162,7 +162,7 @@ def test_the_proxy_step_updates_the_weights_and_trains_on_the_weighted_loss():
              "decoder_loss_weights": np.ones((4, 8), np.int32),
              "decoder_segment_ids": np.ones((4, 8), np.int32),
              "decoder_positions": np.tile(np.arange(8, dtype=np.int32), (4, 1)),
-             families.DOMAIN_IDS: np.array([[1] * 8, [2] * 8, [2] * 8, [2] * 8], np.int32)}
+             group_dro.DOMAIN_IDS: np.array([[1] * 8, [2] * 8, [2] * 8, [2] * 8], np.int32)}
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     base = families.DecoderOnlyModel(cfg)
     nll = np.asarray(families.token_losses(base.logits(module, batch), tokens, 0.0)[0])
@@ -180,7 +180,7 @@ def test_the_proxy_step_updates_the_weights_and_trains_on_the_weighted_loss():
     assert float(loss) == pytest.approx(expect_loss, rel=1e-5)
     np.testing.assert_allclose(metrics["doremi_alpha"], expect, rtol=1e-5)
     # Without domain ids (evaluation), the base model's own loss.
-    plain = {k: v for k, v in batch.items() if k != families.DOMAIN_IDS}
+    plain = {k: v for k, v in batch.items() if k != group_dro.DOMAIN_IDS}
     assert float(proxy.loss_fn(module, plain)[0]) == pytest.approx(float(nll.mean()), rel=1e-5)
 
     optimizer = optimizers.adamw_llama2(peak_lr=1e-3, warmup_steps=0, total_steps=10)

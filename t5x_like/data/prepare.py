@@ -165,8 +165,8 @@ def _run_shards(job: _Job, todo: Sequence[int], out_dir: str, workers: int) -> N
             future.result()
     except BaseException:
         # A failed shard or Ctrl-C: stop the others now rather than after their shards.
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.kill()
+        for worker in list(getattr(pool, "_processes", {}).values()):
+            worker.kill()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
@@ -364,7 +364,8 @@ def prepare_spec(spec: store.StoreSpec, out_dir: str, workers: int | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m t5x_like.prepare",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--task_module", action="append", required=True,
                         help="module registering the tasks (repeatable), e.g. tasks")
     parser.add_argument("--mixture", required=True, help="seqio Mixture or Task name")

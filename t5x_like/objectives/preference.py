@@ -228,10 +228,5 @@ class DPOModel(_PairwiseModel):
 
 def _pair_length(task_feature_lengths: Mapping[str, int]) -> int:
     """Positions of one response's row: prompt + the longer response."""
-    missing = [k for k in ("inputs", "targets") if k not in task_feature_lengths]
-    if missing:
-        raise ValueError(
-            f"Preference pairs need task feature lengths for {missing} (got "
-            f"{dict(task_feature_lengths)}); e.g. TASK_FEATURE_LENGTHS = {{'inputs': 32, "
-            "'targets': 33, 'rejected': 33, 'rating': 1}.")
-    return int(task_feature_lengths["inputs"]) + int(task_feature_lengths["targets"])
+    lengths = forms.PREFERENCE.check_lengths(task_feature_lengths)
+    return lengths["inputs"] + lengths["targets"]
