@@ -230,7 +230,7 @@ def worker(devices: int, keys: list[str], dtypes: list[str], steps: int) -> dict
 
 def spawn(devices: int, keys: list[str], dtypes: list[str], steps: int) -> dict:
     """One worker process per device count, started as `python -m t5x_like.train` starts
-    (XLA's buffers in huge pages: t5x_like/__init__.py)."""
+    (XLA's buffers in huge pages: t5x_like/process.py)."""
     from t5x_like import with_huge_pages
 
     env = dict(with_huge_pages(os.environ), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",

@@ -341,7 +341,7 @@ def test_a_users_task_module_trains_through_the_cli(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "step 3/3" in proc.stdout + proc.stderr
-    # the entry point restarted itself with huge pages for XLA's buffers (__init__.py)
+    # the entry point restarted itself with huge pages for XLA's buffers (process.py)
     assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in proc.stderr
     config = (tmp_path / "run" / "config.gin").read_text()
     assert "import my_tasks" in config and "'my_notes_lm'" in config
