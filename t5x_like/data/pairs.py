@@ -1,6 +1,6 @@
 """Preference pairs as SeqIO data: the feature converter and pairs built from documents.
 
-`PreferenceFeatureConverter` ("preference" in store.py) turns a preference example
+`PreferenceFeatureConverter` (forms.PREFERENCE) turns a preference example
 (task features `inputs` = prompt, `targets` = chosen response, `rejected`, `rating`
 0..3; objectives/preference.py) into one unpacked row of model features: `chosen_tokens` /
 `rejected_tokens` = prompt + response, right-padded to `inputs + targets` positions,
@@ -32,7 +32,6 @@ CORRUPTION_BY_RATING = (1.0 / 16.0, 0.25, 0.5, 1.0)
 TASK_FEATURES = ("inputs", "targets", "rejected", "rating")
 MODEL_FEATURES = ("chosen_tokens", "chosen_response", "rejected_tokens", "rejected_response",
                   "rating")
-
 
 
 class PreferenceFeatureConverter(seqio.FeatureConverter):

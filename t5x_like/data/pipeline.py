@@ -59,8 +59,7 @@ _PARTIAL_HASH_BYTES = 1 << 20
 
 
 def record_layout(spec: store.ShardSpec) -> store.RecordLayout:
-    return store.RecordLayout.of(
-        spec.converter, spec.form.model_feature_lengths(spec.task_feature_lengths))
+    return store.RecordLayout.of(spec.form, spec.task_feature_lengths)
 
 
 def mixture_vocabulary_checksum(leaves: Sequence[tuple[str, float]]) -> str:

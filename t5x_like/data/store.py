@@ -211,9 +211,9 @@ class RecordLayout:
     lengths: tuple[int, ...]
 
     @classmethod
-    def of(cls, converter: str, model_feature_lengths: Mapping[str, int]) -> RecordLayout:
-        names = forms.get(converter).model_features
-        return cls(names, tuple(int(model_feature_lengths[n]) for n in names))
+    def of(cls, form: forms.DataForm, task_feature_lengths: Mapping[str, int]) -> RecordLayout:
+        lengths = form.model_feature_lengths(task_feature_lengths)
+        return cls(tuple(lengths), tuple(lengths.values()))
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> RecordLayout:

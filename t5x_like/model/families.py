@@ -174,6 +174,14 @@ class LanguageModel:
         """Token positions one row feeds the model (the data form's count)."""
         return self.data_form(task_feature_lengths).tokens_per_example(task_feature_lengths)
 
+    def get_initial_batch(self, batch_size: int, feature_lengths: Mapping[str, int]):
+        """All-zero numpy batch of the data form's model features at their packed
+        lengths (shape-only initialisation); feature_lengths as TASK_FEATURE_LENGTHS
+        ({"targets": L}; a prefix LM's {"inputs": I, "targets": T} gives I + T)."""
+        lengths = self.data_form(feature_lengths).model_feature_lengths(feature_lengths)
+        return {name: np.zeros((batch_size, length), np.int32)
+                for name, length in lengths.items()}
+
     def train_flops_per_step(self, batch_size: int,
                              task_feature_lengths: Mapping[str, int]) -> flops.Flops:
         """Model FLOPs of one training step of `batch_size` rows, both conventions."""
@@ -351,17 +359,6 @@ class DecoderOnlyModel(LanguageModel):
                       causal_attention_BL=batch.get("decoder_causal_attention"), rng=rng,
                       hidden=hidden)
 
-    def get_initial_batch(self, batch_size: int, feature_lengths: Mapping[str, int]):
-        """All-zero numpy batch with the model's features (shape-only initialisation).
-
-        feature_lengths: {"targets": L} as in SeqIO's TASK_FEATURE_LENGTHS; for a prefix
-        LM {"inputs": I, "targets": T} gives length I + T and includes
-        `decoder_causal_attention`.
-        """
-        length = feature_lengths["targets"] + feature_lengths.get("inputs", 0)
-        return {n: np.zeros((batch_size, length), np.int32)
-                for n in self.data_form(feature_lengths).model_features}
-
 
 class EncoderDecoderModel(LanguageModel):
     """Encoder-decoder LM (UL2 denoisers in inputs/targets form)."""
@@ -404,16 +401,6 @@ class EncoderDecoderModel(LanguageModel):
                       encoder_positions_BM=enc_positions_BM,
                       decoder_segment_ids_BL=dec_segment_ids_BL,
                       decoder_positions_BL=dec_positions_BL, rng=rng, hidden=hidden)
-
-    def get_initial_batch(self, batch_size: int, feature_lengths: Mapping[str, int]):
-        """All-zero numpy batch; feature_lengths {"inputs": M, "targets": L}."""
-        batch = {n: np.zeros((batch_size, feature_lengths["inputs"]), np.int32)
-                 for n in ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions")}
-        batch.update({n: np.zeros((batch_size, feature_lengths["targets"]), np.int32)
-                      for n in ("decoder_input_tokens", "decoder_target_tokens",
-                                "decoder_loss_weights", "decoder_segment_ids",
-                                "decoder_positions")})
-        return batch
 
 
 def _left_aligned(prompt_BP, lengths_B=None, bos_id: int | None = 0):
