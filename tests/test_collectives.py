@@ -112,6 +112,75 @@ def test_a_loop_without_a_readable_trip_count_is_refused():
         collectives.parse(unreadable, {"data": 2, "fsdp": 4})
 
 
+# A layer scan around Pallas kernels as the TPU compiler prints them (splash attention's
+# tpu_custom_call): the backend_config spans lines, some beginning with `}}` or `}`, and
+# carries the kernel's Mosaic text, whose lines look like instructions and braces. The
+# collectives after each kernel (and in the computations after the body) must count.
+_PALLAS_HLO = """HloModule jit_train_step, entry_computation_layout={(bf16[8,512,64]{2,1,0})->bf16[8,512,64]{2,1,0}}
+
+%add.clone (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(f32[] %x, f32[] %y)
+}
+
+%layers.body (p: (s32[], bf16[8,512,64])) -> (s32[], bf16[8,512,64]) {
+  %p = (s32[], bf16[8,512,64]{2,1,0}) parameter(0)
+  %h = bf16[8,512,64]{2,1,0:T(8,128)(2,1)} get-tuple-element(%p), index=1
+  %wq.gathered = bf16[64,256]{1,0:T(8,128)(2,1)} all-gather(bf16[16,256]{1,0} %h), channel_id=7, replica_groups=[2,4]<=[8], dimensions={0}, use_global_device_ids=true, metadata={op_name="jit(train_step)/decoder/attention/wq/all_gather"}
+  %splash.fwd = (bf16[8,4,512,64]{3,2,1,0}, f32[8,4,512,128]{3,2,1,0}) custom-call(bf16[8,4,512,64]{3,2,1,0} %q, bf16[8,4,512,64]{3,2,1,0} %k, bf16[8,4,512,64]{3,2,1,0} %v, s32[8,512]{1,0} %segment_ids), custom_call_target="tpu_custom_call", operand_layout_constraints={bf16[8,4,512,64]{3,2,1,0}, bf16[8,4,512,64]{3,2,1,0}, bf16[8,4,512,64]{3,2,1,0}, s32[8,512]{1,0}}, metadata={op_name="jit(train_step)/decoder/attention/splash_mha_fwd/pallas_call" source_file="splash_attention_kernel.py" source_line=1104}, backend_config={"custom_call_config": {"kernel_name": "splash_mha_fwd_residuals", "needs_layout_passes": true, "serialization_format": 1,
+"cost_estimate": {"flops": 2147483648, "transcendentals": 8388608, "bytes_accessed": 3145728
+}},
+"body": "module attributes {stable_mosaic.version = 11 : i64} {
+  func.func @splash_mha_fwd(%arg0: i32, %arg1: memref<1x512x64xbf16, #tpu.memory_space<vmem>>) attributes {dimension_semantics = [#tpu.dimension_semantics<parallel>]} {
+    %0 = \\"tpu.iota\\"() {dimensions = array<i32: 0>} : () -> vector<8x128xi32>
+    %1 = all-gather(%0), replica_groups={{0,1}}
+    return
+  }
+}
+"}
+  %wo.gathered = bf16[256,64]{1,0} all-gather(bf16[64,64]{1,0} %h), channel_id=8, replica_groups=[2,4]<=[8], dimensions={0}, use_global_device_ids=true
+  %splash.bwd = bf16[8,4,512,64]{3,2,1,0} custom-call(bf16[8,4,512,64]{3,2,1,0} %q, f32[8,4,512,128]{3,2,1,0} %res), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"kernel_name": "splash_mha_dkv",
+"cost_estimate": {"flops": 4294967296, "transcendentals": 8388608, "bytes_accessed": 6291456
+}}}
+  %grad.rs = bf16[16,256]{1,0} reduce-scatter(bf16[64,256]{1,0} %h), channel_id=9, replica_groups=[2,4]<=[8], dimensions={0}, use_global_device_ids=true, to_apply=%add.clone
+  ROOT %t = (s32[], bf16[8,512,64]) tuple(%i, %h)
+}
+
+%layers.cond (p: (s32[], bf16[8,512,64])) -> pred[] {
+  %p = (s32[], bf16[8,512,64]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(32)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: bf16[8,512,64]) -> bf16[8,512,64] {
+  %a = bf16[8,512,64]{2,1,0} parameter(0)
+  %w = (s32[], bf16[8,512,64]) while(%t0), condition=%layers.cond, body=%layers.body
+  %loss.ar = f32[]{:T(128)} all-reduce(f32[] %l), channel_id=10, replica_groups=[1,8]<=[8], use_global_device_ids=true, to_apply=%add.clone
+  ROOT %out = bf16[8,512,64]{2,1,0} copy(%a)
+}
+"""
+
+
+def test_pallas_custom_calls_with_multi_line_attributes_do_not_end_the_computation():
+    found = collectives.parse(_PALLAS_HLO, {"data": 2, "fsdp": 4},
+                              ici_shape={"data": 1, "fsdp": 4})
+    # Every collective after the kernels, in the body and in ENTRY, 32 layers each; the
+    # all-gather in the kernel's text is not an instruction.
+    assert sorted((c.name, c.op, c.count) for c in found) == [
+        ("grad.rs", "reduce-scatter", 32), ("loss.ar", "all-reduce", 1),
+        ("wo.gathered", "all-gather", 32), ("wq.gathered", "all-gather", 32)]
+    assert sum(c.count for c in found) == 97
+    assert {c.mesh_axes for c in found if c.name != "loss.ar"} == {("fsdp",)}
+    computations, _ = collectives._computations(_PALLAS_HLO)
+    kernel = next(line for line in computations["layers.body"] if "splash.fwd" in line)
+    assert kernel.endswith('"}') and kernel.count("\n") == 10
+    with pytest.raises(ValueError, match="ends inside an instruction"):
+        collectives.parse(_PALLAS_HLO[:_PALLAS_HLO.index("func.func")],
+                          {"data": 2, "fsdp": 4})
+
+
 def _one(op, nbytes, group, nodes, axes=("fsdp",)):
     return Collective("x", op, "bf16", nbytes, group, axes, nodes, 1)
 

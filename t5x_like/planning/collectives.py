@@ -36,6 +36,7 @@ _DTYPE_BYTES = {
 }
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")
+_END = re.compile(r"^\}\s*(//.*)?$")  # a computation's closing line (not `}}`)
 _CALLED = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|"
                      r"called_computations)=\{?([^}\s]*)")
 
@@ -84,20 +85,63 @@ class Collective:
 # ----------------------------------------------------------------------------- parsing
 
 
+def _open_brackets(text: str, state: tuple[int, bool]) -> tuple[int, bool]:
+    """(bracket depth, inside a string) after `text`, from `state`: how an instruction
+    whose attributes span several lines is known to go on."""
+    depth, quoted = state
+    escaped = False
+    for char in text:
+        if quoted:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char in "{([":
+            depth += 1
+        elif char in "})]":
+            depth -= 1
+    return depth, quoted
+
+
 def _computations(text: str) -> tuple[dict[str, list[str]], str]:
-    """{computation name: its instruction lines}, and the entry computation's name."""
+    """{computation name: its instructions}, and the entry computation's name.
+
+    An instruction is one line unless an attribute spans several: a Pallas kernel's
+    custom call (the TPU compiler's tpu_custom_call, a Triton or Mosaic GPU call) can
+    carry its kernel's text or a printed config in `backend_config`, whose lines may
+    begin with `}` or `}}`. Such an instruction goes on until its brackets and strings
+    close; its lines are joined with newlines. A computation ends at a `}` line outside
+    any instruction.
+    """
     out: dict[str, list[str]] = {}
     entry, current = "", None
+    pending, state = "", (0, False)
     for line in text.splitlines():
-        header = _HEADER.match(line)
-        if header:
-            current = header.group(2)
-            out[current] = []
-            entry = current if header.group(1) else entry
-        elif line.startswith("}"):
+        if pending:
+            pending += "\n" + line
+            state = _open_brackets(line, state)
+        elif current is None:
+            header = _HEADER.match(line)
+            if header:
+                current = header.group(2)
+                out[current] = []
+                entry = current if header.group(1) else entry
+            continue
+        elif _END.match(line):
             current = None
-        elif current is not None and " = " in line:
-            out[current].append(line)
+            continue
+        elif " = " in line:
+            pending, state = line, _open_brackets(line, (0, False))
+        if pending and state[0] <= 0 and not state[1]:
+            out[current].append(pending)
+            pending = ""
+    if pending:
+        raise ValueError(f"The HLO text ends inside an instruction: {pending[:200]!r}...; "
+                         "pass the whole compiled.as_text() of a jax executable.")
     if not entry:
         raise ValueError("No ENTRY computation in the HLO text; pass compiled.as_text() "
                          "of a jax executable.")
