@@ -35,7 +35,7 @@ from t5x_like.evaluation import predict
 from t5x_like.model import partitioning
 from t5x_like.model.decoding import DecodeConfig
 from t5x_like.objectives import preference
-from t5x_like.training import checkpoints, loader, metrics, train_state
+from t5x_like.training import checkpoints, loader, metrics, rundir, train_state
 
 log = logging.getLogger("t5x_like.eval")
 
@@ -344,8 +344,8 @@ def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation: EvalC
     """
     launch.start_devices(mesh_config)
     mesh, rules = launch.mesh_for(mesh_config)
-    directory = os.path.join(model_dir, "checkpoints")
-    if not os.path.isdir(directory):
+    directory = rundir.join(model_dir, "checkpoints")
+    if not rundir.isdir(directory):
         raise FileNotFoundError(
             f"No checkpoints at {directory}; train first or set MODEL_DIR to a directory a "
             "training run wrote.")
@@ -373,7 +373,7 @@ def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation: EvalC
     curve = None
     if jax.process_index() == 0:  # one writer in a multi-process run, as for metrics
         curve = metrics.write_bpc_curve(
-            points, output_dir or os.path.join(model_dir, "eval"),
+            points, output_dir or rundir.join(model_dir, "eval"),
             title=(f"{os.path.basename(os.path.normpath(model_dir))}: {type(model).__name__}, "
                    f"{model.num_params:,} parameters; BPC per domain"),
             about={"model_dir": model_dir, "model": type(model).__name__,

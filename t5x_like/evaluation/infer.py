@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -31,14 +30,15 @@ from t5x_like.evaluation.predict import (
     text_of,
 )
 from t5x_like.model.decoding import DecodeConfig
+from t5x_like.training import rundir
 
 log = logging.getLogger("t5x_like.evaluation.infer")
 MODES = ("predict", "score")
 
 
 def _output_path(output_dir: str, task_name: str, mode: str) -> str:
-    path = os.path.join(output_dir, f"{task_name}-{mode}.jsonl")
-    if os.path.exists(path):
+    path = rundir.join(output_dir, f"{task_name}-{mode}.jsonl")
+    if rundir.exists(path):
         raise FileExistsError(
             f"{path} exists; inference never overwrites earlier results. Use another "
             "INFER_OUTPUT_DIR or move the file.")
@@ -57,6 +57,7 @@ def infer(*, model, mesh_config, mixture_or_task_name: str,
     and writes prompts-predict.jsonl."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES} (INFER_MODE).")
+    rundir.check_writable(output_dir, "INFER_OUTPUT_DIR", lock=False)  # its bucket exists
     launch.start_devices(mesh_config)
     form = model.data_form(task_feature_lengths)
     tasks = mixtures.leaf_tasks(mixture_or_task_name)
@@ -65,7 +66,7 @@ def infer(*, model, mesh_config, mixture_or_task_name: str,
         path = _output_path(output_dir, "prompts", "predict")
         inference, params = Inference.from_checkpoint(model, mesh_config, checkpoint_path,
                                                       decode, batch_size)
-        os.makedirs(output_dir, exist_ok=True)
+        rundir.makedirs(output_dir)
         _infer_prompts(inference, params, vocab, prompts, form, path)
         return {"prompts": path}
     if mode == "predict" and "inputs" not in form.task_features:
@@ -79,7 +80,7 @@ def infer(*, model, mesh_config, mixture_or_task_name: str,
     paths = {task.name: _output_path(output_dir, task.name, mode) for task in tasks}
     inference, params = Inference.from_checkpoint(model, mesh_config, checkpoint_path, decode,
                                                   batch_size)
-    os.makedirs(output_dir, exist_ok=True)
+    rundir.makedirs(output_dir)
     for task in tasks:
         count = _infer_task(inference, params, task, task_feature_lengths, form, split,
                             mode, max_examples, paths[task.name])
@@ -91,7 +92,7 @@ def _infer_task(inference: Inference, params, task, task_feature_lengths, form: 
                 split: str, mode: str, max_examples, path: str) -> int:
     vocab = task.output_features["targets"].vocabulary
     count = 0
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with rundir.atomic_writer(path) as f:  # the file appears complete, or not at all
         for batch, examples in example_batches(task, task_feature_lengths, split, form,
                                                inference.batch_size, max_examples):
             if mode == "predict":
@@ -107,7 +108,6 @@ def _infer_task(inference: Inference, params, task, task_feature_lengths, form: 
                     record["prediction"] = prediction
                 f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
                 count += 1
-    os.replace(path + ".tmp", path)
     return count
 
 
@@ -119,7 +119,7 @@ def _infer_prompts(inference: Inference, params, vocab, prompts: Sequence[str],
     rows = [vocabulary.encode_prompt(vocab, text) + eos for text in prompts]
     width = max(len(r) for r in rows)
     key = form.prompt_feature
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with rundir.atomic_writer(path) as f:  # the file appears complete, or not at all
         for first in range(0, len(rows), inference.batch_size):
             chunk = rows[first:first + inference.batch_size]
             batch = np.zeros((inference.batch_size, width), np.int32)
@@ -133,7 +133,6 @@ def _infer_prompts(inference: Inference, params, vocab, prompts: Sequence[str],
                 print(f"{text!r} -> {prediction!r}  (log-prob {float(score):.2f})", flush=True)
                 f.write(json.dumps({"inputs": text, "prediction": prediction,
                                     "score": float(score)}, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:

@@ -45,6 +45,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from t5x_like.training import rundir  # sets epath's gs:// backend before any path is used
+
 STATE, DATA, CONFIG, INTEGRITY, RUN = "state", "data", "config", "integrity", "run"
 DAMAGED_DIR = "damaged"
 
@@ -256,9 +258,7 @@ class CheckpointManager:
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps={save_interval_steps} must be ≥ 1.")
         # orbax rejects relative local paths; users pass MODEL_DIR relative to the cwd.
-        self.directory = epath.Path(directory)
-        if not self.directory.is_absolute() and '://' not in str(directory):
-            self.directory = epath.Path(os.path.abspath(str(directory)))
+        self.directory = rundir.path(directory)
         self._save_interval_steps = save_interval_steps
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
@@ -447,10 +447,7 @@ PARAMS = "params"
 
 def _absolute(directory: str | epath.PathLike) -> epath.Path:
     # orbax rejects relative local paths (as in CheckpointManager).
-    path = epath.Path(directory)
-    if not path.is_absolute() and "://" not in str(directory):
-        path = epath.Path(os.path.abspath(str(directory)))
-    return path
+    return rundir.path(directory)
 
 
 def save_params(directory: str | epath.PathLike, params: Any, *,

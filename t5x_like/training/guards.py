@@ -27,6 +27,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from t5x_like import launch
+from t5x_like.training import rundir
 
 log = logging.getLogger("t5x_like.training.guards")
 
@@ -43,7 +44,9 @@ class RunLockedError(RunStopped):
 
 
 class RunLock:
-    """An exclusive lock on MODEL_DIR/.lock (fcntl), held while a trainer runs.
+    """An exclusive lock on MODEL_DIR/.lock (fcntl), held while a trainer runs; on an
+    object store (gs://) a lease object instead (rundir.ObjectLock: a generation-matched
+    create, renewed while the run lives).
 
     A second trainer on the same directory fails at once with a message naming the
     process that holds it. The kernel releases the lock when its process dies, even by
@@ -52,12 +55,15 @@ class RunLock:
     """
 
     def __init__(self, model_dir: str):
-        self.path = os.path.join(model_dir, ".lock")
+        self.path = rundir.join(model_dir, ".lock")
         self._file = None
+        self._object: rundir.ObjectLock | None = None
 
     def __enter__(self) -> RunLock:
         if jax.process_index() != 0:
             return self
+        if rundir.is_remote(self.path):
+            return self._lock_object()
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._file = open(self.path, "a+")
         try:
@@ -78,7 +84,27 @@ class RunLock:
         self._file.flush()
         return self
 
+    def _lock_object(self) -> RunLock:
+        """On an object store: a lease object (rundir.ObjectLock), not a file lock."""
+        lock = rundir.ObjectLock(self.path)
+        try:
+            lock.acquire()
+        except rundir.LockHeldError as e:
+            raise RunLockedError(
+                f"{self.path.removesuffix('/.lock')} is in use by {e.holder}, which renewed "
+                f"its lock {e.age_s:.0f} s ago. Two trainers writing one MODEL_DIR would "
+                "overwrite each other's checkpoints: wait for it, stop it, or use another "
+                f"MODEL_DIR. If that trainer is gone (killed), the lock passes to the next "
+                f"run {max(0.0, e.lease_s - e.age_s):.0f} s from now (its lease, "
+                f"{rundir.LEASE_ENV}={e.lease_s:.0f}), or at once if you delete "
+                f"{self.path}.") from None
+        self._object = lock
+        return self
+
     def __exit__(self, *exc_info) -> None:
+        if self._object is not None:
+            self._object.release()
+            self._object = None
         if self._file is not None:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()

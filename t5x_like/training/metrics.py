@@ -18,9 +18,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -34,6 +36,7 @@ from clu import metric_writers
 from clu.metric_writers import interface
 
 from t5x_like.model import flops
+from t5x_like.training import rundir
 
 JSONL_NAME = "metrics.jsonl"
 
@@ -56,9 +59,8 @@ class JsonlWriter(interface.MetricWriter):
     """
 
     def __init__(self, path: str | os.PathLike):
-        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
         self.path = os.fspath(path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = rundir.open_append(self.path)  # a local file, or an object (gs://)
         self._lock = threading.Lock()
 
     def _write(self, record: Mapping[str, Any]) -> None:
@@ -105,21 +107,91 @@ def create_writer(logdir: str | os.PathLike, *, enabled: bool = True,
     """TensorBoard events in `logdir` + `logdir/metrics.jsonl`; a no-op if not `enabled`.
 
     Pass `enabled=jax.process_index() == 0` so that only one host of a multi-host run
-    writes.
+    writes. On an object store (gs://) the events go through the run directory's path
+    layer too (`ObjectStoreEventWriter`), not through TensorFlow's own file system.
     """
     if not enabled:
         return metric_writers.MultiWriter([])
     logdir = os.fspath(logdir)
-    tensorboard: interface.MetricWriter = metric_writers.SummaryWriter(logdir)
+    tensorboard: interface.MetricWriter = (
+        ObjectStoreEventWriter(logdir) if rundir.is_remote(logdir)
+        else metric_writers.SummaryWriter(logdir))
     if asynchronous:
         tensorboard = metric_writers.AsyncWriter(tensorboard)
-    return metric_writers.MultiWriter([tensorboard, JsonlWriter(os.path.join(logdir, JSONL_NAME))])
+    return metric_writers.MultiWriter([tensorboard,
+                                       JsonlWriter(rundir.join(logdir, JSONL_NAME))])
+
+
+class ObjectStoreEventWriter(interface.MetricWriter):
+    """TensorBoard event files (scalars and texts) written through `rundir`, for a
+    logdir on an object store: clu's SummaryWriter writes with tf.summary, that is with
+    TensorFlow's GCS file system, which cannot be pointed at an emulator (rundir.py says
+    why). The file is TensorFlow's format (tensorboard's RecordWriter and protos), named
+    as tf.summary names its files; hparams, images and the like are left to
+    metrics.jsonl or to a local logdir."""
+
+    def __init__(self, logdir: str):
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        self._event_pb2 = event_pb2
+        name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+                f"{os.getpid()}.v2")
+        self._records = RecordWriter(rundir.open_append(rundir.join(logdir, name),
+                                                        binary=True))
+        self._lock = threading.Lock()
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event) -> None:
+        with self._lock:
+            self._records.write(event.SerializeToString())
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        from tensorboard.compat.proto import summary_pb2
+
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=float(np.asarray(v).item()))
+                  for k, v in scalars.items() if np.asarray(v).size == 1]
+        self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                          summary=summary_pb2.Summary(value=values)))
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        from tensorboard.plugins.text import summary_v2
+
+        for tag, text in texts.items():
+            self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                              summary=summary_v2.text_pb(tag, str(text))))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        pass  # in metrics.jsonl
+
+    def write_summaries(self, step, values, metadata=None) -> None:
+        pass
+
+    def write_images(self, step, images) -> None:
+        pass
+
+    def write_videos(self, step, videos) -> None:
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate) -> None:
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None) -> None:
+        pass
+
+    def flush(self) -> None:
+        with self._lock:
+            self._records.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._records.closed:
+                self._records.close()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file, in order."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl file (local or on an object store), in order."""
+    return [json.loads(line) for line in rundir.read_text(path).splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------
@@ -337,18 +409,19 @@ def _plot_bpc(points: list[Mapping[str, Any]], path: str, title: str) -> None:
     axes[-1].legend(title="domain")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    rundir.write_bytes(path, png.getvalue())
 
 
 def write_bpc_curve(points: list[Mapping[str, Any]], out_dir: str, *, title: str,
                     about: Mapping[str, Any]) -> dict[str, str]:
     """Writes `out_dir/bpc_by_checkpoint.json` (`about` + the points) and `.png` (BPC per
     domain against step and, when known, training FLOPs); returns both paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {ext: os.path.join(out_dir, f"{BPC_CURVE_NAME}.{ext}") for ext in ("json", "png")}
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({**about, "checkpoints": list(points)}, f, indent=1)
-        f.write("\n")
+    rundir.makedirs(out_dir)
+    paths = {ext: rundir.join(out_dir, f"{BPC_CURVE_NAME}.{ext}") for ext in ("json", "png")}
+    rundir.write_text(paths["json"],
+                      json.dumps({**about, "checkpoints": list(points)}, indent=1) + "\n")
     _plot_bpc(list(points), paths["png"], title)
     return paths

@@ -41,6 +41,7 @@ from t5x_like.training import (
     guards,
     loader,
     metrics,
+    rundir,
     train_state,
 )
 from t5x_like.training import loop as loop_lib
@@ -287,10 +288,9 @@ def _write_operative_config(model_dir: str) -> str:
     """The bindings this run used (all evaluated by now, as the arguments of `train`),
     with the macros and imports that produced them: logged and written to config.gin."""
     config_text = gin.operative_config_str()
-    os.makedirs(model_dir, exist_ok=True)
+    rundir.makedirs(model_dir)
     if jax.process_index() == 0:
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
-            f.write(config_text)
+        rundir.write_text(rundir.join(model_dir, "config.gin"), config_text)
     log.info("gin config (also in %s/config.gin):\n%s", model_dir, config_text)
     return config_text
 
@@ -332,8 +332,9 @@ def _check_checkpoints(ckpt_dir: str, identity, allow_resume_changes, initial_ch
     """Before anything is written: a resumed run must match its checkpoints' identity, and
     a new run's `initial_checkpoint` must hold this model's parameter shapes. Returns
     whether the run resumes (it has a checkpoint)."""
+    rundir.check_writable(os.path.dirname(ckpt_dir))  # MODEL_DIR: its bucket exists
     resuming = False
-    if os.path.isdir(ckpt_dir):
+    if rundir.isdir(ckpt_dir):
         with checkpoints.CheckpointManager(ckpt_dir, create=False) as existing:
             guards.check_resume((existing.newest_run_item() or {}).get("identity"), identity,
                                 allow_resume_changes)
@@ -392,7 +393,7 @@ def train(
     if evaluation is not None:
         evaluation.check(mesh)
     identity = _run_identity(model, data, optimizer, train_steps, num_microbatches, seed)
-    ckpt_dir = os.path.join(model_dir, "checkpoints")
+    ckpt_dir = rundir.join(model_dir, "checkpoints")
     resuming = _check_checkpoints(ckpt_dir, identity, allow_resume_changes, initial_checkpoint,
                                   lambda: partitioning.abstract_sharded(model.make_module,
                                                                         mesh, rules)[1])
