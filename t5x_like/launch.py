@@ -300,10 +300,51 @@ def apply_xla_flags(flags: Sequence[str]) -> None:
     os.environ["XLA_FLAGS"] = " ".join(current + added)
 
 
+# jax's GPU allocator takes this fraction of each GPU when its backend starts
+# (partitioning.MeshConfig.memory_fraction; the planner judges fit against the same field).
+MEMORY_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+
+
+def apply_environment(variables: Mapping[str, str]) -> dict[str, str]:
+    """Sets the environment variables of a mesh preset (the GPU presets' NCCL settings
+    and memory fraction) that the environment does not set already: a variable you
+    exported keeps your value. Returns the ones it set.
+
+    CUDA and jax's GPU allocator read them when jax's GPU backend starts, NCCL when it
+    makes its first communicator (NCCL's and JAX's GPU memory documentation; no GPU ran
+    here), so this runs before any computation; after it, nothing is set and a warning
+    names what takes no effect.
+    """
+    yours = {name: os.environ[name] for name in variables if name in os.environ}
+    changed = {name: value for name, value in yours.items() if value != variables[name]}
+    if changed:
+        log.info("kept from your environment over the mesh preset's: %s",
+                 ", ".join(f"{n}={v} (preset: {variables[n]})" for n, v in changed.items()))
+    if MEMORY_FRACTION_ENV in changed:
+        log.warning("%s=%s from your environment, but the plan (python -m t5x_like.plan) "
+                    "judged fit at the mesh preset's %s: set "
+                    "--gin.partitioning.MeshConfig.memory_fraction=%s instead so both agree.",
+                    MEMORY_FRACTION_ENV, changed[MEMORY_FRACTION_ENV],
+                    variables[MEMORY_FRACTION_ENV], changed[MEMORY_FRACTION_ENV])
+    added = {name: value for name, value in variables.items() if name not in yours}
+    if not added:
+        return {}
+    if _xla_bridge.backends_are_initialized():
+        log.warning("jax's backends are already up; environment variables %s take no "
+                    "effect.", added)
+        return {}
+    os.environ.update(added)
+    log.info("environment from the mesh preset: %s",
+             " ".join(f"{n}={v}" for n, v in sorted(added.items())))
+    return added
+
+
 def start_devices(mesh_config) -> None:
     """Everything about the devices that must happen before jax starts its backends:
-    the mesh preset's XLA flags, and on a CPU-only host the emulated device count."""
+    the mesh preset's XLA flags and environment (memory fraction, NCCL settings), and
+    on a CPU-only host the emulated device count."""
     apply_xla_flags(mesh_config.xla_flags)
+    apply_environment(mesh_config.environment())
     use_cpu_devices(mesh_config.num_devices)
 
 

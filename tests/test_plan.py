@@ -140,7 +140,7 @@ def test_suggestions_take_the_first_fit_of_each_kind_of_change():
     h100 = hardware.spec("H100 80GB")
     picked = planner._suggestions(h100, [("remat", "a", "", 90e9), ("remat", "b", "", 70e9),
                                       ("nodes", "c", "", 60e9), ("nodes", "d", "", 50e9)],
-                               planner.PlanConfig())
+                               0.9)  # usable: 72 GB
     assert [s["change"] for s in picked] == ["b", "c"]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -305,6 +306,64 @@ def make_hybrid_mesh(ici_shape: MeshShape, dcn_shape: MeshShape,
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+# jax's GPU allocator reads it when its backend starts; its default is 0.75.
+MEMORY_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+JAX_DEFAULT_MEMORY_FRACTION = 0.75
+_ENV_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+_XLA_FLAG = re.compile(r"--[a-z][a-z0-9_]*(=\S*)?")
+
+
+def _checked_xla_flags(flags: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(flags, str):
+        flags = flags.split()
+    bad = [f for f in flags if not isinstance(f, str) or not _XLA_FLAG.fullmatch(f)]
+    if bad:
+        raise ValueError(
+            f"MeshConfig.xla_flags has {bad!r}, which is not an XLA flag: each entry is one "
+            "'--xla_name=value' (or '--xla_name') with no spaces, e.g. "
+            "'--xla_gpu_enable_latency_hiding_scheduler=true' (gin_configs/meshes/"
+            "xla_flags/gpu.gin lists the GPU presets' flags).")
+    return tuple(flags)
+
+
+def _checked_env(env) -> tuple[tuple[str, str], ...]:
+    """`env` as sorted (name, value) pairs (hashable), each name and value checked."""
+    pairs = list(env.items()) if isinstance(env, Mapping) else list(env)
+    out = {}
+    for name, value in pairs:
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            problem = "is not an environment variable name (A-Z, 0-9 and _, e.g. NCCL_PROTO)"
+        elif name == MEMORY_FRACTION_ENV:
+            problem = ("is the memory fraction, which the planner must see too: set "
+                       "MeshConfig.memory_fraction instead")
+        elif name == "XLA_FLAGS":
+            problem = "holds XLA's flags: list them in MeshConfig.xla_flags instead"
+        elif name.startswith("JAX_"):
+            problem = ("is read when jax is imported, before any mesh is known, so setting it "
+                       "here would change nothing: export it before starting, or use the "
+                       "gin setting that exists for it (docs/OPERATIONS.md)")
+        elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            problem = f"has the value {value!r}: give a string or a number"
+        else:
+            out[name] = str(value)
+            continue
+        raise ValueError(f"MeshConfig.env: {name!r} {problem}. The GPU presets' variables are "
+                         "in gin_configs/meshes/xla_flags/gpu.gin (GPU_ENV).")
+    return tuple(sorted(out.items()))
+
+
+def _check_memory_fraction(fraction) -> None:
+    if fraction is None:
+        return
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+            0 < fraction <= 1):
+        raise ValueError(
+            f"MeshConfig.memory_fraction={fraction!r}: the fraction of each GPU's memory jax "
+            f"takes at start-up ({MEMORY_FRACTION_ENV}) must be a number in (0, 1], e.g. 0.9 "
+            f"(the GPU presets'; jax's own default is {JAX_DEFAULT_MEMORY_FRACTION}), or None "
+            "to leave jax's default.")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """The mesh of a run, bound by gin_configs/meshes/*.gin: sizes inside a node and
@@ -320,6 +379,12 @@ class MeshConfig:
       the shapes have no -1, and then checked against them.
     xla_flags: XLA flags for the hardware (the GPU presets' collective overlap), added
       to XLA_FLAGS by the entry point before jax starts (launch.apply_xla_flags).
+    memory_fraction: of each GPU's memory, what jax's allocator takes at start-up
+      (XLA_PYTHON_CLIENT_MEM_FRACTION; jax's own default 0.75). The GPU presets set 0.9;
+      the entry point exports it before jax starts and the planner judges fit against
+      the same number. None: the preset sets nothing (CPU presets).
+    env: environment variables for the hardware (the GPU presets' NCCL settings), set
+      by the entry point before jax starts where the environment does not set them.
     """
 
     shape: Any
@@ -328,6 +393,8 @@ class MeshConfig:
     num_nodes: int | None = None
     devices_per_node: int | None = None
     xla_flags: Sequence[str] = ()
+    memory_fraction: float | None = None
+    env: Mapping[str, Any] | tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         # Normalised to tuples: hashable and printable the same whatever gin passed.
@@ -341,7 +408,9 @@ class MeshConfig:
             dcn = _shape_tuple(dcn, "MeshConfig.dcn_shape", total=self.num_nodes,
                                total_name="num_nodes")
         object.__setattr__(self, "dcn_shape", dcn)
-        object.__setattr__(self, "xla_flags", tuple(self.xla_flags))
+        object.__setattr__(self, "xla_flags", _checked_xla_flags(self.xla_flags))
+        object.__setattr__(self, "env", _checked_env(self.env))
+        _check_memory_fraction(self.memory_fraction)
         get_rules(self.rules)
 
     @property
@@ -365,6 +434,14 @@ class MeshConfig:
 
     def rule_set(self) -> Rules:
         return get_rules(self.rules)
+
+    def environment(self) -> dict[str, str]:
+        """The environment variables a run on this mesh sets before jax starts: `env`
+        and the memory fraction (XLA_PYTHON_CLIENT_MEM_FRACTION)."""
+        out = dict(self.env)
+        if self.memory_fraction is not None:
+            out[MEMORY_FRACTION_ENV] = f"{self.memory_fraction:g}"
+        return out
 
     def device_array(self, devices: Sequence[Any]) -> np.ndarray:
         """The devices in mesh order (what `make_mesh` builds the Mesh from)."""

@@ -54,9 +54,9 @@ class PlanConfig:
 
     mfu: model FLOPs utilisation the step-time estimate assumes (PaLM convention);
       published large runs: 38-46% (docs/PLANNING.md).
-    device_kinds: hardware.DEVICE_SPECS names to judge the plan on.
-    hbm_usable_fraction: of each device's memory, what jax may use: the GPU runs set
-      XLA_PYTHON_CLIENT_MEM_FRACTION to it (jax's own default is 0.75).
+    device_kinds: hardware.DEVICE_SPECS names to judge the plan on. A GPU's usable memory
+      is the mesh preset's `MeshConfig.memory_fraction` of it, the fraction the run's
+      start-up gives jax (`usable_fraction`).
     max_compile_devices: the most CPU devices one compile emulates; larger meshes are
       compiled with fewer data-parallel replicas.
     tpu_topology: e.g. "v5e:2x2": compile with the TPU compiler for that slice instead
@@ -65,7 +65,6 @@ class PlanConfig:
 
     mfu: float = 0.4
     device_kinds: Sequence[str] = hardware.DEFAULT_PLAN_DEVICES
-    hbm_usable_fraction: float = 0.9
     max_compile_devices: int = 512
     tpu_topology: str | None = None
 
@@ -73,9 +72,8 @@ class PlanConfig:
         object.__setattr__(self, "device_kinds", tuple(self.device_kinds))
         for name in self.device_kinds:
             hardware.spec(name)  # an unknown kind is an error listing the known ones
-        if not 0 < self.mfu <= 1 or not 0 < self.hbm_usable_fraction <= 1:
-            raise ValueError(f"PlanConfig: mfu={self.mfu} and hbm_usable_fraction="
-                             f"{self.hbm_usable_fraction} must be in (0, 1].")
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"PlanConfig: mfu={self.mfu} must be in (0, 1], e.g. 0.4.")
         if self.max_compile_devices < 1:
             raise ValueError(f"PlanConfig.max_compile_devices={self.max_compile_devices} "
                              "must be >= 1.")
@@ -445,19 +443,39 @@ def step_time(spec: hardware.DeviceSpec, found: Sequence[collectives.Collective]
             "mfu": mfu * compute / (compute + exposed)}
 
 
-def _judge(spec: hardware.DeviceSpec, need: int, config: PlanConfig) -> dict[str, Any]:
-    usable = spec.hbm_bytes * config.hbm_usable_fraction
-    return {"hbm_gb": spec.hbm_bytes / _GB, "usable_gb": usable / _GB,
-            "need_gb": need / _GB, "fits": need <= usable,
+def memory_fraction(mesh_config: partitioning.MeshConfig) -> dict[str, Any]:
+    """The fraction of each GPU's memory a run on `mesh_config` gives jax, and where it
+    comes from: the preset's MeshConfig.memory_fraction, which the run's start-up
+    exports as XLA_PYTHON_CLIENT_MEM_FRACTION (launch.start_devices), else jax's default."""
+    if mesh_config.memory_fraction is not None:
+        return {"value": mesh_config.memory_fraction,
+                "source": "the mesh preset's memory_fraction, which the run exports as "
+                          f"{partitioning.MEMORY_FRACTION_ENV}"}
+    return {"value": partitioning.JAX_DEFAULT_MEMORY_FRACTION,
+            "source": "jax's default: the mesh preset sets no memory_fraction"}
+
+
+def usable_fraction(spec: hardware.DeviceSpec, fraction: float) -> float:
+    """Of `spec`'s memory, what a step may use: on a GPU the memory fraction jax's
+    allocator takes; on a TPU all of it (jax reserves no fraction there; the TPU compiler
+    refuses a program larger than the chip's memory)."""
+    return 1.0 if spec.name.startswith("TPU") else fraction
+
+
+def _judge(spec: hardware.DeviceSpec, need: int, fraction: float) -> dict[str, Any]:
+    usable = spec.hbm_bytes * usable_fraction(spec, fraction)
+    return {"hbm_gb": spec.hbm_bytes / _GB, "usable_fraction": usable_fraction(spec, fraction),
+            "usable_gb": usable / _GB, "need_gb": need / _GB, "fits": need <= usable,
             "headroom_gb": (usable - need) / _GB}
 
 
-def _suggestions(spec: hardware.DeviceSpec, options, config: PlanConfig
+def _suggestions(spec: hardware.DeviceSpec, options, fraction: float
                  ) -> list[dict[str, Any]]:
     """The first change of each kind that fits on `spec` (analytic re-plan)."""
     out, seen = [], set()
+    usable = spec.hbm_bytes * usable_fraction(spec, fraction)
     for category, label, gin_flags, need in options:
-        if category not in seen and need <= spec.hbm_bytes * config.hbm_usable_fraction:
+        if category not in seen and need <= usable:
             seen.add(category)
             out.append({"change": label, "gin": gin_flags, "need_gb": need / _GB})
     return out
@@ -535,6 +553,7 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
         "warnings": _warnings(found),
         "train_tokens": train_tokens,
         "assumptions": dataclasses.asdict(config),
+        "memory_fraction": memory_fraction(mesh_config),
     }
     kinds = config.device_kinds
     if config.tpu_topology:
@@ -578,14 +597,14 @@ def _per_device_kind(model, states, base: Variant, kinds, need: int, found, step
     out = []
     for name in kinds:
         spec = hardware.spec(name)
-        verdict = _judge(spec, need, config)
+        verdict = _judge(spec, need, report["memory_fraction"]["value"])
         timing = step_time(spec, found, step_flops, mesh_config.num_devices,
                            model.cfg.dtype, config.mfu)
         steps = (report["train_tokens"] or 0) / report["batch"]["tokens_per_step"]
         days = steps * timing["step_s"] / 86_400 if timing["step_s"] else None
         out.append({"kind": name, **verdict, **timing, "days": days,
                     "suggestions": [] if verdict["fits"]
-                    else _suggestions(spec, options, config)})
+                    else _suggestions(spec, options, report["memory_fraction"]["value"])})
     return out
 
 
@@ -672,9 +691,10 @@ def _collective_lines(report: Mapping[str, Any]) -> list[str]:
 def _device_lines(report: Mapping[str, Any]) -> list[str]:
     tokens = report["train_tokens"]
     basis = ("TPU compiler's peak" if "TPU" in report["method"] else "analytic total")
-    assumed = report["assumptions"]
-    title = (f"per device kind (need = {basis}; usable = {assumed['hbm_usable_fraction']:.0%}"
-             f" of HBM; MFU {assumed['mfu']:.0%} assumed")
+    assumed, fraction = report["assumptions"], report["memory_fraction"]
+    title = (f"per device kind (need = {basis}; usable = {fraction['value']:.0%} of a GPU's "
+             f"memory ({fraction['source']}), all of a TPU's; MFU {assumed['mfu']:.0%} "
+             "assumed")
     lines = ["", title + (f"; days for {tokens:.3g} tokens)" if tokens else ")"),
              f"  {'device':<12}{'usable':>7}{'need':>7}  {'fits':<5}{'headroom':>9}"
              f"{'compute':>9}{'TP comm':>9}{'FSDP/DP':>9}{'step s':>9}{'MFU':>6}{'days':>8}"]
