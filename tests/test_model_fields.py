@@ -35,6 +35,8 @@ EXEMPT = {
                   "loss), so memory's logits term must read it too; FLOPs are the same",
     "loss_chunk_length": "GAP: memory.activation_bytes counts whole [B, L, V] float32 logits "
                          "(3·r·L·V·4); a fused loss in chunks holds [B, chunk, V] at once",
+    "attention_impl": "GAP: memory.py counts [B, H, L, L] float32 scores per layer; the "
+                      "fused kernels (splash, cudnn) hold none. FLOPs are the same",
 }
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
+from t5x_like.model import attention
 from t5x_like.model.partitioning import (
     BATCH,
     EMBED,
@@ -83,6 +84,10 @@ class TransformerConfig:
     # more (tests/test_collectives.py), so chunking is per model (bench/reference_llama.gin).
     fused_loss: bool = True
     loss_chunk_length: int = 0
+    # Which attention runs (model/attention.py, docs/MODELS.md "Attention implementations"):
+    # 'auto' (the backend's kernel: splash on TPU, cuDNN on GPU, XLA on CPU, XLA with one
+    # log line for a mask the kernel cannot do), 'xla', 'splash' or 'cudnn'.
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_dim", "num_heads", "num_kv_heads", "head_dim",
@@ -107,6 +112,7 @@ class TransformerConfig:
         _check_choice("mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
         _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         _check_choice("dtype", self.dtype, _DTYPES)
+        attention.check_implementation(self.attention_impl)
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"TransformerConfig.dropout_rate={self.dropout_rate!r}: expected "
                              "a rate in [0, 1).")
@@ -295,6 +301,7 @@ class Attention(nnx.Module):
         d, h, g, k = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.dtype = cfg.compute_dtype
         self.rope_theta = cfg.rope_theta
+        self.attention_impl = cfg.attention_impl
         self.wq = _kernel(rngs, (d, h, k), (EMBED, HEADS, HEAD_DIM), d)
         self.wk = _kernel(rngs, (d, g, k), (EMBED, KV_HEADS, HEAD_DIM), d)
         self.wv = _kernel(rngs, (d, g, k), (EMBED, KV_HEADS, HEAD_DIM), d)
@@ -323,9 +330,10 @@ class Attention(nnx.Module):
         return k_BMGK, v_BMGK
 
     def attend(self, q_BLHK, kv, mask_B1LM):
+        """`mask_B1LM`: an attention.Mask (what the networks pass; every implementation
+        reads it) or a dense boolean [B, 1, L, M] array (read by 'xla' only)."""
         k_BMGK, v_BMGK = kv
-        # Scale 1/√K, float32 softmax; broadcasts the G kv heads over the H query heads.
-        o_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BMGK, v_BMGK, mask=mask_B1LM)
+        o_BLHK = attention.attend(q_BLHK, k_BMGK, v_BMGK, mask_B1LM, self.attention_impl)
         return dense(o_BLHK, self.wo[...].astype(self.dtype), contract=2)
 
     def cached(self, x_BLD, positions_BL, cache, index, mask_B1LS):

@@ -14,15 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t5x_like.model.attention import Mask
 from t5x_like.model.layers import (
     BlockStack,
     Embed,
     LmHead,
     RMSNorm,
     TransformerConfig,
-    bidirectional_mask,
-    causal_mask,
-    cross_mask,
     dropout,
 )
 from t5x_like.model.partitioning import EMBED
@@ -77,31 +75,31 @@ def _write(cache_BS, new_BL, index):
 
 
 def _cached_layers(stack: BlockStack, embed: Embed, tokens_BL, valid_BL, cache: dict,
-                   prefix_BL=None):
+                   prefix_BL=None, *, fresh: bool = False):
     """Runs L new tokens through `stack` against `cache`; returns (x_BLD, new cache).
 
     A new token at slot t sees every written real slot s <= t; with `prefix_BL` (a
     prefix-LM prompt) prefix tokens also see the later prefix tokens of the same call.
+    `fresh`: the cache is empty (a prefill), so the new tokens start at slot 0, a static
+    causal mask that the fused kernels take.
     """
     index = cache["index"][0]
-    length = cache["valid"].shape[1]
-    slots_L = index + jnp.arange(tokens_BL.shape[1])
     valid_BS = _write(cache["valid"], valid_BL, index)
-    slots_S = jnp.arange(length)
-    allowed_BLS = valid_BS[:, None, :] & (slots_S[None, None, :] <= slots_L[None, :, None])
+    prefix_BS = None
     if prefix_BL is not None:
         prefix_BS = _write(jnp.zeros_like(valid_BS), prefix_BL != 0, index)
-        allowed_BLS |= (prefix_BL != 0)[:, :, None] & prefix_BS[:, None, :]
+    self_mask = Mask.cached(tokens_BL.shape[1], valid_BS, 0 if fresh else index, prefix_BL,
+                            prefix_BS)
     positions_BL = jnp.maximum(cache["position"][:, None]
                                + jnp.cumsum(valid_BL.astype(jnp.int32), axis=1) - 1, 0)
     cross = cache.get("cross")
     cross_mask_B1LM = None
     if cross is not None:
-        cross_mask_B1LM = jnp.broadcast_to(cache["cross_valid"][:, None, None, :],
-                                           (tokens_BL.shape[0], 1, tokens_BL.shape[1],
-                                            cache["cross_valid"].shape[1]))
+        # Every new token sees the encoder's real tokens (its padding has id 0).
+        cross_mask_B1LM = Mask.cross(jnp.ones(tokens_BL.shape, jnp.int32),
+                                     cache["cross_valid"].astype(jnp.int32))
     x_BLD, self_caches = stack.decode(
-        embed(tokens_BL), caches=cache["self"], index=index, mask_B1LS=allowed_BLS[:, None],
+        embed(tokens_BL), caches=cache["self"], index=index, mask_B1LS=self_mask,
         positions_BL=positions_BL, cross_kv=cross, cross_mask_B1LM=cross_mask_B1LM)
     new = dict(cache, self=self_caches, valid=valid_BS, index=cache["index"] + tokens_BL.shape[1],
                position=cache["position"] + jnp.sum(valid_BL, axis=1, dtype=jnp.int32))
@@ -152,12 +150,13 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens_BL, *, segment_ids_BL=None, positions_BL=None,
                  causal_attention_BL=None, rng=None, hidden: bool = False):
+        packed = segment_ids_BL is not None  # else one unpadded example per row
         segment_ids_BL, positions_BL = segments_and_positions(tokens_BL, segment_ids_BL,
                                                               positions_BL)
+        mask = Mask.causal_lm(segment_ids_BL, causal_attention_BL, packed=packed)
         emb_rng, stack_rng = _split(rng, 2)
         x_BLD = dropout(self.embed(tokens_BL), self.cfg.dropout_rate, emb_rng)
-        x_BLD = self.decoder(x_BLD, mask_B1LL=causal_mask(segment_ids_BL, causal_attention_BL),
-                             positions_BL=positions_BL, rng=stack_rng)
+        x_BLD = self.decoder(x_BLD, mask_B1LL=mask, positions_BL=positions_BL, rng=stack_rng)
         return self.output(x_BLD, self.embed, hidden=hidden)
 
     def projection(self):
@@ -177,7 +176,7 @@ class Decoder(nnx.Module):
         cache = empty_cache(self.cfg, tokens_BP.shape[0], self.cfg.num_decoder_layers,
                             max_length)
         x_BPD, cache = _cached_layers(self.decoder, self.embed, tokens_BP, valid_BP, cache,
-                                      prefix_BP)
+                                      prefix_BP, fresh=True)
         return self.output(x_BPD, self.embed), cache
 
     def decode_step(self, tokens_BL, cache):
@@ -276,26 +275,29 @@ class EncoderDecoder(nnx.Module):
         self.output = _Output(cfg, rngs=rngs)
 
     def encode(self, tokens_BM, *, segment_ids_BM=None, positions_BM=None, rng=None):
+        packed = segment_ids_BM is not None
         segment_ids_BM, positions_BM = segments_and_positions(tokens_BM, segment_ids_BM,
                                                               positions_BM)
         emb_rng, stack_rng = _split(rng, 2)
         x_BMD = dropout(self.embed(tokens_BM), self.cfg.dropout_rate, emb_rng)
-        x_BMD = self.encoder(x_BMD, mask_B1LL=bidirectional_mask(segment_ids_BM),
+        x_BMD = self.encoder(x_BMD, mask_B1LL=Mask.bidirectional(segment_ids_BM, packed=packed),
                              positions_BL=positions_BM, rng=stack_rng)
         return self.encoder_norm(x_BMD)
 
     def decode(self, encoded_BMD, tokens_BL, *, encoder_segment_ids_BM=None, segment_ids_BL=None,
                positions_BL=None, rng=None, hidden: bool = False):
+        packed = encoder_segment_ids_BM is not None or segment_ids_BL is not None
         encoder_segment_ids_BM, _ = segments_and_positions(encoded_BMD[:, :, 0],
                                                            encoder_segment_ids_BM)
         segment_ids_BL, positions_BL = segments_and_positions(tokens_BL, segment_ids_BL,
                                                               positions_BL)
         emb_rng, stack_rng = _split(rng, 2)
         x_BLD = dropout(self.embed(tokens_BL), self.cfg.dropout_rate, emb_rng)
-        x_BLD = self.decoder(x_BLD, mask_B1LL=causal_mask(segment_ids_BL),
-                             positions_BL=positions_BL, encoded_BMD=encoded_BMD,
-                             cross_mask_B1LM=cross_mask(segment_ids_BL, encoder_segment_ids_BM),
-                             rng=stack_rng)
+        x_BLD = self.decoder(
+            x_BLD, mask_B1LL=Mask.causal_lm(segment_ids_BL, packed=packed),
+            positions_BL=positions_BL, encoded_BMD=encoded_BMD,
+            cross_mask_B1LM=Mask.cross(segment_ids_BL, encoder_segment_ids_BM, packed=packed),
+            rng=stack_rng)
         return self.output(x_BLD, self.embed, hidden=hidden)
 
     def projection(self):

@@ -1,0 +1,243 @@
+"""The attention implementations (model/attention.py) against the XLA path.
+
+Splash attention (the TPU kernel) runs here in Pallas interpret mode on CPU: its outputs
+and gradients must equal 'xla''s to 1e-5 in float32 for every mask the networks use
+(packed causal rows with several documents and padding, bidirectional encoder rows,
+cross-attention, a left-padded KV-cache prefill) and for MHA, GQA and MQA. Masks it
+cannot do (prefix LM, a decode step) fall back under 'auto' with one log line and are an
+error when it is named. Splash tiles sequences in blocks of 128, so these are the
+smallest shapes it takes; interpret mode makes each case take seconds. cuDNN needs a GPU:
+its equality test runs only there (bench/accelerator_check.sh's kernel step).
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tiny import make_module, packed_ids, random_tokens, tiny_config, with_config
+
+from t5x_like.model import attention, layers
+from t5x_like.model.attention import Mask
+
+L = 128  # splash's smallest block along a sequence
+
+
+def _qkv(seed, batch, length, slots, heads, kv_heads, head_dim=8, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(batch, length, heads, head_dim))
+    k, v = (rng.normal(size=(batch, slots, kv_heads, head_dim)) for _ in range(2))
+    return tuple(jnp.asarray(a, dtype) for a in (q, k, v))
+
+
+def _packed(lengths_per_row, total):
+    return jnp.asarray(np.stack([packed_ids(lengths, total)[0] for lengths in lengths_per_row]))
+
+
+def _outputs_and_grads(impl, q, k, v, mask, rows_B1L1):
+    """Attention outputs and the gradients of a random projection of them; rows with no
+    allowed key (padding: undefined values) are left out of both."""
+    w = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), q.dtype) * rows_B1L1
+
+    def loss(q, k, v):
+        return jnp.sum(attention.attend(q, k, v, mask, impl) * w)
+
+    out = jax.jit(lambda q, k, v: attention.attend(q, k, v, mask, impl))(q, k, v)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    return out * rows_B1L1, grads
+
+
+def _assert_kernel_equals_xla(kernel, q, k, v, mask):
+    rows_BL = np.asarray(mask.dense()[:, 0].any(-1))
+    assert rows_BL.sum() > rows_BL.shape[0], "the mask should leave real rows"
+    rows = jnp.asarray(rows_BL[:, :, None, None], q.dtype)
+    out, grads = _outputs_and_grads(kernel, q, k, v, mask, rows)
+    want_out, want_grads = _outputs_and_grads("xla", q, k, v, mask, rows)
+    np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert float(jnp.abs(want_out).max()) > 0.1  # not vacuous
+
+
+# Several documents and padding in row 0, one document and padding in row 1.
+_SEGMENTS = [[40, 50, 30], [100]]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 1)], ids=["gqa", "mqa"])
+def test_splash_equals_xla_on_packed_causal_rows(heads, kv_heads):
+    q, k, v = _qkv(0, 2, L, L, heads, kv_heads)
+    _assert_kernel_equals_xla("splash", q, k, v, Mask.causal_lm(_packed(_SEGMENTS, L)))
+
+
+def test_splash_equals_xla_on_packed_bidirectional_encoder_rows():
+    q, k, v = _qkv(1, 2, L, L, 2, 2)  # MHA
+    _assert_kernel_equals_xla("splash", q, k, v, Mask.bidirectional(_packed(_SEGMENTS, L)))
+
+
+def test_splash_equals_xla_on_cross_attention():
+    q, k, v = _qkv(2, 2, L, 2 * L, 4, 2)
+    mask = Mask.cross(_packed(_SEGMENTS, L), _packed([[100, 60, 90], [200]], 2 * L))
+    _assert_kernel_equals_xla("splash", q, k, v, mask)
+
+
+def test_splash_equals_xla_on_a_left_padded_prefill_into_a_kv_cache():
+    """Prefill of a fresh cache (queries at slots 0..L-1 of 2L): row 0 left-padded by 37."""
+    q, k, v = _qkv(3, 2, L, 2 * L, 4, 1)
+    valid_BS = np.zeros((2, 2 * L), bool)
+    valid_BS[0, 37:L] = valid_BS[1, :L] = True
+    _assert_kernel_equals_xla("splash", q, k, v, Mask.cached(L, jnp.asarray(valid_BS), 0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (4, 1)])
+@pytest.mark.parametrize("kind", ["causal", "bidirectional"])
+def test_splash_equals_xla_for_more_head_layouts_and_longer_rows(heads, kv_heads, kind):
+    segments = [[100, 156, 0], [30, 30, 30, 30, 30, 20], [256]]
+    q, k, v = _qkv(4, 3, 2 * L, 2 * L, heads, kv_heads, head_dim=16)
+    seg = _packed([[n for n in row if n] for row in segments], 2 * L)
+    mask = Mask.causal_lm(seg) if kind == "causal" else Mask.bidirectional(seg)
+    _assert_kernel_equals_xla("splash", q, k, v, mask)
+
+
+def test_masks_the_kernels_cannot_do_fall_back_under_auto_and_are_errors_when_named(caplog):
+    seg = _packed(_SEGMENTS, L)
+    prefix = (jnp.arange(L)[None, :] < jnp.asarray([[20], [60]])).astype(jnp.int32)
+    q, k, v = _qkv(5, 2, L, L, 4, 2)
+    step_q = q[:, :1]
+    decode = Mask.cached(1, jnp.asarray(np.arange(L)[None, :] < [[70], [90]]), jnp.int32(90))
+    for mask, query, why in ((Mask.causal_lm(seg, prefix), q, "prefix LM"),
+                             (decode, step_q, "traced")):
+        want = attention.attend(query, k, v, mask, "xla")
+        with pytest.raises(ValueError, match=f"(?s)attention_impl='splash' cannot.*{why}.*'auto'"):
+            attention.attend(query, k, v, mask, "splash")
+        with caplog.at_level(logging.WARNING, logger=attention.__name__):
+            caplog.clear()
+            attention._logged.clear()
+            with attention.platform_for("tpu"):
+                for _ in range(2):  # the reason is logged once, not per call
+                    got = attention.attend(query, k, v, mask, "auto")
+        assert [r.getMessage() for r in caplog.records if why in r.getMessage()] == [
+            r.getMessage() for r in caplog.records]
+        assert len(caplog.records) == 1 and "instead of 'splash'" in caplog.text
+        np.testing.assert_array_equal(got, want)
+
+
+def test_an_implementation_the_backend_lacks_or_an_unknown_one_is_an_error_naming_the_choices():
+    q, k, v = _qkv(6, 1, 8, 8, 2, 1)
+    mask = Mask.causal_lm(jnp.ones((1, 8), jnp.int32))
+    with pytest.raises(ValueError, match="(?s)'cudnn' does not run on this backend.*'auto'"):
+        attention.attend(q, k, v, mask, "cudnn")
+    with attention.platform_for("gpu"), pytest.raises(ValueError, match="'splash' does not run"):
+        attention.attend(q, k, v, mask, "splash")
+    with pytest.raises(ValueError, match="(?s)attention_impl='flash'.*'xla'.*gin"):
+        tiny_config(attention_impl="flash")
+    assert attention.resolve("auto", "tpu") == "splash"
+    assert attention.resolve("auto", "gpu") == "cudnn"
+    assert attention.resolve("auto", "cpu") == "xla"
+
+
+def test_the_cudnn_masks_are_the_unpacked_ones_in_half_precision():
+    q, k, v = _qkv(7, 1, 16, 16, 4, 2, head_dim=16, dtype=jnp.bfloat16)
+    ones = jnp.ones((1, 16), jnp.int32)
+    why = lambda mask, q=q: attention.unsupported("cudnn", q, k, mask)
+    assert why(Mask.causal_lm(ones, packed=False)) is None
+    assert why(Mask.bidirectional(ones, packed=False)) is None
+    assert why(Mask.cross(ones, ones, packed=False)) is None
+    assert "segment ids" in why(Mask.causal_lm(ones))  # packed rows
+    assert "segment ids" in why(Mask.causal_lm(ones, ones))  # prefix LM
+    assert "segment ids" in why(Mask.cached(16, ones.astype(bool), jnp.int32(0)))
+    assert "bfloat16" in why(Mask.causal_lm(ones, packed=False), q.astype(jnp.float32))
+    assert "dense" in why(Mask.causal_lm(ones, packed=False).dense())
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (8, 1)])
+@pytest.mark.parametrize("kind", ["causal", "bidirectional", "cross"])
+def test_cudnn_equals_xla_on_a_gpu(heads, kv_heads, kind):
+    q, k, v = _qkv(8, 2, 256, 384 if kind == "cross" else 256, heads, kv_heads, head_dim=64,
+                   dtype=jnp.bfloat16)
+    ones_q, ones_k = jnp.ones(q.shape[:2], jnp.int32), jnp.ones(k.shape[:2], jnp.int32)
+    mask = {"causal": Mask.causal_lm(ones_q, packed=False),
+            "bidirectional": Mask.bidirectional(ones_q, packed=False),
+            "cross": Mask.cross(ones_q, ones_k, packed=False)}[kind]
+    assert attention.unsupported("cudnn", q, k, mask) is None
+    rows = jnp.ones(q.shape[:2] + (1, 1), q.dtype)
+    out, grads = _outputs_and_grads("cudnn", q, k, v, mask, rows)
+    want_out, want_grads = _outputs_and_grads("xla", q, k, v, mask, rows)
+    for got, want in zip((out, *grads), (want_out, *want_grads)):  # bfloat16 tolerances
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   atol=2e-2, rtol=2e-2)
+
+
+def test_mask_dense_is_the_mask_the_layers_built_before():
+    """The 'xla' path's booleans are the old dense masks', so its losses are the same."""
+    seg = _packed([[3, 4], [9]], 9)
+    enc = _packed([[5, 2], [6]], 8)
+    prefix = jnp.asarray([[1, 1, 0, 1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(Mask.causal_lm(seg).dense(), layers.causal_mask(seg))
+    np.testing.assert_array_equal(Mask.causal_lm(seg, prefix).dense(),
+                                  layers.causal_mask(seg, prefix))
+    np.testing.assert_array_equal(Mask.bidirectional(seg).dense(), layers.bidirectional_mask(seg))
+    np.testing.assert_array_equal(Mask.cross(seg, enc).dense(), layers.cross_mask(seg, enc))
+    # A cache step: 2 queries at slots 4, 5 of 7; row 0 left-padded by 2.
+    valid = jnp.asarray([[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0]], bool)
+    got = Mask.cached(2, valid, jnp.int32(4)).dense()[:, 0]
+    want = valid[:, None, :] & (jnp.arange(7)[None, None, :] <= jnp.asarray([4, 5])[None, :, None])
+    np.testing.assert_array_equal(got, want)
+
+
+def _model_batch(cfg, length):
+    seg = _packed([[50, 60], [length - 9]], length)
+    pos = jnp.asarray(np.stack([packed_ids(n, length)[1] for n in ([50, 60], [length - 9])]))
+    tokens = jnp.asarray(random_tokens(3, seg.shape, cfg.vocab_size)) * (seg != 0)
+    return tokens, seg, pos
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder_decoder", [False, True], ids=["decoder", "encdec"])
+def test_a_model_with_splash_attention_equals_the_xla_model(encoder_decoder):
+    """The whole network (scanned layers, GQA, packed rows) on 'splash' vs 'xla': the loss
+    and every parameter's gradient."""
+    cfg = tiny_config(num_encoder_layers=2 if encoder_decoder else 0, attention_impl="xla")
+    module = make_module(cfg)
+    splash = with_config(module, tiny_config(num_encoder_layers=cfg.num_encoder_layers,
+                                             attention_impl="splash"))
+    tokens, seg, pos = _model_batch(cfg, L)
+
+    def loss(m):
+        if encoder_decoder:
+            logits = m(tokens, tokens, encoder_segment_ids_BM=seg, encoder_positions_BM=pos,
+                       decoder_segment_ids_BL=seg, decoder_positions_BL=pos)
+        else:
+            logits = m(tokens, segment_ids_BL=seg, positions_BL=pos)
+        return jnp.sum(jax.nn.logsumexp(logits, -1) * (seg != 0))
+
+    want, want_g = nnx.jit(nnx.value_and_grad(loss))(module)
+    got, got_g = nnx.jit(nnx.value_and_grad(loss))(splash)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_left_padded_prefill_on_splash_equals_xla_and_decoding_goes_on_under_auto():
+    """A model's prefill of a left-padded prompt batch into a fresh 256-slot cache runs
+    splash (its mask is static: slot 0 on); its logits and cache equal 'xla''s, and the
+    next step (one query, a traced slot) runs 'xla' under 'auto'."""
+    cfg = tiny_config(attention_impl="xla")
+    module = make_module(cfg)
+    splash = with_config(module, tiny_config(attention_impl="splash"))
+    valid = np.ones((2, L), bool)
+    valid[0, :45] = False
+    tokens = jnp.asarray(random_tokens(4, (2, L)) * valid)
+    prefill = nnx.jit(lambda m: m.prefill(tokens, jnp.asarray(valid), 2 * L))
+    (want, want_cache), (got, got_cache) = prefill(module), prefill(splash)
+    np.testing.assert_allclose(got[valid], want[valid], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got_cache["self"]["k"], want_cache["self"]["k"], atol=1e-5)
+    auto = with_config(module, tiny_config(attention_impl="auto"))
+    with attention.platform_for("tpu"):
+        step = nnx.jit(lambda m, c: m.decode_step(tokens[:, -1:], c))(auto, got_cache)[0]
+    np.testing.assert_allclose(step, module.decode_step(tokens[:, -1:], want_cache)[0],
+                               atol=1e-5, rtol=1e-5)
