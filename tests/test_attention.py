@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from tiny import make_module, packed_ids, random_tokens, tiny_config, with_config
 
-from t5x_like.model import attention, layers
+from t5x_like.model import attention, layers, partitioning
 from t5x_like.model.attention import Mask
 
 L = 128  # splash's smallest block along a sequence
@@ -99,6 +99,23 @@ def test_splash_equals_xla_for_more_head_layouts_and_longer_rows(heads, kv_heads
     seg = _packed([[n for n in row if n] for row in segments], 2 * L)
     mask = Mask.causal_lm(seg) if kind == "causal" else Mask.bidirectional(seg)
     _assert_kernel_equals_xla("splash", q, k, v, mask)
+
+
+@pytest.mark.parametrize("rules,kv_heads", [
+    ("fsdp_tp", 2), pytest.param("fsdp_tp_kv", 4, marks=pytest.mark.slow)])
+def test_on_a_mesh_splash_runs_per_device_rows_and_heads_and_equals_xla(rules, kv_heads):
+    """fsdp 2 x tensor 4 (8 CPU devices): rows split over fsdp, 8 query heads over
+    tensor, their kv heads sliced per device (fsdp_tp: 2 kv heads, whole on every
+    device) or split with them (fsdp_tp_kv: 4 kv heads); the kernel runs under shard_map
+    (not on gathered operands) and equals 'xla'."""
+    q, k, v = _qkv(10, 2, L, L, 8, kv_heads)
+    mask = Mask.causal_lm(_packed(_SEGMENTS, L))
+    mesh = partitioning.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(partitioning.get_rules(rules)):
+        _assert_kernel_equals_xla("splash", q, k, v, mask)
+        lowered = jax.jit(lambda q, k, v: attention.attend(q, k, v, mask, "splash")).lower(
+            q, k, v).as_text()
+    assert "manual_computation" in lowered or "shard_map" in lowered
 
 
 def test_masks_the_kernels_cannot_do_fall_back_under_auto_and_are_errors_when_named(caplog):

@@ -41,11 +41,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
+from jax.sharding import PartitionSpec
+
+from t5x_like.model.partitioning import BATCH, HEADS, KV_HEADS
 
 IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 # The kernel 'auto' picks per backend, and the backends each kernel runs on
@@ -178,7 +183,8 @@ def attend(q_BLHK, k_BMGK, v_BMGK, mask, implementation: str = "auto"):
         reason = unsupported(kernel, q_BLHK, k_BMGK, mask)
         if reason is None:
             run = _splash if kernel == "splash" else _cudnn
-            return run(q_BLHK, k_BMGK, v_BMGK, mask, interpret=on == "cpu")
+            return _per_shard(functools.partial(run, interpret=on == "cpu"), q_BLHK, k_BMGK,
+                              v_BMGK, mask)
         if implementation != "auto":
             raise ValueError(f"attention_impl={implementation!r} cannot run this attention: "
                              f"{reason}. Use attention_impl='auto' (falls back to 'xla' for "
@@ -200,6 +206,53 @@ def unsupported(kernel: str, q_BLHK, k_BMGK, mask) -> str | None:
     if kernel == "splash":
         return _splash_unsupported(q_BLHK, k_BMGK, mask)
     return _cudnn_unsupported(q_BLHK, k_BMGK, mask)
+
+
+# ----------------------------------------------------------------------------------------
+# On a mesh: a kernel is one custom call, which XLA's partitioner would run on gathered
+# (replicated) operands; so it runs under shard_map on each device's rows and heads, as
+# the logical-axis rules shard them (batch over data/fsdp, heads over tensor).
+# ----------------------------------------------------------------------------------------
+
+
+def _mesh_axes(name: str, size: int, mesh) -> tuple[str, ...] | None:
+    """The mesh axes the rules put logical axis `name` on, when they split `size`."""
+    axes = nn.logical_to_mesh_axes((name,))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    ways = int(np.prod([mesh.shape[a] for a in axes]))
+    return axes if axes and ways > 1 and size % ways == 0 else None
+
+
+def _per_shard(run, q_BLHK, k_BMGK, v_BMGK, mask: Mask):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return run(q_BLHK, k_BMGK, v_BMGK, mask)
+    heads, kv_heads = q_BLHK.shape[2], k_BMGK.shape[2]
+    batch_axes = _mesh_axes(BATCH, q_BLHK.shape[0], mesh)
+    head_axes = _mesh_axes(HEADS, heads, mesh)
+    kv_axes = _mesh_axes(KV_HEADS, kv_heads, mesh)
+    ways = int(np.prod([mesh.shape[a] for a in head_axes])) if head_axes else 1
+    if head_axes and kv_axes != head_axes and kv_heads % ways and ways % kv_heads:
+        head_axes = None  # local query heads would not fall in whole kv groups
+    split_kv = head_axes is not None and kv_axes == head_axes
+    q_spec = PartitionSpec(batch_axes, None, head_axes, None)
+    kv_spec = PartitionSpec(batch_axes, None, head_axes if split_kv else None, None)
+    ids_spec = PartitionSpec(batch_axes, None)
+
+    def local(q, k, v, q_ids, kv_ids):
+        if head_axes and not split_kv:  # this device's query heads' kv heads
+            per_kv = heads // kv_heads
+            first_q = jax.lax.axis_index(head_axes) * q.shape[2]
+            n = max(1, kv_heads // ways)
+            k, v = (jax.lax.dynamic_slice_in_dim(a, first_q // per_kv, n, axis=2)
+                    for a in (k, v))
+        return run(q, k, v, dataclasses.replace(mask, q_segment_ids=q_ids,
+                                                kv_segment_ids=kv_ids))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, ids_spec,
+                                                     ids_spec),
+                         out_specs=q_spec, check_vma=False)(
+        q_BLHK, k_BMGK, v_BMGK, mask.q_segment_ids, mask.kv_segment_ids)
 
 
 # ----------------------------------------------------------------------------------------
