@@ -195,8 +195,11 @@ def apply_rope(x_BLHK, positions_BL, theta: float):
 
 
 # ----------------------------------------------------------------------------------------
-# Masks. A mask is boolean (B, 1, L, M): True where query l may attend to key m.
+# Dense masks. A mask is boolean (B, 1, L, M): True where query l may attend to key m.
 # Segment id 0 is padding; tokens never attend across segments or to padding.
+# The networks pass the structure instead (attention.Mask, which the fused kernels read
+# and whose .dense() gives these same booleans for 'xla'); these builders are the
+# reference tests/test_attention.py compares it with, and Attention still takes them.
 # A query row with no allowed key (padding) gets the mean of V from
 # jax.nn.dot_product_attention; such rows carry zero loss weight.
 # ----------------------------------------------------------------------------------------
