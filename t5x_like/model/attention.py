@@ -300,8 +300,10 @@ def _splash(q_BLHK, k_BMGK, v_BMGK, mask: Mask, *, interpret: bool):
     b, length, h, k = q_BLHK.shape
     slots, g = k_BMGK.shape[1], k_BMGK.shape[2]
     kernel = _splash_kernel(h // g, length, slots, mask.causal, interpret)
-    q_BGhLK = (q_BLHK * (1.0 / np.sqrt(k)).astype(q_BLHK.dtype)).reshape(
-        b, length, g, h // g, k).transpose(0, 2, 3, 1, 4)
+    # Scaled in float32 and rounded once to the compute dtype (in bfloat16 the one
+    # rounding 'xla', which scales float32 logits, does not have; MaxText does the same).
+    q_scaled = (q_BLHK.astype(jnp.float32) * (1.0 / np.sqrt(k))).astype(q_BLHK.dtype)
+    q_BGhLK = q_scaled.reshape(b, length, g, h // g, k).transpose(0, 2, 3, 1, 4)
     k_BGMK, v_BGMK = k_BMGK.transpose(0, 2, 1, 3), v_BMGK.transpose(0, 2, 1, 3)
     ids = sa.SegmentIds(q=mask.q_segment_ids.astype(jnp.int32),
                         kv=mask.kv_segment_ids.astype(jnp.int32))
