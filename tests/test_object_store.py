@@ -119,9 +119,17 @@ def test_a_dead_holders_lock_is_taken_over_after_its_lease_and_only_once(run_dir
     with pytest.raises(rundir.LockHeldError, match="process 1 on gone"):
         rundir.ObjectLock(url, lease_s=3).acquire()
     time.sleep(3.5)
+    stale = _blob(url)
+    stale.reload()
     winner = rundir.ObjectLock(url, lease_s=3)
     winner.acquire()
     try:
+        # A second trainer that read the same stale generation loses: its takeover is
+        # matched to that generation, which is gone (so of two racing runs one wins).
+        from google.api_core import exceptions
+
+        with pytest.raises(exceptions.PreconditionFailed):
+            _blob(url).upload_from_string("x", if_generation_match=stale.generation)
         with pytest.raises(rundir.LockHeldError):  # the winner renews: not stale again
             rundir.ObjectLock(url, lease_s=3).acquire()
         time.sleep(3.5)  # longer than the lease: the heartbeat (every lease/3) kept it
@@ -225,7 +233,7 @@ train.CheckpointConfig.save_every_steps = 4
 train.CheckpointConfig.keep = 10
 train.train.log_every_steps = 1
 """
-LEASE_S = 45
+LEASE_S = 75  # renewed every 25 s; the refused relaunch reaches the lock well within it
 
 
 class _Run:
@@ -305,7 +313,7 @@ def test_a_run_on_a_bucket_killed_with_sigkill_resumes_bitwise(emulator, tmp_pat
 
     # At once: the dead trainer's lease has not passed; refused, nothing written.
     refused = _Run(tmp_path, model_dir, emulator)
-    assert refused.finish() == 2, refused.output[-4000:]
+    assert refused.finish() == 1, refused.output[-4000:]  # stopped (RunStopped), not bad input
     assert f"{model_dir} is in use by process {run.proc.pid}" in refused.output
     lock = _blob(rundir.join(model_dir, ".lock"))
     lock.reload()
@@ -323,3 +331,16 @@ def test_a_run_on_a_bucket_killed_with_sigkill_resumes_bitwise(emulator, tmp_pat
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_training_into_a_bucket_that_does_not_exist_stops_before_writing(emulator, tmp_path):
+    from google.cloud import storage
+
+    (tmp_path / "exp.gin").write_text(GIN)
+    run = _Run(tmp_path, "gs://no-such-bucket-here/run", emulator)
+    assert run.finish() == 2, run.output[-4000:]
+    errors = [line for line in run.lines if "error:" in line]
+    assert len(errors) == 1 and "gs://no-such-bucket-here does not exist" in errors[0]
+    assert storage.Client().lookup_bucket("no-such-bucket-here") is None  # not created
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.gin"]

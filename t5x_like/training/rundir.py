@@ -238,29 +238,36 @@ class ObjectLock:
                            "lease_s": self.lease_s})
 
     def acquire(self) -> None:
+        """Takes the lock, or raises LockHeldError (nothing changed)."""
         from google.api_core import exceptions
 
         client = _gcs_client()
         blob = self._blob(client)
         try:
-            blob.upload_from_string(self._record(), if_generation_match=0)
-        except exceptions.PreconditionFailed:
-            current = self._blob(client).bucket.get_blob(blob.name)
-            if current is None:  # released between the two calls: try once more
+            try:
                 blob.upload_from_string(self._record(), if_generation_match=0)
-            else:
-                age = time.time() - current.updated.timestamp()
-                holder = _holder_of(current.download_as_text())
-                if age < self.lease_s:
-                    raise LockHeldError(holder, age, self.lease_s) from None
-                log.warning("%s: taking over the lock of %s, not renewed for %.0f s (lease "
-                            "%.0f s)", self.url, holder, age, self.lease_s)
-                blob.upload_from_string(self._record(),
-                                        if_generation_match=current.generation)
+            except exceptions.PreconditionFailed:
+                self._take_over_if_stale(client, blob)
+        except exceptions.PreconditionFailed:  # another trainer won the same race
+            raise LockHeldError("another trainer that took it at the same moment", 0.0,
+                                self.lease_s) from None
         self._held = _Held(blob.generation)
         self._thread = threading.Thread(target=self._renew, args=(client,), daemon=True,
                                         name="t5x_like-run-lock")
         self._thread.start()
+
+    def _take_over_if_stale(self, client, blob) -> None:
+        current = blob.bucket.get_blob(blob.name, client=client)
+        if current is None:  # released between the two calls
+            blob.upload_from_string(self._record(), if_generation_match=0)
+            return
+        age = time.time() - current.updated.timestamp()
+        holder = _holder_of(current.download_as_text())
+        if age < self.lease_s:
+            raise LockHeldError(holder, age, self.lease_s)
+        log.warning("%s: taking over the lock of %s, not renewed for %.0f s (lease %.0f s)",
+                    self.url, holder, age, self.lease_s)
+        blob.upload_from_string(self._record(), if_generation_match=current.generation)
 
     def _renew(self, client) -> None:
         from google.api_core import exceptions
