@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from t5x_like import launch
 from t5x_like.model import partitioning
 from t5x_like.training import checkpoints, guards, loader, metrics
 
@@ -165,7 +166,8 @@ class TrainLoop:
         sharding = partitioning.batch_sharding(self.mesh)
         batch = {name: jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=sharding)
                  for name, length in feature_lengths.items()}
-        self.train_step.lower(self.state, batch, self.key).compile()
+        with launch.compile_timer("train step"):
+            self.train_step.lower(self.state, batch, self.key).compile()
 
     def evaluate(self) -> dict[str, dict[str, float]] | None:
         if self.evaluator is None:

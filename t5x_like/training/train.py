@@ -48,6 +48,9 @@ from t5x_like.training import loop as loop_lib
 
 log = logging.getLogger("t5x_like.training.train")
 
+# Where a run keeps jax's persistent compilation cache by default (docs/OPERATIONS.md).
+COMPILATION_CACHE_DIR = "{model_dir}/compilation_cache"
+
 
 # ---------------------------------------------------------------------------
 # Configuration groups (bound by gin, plain frozen dataclasses, checked on creation)
@@ -369,6 +372,7 @@ def train(
     peak_flops_per_device: float | None = None,
     initial_checkpoint: str | None = None,
     reference_checkpoint: str | None = None,
+    compilation_cache_dir: str | None = COMPILATION_CACHE_DIR,
 ) -> RunSummary:
     """Trains `model` (a model/families.py model) on `data` for `train_steps` steps on the mesh of
     `mesh_config` with `optimizer` (a optimizers.Optimizer); returns the run's summary.
@@ -381,6 +385,8 @@ def train(
     `initial_checkpoint`: a new run starts from these parameters (fine-tuning).
     `reference_checkpoint`: a model with a frozen reference (DoReMi's proxy) reads the
     reference's parameters from this checkpoint (another run's) when the run starts.
+    `compilation_cache_dir`: jax's persistent compilation cache ({model_dir}: this run's
+    directory; None: off), read back when the run restarts (launch.compilation_cache).
     """
     _check_run(train_steps, log_every_steps, num_microbatches, data.batch_size)
     launch.start_devices(mesh_config)
@@ -400,7 +406,8 @@ def train(
     source = data_source(data, form,
                          train_steps + guard.reserve_batches(checkpoint.save_every_steps))
 
-    with guards.RunLock(model_dir), guards.PreemptionWatcher() as watcher:
+    with guards.RunLock(model_dir), guards.PreemptionWatcher() as watcher, \
+            launch.compilation_cache(compilation_cache_dir, model_dir):
         config_text = _write_operative_config(model_dir)
         data_iter = _open_data(source, resuming)
         with contextlib.closing(data_iter), checkpoints.CheckpointManager(
