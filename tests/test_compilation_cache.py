@@ -72,6 +72,33 @@ def test_a_second_process_reads_the_cache_and_compiles_faster(tmp_path):
     assert second < first, runs
 
 
+def test_a_cache_on_an_object_store_is_read_back(tmp_path_factory):
+    """The cache of a run whose MODEL_DIR is a bucket (fake-gcs-server, as in
+    tests/test_object_store.py): jax writes and reads it through etils.epath, with the
+    path layer's backend (t5x_like.training.rundir, imported by train before it)."""
+    object_store = pytest.importorskip("test_object_store")
+    started = object_store.emulator.__wrapped__(tmp_path_factory)  # that module's fixture
+    emulator = next(started)
+    try:
+        model_dir = f"gs://{object_store.BUCKET}/cached-{os.getpid()}"
+        env = _env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **emulator)
+        script = "import t5x_like.training.rundir\n" + SCRIPT
+        runs = []
+        for _ in range(2):
+            proc = subprocess.run([sys.executable, "-c", script, "{model_dir}/cache",
+                                   model_dir], env=env, cwd=REPO, capture_output=True,
+                                  text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs.append(_compiles(proc.stderr)["chain"][1:])
+        assert runs == [(0, 1), (1, 0)], proc.stderr[-3000:]
+        from t5x_like.training import rundir
+
+        names = [p.name for p in rundir.path(f"{model_dir}/cache").iterdir()]
+        assert any(name.startswith("jit_chain-") for name in names), names
+    finally:
+        next(started, None)
+
+
 def test_the_setting_lives_only_while_the_run_does(tmp_path):
     assert jax.config.jax_compilation_cache_dir is None
     with launch.compilation_cache("{model_dir}/compilation_cache", tmp_path / "run") as path:
