@@ -217,7 +217,7 @@ def test_a_bucket_that_does_not_exist_is_one_paragraph_and_nothing_is_written(em
 # ---------------------------------------------------------------------------
 # A real training run on the emulated bucket
 
-STEPS = 12
+STEPS = 16  # the kill lands mid-run: 12 more steps after the checkpoint it waits for
 GIN = f"""
 include 'models/tiny_llama.gin'
 include 'runs/pretrain.gin'
@@ -305,10 +305,16 @@ def test_a_run_on_a_bucket_killed_with_sigkill_resumes_bitwise(emulator, tmp_pat
 
     model_dir = f"gs://{BUCKET}/run-{time.time_ns()}"
     run = _Run(tmp_path, model_dir, emulator)
-    run.wait_for(f"step  6/{STEPS}")  # after the checkpoint of step 4
+    # Killed once the checkpoint of step 4 is complete (orbax writes commit_success.txt
+    # last on an object store, where it cannot rename a finished step directory).
+    committed = rundir.join(model_dir, "checkpoints", "4", "commit_success.txt")
+    deadline = time.time() + 600
+    while not rundir.exists(committed):
+        assert run.proc.poll() is None and time.time() < deadline, run.output[-3000:]
+        time.sleep(0.1)
+    assert run.proc.poll() is None, "the run ended before the kill"
     run.proc.send_signal(signal.SIGKILL)
     run.finish()
-    assert rundir.exists(rundir.join(model_dir, "checkpoints", "4"))
     assert rundir.exists(rundir.join(model_dir, ".lock"))  # a SIGKILL releases nothing
 
     # At once: the dead trainer's lease has not passed; refused, nothing written.
@@ -321,8 +327,8 @@ def test_a_run_on_a_bucket_killed_with_sigkill_resumes_bitwise(emulator, tmp_pat
 
     resumed = _Run(tmp_path, model_dir, emulator)  # the same command, after the lease
     assert resumed.finish() == 0, resumed.output[-4000:]
-    assert "taking over the lock" in resumed.output
-    assert f"resumed from {model_dir} at step" in resumed.output
+    assert "taking over the lock" in resumed.output, resumed.output[-6000:]
+    assert f"resumed from {model_dir} at step" in resumed.output, resumed.output[-6000:]
     assert not rundir.exists(rundir.join(model_dir, ".lock"))  # released at the end
     assert rundir.read_text(rundir.join(model_dir, "config.gin")).strip()
     assert _losses(model_dir) == _losses(straight)
