@@ -9,7 +9,11 @@ One step directory holds these items:
   multi-host run resumes its own shard; where all processes saved the same (global)
   state, as t5x_like's loader does, it restores under another process count too. It
   accepts a grain iterator or anything with `get_state()`/`set_state()` (state a dict
-  or JSON bytes), or a plain dict;
+  or JSON bytes), or a plain dict. Beside it, an iterator with `shard_states()` (the
+  stream's: data/stream.py) saves each data shard's tf.data iterator state, one file per
+  shard written by one process (`shard_{k}.step_{t}.tfdata`: the state at step t), and
+  gets them back through `set_shard_states`, so a run resumes without replaying its
+  shards under any process count;
 - `config`: the operative gin config text, so a step directory says how it was made;
 - `integrity`: a 32-bit checksum per state array (the wrap-around sum of its words, on
   device), so that a damaged array is found on restore; a state with a NaN or Inf is
@@ -34,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -88,9 +92,16 @@ class _DataStateHandler(ocp.CheckpointHandler):
         args = kwargs.get("args", args[-1] if args else None)
         path = epath.Path(directory) / _process_file(jax.process_index(), jax.process_count())
         path.write_text(json.dumps(args.payload))
+        for shard, (step, state) in args.shard_states.items():
+            (epath.Path(directory) / f"shard_{shard:05d}.step_{step}.tfdata").write_bytes(state)
 
     def restore(self, directory: epath.Path, *args, **kwargs):
-        return read_data_state(epath.Path(directory), jax.process_index(), jax.process_count())
+        payload = read_data_state(epath.Path(directory), jax.process_index(),
+                                  jax.process_count())
+        # Only the names are listed here; the iterator reads the files of its shards.
+        names = (_SHARD_FILE.fullmatch(p.name) for p in epath.Path(directory).iterdir())
+        files = {int(m[1]): (int(m[2]), str(epath.Path(directory) / m[0])) for m in names if m}
+        return {**payload, "shard_files": files} if files else payload
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -106,12 +117,16 @@ class _DataStateHandler(ocp.CheckpointHandler):
 @dataclasses.dataclass
 class _DataSave(ocp.args.CheckpointArgs):
     payload: dict[str, Any]
+    shard_states: dict[int, tuple[int, bytes]] = dataclasses.field(default_factory=dict)
 
 
 @ocp.args.register_with_handler(_DataStateHandler, for_restore=True)
 @dataclasses.dataclass
 class _DataRestore(ocp.args.CheckpointArgs):
     pass
+
+
+_SHARD_FILE = re.compile(r"shard_(\d+)\.step_(\d+)\.tfdata")
 
 
 def _process_file(index: int, count: int) -> str:
@@ -144,6 +159,8 @@ def _apply_data_state(payload: dict[str, Any], target: Any) -> Any:
         state = state.encode()
     if target is not None and hasattr(target, "set_state"):
         target.set_state(state)
+        if hasattr(target, "set_shard_states"):  # after set_state: states of its step
+            target.set_shard_states(payload.get("shard_files", {}))
         return target
     return state
 
@@ -308,7 +325,8 @@ class CheckpointManager:
         items = {STATE: ocp.args.StandardSave(state),
                  INTEGRITY: ocp.args.JsonSave({"uint32_word_sums": checksums})}
         if data_iterator is not None:
-            items[DATA] = _DataSave(_capture_data_state(data_iterator))
+            items[DATA] = _DataSave(_capture_data_state(data_iterator),
+                                    getattr(data_iterator, "shard_states", dict)())
         if config_text is not None:
             items[CONFIG] = ocp.args.JsonSave({"operative_config": config_text})
         if run is not None:
