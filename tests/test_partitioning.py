@@ -11,6 +11,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+import types
 
 import jax
 import numpy as np
@@ -534,3 +535,38 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--update-golden"]:
         sys.exit(f"usage: python {sys.argv[0]} --update-golden  (rewrites {GOLDEN_DIR})")
     update_golden()
+
+
+def _fake_devices(process_ids, shape):
+    return np.array([types.SimpleNamespace(process_index=p) for p in process_ids],
+                    dtype=object).reshape(shape)
+
+
+def test_process_rows_give_replicas_the_same_rows():
+    # 4 processes × 2 devices, mesh fsdp 2 × tensor 4 in device order: processes 0 and 1
+    # hold the first half of the batch (tensor spans them), 2 and 3 the second.
+    devices = _fake_devices([0, 0, 1, 1, 2, 2, 3, 3], (1, 2, 4))
+    rows = partitioning.rows_of_processes(devices, partitioning.MESH_AXES, 8)
+    assert [rows[p].ranges for p in range(4)] == [((0, 4),), ((0, 4),), ((4, 8),), ((4, 8),)]
+    assert [(rows[p].group, rows[p].groups, rows[p].counts) for p in range(4)] == [
+        (0, 2, True), (0, 2, False), (1, 2, True), (1, 2, False)]
+    # Adjacent slices of one process merge; separate ones stay apart, in row order.
+    odd = partitioning.rows_of_processes(_fake_devices([0, 0, 1, 0], (1, 4, 1)),
+                                         partitioning.MESH_AXES, 8)[0]
+    assert odd.ranges == ((0, 4), (6, 8)) and odd.num_rows == 6
+    np.testing.assert_array_equal(odd.take(np.arange(8)), [0, 1, 2, 3, 6, 7])
+    with pytest.raises(ValueError, match="does not split over the 4 batch shards"):
+        partitioning.rows_of_processes(_fake_devices([0, 0, 1, 0], (1, 4, 1)),
+                                       partitioning.MESH_AXES, 6)
+
+
+def test_process_rows_are_the_batch_shardings_slices():
+    """Each device's slice as jax's batch sharding places it (one 'process' per device)."""
+    mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    as_processes = np.vectorize(lambda d: types.SimpleNamespace(process_index=d.id),
+                                otypes=[object])(mesh.devices)
+    rows = partitioning.rows_of_processes(as_processes, mesh.axis_names, 16)
+    placed = partitioning.batch_sharding(mesh).devices_indices_map((16,))
+    for device, (index,) in placed.items():
+        assert rows[device.id].ranges == (index.indices(16)[:2],)
+    assert partitioning.process_rows(mesh, 16).ranges == ((0, 16),)  # one real process

@@ -24,10 +24,9 @@ def _spec(seed=SEED, shards=SHARDS, **kwargs):
     return pipeline.shard_spec("tt_mix_lm", LENGTHS, forms.LM, seed, shards, **kwargs)
 
 
-def _stream(process_index=0, process_count=1, workers=None, **kwargs):
+def _stream(row_ranges=None, workers=None, **kwargs):
     return stream.Stream(_spec(**kwargs), BATCH, workers=workers,
-                         task_modules=(TEST_TASK_MODULE,), process_index=process_index,
-                         process_count=process_count)
+                         task_modules=(TEST_TASK_MODULE,), row_ranges=row_ranges)
 
 
 def _blocks(shards, first_step, n):
@@ -115,9 +114,13 @@ def test_domain_ids_are_the_task_of_each_positions_example(pack_pool):
 
 
 def test_each_process_makes_only_its_own_shards(test_tasks):
-    assert [_stream(p, 2).shards for p in range(2)] == [[0], [1]]
+    assert [_stream([(4 * p, 4 * p + 4)]).shards for p in range(2)] == [[0], [1]]
     assert _stream().shards == [0, 1] and _stream().workers in (1, 2)
     assert _stream().rows_per_step == 4
+    # Replicas (tensor over processes) read the same rows: they make the same shards.
+    assert _stream([(0, 4)]).shards == _stream([(0, 4)]).shards == [0]
+    # Slices that are not adjacent: the shards of each, in row order.
+    assert _stream([(0, 2), (6, 8)], shards=4).shards == [0, 3]
 
 
 def test_the_state_is_global_and_refuses_other_data(test_tasks):
@@ -125,7 +128,7 @@ def test_the_state_is_global_and_refuses_other_data(test_tasks):
     state = json.loads(json.dumps(it.get_state()))
     assert state["next_index"] == 0 and "sources=" in state["stream"]
     # Another process count or worker count reads the same state.
-    _stream(1, 2).iterator(state)
+    _stream([(4, 8)]).iterator(state)
     for other in (dict(seed=4), dict(shards=4)):
         with pytest.raises(ValueError, match="Cannot resume the data iterator: .*stream"):
             _stream(**other).iterator(state)
@@ -158,8 +161,8 @@ def test_the_fingerprint_changes_with_the_source_files(test_tasks, tmp_path):
 def test_shards_workers_and_processes_that_do_not_fit_are_clear_errors(test_tasks):
     with pytest.raises(ValueError, match=r"stream_shards=3 must divide BATCH_SIZE=8"):
         _stream(shards=3)
-    with pytest.raises(ValueError, match=r"multiple of the 4 processes"):
-        _stream(0, 4)
+    with pytest.raises(ValueError, match=r"be a multiple of 4: this process reads rows \[0, 2\)"):
+        _stream([(0, 2)])
     with pytest.raises(ValueError, match=r"data_workers=3 must divide the 2 stream shards"):
         _stream(workers=3)
 

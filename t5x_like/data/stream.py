@@ -9,9 +9,12 @@ reads `seqio.ShardInfo(k, num_shards)` of every source, seeded by (seed, k)); ea
 endless, deterministic stream of packed rows. Global step s holds rows
 [s·r, (s+1)·r) of every shard, shard after shard, where r = global batch / num_shards.
 So a batch is a function of (spec, seed, s) alone:
-  - process p of P makes only its own shards [p·S/P, (p+1)·S/P): exactly its rows of
-    every global batch (what `jax.make_array_from_process_local_data` expects), and
-    never waits for another process;
+  - a process makes only the shards of its rows of every global batch (`row_ranges`:
+    the batch slices its devices hold, `partitioning.process_rows`), exactly what
+    `jax.make_array_from_process_local_data` expects, and never waits for another
+    process. Processes whose devices are replicas of each other (tensor parallelism over
+    processes, one process per GPU) read the same rows, so they make the same shards;
+    one of them counts the rows in the data metrics;
   - the iterator state is global (`next_index`, the next step, plus the settings the
     rows depend on): a run resumes bitwise under another process count or another
     number of data workers.
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing import resource_tracker, shared_memory
@@ -234,13 +238,52 @@ def default_workers(local_shards: int) -> int:
     return max(w for w in range(1, local_shards + 1) if local_shards % w == 0 and w <= cores)
 
 
+def default_shards(global_batch_size: int, row_groups: int) -> int:
+    """The shard count when none is set: one per group of processes reading different
+    rows (`row_groups`), so that every group makes a whole shard of its own; 2 when
+    every process reads every row (two worker processes), as the demos run."""
+    if row_groups == 1 and global_batch_size % 2 == 0:
+        return 2
+    return row_groups
+
+
+def shards_for_rows(num_shards: int, global_batch_size: int,
+               row_ranges: Sequence[tuple[int, int]]) -> list[int]:
+    """The shards that hold `row_ranges` of every step (shard k holds rows [k·r, (k+1)·r),
+    r = global batch / shards); an error unless the shards split the batch at the ranges'
+    boundaries, so that a process makes whole shards and only those."""
+    bounds = sorted({b for r in row_ranges for b in r} | {global_batch_size})
+    # The fewest shards that cut the batch at every boundary of this process's rows.
+    fewest = global_batch_size // math.gcd(*bounds)
+    if (global_batch_size % num_shards or num_shards % fewest
+            or any(not 0 <= a < b <= global_batch_size for a, b in row_ranges)):
+        raise ValueError(
+            f"train.DataConfig.stream_shards={num_shards} must divide BATCH_SIZE="
+            f"{global_batch_size} (each shard gives the same number of rows to every step) "
+            f"and be a multiple of {fewest}: this process reads rows "
+            f"{', '.join(f'[{a}, {b})' for a, b in row_ranges)} of every batch (the batch "
+            f"slices its devices hold), and each process makes whole shards of its own. "
+            f"Pick a divisor of {global_batch_size} that is a multiple of {fewest}, or leave "
+            "stream_shards unset to derive it from the mesh and processes; the shard count "
+            "is part of the data's identity.")
+    rows = global_batch_size // num_shards
+    return [k for a, b in row_ranges for k in range(a // rows, b // rows)]
+
+
 class Stream:
-    """What this process streams: its shards of `spec`, in batches of its rows.
+    """What this process streams: the shards that hold its rows of `spec`, in batches of
+    its rows.
 
     Args:
       spec: the shards (pipeline.shard_spec); `spec.num_shards` must divide the global
-        batch and be a multiple of the process count.
+        batch, and split it at the boundaries of `row_ranges`.
       global_batch_size: rows per step over all processes.
+      row_ranges: the rows [start, stop) of every global batch that this process reads,
+        sorted (the batch slices its devices hold: `partitioning.process_rows`); default
+        all of them. Processes that hold replicas of the same rows pass the same ranges
+        and stream the same shards.
+      count_rows: whether this process's rows count in `scalars()`'s totals over
+        processes (one process per set of row ranges counts them).
       workers: data worker processes of this process (must divide its shards); default
         `default_workers`.
       task_modules: modules registering the tasks, imported in every worker.
@@ -250,25 +293,18 @@ class Stream:
       domain_ids: add `pipeline.DOMAIN_IDS` to every batch: each decoder position's
         1 + index of its example's part of the mixture (`mixtures.components`), 0 on
         padding (for a per-domain loss, DoReMi's). The rows themselves do not change.
-      process_index, process_count: default jax's.
     """
 
     def __init__(self, spec: store.ShardSpec, global_batch_size: int, *,
+                 row_ranges: Sequence[tuple[int, int]] | None = None, count_rows: bool = True,
                  workers: int | None = None, task_modules: Sequence[str] = (),
                  worker_init: Callable[[], None] | None = None, prefetch: int = 4,
-                 domain_ids: bool = False, process_index: int | None = None,
-                 process_count: int | None = None):
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-        shards = spec.num_shards
-        if global_batch_size % shards or shards % process_count:
-            raise ValueError(
-                f"train.DataConfig.stream_shards={shards} must divide BATCH_SIZE="
-                f"{global_batch_size} (each shard gives the same number of rows to every "
-                f"step) and be a multiple of the {process_count} processes (each makes its "
-                f"own shards). Pick a divisor of {global_batch_size} that is a multiple of "
-                f"{process_count}; the shard count is part of the data's identity.")
-        local = shards // process_count
+                 domain_ids: bool = False):
+        self.row_ranges = tuple((int(a), int(b)) for a, b in
+                                (row_ranges or [(0, global_batch_size)]))
+        self.shards = shards_for_rows(spec.num_shards, global_batch_size, self.row_ranges)
+        self.count_rows = count_rows
+        local = len(self.shards)
         self.workers = workers or default_workers(local)
         if local % self.workers:
             raise ValueError(
@@ -277,8 +313,7 @@ class Stream:
                 f"whatever the worker count); use one of "
                 f"{[w for w in range(1, local + 1) if local % w == 0]}.")
         self.spec, self.global_batch_size = spec, global_batch_size
-        self.rows_per_step = global_batch_size // shards
-        self.shards = list(range(process_index * local, (process_index + 1) * local))
+        self.rows_per_step = global_batch_size // spec.num_shards
         self.task_modules, self.prefetch = tuple(task_modules), prefetch
         self.worker_init = worker_init
         self.leaves = mixtures.leaf_tasks_and_rates(spec.mixture)
@@ -367,6 +402,8 @@ class StreamIterator:
                     f"{grain.__version__}); report this with the data_workers setting.")
             self._add(block)
         self._step += 1
+        # The shards are those of this process's row ranges, in order: their blocks,
+        # joined, are its rows of the step.
         return {name: np.concatenate([b["rows"][name] for b in blocks])
                 for name in self._stream.names}
 
@@ -421,6 +458,8 @@ class StreamIterator:
         examples per task and their shares, padding, loss tokens."""
         totals = np.concatenate([self._totals["examples"], self._totals["tokens"],
                                  [self._totals["rows"], self._totals["loss_tokens"]]])
+        if not self._stream.count_rows:  # another process reads (and counts) these rows
+            totals = np.zeros_like(totals)
         if jax.process_count() > 1:
             totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
         n = len(self._stream.leaves)

@@ -37,6 +37,7 @@ from t5x_like.model.decoding import DecodeConfig
 from t5x_like.objectives import preference
 from t5x_like.training import checkpoints, loader, metrics, rundir, train_state
 
+DEFAULT_EVAL_ROWS = 16  # eval rows per step when EvalConfig.batch_size is unset
 log = logging.getLogger("t5x_like.eval")
 
 
@@ -55,7 +56,9 @@ class EvalConfig:
       less). A list of task names, or {label: task name} to report them under shorter
       names (the demos: {'code': 'code_validation', ...}). `max_documents` /
       `max_tokens` cap each stream at whole documents.
-    batch_size: rows (examples or windows) per eval step.
+    batch_size: rows (examples or windows) per eval step, a multiple of the mesh's
+      batch shards. Default (None): the smallest such multiple of at least 16
+      (`rows_per_batch`), so every mesh preset evaluates as set.
     """
 
     every_steps: int = 100
@@ -67,7 +70,7 @@ class EvalConfig:
     stride: int = 512
     max_documents: int | None = None
     max_tokens: int | None = None
-    batch_size: int = 16
+    batch_size: int | None = None
     decode: DecodeConfig = DecodeConfig()
     enabled: bool = True
 
@@ -76,7 +79,7 @@ class EvalConfig:
             raise ValueError(
                 f"EvalConfig.every_steps={self.every_steps} must be ≥ 1 (to turn evaluation "
                 "off: evaluate.EvalConfig.enabled = False).")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"EvalConfig.batch_size={self.batch_size} must be ≥ 1.")
         if not 0 < self.stride <= self.window:
             raise ValueError(
@@ -86,7 +89,20 @@ class EvalConfig:
     def check(self, mesh) -> None:
         """Before a training run writes anything: the eval batch splits over `mesh`."""
         if self.enabled:
-            Evaluator.check_batch_size(self.batch_size, mesh)
+            self.rows_per_batch(partitioning.num_batch_shards(mesh))
+
+    def rows_per_batch(self, batch_shards: int) -> int:
+        """`batch_size`, or when unset the smallest multiple of the mesh's batch shards
+        of at least 16; an error if the batch does not split over them."""
+        if self.batch_size is None:
+            return batch_shards * math.ceil(DEFAULT_EVAL_ROWS / batch_shards)
+        if self.batch_size % batch_shards:
+            raise ValueError(
+                f"evaluate.EvalConfig.batch_size={self.batch_size} is not a multiple of "
+                f"{batch_shards}, the mesh's batch shards; set "
+                f"--gin.evaluate.EvalConfig.batch_size="
+                f"{batch_shards * max(1, self.batch_size // batch_shards)}, or leave it unset.")
+        return self.batch_size
 
     def evaluator(self, model, graphdef, state_sharding, mesh, rules,
                   mixture_or_task_name: str, task_feature_lengths: Mapping[str, int]
@@ -117,6 +133,7 @@ class Evaluator:
     form: str  # the model's bpc_form
     batch_size: int
     mesh: Any
+    rows: partitioning.ProcessRows  # this process's rows of every eval batch
     graphdef: Any  # the train state's
     inference: predict.Inference
     tasks: Sequence[_TaskEval]
@@ -124,23 +141,12 @@ class Evaluator:
     config: EvalConfig
     last_seconds: float = 0.0  # wall time of the latest run
 
-    @staticmethod
-    def check_batch_size(batch_size: int, mesh) -> None:
-        """Every process takes an equal slice of each eval batch, sharded over the batch
-        axes: the batch must divide both ways."""
-        ways = math.lcm(partitioning.num_batch_shards(mesh), jax.process_count())
-        if batch_size % ways:
-            raise ValueError(
-                f"evaluate.EvalConfig.batch_size={batch_size} is not a multiple of {ways} "
-                f"(the mesh's batch shards and {jax.process_count()} processes split it); "
-                f"set --gin.evaluate.EvalConfig.batch_size={ways * max(1, batch_size // ways)}.")
-
     @classmethod
     def create(cls, model, graphdef, state_sharding, mesh, rules, cfg: EvalConfig,
                mixture_or_task_name: str, task_feature_lengths: Mapping[str, int]) -> Evaluator:
         """Reads and tokenizes the BPC streams once and sets up each task's evaluation
         (their modules must be imported: the shipped gin files import `tasks`)."""
-        cls.check_batch_size(cfg.batch_size, mesh)
+        batch_size = cfg.rows_per_batch(partitioning.num_batch_shards(mesh))
         form = model.data_form(task_feature_lengths)
         if not form.text and cfg.bpc_tasks:
             raise ValueError(
@@ -162,8 +168,9 @@ class Evaluator:
                  if cfg.split in task.splits]
         module_graphdef, _ = nnx.split(nnx.eval_shape(model.make_module))
         inference = predict.Inference(model, mesh, rules, module_graphdef, cfg.decode,
-                                            cfg.batch_size)
-        return cls(streams, step, model.bpc_form, cfg.batch_size, mesh, graphdef, inference,
+                                      batch_size)
+        return cls(streams, step, model.bpc_form, batch_size, mesh,
+                   partitioning.process_rows(mesh, batch_size), graphdef, inference,
                    tasks, dict(task_feature_lengths), cfg)
 
     def run(self, state, step: int, writer=None) -> dict[str, dict[str, float]]:
@@ -188,30 +195,29 @@ class Evaluator:
         return results
 
     def _run_stream(self, state, stream: bpc.BpcEval) -> dict[str, float]:
-        process, count = jax.process_index(), jax.process_count()
-        rows = self.batch_size // count
         totals = None
         for batch in stream.batches(self.batch_size, self.form):
-            local = {k: v[process * rows:(process + 1) * rows] for k, v in batch.items()}
-            sums = self.eval_step(state, loader.to_global_batch(local, self.mesh))
+            sums = self.eval_step(state, self._global(batch))
             totals = train_state.accumulate(totals, sums)
         summary = train_state.summarize_eval(jax.device_get(totals))
         return {"loss": summary["nll"], "accuracy": summary["accuracy"],
                 "bpc": bpc.bits_per_character(summary["nll_sum"], stream.total_chars),
                 "tokens": int(summary["weight_sum"]), "chars": stream.total_chars}
 
+    def _global(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """An eval batch (the same in every process) as global arrays: each process
+        places the rows its devices hold."""
+        return loader.to_global_batch({k: self.rows.take(v) for k, v in batch.items()},
+                                      self.mesh, self.rows)
+
     def _run_pairs(self, state, task_eval: _TaskEval) -> dict[str, float]:
         """A preference task: the model's own loss over its pairs and pairwise accuracy,
         overall and per rating level (preference.summarize_pairs)."""
-        process, count = jax.process_index(), jax.process_count()
-        rows = self.batch_size // count
         totals = None
         for batch, _ in predict.example_batches(
                 task_eval.task, self.task_feature_lengths, self.config.split,
                 task_eval.form, self.batch_size, self.config.max_examples):
-            local = {k: v[process * rows:(process + 1) * rows] for k, v in batch.items()}
-            totals = train_state.accumulate(
-                totals, self.eval_step(state, loader.to_global_batch(local, self.mesh)))
+            totals = train_state.accumulate(totals, self.eval_step(state, self._global(batch)))
         if totals is None:
             raise ValueError(f"Preference task {task_eval.task.name!r} has no examples in "
                              f"split {self.config.split!r}; evaluate another split or task.")

@@ -15,16 +15,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import seqio
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from t5x_like import launch
 from t5x_like.data import forms
 from t5x_like.model import partitioning
 from t5x_like.model.decoding import DecodeConfig
-from t5x_like.training import checkpoints
+from t5x_like.training import checkpoints, loader
 
 
 @dataclasses.dataclass
@@ -59,10 +59,14 @@ class Inference:
         return cls(model, mesh, rules, graphdef, decode, batch_size), params
 
     def _run(self, fn, params, batch: Mapping[str, np.ndarray], *extra):
-        sharding = partitioning.batch_sharding(self.mesh)
-        batch = {k: jax.device_put(jnp.asarray(v), sharding) for k, v in batch.items()}
+        """fn on `batch` (the whole batch, the same in every process): each process
+        places the rows its devices hold, and every process gets the whole result."""
+        rows = partitioning.process_rows(self.mesh, len(next(iter(batch.values()))))
+        batch = loader.to_global_batch({k: rows.take(np.asarray(v)) for k, v in batch.items()},
+                                       self.mesh, rows)
         with jax.set_mesh(self.mesh):
-            return jax.device_get(fn(params, batch, *extra))
+            out = fn(params, batch, *extra)
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True))
 
     def predict(self, params, batch: Mapping[str, np.ndarray], rng=None
                 ) -> dict[str, np.ndarray]:

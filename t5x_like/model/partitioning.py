@@ -466,6 +466,84 @@ def num_batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_MESH_AXES if a in mesh.axis_names)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessRows:
+    """The rows of a global batch that one process feeds to its devices.
+
+    They are the batch slices its devices hold under `batch_sharding` (sorted, adjacent
+    slices merged), so processes whose devices are replicas of each other (one process
+    per GPU with `tensor` over GPUs) read the same rows, as
+    `jax.make_array_from_process_local_data` requires; the same for any mesh whose
+    non-batch axes span processes.
+
+    `groups` is the number of distinct row sets over all processes (the data-parallel
+    process groups), `group` this process's index among them (in order of their first
+    row), and `counts` whether it is the first process of its group: the one whose rows
+    count in totals summed over processes (examples seen, tokens).
+    """
+    global_rows: int
+    ranges: tuple[tuple[int, int], ...]
+    group: int
+    groups: int
+    counts: bool
+
+    @property
+    def num_rows(self) -> int:
+        return sum(stop - start for start, stop in self.ranges)
+
+    def take(self, array: np.ndarray) -> np.ndarray:
+        """This process's rows of a global [global_rows, ...] host array."""
+        return np.concatenate([array[start:stop] for start, stop in self.ranges])
+
+
+def _merged(slices) -> tuple[tuple[int, int], ...]:
+    out: list[list[int]] = []
+    for start, stop in sorted(slices):  # equal or disjoint: one per batch shard
+        if out and out[-1][1] == start:
+            out[-1][1] = stop
+        else:
+            out.append([start, stop])
+    return tuple((a, b) for a, b in out)
+
+
+def process_rows(mesh: Mesh, global_rows: int, process_index: int | None = None
+                 ) -> ProcessRows:
+    """Which rows of a `global_rows` batch process `process_index` (default this one)
+    reads for `mesh`: see `ProcessRows`."""
+    me = jax.process_index() if process_index is None else process_index
+    return rows_of_processes(mesh.devices, mesh.axis_names, global_rows)[me]
+
+
+def rows_of_processes(devices: np.ndarray, axis_names: Sequence[str], global_rows: int
+                      ) -> dict[int, ProcessRows]:
+    """`ProcessRows` of every process of a mesh's device array (anything with a
+    `process_index`, so a cluster's layout is checkable without its devices).
+
+    `batch_sharding` splits the rows over the batch axes in row-major order: the device
+    at mesh index (d, f, t) holds batch shard d·fsdp + f."""
+    axes = [i for i, name in enumerate(axis_names) if name in BATCH_MESH_AXES]
+    sizes = [devices.shape[i] for i in axes]
+    shards = math.prod(sizes)
+    if global_rows % shards:
+        raise ValueError(
+            f"A global batch of {global_rows} rows does not split over the {shards} batch "
+            f"shards of mesh axes {BATCH_MESH_AXES} {dict(zip(axis_names, devices.shape))}; "
+            f"pick a batch size that is a multiple of {shards}.")
+    size = global_rows // shards
+    slices_of: dict[int, set[tuple[int, int]]] = {}
+    for index in np.ndindex(devices.shape):
+        shard = int(np.ravel_multi_index([index[i] for i in axes], sizes)) if axes else 0
+        slices_of.setdefault(devices[index].process_index, set()).add(
+            (shard * size, (shard + 1) * size))
+    ranges_of = {p: _merged(s) for p, s in slices_of.items()}
+    groups = sorted(set(ranges_of.values()))
+    first_of = {}
+    for p in sorted(ranges_of):
+        first_of.setdefault(ranges_of[p], p)
+    return {p: ProcessRows(global_rows, r, groups.index(r), len(groups), first_of[r] == p)
+            for p, r in ranges_of.items()}
+
+
 # ------------------------------------------------------------- abstract model, counts
 
 
@@ -663,7 +741,7 @@ __all__ = [
     "BATCH", "LENGTH", "EMBED", "MLP", "HEADS", "KV_HEADS", "HEAD_DIM", "VOCAB", "LAYERS",
     "LOGICAL_AXES", "MESH_AXES", "BATCH_MESH_AXES", "RULE_PRESETS", "MeshConfig",
     "get_rules", "split_ways", "logical_to_mesh_spec", "make_mesh", "make_hybrid_mesh",
-    "hybrid_mesh_shape", "hybrid_device_array", "node_attribute", "batch_sharding", "num_batch_shards", "abstract_params",
+    "hybrid_mesh_shape", "hybrid_device_array", "node_attribute", "batch_sharding", "num_batch_shards", "ProcessRows", "process_rows", "rows_of_processes", "abstract_params",
     "count_params", "logical_specs", "param_shapes", "param_partition_specs",
     "validate_for_mesh", "create_sharded", "abstract_sharded", "logical_shardings",
     "per_device_param_bytes",

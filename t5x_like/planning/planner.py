@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from t5x_like import launch
 from t5x_like.model import hardware, partitioning
 from t5x_like.planning import collectives, memory
+from t5x_like.data import stream
 from t5x_like.training import train_state
 
 log = logging.getLogger("t5x_like.planning.planner")
@@ -508,16 +509,63 @@ def _method(cm: CompileMesh, mesh_config, backend: str, seconds: float) -> str:
             f"data-parallel collectives scaled to {mesh_config.global_shape['data']}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _HostDevice:
+    """What a mesh's device array needs of a device (`data_layouts` has none)."""
+
+    id: int
+    process_index: int
+    slice_index: int  # its node
+    platform: str = "gpu"
+    device_kind: str = ""
+
+
+def data_layouts(mesh_config: partitioning.MeshConfig, data, evaluation=None
+                 ) -> dict[str, Any]:
+    """How the run's rows split over its processes when started one process per node
+    (all of its devices) or one per device (`srun` with a task per GPU): the processes,
+    the groups of them that read different rows (processes holding replicas read the
+    same), the stream shards (`train.DataConfig.stream_shards` or its default) and the
+    eval batch; a layout whose processes the shards cannot split has an "error"."""
+    n, nodes = mesh_config.num_devices, mesh_config.nodes
+    per_node = n // nodes
+    out: dict[str, Any] = {}
+    for name, process_of in (("process per node", lambda i: i // per_node),
+                             ("process per device", lambda i: i)):
+        devices = [_HostDevice(i, process_of(i), i // per_node) for i in range(n)]
+        rows = partitioning.rows_of_processes(mesh_config.device_array(devices),
+                                              partitioning.MESH_AXES, data.batch_size)
+        shards = data.stream_shards or stream.default_shards(data.batch_size,
+                                                             rows[0].groups)
+        out[name] = {"processes": len(rows), "row_groups": rows[0].groups,
+                     "rows_per_process": rows[0].num_rows, "stream_shards": shards,
+                     "shards_per_process": shards // rows[0].groups}
+        try:
+            for process_rows in rows.values():
+                stream.shards_for_rows(shards, data.batch_size, process_rows.ranges)
+        except ValueError as e:
+            out[name]["error"] = str(e)
+    if evaluation is not None and evaluation.enabled:
+        batch_shards = math.prod(mesh_config.global_shape[a]
+                                 for a in partitioning.BATCH_MESH_AXES)
+        out["eval_rows_per_step"] = evaluation.rows_per_batch(batch_shards)
+    return out
+
+
 def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: int,
          task_feature_lengths: Mapping[str, int], num_microbatches: int = 1,
          train_steps: int | None = None, train_tokens: float | None = None,
-         config: PlanConfig = PlanConfig(), output: str | None = None) -> dict[str, Any]:
+         config: PlanConfig = PlanConfig(), output: str | None = None,
+         data=None, evaluation=None) -> dict[str, Any]:
     """Plans `model` with `optimizer` on `mesh_config` (see the module docstring);
     prints the report, writes it as JSON to `output` if given, and returns it.
 
     train_tokens: tokens the days are computed for (default: train_steps batches).
+    data, evaluation: the run's train.DataConfig and evaluate.EvalConfig, to report how
+    their rows split over the processes (`data_layouts`).
     """
     started = time.perf_counter()
+    layouts = None if data is None else data_layouts(mesh_config, data, evaluation)
     lengths = dict(task_feature_lengths)
     base = _base_variant(model, mesh_config, batch_size, num_microbatches)
     cm = compile_mesh(mesh_config, batch_size, config.max_compile_devices)
@@ -554,6 +602,7 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
         "train_tokens": train_tokens,
         "assumptions": dataclasses.asdict(config),
         "memory_fraction": memory_fraction(mesh_config),
+        "data_layouts": layouts,
     }
     kinds = config.device_kinds
     if config.tpu_topology:
@@ -643,6 +692,25 @@ def _header_lines(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _data_lines(report: Mapping[str, Any]) -> list[str]:
+    layouts = report.get("data_layouts")
+    if not layouts:
+        return []
+    lines = ["data per process (stream shards: train.DataConfig.stream_shards or its "
+             "default):"]
+    for name, d in layouts.items():
+        if name != "eval_rows_per_step":
+            lines.append(f"  {name}: {d['processes']:,} processes in {d['row_groups']:,} "
+                         f"groups reading different rows, {d['rows_per_process']:,} rows "
+                         f"each; {d['stream_shards']:,} stream shards, "
+                         f"{d['shards_per_process']} per process")
+            if "error" in d:
+                lines.append(f"    CANNOT START: {d['error']}")
+    if "eval_rows_per_step" in layouts:
+        lines.append(f"  eval batch: {layouts['eval_rows_per_step']:,} rows per step")
+    return lines
+
+
 def _memory_lines(report: Mapping[str, Any]) -> list[str]:
     a = report["memory_per_device"]["analytic"]
     c = report["memory_per_device"]["compiled"]
@@ -721,7 +789,7 @@ def _device_lines(report: Mapping[str, Any]) -> list[str]:
 
 def format_report(report: Mapping[str, Any]) -> str:
     warnings = [f"WARNING: {w}" for w in report["warnings"]]
-    return "\n".join(_header_lines(report) + _memory_lines(report)
+    return "\n".join(_header_lines(report) + _data_lines(report) + _memory_lines(report)
                      + _collective_lines(report) + _device_lines(report)
                      + ([""] + warnings if warnings else []))
 

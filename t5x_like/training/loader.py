@@ -2,14 +2,18 @@
 
 Pipeline (per process):
   ArrayRecordDataSource(shards) → shuffle(seed) → repeat(num_epochs)
-    → batch(per-process batch, drop_remainder, parse) → [process_index::process_count]
+    → batch(per-process batch, drop_remainder, parse) → [g::G]
     → iterator whose state is {"next_index": step, ...}
 
 Sharding by process: the per-process batches are cut from the globally shuffled order and
-process p takes every P-th one. So global step s always holds the shuffled examples
-[s·G, (s+1)·G) with process p holding rows [p·B, (p+1)·B) of it (G = global batch, B = G/P):
-`jax.make_array_from_process_local_data` then assembles the same global batch, row for
-row, whatever the process count. Consequences:
+a process of row block g of G takes every G-th one. So global step s always holds the
+shuffled examples [s·N, (s+1)·N) with block g holding rows [g·B, (g+1)·B) of it (N = global
+batch, B = N/G): `jax.make_array_from_process_local_data` then assembles the same global
+batch, row for row, whatever the process count. A process's block is the batch slice its
+devices hold (`partitioning.process_rows`): processes that are replicas of each other
+(tensor parallelism over processes) read the same block, so G is the number of
+data-parallel process groups, the process count when the batch axes span every process.
+Consequences:
   - every process reads only its own rows, without coordination;
   - the iterator state is global: the next step (plus the settings it depends on), equal
     on every process, a few integers in JSON;
@@ -37,7 +41,7 @@ Checkpointing the iterator (for t5x_like/training/checkpoints.py):
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -105,6 +109,21 @@ class LoaderIterator(grain.DatasetIterator):
         self._inner.set_state({"next_index": next_index})
 
 
+def _row_block(global_batch_size: int, row_ranges: Sequence[tuple[int, int]] | None
+               ) -> tuple[int, int]:
+    """(g, G): `row_ranges` are block g of G equal blocks of the global batch."""
+    ranges = list(row_ranges or [(0, global_batch_size)])
+    size = ranges[0][1] - ranges[0][0] if len(ranges) == 1 else 0
+    if global_batch_size <= 0 or size <= 0 or global_batch_size % size or ranges[0][0] % size:
+        raise ValueError(
+            f"A prepared store feeds each process one block of the global batch of "
+            f"{global_batch_size} rows, the same size for every process; this process's "
+            f"rows are {ranges} (the batch slices its devices hold). Pick a batch size that "
+            "is a positive multiple of the process count, and a mesh whose batch axes give "
+            "each process one contiguous slice, or stream the data (unset store_dir).")
+    return ranges[0][0] // size, global_batch_size // size
+
+
 class Loader:
     """Reads a prepared store (t5x_like.data.prepare) as per-process batches with grain.
 
@@ -114,7 +133,10 @@ class Loader:
       seed: shuffle seed (independent of the prepare seed).
       shuffle: shuffle the rows (False reads them in store order).
       num_epochs: 1 (default, Reka: single epoch), k, or None (repeat forever).
-      process_index, process_count: default `jax.process_index()/process_count()`.
+      row_ranges: the rows [start, stop) of every global batch that this process reads
+        (`partitioning.process_rows(mesh, global_batch_size).ranges`); default all. One
+        block, the same size for every process: the g-th of G/size (processes that are
+        replicas of each other read the same block).
       num_threads, prefetch_buffer_size: grain read threads and batches read ahead.
     """
 
@@ -126,28 +148,17 @@ class Loader:
         seed: int = 0,
         shuffle: bool = True,
         num_epochs: int | None = 1,
-        process_index: int | None = None,
-        process_count: int | None = None,
+        row_ranges: Sequence[tuple[int, int]] | None = None,
         num_threads: int = 4,
         prefetch_buffer_size: int = 4,
     ):
-        if process_index is None or process_count is None:
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
-        if global_batch_size <= 0 or global_batch_size % process_count:
-            raise ValueError(
-                f"global_batch_size={global_batch_size} must be a positive multiple of the "
-                f"process count {process_count}, so every process reads the same number of rows."
-            )
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+        group, groups = _row_block(global_batch_size, row_ranges)
         if num_epochs is not None and num_epochs <= 0:
             raise ValueError(f"num_epochs must be positive or None (forever), got {num_epochs}.")
         self.manifest = store.load_manifest(store_dir)
         self.store_dir = store_dir
         self.global_batch_size = global_batch_size
-        self.per_process_batch_size = global_batch_size // process_count
-        self.process_index, self.process_count = process_index, process_count
+        self.per_process_batch_size = global_batch_size // groups
         self.num_epochs = num_epochs
         self._layout = store.RecordLayout.from_manifest(self.manifest)
         self.feature_lengths = dict(zip(self._layout.names, self._layout.lengths))
@@ -165,8 +176,8 @@ class Loader:
             ds = ds.repeat(num_epochs)
         ds = ds.batch(self.per_process_batch_size, drop_remainder=True, batch_fn=self._layout.parse_batch)
         # Whole global steps only, so every process has the same number of batches.
-        num_steps = len(ds) // process_count
-        ds = ds[: num_steps * process_count][process_index::process_count]
+        num_steps = len(ds) // groups
+        ds = ds[: num_steps * groups][group::groups]
         self.num_batches = len(ds)
         self._dataset = ds
         self._read_options = grain.ReadOptions(
@@ -216,22 +227,22 @@ class Loader:
         return it
 
 
-def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh) -> dict[str, Any]:
-    """Turns this process's numpy batch [B, L] into global jax.Arrays [G, L] on `mesh`.
+def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh,
+                    rows: partitioning.ProcessRows) -> dict[str, Any]:
+    """Turns this process's numpy rows of a batch into global jax.Arrays on `mesh`.
 
-    Rows are split over the mesh's ("data", "fsdp") axes and replicated over the others
-    ("tensor"); each process contributes the rows of its addressable devices.
+    `rows` says which rows of the global batch they are (`partitioning.process_rows`):
+    rows are split over the mesh's ("data", "fsdp") axes and replicated over the others
+    ("tensor"); processes holding replicas pass the same rows.
     """
     sharding = partitioning.batch_sharding(mesh)
-    shards = partitioning.num_batch_shards(mesh)
     out = {}
     for name, local_BL in local_batch.items():
-        global_rows = local_BL.shape[0] * jax.process_count()
-        if global_rows % shards:
+        if local_BL.shape[0] != rows.num_rows:
             raise ValueError(
-                f"Global batch {global_rows} (feature {name}) is not divisible by the "
-                f"{shards} batch shards of mesh axes {partitioning.BATCH_MESH_AXES} "
-                f"{dict(mesh.shape)}; pick a batch size that is a multiple of {shards}."
-            )
-        out[name] = jax.make_array_from_process_local_data(sharding, local_BL)
+                f"Feature {name} has {local_BL.shape[0]} rows in this process but its "
+                f"devices hold {rows.num_rows} rows ({rows.ranges}) of the global batch of "
+                f"{rows.global_rows} on mesh {dict(mesh.shape)}.")
+        global_shape = (rows.global_rows, *local_BL.shape[1:])
+        out[name] = jax.make_array_from_process_local_data(sharding, local_BL, global_shape)
     return out

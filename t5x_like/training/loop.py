@@ -54,6 +54,7 @@ class TrainLoop:
     state: Any
     data_iter: Any
     mesh: Any
+    rows: partitioning.ProcessRows  # which rows of each global batch data_iter gives
     key: jax.Array
     ckpt: checkpoints.CheckpointManager
     writer: Any
@@ -101,7 +102,7 @@ class TrainLoop:
     def _dispatch(self) -> bool:
         """Runs one step; fetches the one before. False if a loss spike rewound the run."""
         batch_index = int(self.data_iter.get_state()["next_index"])
-        batch = loader.to_global_batch(next(self.data_iter), self.mesh)
+        batch = loader.to_global_batch(next(self.data_iter), self.mesh, self.rows)
         self.state, step_metrics = self.train_step(self.state, batch, self.key,
                                                    self.drills.loss_scale(batch_index))
         self.step += 1

@@ -87,7 +87,10 @@ class DataConfig:
     stream_shards: SeqIO shards the stream is made of (`t5x_like/data/stream.py`): each an
       endless stream of rows in a worker process, batch_size / stream_shards rows of
       every step. Part of the data's identity; must divide the batch size and be a
-      multiple of the process count.
+      multiple of the data-parallel process groups (processes holding different rows).
+      Default (None): one per group, 2 when every process reads every row
+      (`stream_shards`); it depends on the process layout, so set it to resume a run
+      under a layout with another number of groups.
     data_workers: worker processes per training process; must divide the process's
       shards. Default: as many as its shards, up to the core count. Not part of the
       data's identity: a run may resume with another number.
@@ -106,7 +109,7 @@ class DataConfig:
     batch_size: int
     seed: int = 0
     store_dir: str | None = None
-    stream_shards: int = 2
+    stream_shards: int | None = None
     data_workers: int | None = None
     task_modules: Sequence[str] = ()
     domain_ids: bool = False
@@ -115,7 +118,7 @@ class DataConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"BATCH_SIZE={self.batch_size} must be ≥ 1.")
-        if self.stream_shards < 1:
+        if self.stream_shards is not None and self.stream_shards < 1:
             raise ValueError(f"train.DataConfig.stream_shards={self.stream_shards} must be ≥ 1.")
         if self.domain_ids and self.store_dir:
             raise ValueError("train.DataConfig.domain_ids labels streamed rows; a prepared "
@@ -222,21 +225,31 @@ def _run_identity(model, data: DataConfig, optimizer, train_steps: int,
 # Pieces of `train`, in data-flow order
 
 
-def data_source(data: DataConfig, form: forms.DataForm, train_steps: int):
+def stream_shards(data: DataConfig, rows: partitioning.ProcessRows) -> int:
+    """`data.stream_shards`, or when unset `stream.default_shards` of this mesh and
+    process layout."""
+    if data.stream_shards is not None:
+        return data.stream_shards
+    return stream.default_shards(data.batch_size, rows.groups)
+
+
+def data_source(data: DataConfig, form: forms.DataForm, train_steps: int,
+                rows: partitioning.ProcessRows):
     """The run's data, checked before anything is written: a `stream.Stream` by default,
     or a `loader.Loader` over `data.store_dir` (which must serve this run and is never
-    written). Both give iterators with the same contract (`.iterator()`)."""
+    written). Both give iterators with the same contract (`.iterator()`), of this
+    process's `rows` of every batch."""
     if data.store_dir:
-        return _store_loader(data, form, train_steps)
+        return _store_loader(data, form, train_steps, rows)
     source = stream.stream_for(
         data.mixture_or_task_name, data.task_feature_lengths, form, data.seed,
-        data.batch_size, data.stream_shards, pack_pool=data.pack_pool,
-        workers=data.data_workers,
+        data.batch_size, stream_shards(data, rows), pack_pool=data.pack_pool,
+        row_ranges=rows.ranges, count_rows=rows.counts, workers=data.data_workers,
         task_modules=(*launch.gin_imports(), *data.task_modules),
         worker_init=launch.hide_gpus_from_tensorflow, domain_ids=data.domain_ids)
     log.info("data: streaming %s, %d shards (%d rows of each per step), %d in this "
              "process's %d worker process(es)", data.mixture_or_task_name,
-             data.stream_shards, source.rows_per_step, len(source.shards), source.workers)
+             source.spec.num_shards, source.rows_per_step, len(source.shards), source.workers)
     for task in mixtures.leaf_tasks(data.mixture_or_task_name):
         if documents.filter_documents not in task.preprocessors:
             log.warning("%s does not drop empty or non-UTF-8 documents: any are trained on. "
@@ -245,7 +258,8 @@ def data_source(data: DataConfig, form: forms.DataForm, train_steps: int):
     return source
 
 
-def _store_loader(data: DataConfig, form: forms.DataForm, train_steps: int) -> loader.Loader:
+def _store_loader(data: DataConfig, form: forms.DataForm, train_steps: int,
+                  rows: partitioning.ProcessRows) -> loader.Loader:
     store_dir = data.store_dir
     manifest = store.read_manifest(store_dir)
     if manifest is None or not manifest.get("complete"):
@@ -271,7 +285,8 @@ def _store_loader(data: DataConfig, form: forms.DataForm, train_steps: int) -> l
             f"{e} The store of a training run (train.DataConfig.store_dir) must be prepared "
             "with the run's mixture, lengths, seed (DATA_SEED) and model form: point "
             "store_dir at one that is, or unset it to stream.") from None
-    data_loader = loader.Loader(store_dir, data.batch_size, seed=data.seed)
+    data_loader = loader.Loader(store_dir, data.batch_size, seed=data.seed,
+                                row_ranges=rows.ranges)
     data_loader.check_steps(train_steps)
     log.info("data: store %s (%d rows, %.1f%% padding)", store_dir,
              manifest["num_examples"], 100 * manifest["padding_fraction"])
@@ -328,6 +343,22 @@ def _print_summary(summary: RunSummary) -> None:
 
 # ---------------------------------------------------------------------------
 # The entry point
+
+
+def _check_setup(model, data: DataConfig, mesh, rules, num_microbatches: int,
+                 evaluation: Evaluation | None):
+    """Before anything is written: the model fits the mesh, the data the model, the
+    evaluation the mesh. Returns the model's data form, `data` with its stream shard
+    count set, and this process's rows of every batch."""
+    # Each microbatch is sharded over the batch axes like a whole batch.
+    partitioning.validate_for_mesh(model.make_module, mesh, rules,
+                                   batch_size=data.batch_size // num_microbatches)
+    form = model.data_form(data.task_feature_lengths)
+    _check_data(data, form, model.cfg.vocab_size)
+    if evaluation is not None:
+        evaluation.check(mesh)
+    rows = partitioning.process_rows(mesh, data.batch_size)
+    return form, dataclasses.replace(data, stream_shards=stream_shards(data, rows)), rows
 
 
 def _check_checkpoints(ckpt_dir: str, identity, allow_resume_changes, initial_checkpoint,
@@ -391,20 +422,14 @@ def train(
     _check_run(train_steps, log_every_steps, num_microbatches, data.batch_size)
     launch.start_devices(mesh_config)
     mesh, rules = launch.mesh_for(mesh_config)
-    # Each microbatch is sharded over the batch axes like a whole batch.
-    partitioning.validate_for_mesh(model.make_module, mesh, rules,
-                                   batch_size=data.batch_size // num_microbatches)
-    form = model.data_form(data.task_feature_lengths)
-    _check_data(data, form, model.cfg.vocab_size)
-    if evaluation is not None:
-        evaluation.check(mesh)
+    form, data, rows = _check_setup(model, data, mesh, rules, num_microbatches, evaluation)
     identity = _run_identity(model, data, optimizer, train_steps, num_microbatches, seed)
     ckpt_dir = rundir.join(model_dir, "checkpoints")
     resuming = _check_checkpoints(ckpt_dir, identity, allow_resume_changes, initial_checkpoint,
                                   lambda: partitioning.abstract_sharded(model.make_module,
                                                                         mesh, rules)[1])
     source = data_source(data, form,
-                         train_steps + guard.reserve_batches(checkpoint.save_every_steps))
+                         train_steps + guard.reserve_batches(checkpoint.save_every_steps), rows)
 
     with guards.RunLock(model_dir), guards.PreemptionWatcher() as watcher, \
             launch.compilation_cache(compilation_cache_dir, model_dir):
@@ -425,7 +450,7 @@ def train(
                                              num_microbatches, evaluation, data)
             loop = loop_lib.TrainLoop(
                 train_step=train_step, state=state, data_iter=data_iter, mesh=mesh,
-                key=jax.random.key(seed), ckpt=ckpt,
+                rows=rows, key=jax.random.key(seed), ckpt=ckpt,
                 writer=metrics.create_writer(model_dir, enabled=jax.process_index() == 0),
                 meter=_make_meter(model, data, mesh, peak_flops_per_device),
                 guards=guards.LossGuards(guard, run.get("guards")), drills=drills,
