@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from t5x_like.data import prepare as prepare_lib  # noqa: E402
 from t5x_like.data import store  # noqa: E402
+from t5x_like.model import partitioning  # noqa: E402
 from t5x_like.training import loader as loader_lib  # noqa: E402
 
 
@@ -45,7 +46,8 @@ def _bench_loader(loader, num_batches, mesh=None):
             if seg in batch
         )
         if mesh is not None:
-            global_batch = loader_lib.to_global_batch(batch, mesh)
+            rows = partitioning.process_rows(mesh, len(next(iter(batch.values()))))
+            global_batch = loader_lib.to_global_batch(batch, mesh, rows)
             for array in global_batch.values():
                 array.block_until_ready()
     return tokens / (time.perf_counter() - start)

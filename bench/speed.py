@@ -144,7 +144,8 @@ def make_step(model, devices: int, batch_size: int, lengths: dict):
         graphdef, model.loss_fn, optimizer.schedule,
         state_sharding=train_state.state_shardings(state),
         batch_sharding=partitioning.batch_sharding(mesh), rules=rules)
-    batch = loader.to_global_batch(random_batch(model, batch_size, lengths), mesh)
+    batch = loader.to_global_batch(random_batch(model, batch_size, lengths), mesh,
+                                   partitioning.process_rows(mesh, batch_size))
     return step_fn, state, batch, mesh, optimizer
 
 
