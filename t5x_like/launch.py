@@ -626,6 +626,10 @@ def cache_counts() -> tuple[int, int]:
     return _cache_counts["hits"], _cache_counts["misses"]
 
 
+# Where a run keeps jax's persistent compilation cache by default (docs/OPERATIONS.md).
+COMPILATION_CACHE_DIR = "{model_dir}/compilation_cache"
+
+
 @contextlib.contextmanager
 def compilation_cache(directory: str | None, run_dir: str = ""):
     """jax's persistent compilation cache in `directory` while the block runs (its

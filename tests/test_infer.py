@@ -126,6 +126,8 @@ def test_infer_writes_predictions_and_scores_of_the_users_task(trained, tmp_path
 
 @pytest.mark.slow
 def test_evaluate_reports_the_users_task_metrics(trained):
+    cache = trained / "run" / "compilation_cache"
+    before = set(cache.iterdir()) if cache.exists() else set()
     result = evaluate.evaluate(
         model=MODEL, mesh_config=FSDP,
         optimizer=optimizers.adamw_llama2(peak_lr=3e-3, warmup_steps=1, total_steps=4),
@@ -137,6 +139,9 @@ def test_evaluate_reports_the_users_task_metrics(trained):
     metrics = result["results"]["my_qa"]
     assert {"loss", "bpc", "exact_match"} <= set(metrics)
     assert 0.0 <= metrics["exact_match"] <= 100.0 and metrics["loss"] > 0 and metrics["bpc"] > 0
+    # Its compiled programs went to the run's persistent compilation cache (jax writes
+    # those that took a second or more: the decode loop here).
+    assert set(cache.iterdir()) - before
 
 
 @pytest.mark.slow

@@ -339,14 +339,16 @@ def _restore(ckpt, step: int, target, mode: str):
 def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation: EvalConfig,
              mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
              seed: int = 0, restore: RestoreCheckpointConfig = RestoreCheckpointConfig(),
-             batch_size: int | None = None, output_dir: str | None = None) -> dict[str, Any]:
+             batch_size: int | None = None, output_dir: str | None = None,
+             compilation_cache_dir: str | None = launch.COMPILATION_CACHE_DIR) -> dict[str, Any]:
     """Evaluates checkpoints of `model_dir` (the newest one, or those `restore` selects;
     EvalConfig says on what); prints the tables and writes the results of every evaluated
     step, with BPC per domain as a PNG chart, to `output_dir` (default `model_dir/eval`).
 
     `batch_size` is the training run's (gin binds it to BATCH_SIZE): with it each step
     also gets its training FLOPs, step x `model.train_flops_per_step`, and the chart a
-    FLOPs axis.
+    FLOPs axis. `compilation_cache_dir`: jax's persistent compilation cache, as training's
+    (the run's by default: a second evaluation reads its compiled steps back).
     """
     launch.start_devices(mesh_config)
     mesh, rules = launch.mesh_for(mesh_config)
@@ -358,7 +360,8 @@ def evaluate(*, model, mesh_config, optimizer, model_dir: str, evaluation: EvalC
     step_flops = (model.train_flops_per_step(batch_size, task_feature_lengths)
                   if batch_size and task_feature_lengths else None)
     points = []
-    with checkpoints.CheckpointManager(directory) as ckpt:
+    with checkpoints.CheckpointManager(directory) as ckpt, \
+            launch.compilation_cache(compilation_cache_dir, model_dir):
         steps = restore.select(ckpt.all_steps(), directory)
         graphdef, target = train_state.abstract_train_state(model, optimizer.tx, mesh, rules)
         evaluator = Evaluator.create(model, graphdef, train_state.state_shardings(target), mesh,

@@ -48,10 +48,6 @@ from t5x_like.training import loop as loop_lib
 
 log = logging.getLogger("t5x_like.training.train")
 
-# Where a run keeps jax's persistent compilation cache by default (docs/OPERATIONS.md).
-COMPILATION_CACHE_DIR = "{model_dir}/compilation_cache"
-
-
 # ---------------------------------------------------------------------------
 # Configuration groups (bound by gin, plain frozen dataclasses, checked on creation)
 
@@ -403,7 +399,7 @@ def train(
     peak_flops_per_device: float | None = None,
     initial_checkpoint: str | None = None,
     reference_checkpoint: str | None = None,
-    compilation_cache_dir: str | None = COMPILATION_CACHE_DIR,
+    compilation_cache_dir: str | None = launch.COMPILATION_CACHE_DIR,
 ) -> RunSummary:
     """Trains `model` (a model/families.py model) on `data` for `train_steps` steps on the mesh of
     `mesh_config` with `optimizer` (a optimizers.Optimizer); returns the run's summary.
