@@ -211,3 +211,131 @@ def test_blocks_of_a_stream_owner_that_no_longer_runs_are_removed():
             shm.close()
         made[1].unlink()
         shared_memory.resource_tracker.unregister(made[0]._name, "shared_memory")
+
+
+# ----------------------------------------------------------------------------- resume
+# A shard's tf.data iterator state (saved by the workers every so often) is restored on
+# resume instead of replaying the shard: the same rows, at a cost that does not grow with
+# the step.
+
+
+def _shard_blocks(first_step, n, saved=(0, None)):
+    """n blocks of shard 0 from `first_step`, a state after every one (ratio 0)."""
+    shard = stream._ShardStream(_spec(), 0, BATCH // SHARDS, first_step, saved=saved,
+                                snapshot_ratio=0)
+    return shard, [shard.next_block() for _ in range(n)]
+
+
+def _assert_same_rows(got, want):
+    assert (got["shard"], got["step"]) == (want["shard"], want["step"])
+    for name in want["rows"]:
+        np.testing.assert_array_equal(got["rows"][name], want["rows"][name])
+    np.testing.assert_array_equal(got["task_counts"], want["task_counts"])
+
+
+def test_a_shard_restored_from_its_saved_state_continues_without_replaying(blocks, tmp_path):
+    _, first = _shard_blocks(0, 3)
+    assert [b["state_step"] for b in first] == [1, 2, 3]  # the state after each block
+    at_3 = bytes(first[2]["state"])
+    (tmp_path / "at_3").write_bytes(at_3)
+    unbroken = [blocks[2 * s] for s in range(4)]  # shard 0's steps 0..3 (the fixture)
+    # Restored at step 3 (the state's own bytes or its file): no step is made again.
+    for saved in ((3, at_3), (3, str(tmp_path / "at_3"))):
+        shard, (got,) = _shard_blocks(3, 1, saved)
+        assert shard.replayed == 0
+        _assert_same_rows(got, unbroken[3])
+    # A state of an earlier step replays only the steps after it; none replays them all.
+    shard, (got,) = _shard_blocks(3, 1, (2, bytes(first[1]["state"])))
+    assert shard.replayed == 1
+    _assert_same_rows(got, unbroken[3])
+    shard, (got,) = _shard_blocks(3, 1)
+    assert shard.replayed == 3
+    _assert_same_rows(got, unbroken[3])
+    with pytest.raises(ValueError, match="a state of step 3 cannot start step 2"):
+        _shard_blocks(2, 1, (3, at_3))
+
+
+def test_workers_save_states_only_every_so_often(test_tasks):
+    """At the default ratio a worker spends at most a fifth of its time saving states."""
+    shard = stream._ShardStream(_spec(), 0, BATCH // SHARDS, 0)
+    steps = [b["state_step"] for b in (shard.next_block() for _ in range(12))]
+    assert steps[0] == 1  # after the first block (the pipeline's start counts as making)
+    assert sum(s >= 0 for s in steps) < 12
+
+
+def test_the_states_to_save_are_one_process_per_shard_and_never_after_the_step(test_tasks):
+    """Replicas (the same rows in several processes) save nothing but in the process that
+    counts the rows; a state of a step after the next one is never kept."""
+    def opened(count_rows=True):
+        return stream.Stream(_spec(), BATCH, row_ranges=[(0, 4)],
+                             count_rows=count_rows).iterator()
+
+    assert opened(count_rows=False).shard_states() == {}
+    it = opened()
+    assert it.shard_states() == {0: (0, b"")}  # step 0: a fresh pipeline, nothing to read
+    it.set_shard_states({0: (3, b"at 3"), 1: (3, b"another process's")})
+    assert it.shard_states() == {0: (0, b"")}  # next step 0: a state of step 3 cannot start it
+    it.set_state({**it.get_state(), "next_index": 5})
+    it.set_shard_states({0: (3, b"at 3")})
+    assert it.shard_states() == {0: (3, b"at 3")}  # restored at 3, replays steps 3 and 4
+    it.set_state({**it.get_state(), "next_index": 2})
+    assert it.shard_states() == {0: (0, b"")}
+
+
+@pytest.mark.slow
+def test_a_checkpointed_stream_resumes_from_its_states_under_another_process_count(
+        test_tasks, tmp_path, caplog):
+    """Through worker processes and a real checkpoint: saved at step 2 by one process,
+    resumed by two (one shard each) without replay, and, with the tf.data states
+    removed (a checkpoint of an older run), by fast-forward; all give the unbroken rows."""
+    import jax.numpy as jnp
+
+    from t5x_like.training import checkpoints
+
+    def opened(row_ranges=None):
+        s = _stream(row_ranges, workers=1)
+        s.snapshot_ratio = 0  # a state after every block: resumes replay nothing
+        return s.iterator()
+
+    it = opened()
+    state = {"x": jnp.zeros(2)}
+    try:
+        with checkpoints.CheckpointManager(tmp_path / "ckpt", async_save=False) as ckpt:
+            [next(it) for _ in range(2)]
+            assert {k: t for k, (t, _) in it.shard_states().items()} == {0: 2, 1: 2}
+            ckpt.save(2, state, data_iterator=it, force=True)
+            expected = [next(it)["decoder_target_tokens"] for _ in range(2)]
+    finally:
+        it.close()
+    saved = sorted(p.name for p in (tmp_path / "ckpt" / "2" / "data").iterdir()
+                   if p.suffix in (".json", ".tfdata"))
+    assert saved == ["process_0-of-1.json", "shard_00000.step_2.tfdata",
+                     "shard_00001.step_2.tfdata"]
+    halves = []
+    for p in range(2):  # two processes, 4 rows (one shard) each
+        it = opened([(4 * p, 4 * p + 4)])
+        try:
+            with checkpoints.CheckpointManager(tmp_path / "ckpt") as ckpt:
+                ckpt.restore(2, state, data_iterator=it)
+            halves.append([next(it)["decoder_target_tokens"] for _ in range(2)])
+            assert it.replayed == {p: 0} and it.get_state()["next_index"] == 4
+        finally:
+            it.close()
+    for s in range(2):
+        np.testing.assert_array_equal(np.concatenate([halves[0][s], halves[1][s]]),
+                                      expected[s])
+    for path in (tmp_path / "ckpt" / "2" / "data").glob("*.tfdata"):
+        path.unlink()
+    it = opened()
+    try:
+        with checkpoints.CheckpointManager(tmp_path / "ckpt") as ckpt, \
+                caplog.at_level("INFO", logger="t5x_like.data.stream"):
+            ckpt.restore(2, state, data_iterator=it)
+            got = [next(it)["decoder_target_tokens"] for _ in range(2)]
+        assert it.replayed == {0: 2, 1: 2}
+        assert "no tf.data state saved for shard(s) [0, 1]" in caplog.text
+        assert "fast-forward 2 steps" in caplog.text
+    finally:
+        it.close()
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
