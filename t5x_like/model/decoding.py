@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from t5x_like.data.vocabulary import EOS_ID
 
 NEG_INF = -1.0e7  # large but finite: -inf - -inf would be NaN
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
@@ -48,7 +47,9 @@ class DecodeConfig:
     top_p: float = 1.0
     beam_size: int = 4
     alpha: float = 0.6
-    eos_id: int = EOS_ID
+    # T5's EOS id, data/vocabulary.EOS_ID (not imported: it loads SeqIO and TensorFlow;
+    # tests/test_accelerator_check.py checks the two agree).
+    eos_id: int = 1
     bos_id: int | None = 0
 
     def __post_init__(self):

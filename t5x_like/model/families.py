@@ -21,18 +21,20 @@ gradient in the same pass (`fused_loss_sums`): no [B, L, V] logits array exists.
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t5x_like.data import forms
 from t5x_like.model import decoding, flops, partitioning
 from t5x_like.model.decoding import DecodeConfig
 from t5x_like.model.layers import TransformerConfig
 from t5x_like.model.network import Decoder, EncoderDecoder, segments_and_positions
+
+if TYPE_CHECKING:  # data/forms.py imports SeqIO and TensorFlow: loaded only when a
+    from t5x_like.data import forms  # model builds rows (the accelerator check has neither)
 
 Batch = Mapping[str, jax.Array]
 
@@ -319,6 +321,8 @@ class DecoderOnlyModel(LanguageModel):
                 "gin file, or set num_encoder_layers = 0.")
 
     def data_form(self, task_feature_lengths: Mapping[str, int]) -> forms.DataForm:
+        from t5x_like.data import forms  # SeqIO + TensorFlow, only when rows are built
+
         # T5X's DecoderFeatureConverter rule: task inputs make it a prefix LM.
         return forms.PREFIX_LM if "inputs" in task_feature_lengths else forms.LM
 
@@ -374,6 +378,8 @@ class EncoderDecoderModel(LanguageModel):
                 "set num_encoder_layers.")
 
     def data_form(self, task_feature_lengths: Mapping[str, int]) -> forms.DataForm:
+        from t5x_like.data import forms  # SeqIO + TensorFlow, only when rows are built
+
         return forms.ENCDEC
 
     def _start_decoding(self, module: EncoderDecoder, batch: Batch, max_decode_length: int,
