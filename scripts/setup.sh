@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.12 or newer) and installs t5x_like with its pinned dependencies.
 #   bash scripts/setup.sh        what the demo and the library need, nothing more
-#   bash scripts/setup.sh test   that, plus the test tools and Apache Beam (prepare --runner,
-#                                t5x_like.data.dedup); INTEROP=1 adds the interop extra (torch and
-#                                transformers: the live Hugging Face tests)
+#   bash scripts/setup.sh test   that, plus the test tools, Apache Beam (prepare --runner,
+#                                t5x_like.data.dedup) and, on Linux x86_64, libtpu (the TPU
+#                                compiler: the tests that plan a TPU slice ahead of time);
+#                                INTEROP=1 adds the interop extra (torch and transformers: the
+#                                live Hugging Face tests)
 # Idempotent: a second run only checks that everything is installed. A .venv of an older
 # Python (made by an earlier version of this script) is made anew.
 set -euo pipefail

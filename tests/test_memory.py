@@ -96,3 +96,72 @@ def test_remat_policies_save_memory_in_order():
     split_tp = memory.Split.of("fsdp_tp", {"data": 1, "fsdp": 1, "tensor": 8}, 1)
     assert memory.activation_bytes(cfg, split_tp, {"decoder": 8192}, "full")["working"] < (
         by_policy["full"]["working"] / 4)
+
+
+def test_fused_attention_holds_no_scores():
+    """Llama 3 8B at 8K, one row per device: the activations with splash (or cuDNN)
+    differ from XLA's by exactly one layer's [rows, heads, L, L] float32 scores and
+    probabilities and their compute-dtype copy, less the kernel's float32 softmax
+    statistics [rows, heads, L] x 2 (in the working layer; under remat 'none' in every
+    saved layer too)."""
+    cfg = model_config("llama3_8b")
+    split = memory.Split.of("fsdp", {"data": 1, "fsdp": 8, "tensor": 1}, 8)
+    length, heads = 8192, 32
+    scores = heads * length * length * (4 + 4 + 2) - heads * length * 2 * 4
+    for kernel in ("splash", "cudnn"):
+        for policy, layers_holding in (("full", 1), ("minimal", 1), ("none", 1 + 32)):
+            xla = memory.activation_bytes(cfg, split, {"decoder": length}, policy)
+            fused = memory.activation_bytes(cfg, split, {"decoder": length}, policy,
+                                            {"decoder": kernel})
+            assert xla["total"] - fused["total"] == layers_holding * scores, (kernel, policy)
+            assert xla["logits"] == fused["logits"]
+    # 21.5 GB of the 8B-at-8K working layer was scores; with a kernel it is under 4 GB.
+    fused = memory.activation_bytes(cfg, split, {"decoder": length}, "full",
+                                    {"decoder": "splash"})
+    assert fused["working"] < 4e9 < 21e9 < scores
+
+
+def test_which_kernel_runs_each_attention_follows_attention_py():
+    """attention.resolve and attention.unsupported decide, on abstract shapes: splash on
+    TPU takes packed causal rows but not a prefix LM; cuDNN on GPU takes only unpacked
+    bfloat16 rows; CPU and 'xla' run XLA; a kernel the platform lacks is the attention
+    module's error paragraph."""
+    cfg = model_config("llama3_8b")  # bfloat16, head_dim 128
+    packed, prefix = {"decoder_segment_ids"}, {"decoder_segment_ids",
+                                                "decoder_causal_attention"}
+    stacks = {"decoder": 8192}
+    assert memory.attention_kernels(cfg, "tpu", stacks, packed) == {"decoder": "splash"}
+    assert memory.attention_kernels(cfg, "tpu", stacks, prefix) == {"decoder": "xla"}
+    assert memory.attention_kernels(cfg, "tpu", {"decoder": 8000}) == {"decoder": "xla"}
+    assert memory.attention_kernels(cfg, "gpu", stacks) == {"decoder": "cudnn"}
+    assert memory.attention_kernels(cfg, "gpu", stacks, packed) == {"decoder": "xla"}
+    assert memory.attention_kernels(cfg, "cpu", stacks, packed) == {"decoder": "xla"}
+    xla = dataclasses.replace(cfg, attention_impl="xla")
+    assert memory.attention_kernels(xla, "tpu", stacks, packed) == {"decoder": "xla"}
+    float32 = dataclasses.replace(cfg, dtype="float32")
+    assert memory.attention_kernels(float32, "gpu", stacks) == {"decoder": "xla"}
+    encdec = model_config("reka_edge_7b_encdec")
+    assert memory.attention_kernels(encdec, "tpu", {"encoder": 1024, "decoder": 512},
+                                    {"encoder_segment_ids", "decoder_segment_ids"}) == {
+        "decoder": "splash", "encoder": "splash", "cross": "splash"}
+    with pytest.raises(ValueError, match=r"'cudnn' does not run on this backend \('tpu'\)"):
+        memory.attention_kernels(dataclasses.replace(cfg, attention_impl="cudnn"), "tpu",
+                                 stacks)
+
+
+def test_the_fused_loss_in_chunks_holds_one_chunk_of_logits():
+    """The logits term is 3 float32 [rows, positions, vocab] arrays: every position for
+    the plain loss or a fused one in one chunk, one chunk's positions with
+    loss_chunk_length (the largest divisor of L at most it)."""
+    cfg = model_config("llama3_8b")
+    split = memory.Split.of("fsdp", {"data": 1, "fsdp": 8, "tensor": 1}, 8)
+    whole_head = 128256 * 4096 * 4  # the head's float32 gradient, vocabulary unsplit
+
+    def logits(**changes):
+        c = dataclasses.replace(cfg, **changes)
+        return memory.activation_bytes(c, split, {"decoder": 8192}, "full")["logits"]
+
+    assert logits(fused_loss=False) == logits() == 3 * 8192 * 128256 * 4 + whole_head
+    assert logits(loss_chunk_length=1024) == 3 * 1024 * 128256 * 4 + whole_head
+    assert logits(loss_chunk_length=1000) == 3 * 512 * 128256 * 4 + whole_head
+    assert logits(fused_loss=False, loss_chunk_length=1024) == logits(fused_loss=False)

@@ -31,12 +31,8 @@ EXEMPT = {
     "dropout_rate": "elementwise only (no model FLOPs), no weight; its masks when > 0 are "
                     "left out of memory's estimate (every preset trains with 0)",
     "z_loss": "a loss coefficient: log Z is computed either way; no FLOPs, memory or weight",
-    "fused_loss": "GAP: whether loss_chunk_length applies (chunks exist only in the fused "
-                  "loss), so memory's logits term must read it too; FLOPs are the same",
-    "loss_chunk_length": "GAP: memory.activation_bytes counts whole [B, L, V] float32 logits "
-                         "(3·r·L·V·4); a fused loss in chunks holds [B, chunk, V] at once",
-    "attention_impl": "GAP: memory.py counts [B, H, L, L] float32 scores per layer; the "
-                      "fused kernels (splash, cudnn) hold none. FLOPs are the same",
+    "embed_lookup": "GAP: memory model: planner follow-up ('matmul' holds a [B, L, V] one-hot "
+                    "and its gradient gathers no cotangents); FLOPs: 2·L·V·D more per row",
 }
 
 

@@ -262,7 +262,8 @@ def _mesh_groups(spec: str) -> np.ndarray:
         iota = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", ids)
         devices = (_iota(_ints(iota.group(1)), iota.group(2) and _ints(iota.group(2)))
                    if iota else np.array(_ints(ids)))
-    axes_text = spec[spec.index("{", head.end()):]
+    # Only the braces: the attributes after them (metadata's op names) quote names too.
+    axes_text = _balanced(spec, spec.index("{", head.end()))
     refs = [(names.index(name), int(pre) if pre else None, int(size) if size else None)
             for name, pre, size in re.findall(r"'([^']+)'(?::\((\d+)\)(\d+))?", axes_text)]
     reshape: list[int] = []
@@ -451,6 +452,43 @@ def parse(hlo_text: str, mesh_shape: Mapping[str, int],
             out += _collectives_of(parts, runs[computation], mesh_shape,
                                    ici_shape or mesh_shape, program)
     return out
+
+
+# ------------------------------------------------------------------- largest arrays
+
+# Results that name another buffer's memory, not a new one.
+_ALIASES = ("tuple", "get-tuple-element", "bitcast", "parameter", "constant")
+
+
+def largest_arrays(hlo_text: str, n: int = 5) -> list[dict[str, object]]:
+    """The `n` largest arrays a compiled program materialises: results of instructions
+    outside fused computations (a fusion's insides live in registers or on-chip memory;
+    its result is the buffer), tuples, bitcasts, parameters and constants left out.
+    Each: {'name', 'op', 'dtype', 'shape', 'bytes'}; a way to see whether, say, an
+    attention's [B, H, L, L] scores remain in a step."""
+    computations, _ = _computations(hlo_text)
+    fused: set[str] = set()
+    for lines in computations.values():
+        for line in lines:
+            parts = _split_instruction(line)
+            if parts and parts[2] == "fusion":
+                fused.update(m.group(2).strip("%,") for m in _CALLED.finditer(parts[3])
+                             if m.group(1) == "calls")
+    found = []
+    for name, lines in computations.items():
+        if name in fused:
+            continue
+        for line in lines:
+            parts = _split_instruction(line)
+            if not parts or parts[2] in _ALIASES or parts[1].startswith("("):
+                continue
+            match = _ARRAY.match(parts[1])
+            if match and match.group(1) in _DTYPE_BYTES:
+                shape = [int(d) for d in match.group(2).split(",") if d]
+                found.append({"name": parts[0], "op": parts[2], "dtype": match.group(1),
+                              "shape": shape,
+                              "bytes": math.prod(shape) * _DTYPE_BYTES[match.group(1)]})
+    return sorted(found, key=lambda a: -a["bytes"])[:n]
 
 
 # ------------------------------------------------------------------------- link times

@@ -9,9 +9,12 @@ docs/PLANNING.md "Activation memory"): what the scan over layers keeps per layer
 backward pass under the configured remat policy, one layer's full working set while it
 is recomputed and differentiated, and the logits; `gathered_weight_bytes` adds the
 weights FSDP gathers for the layer in flight. Checked against XLA's own count for
-float32 models in tests/test_memory.py. It mirrors how the blocks in layers.py compute (attention scores materialised
-in float32, jax.nn.dot_product_attention's XLA path; matmul outputs in the compute
-dtype) and is labelled an estimate next to the compiler's own count.
+float32 models in tests/test_memory.py. It mirrors how the blocks in layers.py compute
+(matmul outputs in the compute dtype; an attention the XLA path runs materialises float32
+[B, H, L, M] scores and probabilities, one the fused kernels run holds none: see
+`attention_kernels`; the training loss's float32 logits whole, or one chunk of positions
+at a time under the fused loss) and is labelled an estimate next to the compiler's own
+count.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
-from t5x_like.model import partitioning
+from t5x_like.model import attention, families, partitioning
 from t5x_like.model.partitioning import BATCH, HEADS, KV_HEADS, LAYERS
 
 _F32 = 4  # attention logits and probabilities, the output logits: float32 (layers.py)
@@ -97,9 +100,61 @@ class Split:
                    ways(KV_HEADS))
 
 
-def _layer(cfg, split: Split, length: int, memory: int | None, c: int) -> dict[str, int]:
+XLA = "xla"
+# The attention sites of a layer stack: 'decoder' (causal self-attention), 'encoder'
+# (bidirectional) and 'cross' (decoder to encoder).
+SITES = ("decoder", "encoder", "cross")
+
+
+def attention_kernels(cfg, on: str, stacks: Mapping[str, int], features=(),
+                      rows: int = 1) -> dict[str, str]:
+    """What runs each attention of the model on platform `on` ('tpu', 'gpu', 'cpu') under
+    cfg.attention_impl: {site: 'xla' or the fused kernel's name}, decided by
+    attention.py's own rules (attention.resolve, attention.unsupported) on abstract
+    shapes. features: the batch's model feature names, which say the masks as the
+    networks build them (network.py): `*_segment_ids` present means packed rows, and
+    `decoder_causal_attention` a prefix LM. An implementation the platform lacks is
+    attention.resolve's error paragraph."""
+    kernel = attention.resolve(cfg.attention_impl, on)
+    features = set(features)
+    length, memory = stacks["decoder"], stacks.get("encoder")
+    prefix = "decoder_causal_attention" in features
+    packed_enc = "encoder_segment_ids" in features
+    packed_dec = "decoder_segment_ids" in features or (memory is not None and packed_enc)
+
+    def runs(q_len: int, kv_len: int, causal: bool, packed: bool, with_prefix: bool) -> str:
+        if kernel == XLA:
+            return XLA
+        q = jax.ShapeDtypeStruct((rows, q_len, cfg.num_heads, cfg.head_dim), cfg.dtype)
+        k = jax.ShapeDtypeStruct((rows, kv_len, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+        ids = [jax.ShapeDtypeStruct((rows, n), jnp.int32) for n in (q_len, kv_len)]
+        marks = ([jax.ShapeDtypeStruct((rows, n), jnp.bool_) for n in (q_len, kv_len)]
+                 if with_prefix else [None, None])
+        mask = attention.Mask(*ids, *marks, causal=causal, packed=packed or with_prefix)
+        return kernel if attention.unsupported(kernel, q, k, mask) is None else XLA
+
+    out = {"decoder": runs(length, length, True, packed_dec, prefix and memory is None)}
+    if memory:
+        out["encoder"] = runs(memory, memory, False, packed_enc, False)
+        out["cross"] = runs(length, memory, False, packed_dec, False)
+    return out
+
+
+def _scores(r: int, heads: int, length: int, slots: int, c: int, kernel: str) -> int:
+    """One attention's [r, heads, length, slots] float32 scores and probabilities and the
+    probabilities cast back (the XLA path); a fused kernel keeps none (its per-row
+    softmax statistics, [r, heads, length] float32, are counted instead)."""
+    if kernel == XLA:
+        return r * heads * length * slots * (2 * _F32 + c)
+    return r * heads * length * 2 * _F32
+
+
+def _layer(cfg, split: Split, length: int, memory: int | None, c: int,
+           kernels: Mapping[str, str] | None = None) -> dict[str, int]:
     """Bytes of one layer's tensors (names as in layers.py) for a stack of `length`
-    positions; `memory`: the encoder length a decoder layer cross-attends to."""
+    positions; `memory`: the encoder length a decoder layer cross-attends to. kernels:
+    this layer's {'self': ..., 'cross': ...} attention implementations (default 'xla')."""
+    kernels = kernels or {}
     r, t = split.rows, split.tensor
     heads, kv_heads, mlp = cfg.num_heads // t, cfg.num_kv_heads // split.kv_tensor, cfg.mlp_dim // t
     x = r * length * cfg.emb_dim * c
@@ -112,12 +167,12 @@ def _layer(cfg, split: Split, length: int, memory: int | None, c: int) -> dict[s
     # The rest of the forward: norms, RoPE'd q/k, attention values, activation output
     # and product, scores and probabilities (float32) and the probabilities cast back.
     norms = (1 if cfg.block == "parallel" else 2 + (memory is not None)) * x
-    scores = r * heads * length * length * (2 * _F32 + c)
+    scores = _scores(r, heads, length, length, c, kernels.get("self", XLA))
     rest = norms + q + kv // 2 + q + (2 if gated else 1) * h + scores
     if memory is not None:  # cross-attention: q, k/v over the encoder, out; its scores
         cross_kv = 2 * r * memory * kv_heads * cfg.head_dim * c
         dots += q + cross_kv + x
-        rest += q + r * heads * length * memory * (2 * _F32 + c)
+        rest += q + _scores(r, heads, length, memory, c, kernels.get("cross", XLA))
     return {"carry": x, "dots": dots, "rest": rest}
 
 
@@ -129,29 +184,40 @@ def _saved(layer: Mapping[str, int], policy: str) -> int:
 
 
 def activation_bytes(cfg, split: Split, stacks: Mapping[str, int],
-                     policy: str | None = None) -> dict[str, int]:
+                     policy: str | None = None,
+                     kernels: Mapping[str, str] | None = None) -> dict[str, int]:
     """Per-device activation bytes of one microbatch, by part.
 
     stacks: {'encoder': M, 'decoder': L} positions per row (no 'encoder' for a
     decoder-only model; a prefix LM's L is inputs + targets). policy: remat policy,
-    default the config's.
+    default the config's. kernels: what runs each attention (`attention_kernels`);
+    default 'xla' everywhere, as XLA:CPU compiles it.
     """
     policy = policy or cfg.remat_policy
+    kernels = kernels or {}
     c = jnp.dtype(cfg.dtype).itemsize
     memory = stacks.get("encoder")
     layers = []
     if memory:
-        layers.append((cfg.num_encoder_layers, _layer(cfg, split, memory, None, c)))
-    layers.append((cfg.num_decoder_layers, _layer(cfg, split, stacks["decoder"], memory, c)))
+        layers.append((cfg.num_encoder_layers, _layer(
+            cfg, split, memory, None, c, {"self": kernels.get("encoder", XLA)})))
+    layers.append((cfg.num_decoder_layers, _layer(
+        cfg, split, stacks["decoder"], memory, c,
+        {"self": kernels.get("decoder", XLA), "cross": kernels.get("cross", XLA)})))
     saved = sum(n * _saved(layer, policy) for n, layer in layers)
     # The layer being differentiated: its whole forward, recomputed or kept (the
     # gradients reuse the buffers its forward frees).
     working = max(_saved(layer, "none") for _, layer in layers)
-    # Float32 logits, their softmax and their gradient, over this device's vocabulary;
-    # with the vocabulary whole on every device (no tensor split) the compiled steps
-    # also build the embedding's (or head's) gradient whole before reducing it.
+    # Float32 logits, their softmax and their gradient, over this device's vocabulary:
+    # of every position, or under the fused loss of one chunk of positions at a time
+    # (families.fused_loss_sums); with the vocabulary whole on every device (no tensor
+    # split) the compiled steps also build the embedding's (or head's) gradient whole
+    # before reducing it.
     vocab = cfg.vocab_size // split.tensor
-    logits = 3 * split.rows * stacks["decoder"] * vocab * _F32
+    positions = stacks["decoder"]
+    if cfg.fused_loss:
+        positions = families._chunk_length(positions, cfg.loss_chunk_length)
+    logits = 3 * split.rows * positions * vocab * _F32
     if split.tensor == 1:
         logits += vocab * cfg.emb_dim * _F32
     return {"saved": saved, "working": working, "logits": logits,

@@ -25,10 +25,12 @@ data-parallel collectives are scaled to the full data axis; the report names the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t5x_like import launch
-from t5x_like.model import hardware, partitioning
+from t5x_like.model import attention, hardware, partitioning
 from t5x_like.planning import collectives, memory
 from t5x_like.data import stream
 from t5x_like.training import train_state
@@ -146,6 +148,9 @@ def _devices(cm: CompileMesh, config: PlanConfig) -> tuple[list[Any], str]:
 
 
 def _tpu_devices(topology: str, needed: int) -> list[Any]:
+    # Describing a topology uses no chip: let libtpu load beside another process that
+    # holds its lockfile (a run on this TPU VM, or a test's jax starting with libtpu).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies  # noqa: PLC0415
         devices = topologies.get_topology_desc(topology_name=topology,
@@ -191,13 +196,42 @@ def _compile(model, optimizer, mesh: Mesh, rules, batch_size: int,
 
 
 def _compiled_memory(compiled, backend: str) -> dict[str, Any]:
+    """The compiled step's memory_analysis(). `peak` adds its parts up (the new state
+    written over the donated one); `compiler_peak` is the compiler's own
+    peak_memory_in_bytes (the live-buffer peak of its schedule: what the TPU compiler
+    checks against HBM, below the sum because not every temporary is live at once);
+    None where the backend does not report it."""
     stats = compiled.memory_analysis()
     arguments, outputs = stats.argument_size_in_bytes, stats.output_size_in_bytes
     aliased, temporaries = stats.alias_size_in_bytes, stats.temp_size_in_bytes
     return {"backend": backend, "arguments": arguments, "outputs": outputs,
             "aliased": aliased, "temporaries": temporaries,
-            # donated state: the new state is written over the old (aliased) buffers
-            "peak": arguments + outputs - aliased + temporaries}
+            "peak": arguments + outputs - aliased + temporaries,
+            "compiler_peak": getattr(stats, "peak_memory_in_bytes", 0) or None}
+
+
+# custom-call targets of the fused attention kernels in compiled HLO: splash is a Mosaic
+# (Pallas TPU) kernel, cuDNN's flash attention a cuDNN fMHA call.
+_KERNEL_CALLS = {"splash": 'custom_call_target="tpu_custom_call"',
+                 "cudnn": 'custom_call_target="__cudnn$fmha'}
+
+
+def compiled_attention(cfg, platform: str, hlo_text: str) -> dict[str, Any]:
+    """Which attention implementation the compiled step runs: the configured one, what
+    it resolves to on `platform`, and how many of the kernel's calls the HLO holds
+    ('xla' when there are none: 'auto' fell back, or the platform's kernel is XLA)."""
+    kernel = attention.resolve(cfg.attention_impl, platform)
+    calls = hlo_text.count(_KERNEL_CALLS[kernel]) if kernel in _KERNEL_CALLS else 0
+    return {"configured": cfg.attention_impl, "platform": platform,
+            "compiled": kernel if calls else "xla", "kernel_calls": calls}
+
+
+def plan_platform(config: PlanConfig) -> str:
+    """The platform the plan is for: 'tpu' for a TPU topology or TPU device kinds only,
+    else 'gpu' (the default device kinds); it picks the attention kernels."""
+    if config.tpu_topology or all(k.startswith("TPU") for k in config.device_kinds):
+        return "tpu"
+    return "gpu"
 
 
 def _compiled_flops(compiled) -> float | None:
@@ -262,13 +296,15 @@ class _States:
 
 
 def analytic_memory(model, states: _States, variant: Variant, batch_size: int,
-                    lengths: Mapping[str, int], gathered_per_row: float = 0.0
-                    ) -> dict[str, int]:
+                    lengths: Mapping[str, int], gathered_per_row: float = 0.0,
+                    kernels: Mapping[str, str] | None = None) -> dict[str, int]:
     """Per-device bytes of a variant: the state exactly, activations by formula.
 
     gathered_per_row: bytes per row of a microbatch that the compiled step gathers
       across the data-parallel axis at once (see `data_gathers`); they scale with the
       global rows of a microbatch, which neither formula nor a reduced compile shows.
+    kernels: what runs each attention on the planned platform
+      (memory.attention_kernels); default 'xla'.
     """
     state, params = states(variant.rules)
     sizes = variant.sizes
@@ -277,7 +313,7 @@ def analytic_memory(model, states: _States, variant: Variant, batch_size: int,
     micro_rows = batch_size // variant.num_microbatches
     split = memory.Split.of(variant.rules, sizes, micro_rows)
     activations = memory.activation_bytes(model.cfg, split, _stacks(model, lengths),
-                                          variant.remat_policy)
+                                          variant.remat_policy, kernels)
     row_bytes = sum(a.nbytes for a in model.get_initial_batch(1, lengths).values())
     parts = {
         "parameters": param_bytes,
@@ -571,15 +607,24 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
     cm = compile_mesh(mesh_config, batch_size, config.max_compile_devices)
     devices, backend = _devices(cm, config)
     mesh = partitioning.make_mesh(cm.shape, devices)
-    compiled, graphdef, state, compile_s = _compile(
-        model, optimizer, mesh, mesh_config.rule_set(), cm.batch_size, lengths,
-        num_microbatches)
+    platform = plan_platform(config)
+    kernels = memory.attention_kernels(model.cfg, platform, _stacks(model, lengths),
+                                       model.get_initial_batch(1, lengths))
+    # For a TPU topology the lowering picks the TPU's kernels ('auto': splash), not
+    # this CPU host's.
+    with (attention.platform_for("tpu") if config.tpu_topology
+          else contextlib.nullcontext()):
+        compiled, graphdef, state, compile_s = _compile(
+            model, optimizer, mesh, mesh_config.rule_set(), cm.batch_size, lengths,
+            num_microbatches)
+    hlo = compiled.as_text()
     found = [collectives.scale_axis(c, "data", cm.data, cm.data_nodes)
-             for c in collectives.parse(compiled.as_text(), cm.shape, cm.ici)]
+             for c in collectives.parse(hlo, cm.shape, cm.ici)]
     states = _States(model, optimizer, mesh, graphdef, state, mesh_config.rules)
     gathered = max((c.buffer_bytes for c in data_gathers(found)), default=0)
     gathered_per_row = gathered * num_microbatches / batch_size
-    analytic = analytic_memory(model, states, base, batch_size, lengths, gathered_per_row)
+    analytic = analytic_memory(model, states, base, batch_size, lengths, gathered_per_row,
+                               kernels)
     compiled_memory = _compiled_memory(compiled, backend)
     tokens_per_step = batch_size * model.tokens_per_example(lengths)
     step_flops = model.train_flops_per_step(batch_size, lengths)
@@ -594,7 +639,10 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
         "batch": {"size": batch_size, "feature_lengths": lengths,
                   "microbatches": num_microbatches, "tokens_per_step": tokens_per_step},
         "method": _method(cm, mesh_config, backend, compile_s),
+        "attention": {"analytic": kernels, **compiled_attention(
+            model.cfg, "tpu" if config.tpu_topology else jax.default_backend(), hlo)},
         "memory_per_device": {"analytic": analytic, "compiled": compiled_memory},
+        "largest_arrays": collectives.largest_arrays(hlo),
         "flops": {"model_per_step": dataclasses.asdict(step_flops),
                   "compiled_per_device": _compiled_flops(compiled)},
         "collectives": collective_rows(found),
@@ -607,7 +655,9 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
     kinds = config.device_kinds
     if config.tpu_topology:
         kinds = (hardware.spec_for_device_kind(devices[0].device_kind).name,)
-    need = compiled_memory["peak"] if config.tpu_topology else analytic["total"]
+    # TPU: the compiler's own peak, the number it checks against HBM.
+    need = (compiled_memory["compiler_peak"] or compiled_memory["peak"]
+            if config.tpu_topology else analytic["total"])
     report["devices"] = _per_device_kind(model, states, base, kinds, need, found,
                                          step_flops.palm, report, config, mesh_config,
                                          gathered_per_row)
@@ -638,9 +688,10 @@ def _per_device_kind(model, states, base: Variant, kinds, need: int, found, step
     batch_size = report["batch"]["size"]
     lengths = report["batch"]["feature_lengths"]
     per_node = math.prod(base.ici.values())
+    kernels = report["attention"]["analytic"]
     options = [(category, label, flags,
                 analytic_memory(model, states, variant, batch_size, lengths,
-                                gathered_per_row)["total"])
+                                gathered_per_row, kernels)["total"])
                for category, label, flags, variant in candidates(base, per_node, batch_size)
                if _fits_checked(model, variant, batch_size)]
     out = []
@@ -689,7 +740,15 @@ def _header_lines(report: Mapping[str, Any]) -> list[str]:
         f"{batch['microbatches']} microbatch(es); model FLOPs/step {f['palm']:.3g} (PaLM), "
         f"{f['maxtext']:.3g} (MaxText)",
         f"method: {report['method']}",
+        _attention_line(report["attention"]),
     ]
+
+
+def _attention_line(a: Mapping[str, Any]) -> str:
+    analytic = ", ".join(f"{site} {kernel}" for site, kernel in a["analytic"].items())
+    calls = f" ({a['kernel_calls']} kernel calls)" if a["kernel_calls"] else ""
+    return (f"attention: attention_impl '{a['configured']}'; compiled for {a['platform']}: "
+            f"{a['compiled']}{calls}; analytic estimate: {analytic}")
 
 
 def _data_lines(report: Mapping[str, Any]) -> list[str]:
@@ -723,13 +782,18 @@ def _memory_lines(report: Mapping[str, Any]) -> list[str]:
             ("gathered across data", a["gathered_across_data"]), ("total", a["total"])]
     right = [("arguments", c["arguments"]), ("outputs", c["outputs"]),
              ("aliased (donated)", c["aliased"]), ("temporaries", c["temporaries"]),
-             ("peak", c["peak"])]
+             ("peak (sum)", c["peak"])]
+    if c.get("compiler_peak"):
+        right.append(("compiler's peak", c["compiler_peak"]))
     lines = ["", f"memory per device, {unit}           analytic      compiled ({c['backend']})"]
     for i, (name, value) in enumerate(left):
         rtext = f"{right[i][0]:<18}{right[i][1] / scale:8.2f}" if i < len(right) else ""
         lines.append(f"  {name:<28}{value / scale:9.2f}      {rtext}")
     lines.append(f"  activations = saved {parts['saved'] / scale:.2f} + working layer "
                  f"{parts['working'] / scale:.2f} + logits {parts['logits'] / scale:.2f}")
+    for a in report.get("largest_arrays", [])[:3]:
+        lines.append(f"  largest array: {a['dtype']}{a['shape']} ({a['op']}), "
+                     f"{a['bytes'] / scale:.2f} {unit}")
     if report["flops"]["compiled_per_device"]:
         lines.append("  compiled FLOPs per device (XLA cost analysis, each loop body "
                      f"counted once): {report['flops']['compiled_per_device']:.3g}")
@@ -758,7 +822,8 @@ def _collective_lines(report: Mapping[str, Any]) -> list[str]:
 
 def _device_lines(report: Mapping[str, Any]) -> list[str]:
     tokens = report["train_tokens"]
-    basis = ("TPU compiler's peak" if "TPU" in report["method"] else "analytic total")
+    basis = ("the TPU compiler's own peak" if "TPU" in report["method"]
+             else "analytic total")
     assumed, fraction = report["assumptions"], report["memory_fraction"]
     title = (f"per device kind (need = {basis}; usable = {fraction['value']:.0%} of a GPU's "
              f"memory ({fraction['source']}), all of a TPU's; MFU {assumed['mfu']:.0%} "

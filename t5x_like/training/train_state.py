@@ -379,8 +379,10 @@ def _jit_train_step(step_fn, state_sharding, batch_sharding, donate: bool):
     def train_step(state, batch, key, loss_scale=1.0):
         return jitted(state, batch, key, jnp.float32(loss_scale))
 
+    # Lowered with an abstract scalar: jnp.float32(...) would run on the current mesh's
+    # devices, which for a TPU topology compiled on a CPU host cannot execute anything.
     train_step.lower = lambda state, batch, key, loss_scale=1.0: jitted.lower(
-        state, batch, key, jnp.float32(loss_scale))
+        state, batch, key, jax.ShapeDtypeStruct((), jnp.float32))
     return train_step
 
 
