@@ -82,6 +82,9 @@ def test_preset_tables():
     tp = {HEADS: "tensor", MLP: "tensor", VOCAB: "tensor"}
     assert table["fsdp_tp"] == {**dp, EMBED: "fsdp", **tp}
     assert table["fsdp_tp_kv"] == {**dp, EMBED: "fsdp", **tp, KV_HEADS: "tensor"}
+    # Sequence parallelism: the same, and the residual stream's length over tensor.
+    assert table["fsdp_tp_sp"] == {**table["fsdp_tp"], LENGTH: "tensor"}
+    assert table["fsdp_tp_kv_sp"] == {**table["fsdp_tp_kv"], LENGTH: "tensor"}
 
 
 def test_unknown_preset_names_the_nearest():
@@ -128,7 +131,8 @@ def test_activation_constraint_keeps_fsdp_on_batch():
     """linen resolves rules in order; BATCH first keeps `fsdp` off the embed dim."""
     for preset in PRESETS:
         spec = nn.logical_to_mesh_axes((BATCH, LENGTH, EMBED), RULE_PRESETS[preset])
-        assert spec == PartitionSpec(("data", "fsdp"), None, None), preset
+        length = "tensor" if preset.endswith("_sp") else None  # sequence parallel
+        assert spec == PartitionSpec(("data", "fsdp"), length, None), preset
 
 
 # ----------------------------------------------------------------------------- golden

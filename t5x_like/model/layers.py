@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from t5x_like.model import attention
 from t5x_like.model.partitioning import (
@@ -44,7 +45,15 @@ from t5x_like.model.partitioning import (
 
 BLOCK_KINDS = ("parallel", "sequential")
 MLP_ACTIVATIONS = ("swiglu", "geglu", "gelu")
-REMAT_POLICIES = ("none", "minimal", "full")
+# Remat policies by name (TransformerConfig.remat_policy; docs/MODELS.md "Memory options").
+# 'full' and 'save_nothing' are one policy under two names ('full' is the older one).
+REMAT_POLICIES = ("none", "minimal", "full", "save_nothing",
+                  "save_attention_and_mlp_projections", "offload_to_host")
+# The checkpoint_name tags the blocks put on their projections' outputs; the named
+# policies save (or offload) exactly these and recompute everything else.
+PROJECTION_NAMES = ("query_proj", "key_proj", "value_proj", "attention_context", "out_proj",
+                    "mlp_wi", "mlp_wi_0", "mlp_wi_1", "mlp_out")
+EMBED_LOOKUPS = ("gather", "matmul")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -74,7 +83,14 @@ class TransformerConfig:
     dropout_rate: float = 0.0
     dtype: str = "bfloat16"  # compute dtype; parameters are always float32.
     scan_layers: bool = True
-    remat_policy: str = "none"  # 'none', 'minimal' (save matmuls), 'full' (save nothing).
+    # What each layer keeps for the backward pass (REMAT_POLICIES; 'none': everything,
+    # no recomputation). A name outside the list is one paragraph naming the choices.
+    remat_policy: str = "none"
+    # The token embedding: 'gather' (a row lookup; its gradient scatters every row's
+    # cotangent, which XLA gathers onto every device of an fsdp mesh) or 'matmul'
+    # (one-hot · table, MaxText's use_iota_embed: its gradient is a matmul that XLA
+    # reduce-scatters). Same values; docs/MODELS.md "Memory options".
+    embed_lookup: str = "gather"
     z_loss: float = 1e-4  # coefficient of log²Z (PaLM).
     # The training loss's logits: built whole (False) or one chunk of positions at a time
     # with the gradient made in the same pass (True: models.fused_loss_sums); chunks of
@@ -110,7 +126,8 @@ class TransformerConfig:
                              "of dimensions, so head_dim must be even.")
         _check_choice("block", self.block, BLOCK_KINDS)
         _check_choice("mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
-        _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_remat_policy(self.remat_policy)
+        _check_choice("embed_lookup", self.embed_lookup, EMBED_LOOKUPS)
         _check_choice("dtype", self.dtype, _DTYPES)
         attention.check_implementation(self.attention_impl)
         if not 0.0 <= self.dropout_rate < 1.0:
@@ -136,6 +153,19 @@ def _check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"TransformerConfig.{name}={value!r} is not one of {allowed}; "
                          f"pick one of those in the model's gin file.")
+
+
+def _check_remat_policy(name):
+    if name not in REMAT_POLICIES:
+        raise ValueError(
+            f"TransformerConfig.remat_policy={name!r} is not a remat policy. The choices: "
+            "'none' (keep every activation, recompute nothing), 'minimal' (save every "
+            "matmul output, recompute the rest), 'full' or 'save_nothing' (save only each "
+            "layer's input, recompute the whole layer), 'save_attention_and_mlp_projections' "
+            "(save the q/k/v, attention context, output and MLP projections: "
+            f"{', '.join(PROJECTION_NAMES)}), 'offload_to_host' (the same projections moved "
+            "to host memory instead of kept on the device, on backends with host memory "
+            "spaces: GPU, TPU). Set TransformerConfig.remat_policy in the model's gin file.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -266,11 +296,19 @@ class Embed(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.dtype = cfg.compute_dtype
         self.scale_logits = cfg.scale_tied_logits
+        self.lookup = cfg.embed_lookup
         # PaLM: embeddings N(0, 1); with tied logits scaled by 1/√D the logits start O(1).
         self.embedding = _normal_param(rngs, (cfg.vocab_size, cfg.emb_dim), (VOCAB, EMBED), 1.0)
 
     def __call__(self, tokens_BL):
-        return jnp.take(self.embedding[...].astype(self.dtype), tokens_BL, axis=0)
+        table_VD = self.embedding[...].astype(self.dtype)
+        if self.lookup == "gather":
+            return jnp.take(table_VD, tokens_BL, axis=0)
+        # One-hot rows times the table: exact (one non-zero product per output), and
+        # its gradient onehotᵀ · cotangent is a matmul over the batch, not a scatter.
+        vocab_V = jnp.arange(table_VD.shape[0], dtype=tokens_BL.dtype)
+        one_hot_BLV = tokens_BL[..., None] == vocab_V.reshape((1,) * tokens_BL.ndim + (-1,))
+        return dense(one_hot_BLV.astype(self.dtype), table_VD)
 
     def attend(self, x_BLD):
         """Tied logits, float32 (accumulated in float32 from compute-dtype operands)."""
@@ -322,7 +360,8 @@ class Attention(nnx.Module):
         q_BLHK = dense(x_BLD, self.wq[...].astype(self.dtype))
         if positions_BL is not None:
             q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
-        return q_BLHK
+        # Tags (identities outside remat) that the named remat policies save.
+        return checkpoint_name(q_BLHK, "query_proj")
 
     def project_kv(self, memory_BMD, memory_positions_BM=None):
         """(keys, values) [B, M, G, K] of the memory, keys rotated when positions are given."""
@@ -330,14 +369,16 @@ class Attention(nnx.Module):
         v_BMGK = dense(memory_BMD, self.wv[...].astype(self.dtype))
         if memory_positions_BM is not None:
             k_BMGK = apply_rope(k_BMGK, memory_positions_BM, self.rope_theta)
-        return k_BMGK, v_BMGK
+        return checkpoint_name(k_BMGK, "key_proj"), checkpoint_name(v_BMGK, "value_proj")
 
     def attend(self, q_BLHK, kv, mask_B1LM):
         """`mask_B1LM`: an attention.Mask (what the networks pass; every implementation
         reads it) or a dense boolean [B, 1, L, M] array (read by 'xla' only)."""
         k_BMGK, v_BMGK = kv
         o_BLHK = attention.attend(q_BLHK, k_BMGK, v_BMGK, mask_B1LM, self.attention_impl)
-        return dense(o_BLHK, self.wo[...].astype(self.dtype), contract=2)
+        o_BLHK = checkpoint_name(o_BLHK, "attention_context")
+        return checkpoint_name(dense(o_BLHK, self.wo[...].astype(self.dtype), contract=2),
+                               "out_proj")
 
     def cached(self, x_BLD, positions_BL, cache, index, mask_B1LS):
         """Self-attention of L new tokens against a KV cache of S slots.
@@ -378,13 +419,13 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_BLD):
         dt = self.dtype
+        project = lambda w, name: checkpoint_name(dense(x_BLD, w[...].astype(dt)), name)
         if self.activation == "gelu":
-            h_BLF = jax.nn.gelu(dense(x_BLD, self.wi[...].astype(dt)))
+            h_BLF = jax.nn.gelu(project(self.wi, "mlp_wi"))
         else:
             act = jax.nn.silu if self.activation == "swiglu" else jax.nn.gelu
-            gate_BLF = act(dense(x_BLD, self.wi_0[...].astype(dt)))
-            h_BLF = gate_BLF * dense(x_BLD, self.wi_1[...].astype(dt))
-        return dense(h_BLF, self.wo[...].astype(dt))
+            h_BLF = act(project(self.wi_0, "mlp_wi_0")) * project(self.wi_1, "mlp_wi_1")
+        return checkpoint_name(dense(h_BLF, self.wo[...].astype(dt)), "mlp_out")
 
 
 class Block(nnx.Module):
@@ -450,10 +491,25 @@ class Block(nnx.Module):
         return x_BLD + drop(self.mlp(self.pre_mlp_norm(x_BLD)), 2), cache
 
 
-def _remat_policy(name: str):
+def remat_policy(name: str):
+    """The jax.checkpoint policy of a REMAT_POLICIES name ('none' has none).
+
+    'offload_to_host' moves the tagged projections to the 'pinned_host' memory space in
+    the forward pass and back for the backward (jax's save_and_offload_only_these_names).
+    Written from jax 0.12.1's checkpoint_policies; only CPU was available here, where
+    host and device memory are one, so the moves are in the traced step (tests check the
+    jaxpr) and XLA's CPU compiler drops them; GPU and TPU compilers keep them.
+    """
+    policies = jax.checkpoint_policies
     return {
-        "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        "full": jax.checkpoint_policies.nothing_saveable,
+        "minimal": policies.dots_with_no_batch_dims_saveable,
+        "full": policies.nothing_saveable,
+        "save_nothing": policies.nothing_saveable,
+        "save_attention_and_mlp_projections": policies.save_only_these_names(
+            *PROJECTION_NAMES),
+        "offload_to_host": policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=list(PROJECTION_NAMES),
+            offload_src="device", offload_dst="pinned_host"),
     }[name]
 
 
@@ -497,7 +553,7 @@ class BlockStack(nnx.Module):
             return nn.with_logical_constraint(x_BLD, (BATCH, LENGTH, None))
 
         if self.remat_policy != "none":
-            apply_block = nnx.remat(apply_block, policy=_remat_policy(self.remat_policy))
+            apply_block = nnx.remat(apply_block, policy=remat_policy(self.remat_policy))
         layer_rngs = jax.random.split(jax.random.key(0) if deterministic else rng,
                                       self.num_layers)
         if self.scan_layers:
@@ -524,7 +580,9 @@ class BlockStack(nnx.Module):
             x_BLD, cache = block.decode(x_BLD, cache=cache, index=index, mask_B1LS=mask_B1LS,
                                         positions_BL=positions_BL, cross_kv=kv,
                                         cross_mask_B1LM=cross_mask_B1LM)
-            return nn.with_logical_constraint(x_BLD, (BATCH, LENGTH, None)), cache
+            # Length whole: a decode step's few tokens cannot be split over `tensor`
+            # (sequence parallelism is a training layout).
+            return nn.with_logical_constraint(x_BLD, (BATCH, None, None)), cache
 
         if self.scan_layers:
             @nnx.scan(in_axes=(0, nnx.Carry, 1, 1), out_axes=(nnx.Carry, 1),

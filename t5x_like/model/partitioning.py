@@ -76,7 +76,8 @@ RULE_PRESETS: dict[str, Rules] = {
         batch=BATCH_MESH_AXES, embed="fsdp", heads="tensor", mlp="tensor", vocab="tensor"
     ),
     # As fsdp_tp, and kv heads split over `tensor` too: for MHA/GQA models whose
-    # num_kv_heads divides by the tensor size (validate_for_mesh checks).
+    # num_kv_heads divides by the tensor size (validate_for_mesh checks; tensor_preset
+    # picks between the two). Llama 3 70B (8 kv heads) with tensor 8 uses this one.
     "fsdp_tp_kv": _preset(
         batch=BATCH_MESH_AXES,
         embed="fsdp",
@@ -85,7 +86,36 @@ RULE_PRESETS: dict[str, Rules] = {
         mlp="tensor",
         vocab="tensor",
     ),
+    # Sequence parallelism (Megatron-SP): as fsdp_tp / fsdp_tp_kv, and the residual
+    # stream between blocks split along its length over `tensor` (the one activation
+    # constraint, layers.BlockStack). XLA gathers the length before each block's
+    # attention and MLP, which run head- and mlp-split as under fsdp_tp, and
+    # reduce-scatters their outputs back; the saved carries and the norms' work are
+    # 1/tensor per device. Training lengths must divide by the tensor size.
+    "fsdp_tp_sp": _preset(
+        batch=BATCH_MESH_AXES, length="tensor", embed="fsdp", heads="tensor", mlp="tensor",
+        vocab="tensor"
+    ),
+    "fsdp_tp_kv_sp": _preset(
+        batch=BATCH_MESH_AXES,
+        length="tensor",
+        embed="fsdp",
+        heads="tensor",
+        kv_heads="tensor",
+        mlp="tensor",
+        vocab="tensor",
+    ),
 }
+
+
+def tensor_preset(num_kv_heads: int, tensor: int, sequence_parallel: bool = False) -> str:
+    """The tensor-parallel preset for a model with `num_kv_heads` on a `tensor`-way axis:
+    kv heads split with the query heads when they divide (fsdp_tp_kv: Llama 3 70B's 8
+    kv heads on tensor 8), replicated otherwise (fsdp_tp: MQA, or 2 kv heads on 8);
+    with `sequence_parallel` the _sp form of that preset."""
+    name = "fsdp_tp_kv" if tensor > 1 and num_kv_heads % tensor == 0 else "fsdp_tp"
+    return name + "_sp" if sequence_parallel else name
+
 
 # The TransformerConfig field whose size each logical axis has, for error messages.
 _CONFIG_FIELD_OF_AXIS = {
