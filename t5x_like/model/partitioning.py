@@ -91,7 +91,8 @@ RULE_PRESETS: dict[str, Rules] = {
     # constraint, layers.BlockStack). XLA gathers the length before each block's
     # attention and MLP, which run head- and mlp-split as under fsdp_tp, and
     # reduce-scatters their outputs back; the saved carries and the norms' work are
-    # 1/tensor per device. Training lengths must divide by the tensor size.
+    # 1/tensor per device. A length the tensor size does not divide is split
+    # unevenly (XLA pads the last shard); decode steps keep the length whole.
     "fsdp_tp_sp": _preset(
         batch=BATCH_MESH_AXES, length="tensor", embed="fsdp", heads="tensor", mlp="tensor",
         vocab="tensor"
