@@ -214,6 +214,19 @@ def test_tensor_preset_splits_kv_heads_only_when_they_divide():
         assert name in partitioning.RULE_PRESETS
 
 
+def test_the_70b_and_62b_presets_validate_on_a_tensor_8_node():
+    """Llama 3 70B (8 kv heads) gets kv heads split, PaLM 62B (MQA) whole, both with the
+    residual stream split: shapes only, nothing compiled."""
+    from test_configs import factory, model_config
+
+    mesh = partitioning.make_mesh({"fsdp": 1, "tensor": 8})
+    for name, expected in (("llama3_70b", "fsdp_tp_kv_sp"), ("palm_62b", "fsdp_tp_sp")):
+        cfg = model_config(name)
+        preset = partitioning.tensor_preset(cfg.num_kv_heads, 8, sequence_parallel=True)
+        assert preset == expected
+        partitioning.validate_for_mesh(factory(cfg), mesh, preset)
+
+
 MESH = {"fsdp": 2, "tensor": 4}
 
 
