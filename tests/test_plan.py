@@ -17,7 +17,7 @@ from test_configs import factory, model_config
 from tiny import assert_no_compile_while
 
 from t5x_like.model import families, hardware, partitioning
-from t5x_like.planning import planner
+from t5x_like.planning import collectives, planner
 from t5x_like.training import optimizers
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -205,6 +205,53 @@ def test_a_tpu_plan_compiles_splash_attention_and_holds_no_scores():
     activations = {name: r["memory_per_device"]["analytic"]["activations"]
                    for name, r in (("fused", fused), ("xla", xla))}
     assert activations["xla"] > activations["fused"]
+
+
+# What the TPU compiler prints for Llama 3 8B on v5p (abridged from a compiled step): the
+# embedding gather offloaded to a SparseCore, whose computations close with
+# `}, execution_thread="sparsecore"`, and metadata quoting names inside a mesh collective.
+_TPU_HLO = """HloModule jit_step_fn
+
+%fused_computation.clone (p0: bf16[1024,64], p1: s32[512]) -> bf16[512,64] {
+  %p0 = bf16[1024,64]{1,0} parameter(0)
+  %p1 = s32[512]{0} parameter(1)
+  ROOT %gather.1 = bf16[512,64]{1,0} gather(%p0, %p1), offset_dims={1}, slice_sizes={1,64}
+}, execution_thread="sparsecore"
+
+%called_computation (q0: bf16[1024,64], q1: s32[512]) -> bf16[512,64] {
+  %q0 = bf16[1024,64]{1,0} parameter(0)
+  %q1 = s32[512]{0} parameter(1)
+  ROOT %gather_offload = bf16[512,64]{1,0} fusion(%q0, %q1), kind=kCustom, calls=%fused_computation.clone
+}, execution_thread="sparsecore"
+
+%fused_scores (s0: bf16[4,512,64]) -> f32[4,512,512] {
+  %s0 = bf16[4,512,64]{2,1,0} parameter(0)
+  ROOT %dot.1 = f32[4,512,512]{2,1,0} dot(%s0, %s0), lhs_contracting_dims={2}, rhs_contracting_dims={2}, lhs_batch_dims={0}, rhs_batch_dims={0}
+}
+
+ENTRY %main (a: bf16[1024,64], b: s32[512], w: bf16[256,64]) -> bf16[512,64] {
+  %a = bf16[1024,64]{1,0} parameter(0)
+  %b = s32[512]{0} parameter(1)
+  %w = bf16[256,64]{1,0} parameter(2)
+  %call = bf16[512,64]{1,0} call(%a, %b), to_apply=%called_computation
+  %all-gather.1 = bf16[1024,64]{1,0} all-gather(%w), channel_id=1, replica_groups=mesh['axis_0'=4] {'axis_0'}, dimensions={0}, use_global_device_ids=true, metadata={op_name="state[\\'model\\'][\\'embed\\']"}
+  %x = bf16[4,512,64]{2,1,0} reshape(%call)
+  %scores = f32[4,512,512]{2,1,0} fusion(%x), kind=kOutput, calls=%fused_scores
+  ROOT %out = bf16[512,64]{1,0} add(%call, %call)
+}
+"""
+
+
+def test_the_parser_reads_the_tpu_compilers_sparsecore_computations():
+    """Before, `}, execution_thread="sparsecore"` did not close a computation (the next
+    one was read into it, and the call graph looped forever) and a quoted name in
+    metadata was read as a mesh axis. The largest arrays leave fusions' insides out."""
+    found = collectives.parse(_TPU_HLO, {"data": 1, "fsdp": 4, "tensor": 1})
+    assert [(c.op, c.group_size, c.count) for c in found] == [("all-gather", 4, 1)]
+    largest = collectives.largest_arrays(_TPU_HLO, 3)
+    assert [(a["name"], a["shape"], a["bytes"]) for a in largest] == [
+        ("scores", [4, 512, 512], 4 * 512 * 512 * 4), ("x", [4, 512, 64], 262144),
+        ("all-gather.1", [1024, 64], 131072)]
 
 
 # ------------------------------------------------------------------ docs/PLANNING.md's plans

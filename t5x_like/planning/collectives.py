@@ -36,7 +36,9 @@ _DTYPE_BYTES = {
 }
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")
-_END = re.compile(r"^\}\s*(//.*)?$")  # a computation's closing line (not `}}`)
+# A computation's closing line (not `}}`); the TPU compiler's SparseCore computations
+# close with `}, execution_thread="sparsecore"`.
+_END = re.compile(r'^\}(,\s*execution_thread="[^"]*")?\s*(//.*)?$')
 _CALLED = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|"
                      r"called_computations)=\{?([^}\s]*)")
 
