@@ -585,3 +585,22 @@ def test_streamed_runs_resume_bitwise_after_a_stop_whatever_the_worker_count(
     assert 0 <= last["data/padding_fraction"] < 0.5
     assert last["data/task_share/code_causal"] == last["data/task_rate/code_causal"] == 1.0
     assert last["data/task_examples/code_causal"] == last["data/examples"] >= 3 * BATCH
+
+
+def test_how_the_model_is_computed_is_not_the_runs_identity():
+    """A run saved before an implementation choice existed (or with another one) resumes:
+    the identity holds what the model computes, not how."""
+    import dataclasses
+
+    data = train.DataConfig("code_causal", LENGTHS, BATCH, stream_shards=2)
+    optimizer = optimizers.adamw_llama2(peak_lr=1e-3, warmup_steps=1, total_steps=STEPS)
+
+    def identity(**changes):
+        model = families.DecoderOnlyModel(dataclasses.replace(MODEL.cfg, **changes))
+        return train._run_identity(model, data, optimizer, STEPS, 1, 0)
+
+    base = identity()
+    assert not {"attention_impl", "embed_lookup", "remat_policy", "scan_layers"} & set(
+        base["model"])
+    assert identity(attention_impl="xla", embed_lookup="matmul", remat_policy="full") == base
+    assert identity(rope_theta=123.0) != base
