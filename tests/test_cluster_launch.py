@@ -262,3 +262,219 @@ def test_an_unreachable_coordinator_is_one_paragraph_after_the_timeout(clean_env
         launch.initialize_distributed(f"localhost:{port}", 2, 1, timeout_s=2)
     assert 2 <= time.monotonic() - start < 10
     assert not launch._jax_distributed.global_state.client  # jax was never started
+
+
+# ---------------------------------------------------------------------------
+# Real multi-process runs on localhost: CPU processes started with srun's variables only
+
+STEPS, BATCH = 40, 8
+HEARTBEAT_S = 30  # the runs' --heartbeat_timeout; the default is launch.HEARTBEAT_TIMEOUT_S
+CLUSTER_GIN = f'''
+from __gin__ import dynamic_registration
+from t5x_like.evaluation import evaluate
+from t5x_like.model import partitioning
+from t5x_like.training import train
+include 'models/tiny_llama.gin'
+include 'runs/pretrain.gin'
+
+MESH_CONFIG = @partitioning.MeshConfig()
+partitioning.MeshConfig.shape = {{'data': 1, 'fsdp': 4, 'tensor': 1}}
+partitioning.MeshConfig.rules = 'fsdp'
+
+MIXTURE_OR_TASK_NAME = 'code_causal'
+TASK_FEATURE_LENGTHS = {{'targets': 64}}
+TRAIN_STEPS = {STEPS}
+BATCH_SIZE = {BATCH}
+WARMUP_STEPS = 1
+EVAL_EVERY_STEPS = 1000
+EVAL_WINDOW = 64
+EVAL_STRIDE = 32
+EVAL_MAX_TOKENS = 256
+EVAL_TASKS = []
+EVAL_BPC_TASKS = {{'code': 'code_validation'}}
+evaluate.EvalConfig.batch_size = 8
+train.DataConfig.store_dir = 'store'
+train.train.log_every_steps = 1
+train.CheckpointConfig.save_every_steps = 4
+'''
+
+
+@pytest.fixture(scope="module")
+def cluster_dir(tmp_path_factory):
+    """A prepared store and the gin file of a 40-step tiny Llama on a 4-device FSDP mesh."""
+    from t5x_like.data import prepare
+
+    root = tmp_path_factory.mktemp("cluster")
+    prepare.prepare("code_causal", {"targets": 64}, "lm", (STEPS + 20) * BATCH, 0,
+                    str(root / "store"), num_shards=1, workers=1, task_modules=("tasks",))
+    (root / "cluster.gin").write_text(CLUSTER_GIN)
+    return root
+
+
+def _slurm_job_id():
+    """A job id whose coordinator port (jax: job id % 4096 + 61440) is free now."""
+    for port in range(61440 + 512, 65536):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        return port - 61440 + 4096 * 5
+    raise RuntimeError("no free port in jax's SLURM range")
+
+
+def _command(root, model_dir, *flags):
+    return [sys.executable, "-m", "t5x_like.train", f"--gin_search_paths={root}",
+            "--gin_file=cluster.gin", f"--gin.MODEL_DIR='{model_dir}'", *flags]
+
+
+def _base_env():
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "JAX_", "TPU_")) and k not in (
+               "XLA_FLAGS", "CUDA_VISIBLE_DEVICES")}
+    env["PYTHONPATH"] = os.pathsep.join(  # the tests' task modules (tasks.py)
+        p for p in (os.path.dirname(__file__), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def srun(root, model_dir, nodes, tasks_per_node, *flags, job_id=None):
+    """Starts the tasks of a step as srun would on `nodes` nodes (all on localhost), each
+    writing to its own log file (a pipe nobody reads while waiting for another process
+    could fill and stop the run)."""
+    job_id = job_id or _slurm_job_id()
+    procs = []
+    for i in range(nodes * tasks_per_node):
+        log = root / f"{model_dir}.{len(list(root.glob(f'{model_dir}.*.log')))}.log"
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(
+                _command(root, model_dir, *flags),
+                env={**_base_env(), **srun_env(nodes, tasks_per_node, i, job_id=job_id,
+                                                nodelist="localhost", gpus_per_node=None,
+                                                cuda_visible=None)},
+                cwd=root, stdout=out, stderr=subprocess.STDOUT))
+        procs[-1].log = log
+    return procs
+
+
+def _finish(procs, timeout=1500):
+    for p in procs:
+        p.wait(timeout=timeout)
+    return [p.returncode for p in procs], [p.log.read_text() for p in procs]
+
+
+def _scalars(run_dir, key):
+    """{step: value}, the last record of each step (a resumed run rewrites a few)."""
+    return {r["step"]: r[key] for r in metrics.read_jsonl(str(run_dir / "metrics.jsonl"))
+            if key in r}
+
+
+@pytest.fixture(scope="module")
+def one_process(cluster_dir):
+    """The reference: 1 process x 4 CPU devices."""
+    done = subprocess.run(_command(cluster_dir, "one"), env=_base_env(), cwd=cluster_dir,
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return cluster_dir / "one"
+
+
+@pytest.fixture(scope="module")
+def per_node(cluster_dir):
+    """2 nodes x 1 task (one process per node) x 2 CPU devices each, SLURM's variables only."""
+    codes, outputs = _finish(srun(cluster_dir, "per_node", 2, 1,
+                                  f"--heartbeat_timeout={HEARTBEAT_S}"))
+    assert codes == [0, 0], outputs[0][-4000:] + outputs[1][-4000:]
+    for i, out in enumerate(outputs):
+        assert f"process {i} of 2 joins the run at localhost:" in out
+        assert "(local devices: all;" in out  # every device of its node, not one
+    return cluster_dir / "per_node"
+
+
+def _same_losses_and_bpc(run, reference):
+    losses = _scalars(run, "train/loss")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses == pytest.approx(_scalars(reference, "train/loss"), abs=1e-5)
+    assert _scalars(run, "eval/code/bpc") == pytest.approx(
+        _scalars(reference, "eval/code/bpc"), rel=1e-5)
+    assert _scalars(run, "data/examples") == _scalars(reference, "data/examples")
+
+
+@pytest.mark.slow
+def test_one_process_per_node_from_slurm_variables_trains_like_one_process(per_node,
+                                                                         one_process):
+    _same_losses_and_bpc(per_node, one_process)
+
+
+@pytest.mark.slow
+def test_one_process_per_gpu_from_slurm_variables_trains_like_one_process(cluster_dir,
+                                                                        one_process):
+    """2 nodes x 2 tasks (one process per device), 1 CPU device each."""
+    codes, outputs = _finish(srun(cluster_dir, "per_gpu", 2, 2))
+    assert codes == [0] * 4, "\n".join(out[-3000:] for out in outputs)
+    for i, out in enumerate(outputs):
+        assert f"process {i} of 4 joins the run at localhost:" in out
+        assert f"(local devices: [{i % 2}];" in out  # its SLURM_LOCALID
+    _same_losses_and_bpc(cluster_dir / "per_gpu", one_process)
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_within_the_heartbeat_and_the_relaunch_resumes_bitwise(
+        cluster_dir, per_node):
+    job_id = _slurm_job_id()
+    # KNOWN BUG, not this test's subject: with the persistent compilation cache (on by
+    # default, under the run directory) a 2-process CPU run started again hangs in its
+    # first cross-process computation read from the cache (checkpoints.integrity's
+    # checksums, a gloo all-reduce; both processes wait in device_get for good). Without
+    # the cache the relaunch resumes and matches bitwise. Drop no_cache once fixed.
+    no_cache = "--gin.train.train.compilation_cache_dir=None"
+    procs = srun(cluster_dir, "killed", 2, 1, f"--heartbeat_timeout={HEARTBEAT_S}", no_cache,
+                 job_id=job_id)
+    checkpoint = cluster_dir / "killed" / "checkpoints" / "4"
+    deadline = time.monotonic() + 900
+    while (not (checkpoint / "commit_success.txt").is_file() and time.monotonic() < deadline
+           and all(p.poll() is None for p in procs)):
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    try:
+        procs[0].wait(timeout=HEARTBEAT_S + 60)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail(f"process 0 still ran {HEARTBEAT_S + 60} s after process 1 was killed")
+    took = time.monotonic() - killed_at
+    procs[1].wait()
+    survivor = procs[0].log.read_text()
+    assert procs[1].returncode == -signal.SIGKILL, "the run ended before the kill"
+    assert procs[0].returncode != 0, survivor[-3000:]
+    # The bound: the heartbeat timeout (plus the coordination service's polling and this
+    # loaded 2-core machine's slack); on localhost a broken collective is often faster.
+    assert took < HEARTBEAT_S + 20, (took, survivor[-3000:])
+    print(f"process 0 exited {procs[0].returncode} {took:.1f} s after process 1's SIGKILL")
+    done = max(int(p.name) for p in checkpoint.parent.iterdir() if p.name.isdigit())
+    assert 4 <= done < STEPS
+
+    codes, outputs = _finish(srun(cluster_dir, "killed", 2, 1, no_cache, job_id=job_id))
+    assert codes == [0, 0], outputs[0][-4000:]
+    losses, unbroken = _scalars(cluster_dir / "killed", "train/loss"), _scalars(per_node,
+                                                                               "train/loss")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses == unbroken  # bitwise, every step, before the kill and after the relaunch
+
+
+@pytest.mark.slow
+def test_local_device_ids_that_do_not_fill_the_mesh_stop_every_process_writing_nothing(
+        cluster_dir):
+    """Two real processes, each told to drive one device, for a mesh of 4: one paragraph
+    each, exit 2, no run directory."""
+    port = _free_port()
+    procs = [subprocess.Popen(
+        _command(cluster_dir, "too_few", f"--coordinator_address=localhost:{port}",
+                 "--process_count=2", f"--process_index={i}", "--local_device_ids=0"),
+        env=_base_env(), cwd=cluster_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    errors = [p.communicate(timeout=900)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errors[0][-3000:]
+    for err in errors:
+        assert ("error: This process drives local devices [0] (1 of them), so the 2 processes "
+                "hold 2 devices, but the mesh needs 4") in err, err[-3000:]
+        assert "Traceback" not in err
+    assert not (cluster_dir / "too_few").exists()
