@@ -462,12 +462,12 @@ def parse(hlo_text: str, mesh_shape: Mapping[str, int],
 _ALIASES = ("tuple", "get-tuple-element", "bitcast", "parameter", "constant")
 
 
-def largest_arrays(hlo_text: str, n: int = 5) -> list[dict[str, object]]:
+def largest_arrays(hlo_text: str, n: int | None = 5) -> list[dict[str, object]]:
     """The `n` largest arrays a compiled program materialises: results of instructions
     outside fused computations (a fusion's insides live in registers or on-chip memory;
     its result is the buffer), tuples, bitcasts, parameters and constants left out.
     Each: {'name', 'op', 'dtype', 'shape', 'bytes'}; a way to see whether, say, an
-    attention's [B, H, L, L] scores remain in a step."""
+    attention's [B, H, L, L] scores remain in a step. n=None: all of them."""
     computations, _ = _computations(hlo_text)
     fused: set[str] = set()
     for lines in computations.values():

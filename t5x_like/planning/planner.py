@@ -195,6 +195,14 @@ def _compile(model, optimizer, mesh: Mesh, rules, batch_size: int,
     return compiled, graphdef, state, time.perf_counter() - start
 
 
+def _compile_for(config: PlanConfig, *args):
+    """`_compile(*args)`; for a TPU topology the lowering picks the TPU's attention
+    kernels ('auto': splash), not this CPU host's."""
+    with (attention.platform_for("tpu") if config.tpu_topology
+          else contextlib.nullcontext()):
+        return _compile(*args)
+
+
 def _compiled_memory(compiled, backend: str) -> dict[str, Any]:
     """The compiled step's memory_analysis(). `peak` adds its parts up (the new state
     written over the donated one); `compiler_peak` is the compiler's own
@@ -216,14 +224,26 @@ _KERNEL_CALLS = {"splash": 'custom_call_target="tpu_custom_call"',
                  "cudnn": 'custom_call_target="__cudnn$fmha'}
 
 
-def compiled_attention(cfg, platform: str, hlo_text: str) -> dict[str, Any]:
+def compiled_attention(cfg, platform: str, hlo_text: str,
+                       stacks: Mapping[str, int]) -> dict[str, Any]:
     """Which attention implementation the compiled step runs: the configured one, what
     it resolves to on `platform`, and how many of the kernel's calls the HLO holds
-    ('xla' when there are none: 'auto' fell back, or the platform's kernel is XLA)."""
+    ('xla' when there are none: 'auto' fell back, or the platform's kernel is XLA);
+    `score_arrays`: how many arrays of the step are score-shaped (two dimensions of the
+    stacks' lengths, [.., L, .., L] or [.., L, .., M]), and the largest's bytes."""
     kernel = attention.resolve(cfg.attention_impl, platform)
     calls = hlo_text.count(_KERNEL_CALLS[kernel]) if kernel in _KERNEL_CALLS else 0
+    lengths = set(stacks.values())
+
+    def score_shaped(shape) -> bool:
+        return sum(d in lengths for d in shape) >= 2
+
+    scores = [a for a in collectives.largest_arrays(hlo_text, None)
+              if score_shaped(a["shape"])]
     return {"configured": cfg.attention_impl, "platform": platform,
-            "compiled": kernel if calls else "xla", "kernel_calls": calls}
+            "compiled": kernel if calls else "xla", "kernel_calls": calls,
+            "score_arrays": len(scores),
+            "largest_score_array": max((a["bytes"] for a in scores), default=0)}
 
 
 def plan_platform(config: PlanConfig) -> str:
@@ -610,13 +630,9 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
     platform = plan_platform(config)
     kernels = memory.attention_kernels(model.cfg, platform, _stacks(model, lengths),
                                        model.get_initial_batch(1, lengths))
-    # For a TPU topology the lowering picks the TPU's kernels ('auto': splash), not
-    # this CPU host's.
-    with (attention.platform_for("tpu") if config.tpu_topology
-          else contextlib.nullcontext()):
-        compiled, graphdef, state, compile_s = _compile(
-            model, optimizer, mesh, mesh_config.rule_set(), cm.batch_size, lengths,
-            num_microbatches)
+    compiled, graphdef, state, compile_s = _compile_for(
+        config, model, optimizer, mesh, mesh_config.rule_set(), cm.batch_size, lengths,
+        num_microbatches)
     hlo = compiled.as_text()
     found = [collectives.scale_axis(c, "data", cm.data, cm.data_nodes)
              for c in collectives.parse(hlo, cm.shape, cm.ici)]
@@ -640,7 +656,8 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
                   "microbatches": num_microbatches, "tokens_per_step": tokens_per_step},
         "method": _method(cm, mesh_config, backend, compile_s),
         "attention": {"analytic": kernels, **compiled_attention(
-            model.cfg, "tpu" if config.tpu_topology else jax.default_backend(), hlo)},
+            model.cfg, "tpu" if config.tpu_topology else jax.default_backend(), hlo,
+            _stacks(model, lengths))},
         "memory_per_device": {"analytic": analytic, "compiled": compiled_memory},
         "largest_arrays": collectives.largest_arrays(hlo),
         "flops": {"model_per_step": dataclasses.asdict(step_flops),
@@ -747,8 +764,11 @@ def _header_lines(report: Mapping[str, Any]) -> list[str]:
 def _attention_line(a: Mapping[str, Any]) -> str:
     analytic = ", ".join(f"{site} {kernel}" for site, kernel in a["analytic"].items())
     calls = f" ({a['kernel_calls']} kernel calls)" if a["kernel_calls"] else ""
+    scores = (f"{a['score_arrays']} score-shaped arrays (largest "
+              f"{a['largest_score_array'] / _GB:.2f} GB)" if a["score_arrays"]
+              else "no score-shaped array")
     return (f"attention: attention_impl '{a['configured']}'; compiled for {a['platform']}: "
-            f"{a['compiled']}{calls}; analytic estimate: {analytic}")
+            f"{a['compiled']}{calls}, {scores}; analytic estimate: {analytic}")
 
 
 def _data_lines(report: Mapping[str, Any]) -> list[str]:
