@@ -181,7 +181,7 @@ def _tpu_plan(attention_impl: str, length: int):
                         config=planner.PlanConfig(tpu_topology="v5e:2x2"))
 
 
-@pytest.mark.slow  # two TPU compiles with splash kernels: about 45 s of CPU
+@pytest.mark.slow  # two TPU compiles with splash kernels: 20-150 s here, by load
 def test_a_tpu_plan_compiles_splash_attention_and_holds_no_scores():
     """'auto' planned for a TPU slice lowers splash attention (attention.platform_for),
     though this host is a CPU: its Mosaic kernel calls are in the compiled step, and no
