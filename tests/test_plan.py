@@ -181,6 +181,17 @@ def _tpu_plan(attention_impl: str, length: int):
                         config=planner.PlanConfig(tpu_topology="v5e:2x2"))
 
 
+def test_a_step_the_tpu_compiler_refuses_is_one_paragraph():
+    """tiny_llama with XLA attention at 32,768 positions: 2 rows x 4 heads x 32,768²
+    float32 scores (34 GB) on a 16 GiB v5e chip. The compiler's RESOURCE_EXHAUSTED comes
+    back as the config error naming what to change."""
+    pytest.importorskip("libtpu", reason="the TPU compiler comes with the [tpu] extra "
+                        "(bash scripts/setup.sh test installs it)")
+    with pytest.raises(ValueError, match=r"(?s)does not fit v5e:2x2's chips: the TPU "
+                       r"compiler says .*RESOURCE_EXHAUSTED.*fewer rows.*loss_chunk_length"):
+        _tpu_plan("xla", 32768)
+
+
 @pytest.mark.slow  # two TPU compiles with splash kernels: 20-150 s here, by load
 def test_a_tpu_plan_compiles_splash_attention_and_holds_no_scores():
     """'auto' planned for a TPU slice lowers splash attention (attention.platform_for),

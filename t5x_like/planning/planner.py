@@ -200,7 +200,18 @@ def _compile_for(config: PlanConfig, *args):
     kernels ('auto': splash), not this CPU host's."""
     with (attention.platform_for("tpu") if config.tpu_topology
           else contextlib.nullcontext()):
-        return _compile(*args)
+        try:
+            return _compile(*args)
+        except jax.errors.JaxRuntimeError as error:
+            if not config.tpu_topology or "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            # The TPU compiler refuses a step whose buffers exceed the chip's HBM.
+            raise ValueError(
+                f"The step does not fit {config.tpu_topology}'s chips: the TPU compiler "
+                f"says {str(error).splitlines()[0]} Give each chip fewer rows "
+                "(BATCH_SIZE, NUM_MICROBATCHES), remat more (TransformerConfig."
+                "remat_policy='full'), compute the loss in chunks (TransformerConfig."
+                "loss_chunk_length) or plan a larger slice.") from error
 
 
 def _compiled_memory(compiled, backend: str) -> dict[str, Any]:
