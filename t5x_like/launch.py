@@ -644,6 +644,13 @@ def compilation_cache(directory: str | None, run_dir: str = ""):
     never writes into this one's directory).
     """
     current = jax.config.jax_compilation_cache_dir
+    if directory == COMPILATION_CACHE_DIR and not current and jax.process_count() > 1:
+        # A 2-process CPU run started again hung here in its first cross-process
+        # computation read from the cache (both processes waiting on a gloo all-reduce);
+        # untested on GPUs. A multi-process run opts in by naming a directory.
+        log.info("persistent compilation cache: off by default in a multi-process run; "
+                 "set train.train.compilation_cache_dir to a shared path to use one")
+        directory = None
     if not directory or current:
         if current:
             log.info("persistent compilation cache: %s (yours)", current)

@@ -420,13 +420,10 @@ def test_one_process_per_gpu_from_slurm_variables_trains_like_one_process(cluste
 def test_a_killed_process_stops_the_other_within_the_heartbeat_and_the_relaunch_resumes_bitwise(
         cluster_dir, per_node):
     job_id = _slurm_job_id()
-    # KNOWN BUG, not this test's subject: with the persistent compilation cache (on by
-    # default, under the run directory) a 2-process CPU run started again hangs in its
-    # first cross-process computation read from the cache (checkpoints.integrity's
-    # checksums, a gloo all-reduce; both processes wait in device_get for good). Without
-    # the cache the relaunch resumes and matches bitwise. Drop no_cache once fixed.
-    no_cache = "--gin.train.train.compilation_cache_dir=None"
-    procs = srun(cluster_dir, "killed", 2, 1, f"--heartbeat_timeout={HEARTBEAT_S}", no_cache,
+    # With the defaults: a multi-process run keeps no persistent compilation cache unless
+    # it names one (a relaunch reading a 2-process CPU run's cache hung in its first
+    # cross-process computation).
+    procs = srun(cluster_dir, "killed", 2, 1, f"--heartbeat_timeout={HEARTBEAT_S}",
                  job_id=job_id)
     checkpoint = cluster_dir / "killed" / "checkpoints" / "4"
     deadline = time.monotonic() + 900
@@ -452,7 +449,7 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_and_the_relaunch_
     done = max(int(p.name) for p in checkpoint.parent.iterdir() if p.name.isdigit())
     assert 4 <= done < STEPS
 
-    codes, outputs = _finish(srun(cluster_dir, "killed", 2, 1, no_cache, job_id=job_id))
+    codes, outputs = _finish(srun(cluster_dir, "killed", 2, 1, job_id=job_id))
     assert codes == [0, 0], outputs[0][-4000:]
     losses, unbroken = _scalars(cluster_dir / "killed", "train/loss"), _scalars(per_node,
                                                                                "train/loss")
