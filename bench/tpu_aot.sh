@@ -8,35 +8,41 @@
 # (docs/PERFORMANCE.md, Measurements; docs/PLANNING.md, TPU slices).
 #   bash bench/tpu_aot.sh                 # all 32 layers
 #   LAYERS=4 bash bench/tpu_aot.sh        # fewer layers (a slow host)
+#   ROWS=18 CHUNK=1024 IMPLS=auto bash bench/tpu_aot.sh   # 18 rows per chip, loss in
+#                                         # chunks of 1,024 positions (the most that fit)
 # No TPU was used: this is the compiler's view of the step, not a run on chips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-${TMPDIR:-/tmp}/tpu_aot}
 LAYERS=${LAYERS:-32}
 IMPLS=${IMPLS:-xla auto}
+ROWS=${ROWS:-1}    # rows per chip
+CHUNK=${CHUNK:-0}  # TransformerConfig.loss_chunk_length (0: the whole length at once)
 mkdir -p "$OUT"
 for impl in $IMPLS; do
   JAX_PLATFORMS=cpu .venv/bin/python -m t5x_like.plan \
     --gin_file=experiments/llama3_8b_h100_node.gin \
     --gin.partitioning.MeshConfig.shape="{'fsdp': 4}" --gin.partitioning.MeshConfig.devices_per_node=4 \
     --gin.planner.PlanConfig.tpu_topology="'v5p:2x2x1'" \
-    --gin.BATCH_SIZE=4 --gin.NUM_MICROBATCHES=1 \
+    --gin.BATCH_SIZE=$((4 * ROWS)) --gin.NUM_MICROBATCHES=1 \
+    --gin.layers.TransformerConfig.loss_chunk_length="$CHUNK" \
     --gin.layers.TransformerConfig.remat_policy="'full'" \
     --gin.layers.TransformerConfig.num_decoder_layers="$LAYERS" \
     --gin.layers.TransformerConfig.attention_impl="'$impl'" \
-    --output="$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l.json" > "$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l.txt"
+    --output="$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l_${ROWS}r.json" > "$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l_${ROWS}r.txt"
 done
-.venv/bin/python - "$OUT" "$LAYERS" $IMPLS <<'PY'
+.venv/bin/python - "$OUT" "$LAYERS" "$ROWS" $IMPLS <<'PY'
 import json, sys
-out, layers, impls = sys.argv[1], sys.argv[2], sys.argv[3:]
+out, layers, rows, impls = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 GiB = 2**30
-print(f"Llama 3 8B ({layers} layers), 8,192 tokens, v5p 2x2x1, fsdp 4, full remat, 1 row/chip")
+print(f"Llama 3 8B ({layers} layers), 8,192 tokens, v5p 2x2x1, fsdp 4, full remat, "
+      f"{rows} row(s)/chip")
 print("peak: the TPU compiler's peak_memory_in_bytes per chip; sum: arguments + outputs -"
       " aliased + temporaries; scores: arrays of the step with two 8,192-long dimensions")
 print(f"{'attention_impl':<15}{'compiled':<10}{'peak GiB':>9}{'sum GiB':>9}{'temp GiB':>9}"
       f"{'scores':>7}{'GiB':>6}  largest array")
 for impl in impls:
-    r = json.load(open(f"{out}/llama3_8b_v5p8_{impl}_{layers}l.json"))
+    r = json.load(open(f"{out}/llama3_8b_v5p8_{impl}_{layers}l_{rows}r.json"))
     c, a = r["memory_per_device"]["compiled"], r["attention"]
     big = r["largest_arrays"][0]
     print(f"{impl:<15}{a['compiled']:<10}{c['compiler_peak'] / GiB:>9.2f}{c['peak'] / GiB:>9.2f}"
