@@ -8,7 +8,7 @@ import math
 import pytest
 from test_configs import factory, model_config
 
-from t5x_like.model import families, partitioning
+from t5x_like.model import families, layers, partitioning
 from t5x_like.planning import memory, planner
 from t5x_like.training import optimizers, train_state
 
@@ -87,6 +87,11 @@ def test_remat_policies_save_memory_in_order():
     by_policy = {p: memory.activation_bytes(cfg, split, {"decoder": 8192}, p)
                  for p in ("none", "minimal", "full")}
     assert by_policy["none"]["saved"] > by_policy["minimal"]["saved"] > by_policy["full"]["saved"]
+    # Every policy layers.py knows is priced, the named ones as the policy they match.
+    for name in layers.REMAT_POLICIES:
+        same = {"save_nothing": "full", "offload_to_host": "full",
+                "save_attention_and_mlp_projections": "minimal"}.get(name, name)
+        assert memory.activation_bytes(cfg, split, {"decoder": 8192}, name) == by_policy[same]
     # 'full' keeps one bf16 [rows, length, emb] per layer: 32 x 8192 x 4096 x 2 bytes.
     assert by_policy["full"]["saved"] == 32 * 8192 * 4096 * 2
     # The working layer holds 32 heads' float32 scores and probabilities (and the bf16

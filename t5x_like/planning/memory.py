@@ -176,11 +176,23 @@ def _layer(cfg, split: Split, length: int, memory: int | None, c: int,
     return {"carry": x, "dots": dots, "rest": rest}
 
 
+# layers.py's named policies in the terms of the three above, by what stays in device
+# memory: saving the tagged projections keeps the matmul outputs, as 'minimal' does;
+# 'save_nothing' is 'full'; offloading moves the saved projections to host memory.
+_PRICED_AS = {"save_nothing": "full", "save_attention_and_mlp_projections": "minimal",
+              "offload_to_host": "full"}
+
+
+def priced_policy(policy: str) -> str:
+    """'none', 'minimal' or 'full': the policy whose device memory `policy` has."""
+    return _PRICED_AS.get(policy, policy)
+
+
 def _saved(layer: Mapping[str, int], policy: str) -> int:
     """What the scan keeps per layer for the backward pass (layers.py's remat policies:
     'full' saves nothing but the layer input, 'minimal' the dot outputs too)."""
     return {"full": layer["carry"], "minimal": layer["carry"] + layer["dots"],
-            "none": layer["carry"] + layer["dots"] + layer["rest"]}[policy]
+            "none": layer["carry"] + layer["dots"] + layer["rest"]}[priced_policy(policy)]
 
 
 def activation_bytes(cfg, split: Split, stacks: Mapping[str, int],

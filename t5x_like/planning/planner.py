@@ -432,7 +432,8 @@ def candidates(base: Variant, devices_per_node: int, batch_size: int
         return text
 
     out = []
-    for policy in _REMAT_ORDER[_REMAT_ORDER.index(base.remat_policy) + 1:]:
+    priced = memory.priced_policy(base.remat_policy)
+    for policy in _REMAT_ORDER[_REMAT_ORDER.index(priced) + 1:]:
         out.append(("remat", f"remat_policy '{policy}'",
                     f"--gin.layers.TransformerConfig.remat_policy=\"'{policy}'\"",
                     dataclasses.replace(base, remat_policy=policy)))
