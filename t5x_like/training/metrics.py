@@ -51,7 +51,26 @@ def _to_json_number(value: Any) -> Any:
     return value
 
 
-class JsonlWriter(interface.MetricWriter):
+class _ScalarsAndTexts(interface.MetricWriter):
+    """A clu writer of scalars and texts only: the other kinds are dropped."""
+
+    def write_summaries(self, step, values, metadata=None) -> None:
+        pass
+
+    def write_images(self, step, images) -> None:
+        pass
+
+    def write_videos(self, step, videos) -> None:
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate) -> None:
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None) -> None:
+        pass
+
+
+class JsonlWriter(_ScalarsAndTexts):
     """Appends `{"step": s, name: value, ...}` lines to a file (scalars, texts, hparams).
 
     Images, audio, video, histograms and raw summaries are TensorBoard's business and
@@ -76,21 +95,6 @@ class JsonlWriter(interface.MetricWriter):
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         self._write({"hparams": {k: (v if isinstance(v, (int, float, str, bool)) or v is None
                                      else str(v)) for k, v in hparams.items()}})
-
-    def write_summaries(self, step, values, metadata=None) -> None:
-        pass
-
-    def write_images(self, step, images) -> None:
-        pass
-
-    def write_videos(self, step, videos) -> None:
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate) -> None:
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None) -> None:
-        pass
 
     def flush(self) -> None:
         with self._lock:
@@ -122,7 +126,7 @@ def create_writer(logdir: str | os.PathLike, *, enabled: bool = True,
                                        JsonlWriter(rundir.join(logdir, JSONL_NAME))])
 
 
-class ObjectStoreEventWriter(interface.MetricWriter):
+class ObjectStoreEventWriter(_ScalarsAndTexts):
     """TensorBoard event files (scalars and texts) written through `rundir`, for a
     logdir on an object store: clu's SummaryWriter writes with tf.summary, that is with
     TensorFlow's GCS file system, which cannot be pointed at an emulator (rundir.py says
@@ -163,21 +167,6 @@ class ObjectStoreEventWriter(interface.MetricWriter):
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         pass  # in metrics.jsonl
-
-    def write_summaries(self, step, values, metadata=None) -> None:
-        pass
-
-    def write_images(self, step, images) -> None:
-        pass
-
-    def write_videos(self, step, videos) -> None:
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate) -> None:
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None) -> None:
-        pass
 
     def flush(self) -> None:
         with self._lock:
