@@ -228,13 +228,21 @@ class Loader:
 
 
 def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh,
-                    rows: partitioning.ProcessRows) -> dict[str, Any]:
+                    rows: partitioning.ProcessRows | None = None) -> dict[str, Any]:
     """Turns this process's numpy rows of a batch into global jax.Arrays on `mesh`.
 
     `rows` says which rows of the global batch they are (`partitioning.process_rows`):
     rows are split over the mesh's ("data", "fsdp") axes and replicated over the others
-    ("tensor"); processes holding replicas pass the same rows.
+    ("tensor"); processes holding replicas pass the same rows. In one process it may be
+    left out (the batch is all of it).
     """
+    if rows is None:
+        if jax.process_count() > 1:
+            raise ValueError(
+                "to_global_batch needs `rows` in a multi-process run: which rows of the "
+                "global batch this process holds, partitioning.process_rows(mesh, "
+                "global_batch_size) (processes that are replicas hold the same rows).")
+        rows = partitioning.process_rows(mesh, len(next(iter(local_batch.values()))))
     sharding = partitioning.batch_sharding(mesh)
     out = {}
     for name, local_BL in local_batch.items():
