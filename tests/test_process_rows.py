@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from test_cluster_launch import _slurm_job_id, srun_env
 from test_train import _free_port
 
 MESH_GIN = '''
@@ -43,20 +44,29 @@ include 'mesh.gin'
 '''
 
 
-def _run(tmp_path, name, mesh_shape, processes):
-    """Trains RUN_GIN on `mesh_shape` in `processes` processes; their outputs."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def _run(tmp_path, name, mesh_shape, processes, slurm_nodes=None):
+    """Trains RUN_GIN on `mesh_shape` in `processes` processes, joined by explicit flags,
+    or with `slurm_nodes` from the variables srun gives its tasks alone (processes /
+    slurm_nodes tasks per node, all on localhost); their outputs."""
+    env = {k: v for k, v in os.environ.items()
+           if k != "XLA_FLAGS" and not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
     (tmp_path / "run.gin").write_text(RUN_GIN)
     (tmp_path / "mesh.gin").write_text(MESH_GIN % mesh_shape)
     base = [sys.executable, "-m", "t5x_like.train", f"--gin_search_paths={tmp_path}",
-            "--gin_file=run.gin", f"--gin.MODEL_DIR='{name}'",
-]
-    port = _free_port()
-    flags = [[] if processes == 1 else
-             [f"--coordinator_address=localhost:{port}", f"--process_count={processes}",
-              f"--process_index={i}"] for i in range(processes)]
-    procs = [subprocess.Popen(base + f, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for f in flags]
+            "--gin_file=run.gin", f"--gin.MODEL_DIR='{name}'"]
+    port, job_id = _free_port(), _slurm_job_id()
+    if slurm_nodes:
+        launches = [([], {**env, **srun_env(slurm_nodes, processes // slurm_nodes, i,
+                                            job_id=job_id, nodelist="localhost",
+                                            gpus_per_node=None, cuda_visible=None)})
+                    for i in range(processes)]
+    else:
+        launches = [([] if processes == 1 else
+                     [f"--coordinator_address=localhost:{port}",
+                      f"--process_count={processes}", f"--process_index={i}"], env)
+                    for i in range(processes)]
+    procs = [subprocess.Popen(base + flags, cwd=tmp_path, env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for flags, e in launches]
     outputs = [p.communicate(timeout=1800)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
@@ -83,22 +93,30 @@ def _assert_same_run(tmp_path, one, many):
 
 @pytest.mark.slow
 def test_two_processes_with_tensor_over_them_train_like_one(tmp_path):
-    """2 processes × 1 device, tensor 2: both processes hold every row."""
-    outputs = _run(tmp_path, "two", "{'data': 1, 'fsdp': 1, 'tensor': 2}", 2)
-    # Both stream the same 2 shards: each holds all 8 rows of every batch.
-    assert all("2 shards (4 rows of each per step), 2 in this process's" in out
-               for out in outputs), outputs[0][-3000:]
-    _run(tmp_path, "one", "{'data': 1, 'fsdp': 1, 'tensor': 2}", 1)
+    """2 processes × 1 device, tensor 2: both processes hold every row. Joined by flags,
+    and from srun's variables as one node's two tasks (one process per GPU)."""
+    mesh = "{'data': 1, 'fsdp': 1, 'tensor': 2}"
+    for name, nodes in (("two", None), ("two_slurm", 1)):
+        outputs = _run(tmp_path, name, mesh, 2, slurm_nodes=nodes)
+        # Both stream the same 2 shards: each holds all 8 rows of every batch.
+        assert all("2 shards (4 rows of each per step), 2 in this process's" in out
+                   for out in outputs), outputs[0][-3000:]
+    _run(tmp_path, "one", mesh, 1)
     _assert_same_run(tmp_path, "one", "two")
+    _assert_same_run(tmp_path, "one", "two_slurm")
 
 
 @pytest.mark.slow
 def test_four_processes_with_tensor_across_them_train_like_one(tmp_path):
     """4 processes × 2 devices, fsdp 2 × tensor 4: processes 0 and 1 hold the first half
-    of every batch, 2 and 3 the second; tensor spans processes."""
-    outputs = _run(tmp_path, "four", "{'data': 1, 'fsdp': 2, 'tensor': 4}", 4)
-    # Two data-parallel groups of processes: one shard each by default.
-    assert all("2 shards (4 rows of each per step), 1 in this process's 1 worker" in out
-               for out in outputs), outputs[0][-3000:]
-    _run(tmp_path, "one", "{'data': 1, 'fsdp': 2, 'tensor': 4}", 1)
+    of every batch, 2 and 3 the second; tensor spans processes. Joined by flags, and from
+    srun's variables as four nodes of one task each (one process per node)."""
+    mesh = "{'data': 1, 'fsdp': 2, 'tensor': 4}"
+    for name, nodes in (("four", None), ("four_slurm", 4)):
+        outputs = _run(tmp_path, name, mesh, 4, slurm_nodes=nodes)
+        # Two data-parallel groups of processes: one shard each by default.
+        assert all("2 shards (4 rows of each per step), 1 in this process's 1 worker" in out
+                   for out in outputs), outputs[0][-3000:]
+    _run(tmp_path, "one", mesh, 1)
     _assert_same_run(tmp_path, "one", "four")
+    _assert_same_run(tmp_path, "one", "four_slurm")
