@@ -203,7 +203,8 @@ def test_fine_tuning_starts_from_the_pretrained_loss_on_another_rule_preset(tmp_
     graphdef, target = partitioning.abstract_sharded(model.make_module, mesh, rules)
     params = checkpoints.restore_params(str(tmp_path / "pre"), target)
     # The fine-tuning run's first batch: its stream is deterministic in (settings, step).
-    rows = train.data_source(fine, model.data_form(fine.task_feature_lengths), 2).iterator()
+    rows = train.data_source(fine, model.data_form(fine.task_feature_lengths), 2,
+                             partitioning.process_rows(mesh, fine.batch_size)).iterator()
     try:
         first = next(rows)
     finally:
