@@ -341,17 +341,20 @@ def default_workers(local_shards: int) -> int:
     return max(w for w in range(1, local_shards + 1) if local_shards % w == 0 and w <= cores)
 
 
-def default_shards(global_batch_size: int, row_groups: int) -> int:
-    """The shard count when none is set: one per group of processes reading different
-    rows (`row_groups`), so that every group makes a whole shard of its own; 2 when
-    every process reads every row (two worker processes), as the demos run."""
+def shard_count(setting: int | None, global_batch_size: int, row_groups: int) -> int:
+    """The stream's shard count: `setting` (train.DataConfig.stream_shards), or when it
+    is None one per group of processes reading different rows (`row_groups`), so that
+    every group makes a whole shard of its own; 2 when every process reads every row
+    (two worker processes), as the demos run."""
+    if setting is not None:
+        return setting
     if row_groups == 1 and global_batch_size % 2 == 0:
         return 2
     return row_groups
 
 
 def shards_for_rows(num_shards: int, global_batch_size: int,
-               row_ranges: Sequence[tuple[int, int]]) -> list[int]:
+                    row_ranges: Sequence[tuple[int, int]]) -> list[int]:
     """The shards that hold `row_ranges` of every step (shard k holds rows [k·r, (k+1)·r),
     r = global batch / shards); an error unless the shards split the batch at the ranges'
     boundaries, so that a process makes whole shards and only those."""

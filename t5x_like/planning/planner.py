@@ -603,8 +603,7 @@ def data_layouts(mesh_config: partitioning.MeshConfig, data, evaluation=None
         devices = [_HostDevice(i, process_of(i), i // per_node) for i in range(n)]
         rows = partitioning.rows_of_processes(mesh_config.device_array(devices),
                                               partitioning.MESH_AXES, data.batch_size)
-        shards = data.stream_shards or stream.default_shards(data.batch_size,
-                                                             rows[0].groups)
+        shards = stream.shard_count(data.stream_shards, data.batch_size, rows[0].groups)
         out[name] = {"processes": len(rows), "row_groups": rows[0].groups,
                      "rows_per_process": rows[0].num_rows, "stream_shards": shards,
                      "shards_per_process": shards // rows[0].groups}

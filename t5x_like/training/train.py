@@ -226,11 +226,9 @@ def _run_identity(model, data: DataConfig, optimizer, train_steps: int,
 
 
 def stream_shards(data: DataConfig, rows: partitioning.ProcessRows) -> int:
-    """`data.stream_shards`, or when unset `stream.default_shards` of this mesh and
-    process layout."""
-    if data.stream_shards is not None:
-        return data.stream_shards
-    return stream.default_shards(data.batch_size, rows.groups)
+    """`data.stream_shards`, or when unset the default of this mesh and process layout
+    (`stream.shard_count`)."""
+    return stream.shard_count(data.stream_shards, data.batch_size, rows.groups)
 
 
 def data_source(data: DataConfig, form: forms.DataForm, train_steps: int,
