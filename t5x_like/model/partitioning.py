@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -537,10 +538,11 @@ def _merged(slices) -> tuple[tuple[int, int], ...]:
     return tuple((a, b) for a, b in out)
 
 
+@functools.lru_cache(maxsize=64)
 def process_rows(mesh: Mesh, global_rows: int, process_index: int | None = None
                  ) -> ProcessRows:
     """Which rows of a `global_rows` batch process `process_index` (default this one)
-    reads for `mesh`: see `ProcessRows`."""
+    reads for `mesh`: see `ProcessRows`. Cached: inference asks once per batch."""
     me = jax.process_index() if process_index is None else process_index
     return rows_of_processes(mesh.devices, mesh.axis_names, global_rows)[me]
 
