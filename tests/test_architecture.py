@@ -21,7 +21,7 @@ MAX_TRAIN_LINES = 90
 # subpackage, of the ones before it, and the base modules (BASE), never one after it.
 LAYERS = ("data", "model", "objectives", "training", "evaluation", "planning", "interop",
           "recipes")
-BASE = ("t5x_like.launch", "t5x_like.process")  # imported by all, importing no subpackage
+BASE = ("t5x_like.launch", "t5x_like.cluster", "t5x_like.process")  # imported by all, importing no subpackage
 
 
 def _name(path: pathlib.Path) -> str:

@@ -21,7 +21,7 @@ import time
 import jax
 import pytest
 
-from t5x_like import launch
+from t5x_like import cluster, launch
 from t5x_like.training import metrics
 
 JOB_ID = 4242  # jax's SLURM port rule: 4242 % 4096 + 61440 = 61586
@@ -58,7 +58,7 @@ def clean_env(monkeypatch, tmp_path):
                 "CUDA_VISIBLE_DEVICES", "JAX_COORDINATOR_PORT", "JAX_COORDINATOR_ADDRESS",
                 "JAX_LOCAL_DEVICE_IDS"):
             monkeypatch.delenv(name)
-    monkeypatch.setattr(launch, "NVIDIA_GPUS_DIR", str(tmp_path / "no-nvidia"))
+    monkeypatch.setattr(cluster, "NVIDIA_GPUS_DIR", str(tmp_path / "no-nvidia"))
     return monkeypatch
 
 
@@ -73,21 +73,21 @@ def _set(monkeypatch, env):
 
 def test_one_process_per_node_drives_all_of_its_gpus(clean_env):
     _set(clean_env, srun_env(nodes=2, tasks_per_node=1, procid=1))
-    assert launch.slurm_step_tasks() == 2
-    assert launch.distributed_arguments() == dict(
+    assert cluster.slurm_step_tasks() == 2
+    assert cluster.distributed_arguments() == dict(
         coordinator_address="gpu017:61586", num_processes=2, process_id=1,
         local_device_ids=[0, 1, 2, 3, 4, 5, 6, 7], cluster_detection_method="deactivate")
     # what jax's own SLURM detection would have given this process: one GPU
-    from jax._src.clusters import cluster
+    from jax._src.clusters import cluster as jax_clusters
 
-    detected = cluster.ClusterEnv.auto_detect_unset_distributed_params(
+    detected = jax_clusters.ClusterEnv.auto_detect_unset_distributed_params(
         None, None, None, None, None, None)
     assert detected == ("gpu017:61586", 2, 1, [0])
 
 
 def test_one_process_per_gpu_drives_the_gpu_of_its_local_id(clean_env):
     _set(clean_env, srun_env(nodes=2, tasks_per_node=8, procid=11))
-    assert launch.distributed_arguments() == dict(
+    assert cluster.distributed_arguments() == dict(
         coordinator_address="gpu017:61586", num_processes=16, process_id=11,
         local_device_ids=[3], cluster_detection_method="deactivate")
 
@@ -101,7 +101,7 @@ def test_one_process_per_gpu_drives_the_gpu_of_its_local_id(clean_env):
 def test_gpus_bound_or_shared(clean_env, tasks_per_node, procid, cuda_visible, expected):
     _set(clean_env, srun_env(nodes=1, tasks_per_node=tasks_per_node, procid=procid,
                              cuda_visible=cuda_visible))
-    assert launch.distributed_arguments()["local_device_ids"] == expected
+    assert cluster.distributed_arguments()["local_device_ids"] == expected
 
 
 def test_gpus_counted_without_cuda_visible_devices(clean_env, tmp_path):
@@ -110,29 +110,29 @@ def test_gpus_counted_without_cuda_visible_devices(clean_env, tmp_path):
     gpus = tmp_path / "nvidia-gpus"
     for bus in ("0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0", "0000:5d:00.0"):
         (gpus / bus).mkdir(parents=True)
-    clean_env.setattr(launch, "NVIDIA_GPUS_DIR", str(gpus))
-    assert launch.distributed_arguments()["local_device_ids"] == [0, 1, 2, 3]
+    clean_env.setattr(cluster, "NVIDIA_GPUS_DIR", str(gpus))
+    assert cluster.distributed_arguments()["local_device_ids"] == [0, 1, 2, 3]
 
 
 def test_a_cpu_host_uses_its_cpu_devices(clean_env):
     _set(clean_env, srun_env(nodes=2, tasks_per_node=1, procid=1, nodelist="localhost",
                              gpus_per_node=None, cuda_visible=None))
-    assert launch.distributed_arguments()["local_device_ids"] is None  # all it has
+    assert cluster.distributed_arguments()["local_device_ids"] is None  # all it has
     _set(clean_env, srun_env(nodes=1, tasks_per_node=4, procid=2, nodelist="localhost",
                              gpus_per_node=None, cuda_visible=None))
-    assert launch.distributed_arguments()["local_device_ids"] == [2]  # as jax does
+    assert cluster.distributed_arguments()["local_device_ids"] == [2]  # as jax does
 
 
 def test_explicit_flags_and_ids_win_over_slurm(clean_env):
     _set(clean_env, srun_env(nodes=2, tasks_per_node=8, procid=11))
-    assert launch.distributed_arguments("host0:1234", 2, 1) == dict(
+    assert cluster.distributed_arguments("host0:1234", 2, 1) == dict(
         coordinator_address="host0:1234", num_processes=2, process_id=1,
         local_device_ids=None, cluster_detection_method="deactivate")
-    assert launch.distributed_arguments(local_device_ids=[6, 7])["local_device_ids"] == [6, 7]
+    assert cluster.distributed_arguments(local_device_ids=[6, 7])["local_device_ids"] == [6, 7]
     clean_env.setenv("JAX_COORDINATOR_PORT", "5555")  # jax's own override of the port
-    assert launch.distributed_arguments()["coordinator_address"] == "gpu017:5555"
+    assert cluster.distributed_arguments()["coordinator_address"] == "gpu017:5555"
     with pytest.raises(ValueError, match="Give all of --coordinator_address"):
-        launch.distributed_arguments("host0:1234", None, 1)
+        cluster.distributed_arguments("host0:1234", None, 1)
 
 
 def test_outside_slurm_jax_detects_the_cluster_tpu_pods_included(clean_env):
@@ -141,18 +141,18 @@ def test_outside_slurm_jax_detects_the_cluster_tpu_pods_included(clean_env):
     for name, value in {"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1,t1k-w-2,t1k-w-3",
                         "TPU_WORKER_ID": "2", "TPU_ACCELERATOR_TYPE": "v5p-32"}.items():
         clean_env.setenv(name, value)
-    assert launch.slurm_step_tasks() == 0  # not joined unless --multiprocess
-    assert launch.distributed_arguments() == dict(local_device_ids=None)
+    assert cluster.slurm_step_tasks() == 0  # not joined unless --multiprocess
+    assert cluster.distributed_arguments() == dict(local_device_ids=None)
 
 
 def test_only_a_step_of_several_tasks_joins_by_itself(clean_env):
     env = srun_env(nodes=1, tasks_per_node=1, procid=0)
     _set(clean_env, env)
-    assert launch.slurm_step_tasks() == 1  # srun -n 1: a single process, nothing to join
+    assert cluster.slurm_step_tasks() == 1  # srun -n 1: a single process, nothing to join
     # The batch script itself (sbatch runs it outside any step: no SLURM_STEP_NODELIST)
     _set(clean_env, srun_env(nodes=2, tasks_per_node=8, procid=0))
     clean_env.delenv("SLURM_STEP_NODELIST")
-    assert launch.slurm_step_tasks() == 0
+    assert cluster.slurm_step_tasks() == 0
 
 
 def _captured_initialize(monkeypatch, argv_extra, gin_dir):
@@ -210,7 +210,7 @@ def test_inconsistent_slurm_variables_are_one_paragraph(clean_env, tmp_path, cap
                                                           problem):
     _set(clean_env, {**srun_env(nodes=2, tasks_per_node=8, procid=11), **change})
     with pytest.raises(ValueError, match=problem):
-        launch.distributed_arguments()
+        cluster.distributed_arguments()
     (tmp_path / "x.gin").write_text("")
     with pytest.raises(SystemExit) as stop:
         launch.run("unused", ["--gin_file=x.gin", f"--gin_search_paths={tmp_path}"])
@@ -221,12 +221,12 @@ def test_inconsistent_slurm_variables_are_one_paragraph(clean_env, tmp_path, cap
 
 
 def test_local_device_ids_that_do_not_fill_the_mesh_are_refused(monkeypatch):
-    monkeypatch.setattr(launch, "_joined", {"local_device_ids": [0]})
-    monkeypatch.setattr(launch._jax_distributed.global_state, "num_processes", 2)
+    monkeypatch.setattr(cluster, "_joined", {"local_device_ids": [0]})
+    monkeypatch.setattr(cluster._jax_distributed.global_state, "num_processes", 2)
     with pytest.raises(ValueError, match=r"local devices \[0\] \(1 of them\), so the 2 "
                                          r"processes hold 2 devices, but the mesh needs 4"):
-        launch.check_local_devices(4)
-    launch.check_local_devices(2)
+        cluster.check_local_devices(4)
+    cluster.check_local_devices(2)
 
 
 def test_bad_local_device_ids_flag(clean_env, tmp_path, capsys):
@@ -251,7 +251,7 @@ def test_a_coordinator_port_in_use_is_one_paragraph(clean_env):
         port = held.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot serve the multi-process run's coordinator "
                                           f"on port {port}"):
-            launch.initialize_distributed(f"localhost:{port}", 2, 0, timeout_s=5)
+            cluster.initialize_distributed(f"localhost:{port}", 2, 0, timeout_s=5)
 
 
 def test_an_unreachable_coordinator_is_one_paragraph_after_the_timeout(clean_env):
@@ -259,16 +259,16 @@ def test_an_unreachable_coordinator_is_one_paragraph_after_the_timeout(clean_env
     start = time.monotonic()
     with pytest.raises(OSError, match=f"Process 1 could not reach the coordinator "
                                       f"localhost:{port} of its multi-process run within 2 s"):
-        launch.initialize_distributed(f"localhost:{port}", 2, 1, timeout_s=2)
+        cluster.initialize_distributed(f"localhost:{port}", 2, 1, timeout_s=2)
     assert 2 <= time.monotonic() - start < 10
-    assert not launch._jax_distributed.global_state.client  # jax was never started
+    assert not cluster._jax_distributed.global_state.client  # jax was never started
 
 
 # ---------------------------------------------------------------------------
 # Real multi-process runs on localhost: CPU processes started with srun's variables only
 
 STEPS, BATCH = 40, 8
-HEARTBEAT_S = 30  # the runs' --heartbeat_timeout; the default is launch.HEARTBEAT_TIMEOUT_S
+HEARTBEAT_S = 30  # the runs' --heartbeat_timeout; the default is cluster.HEARTBEAT_TIMEOUT_S
 CLUSTER_GIN = f'''
 from __gin__ import dynamic_registration
 from t5x_like.evaluation import evaluate

@@ -10,7 +10,7 @@
 # host reaches (a gs:// bucket: a host's own disk would give each host its own run).
 #
 # --multiprocess: jax.distributed.initialize() with no addresses; jax finds the hosts, the
-# process ids and the coordinator (worker 0) from the TPU VM's metadata (launch.py, jax's
+# process ids and the coordinator (worker 0) from the TPU VM's metadata (cluster.py, jax's
 # clusters/cloud_tpu_cluster.py). The mesh: the one-node experiment's FSDP over all 16 chips
 # of the slice (one ICI domain), without the H100 preset's GPU settings (XLA flags, memory
 # fraction, NCCL variables); 4 microbatches of 16 rows, one row per chip at a time.
