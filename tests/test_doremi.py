@@ -201,9 +201,40 @@ def test_the_proxy_step_updates_the_weights_and_trains_on_the_weighted_loss():
     moved = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))),
                          nnx.state(new, nnx.Param), nnx.state(module, nnx.Param))
     assert max(jax.tree.leaves(moved)) > 0
+    # A step the non-finite guard skips (the drills' NaN loss scale) leaves α and its
+    # running sum as they were: average_weights must not count it.
+    skipped_state, out = step(new_state, batch, jax.random.key(1), float("nan"))
+    assert float(out["nonfinite"]) == 1.0
+    skipped = nnx.merge(graphdef, skipped_state).model
+    np.testing.assert_array_equal(skipped.domain_weights_sum[...], new.domain_weights_sum[...])
     with pytest.raises(ValueError, match="NUM_MICROBATCHES"):
         train_state.make_train_step(graphdef, proxy.loss_fn, num_microbatches=2,
                                 after_update=proxy.after_update)
+
+
+def test_the_average_weights_count_updates_not_steps_the_guard_skipped(tmp_path):
+    """A proxy run of 3 steps whose second was skipped as non-finite: its checkpoint at
+    step 3 holds the sum of two α's (the skipped step kept the state, as the slow test
+    above checks); ᾱ is their mean and a distribution, not their sum over 3 steps."""
+    cfg = tiny_config(z_loss=0.0)
+    proxy, module, _ = _proxy_state(cfg)
+    alphas = np.array([[0.7, 0.3], [0.55, 0.45]])
+    module.domain_weights.set_value(jnp.asarray(alphas[-1], jnp.float32))
+    module.domain_weights_sum.set_value(jnp.asarray(alphas.sum(axis=0), jnp.float32))
+    optimizer = optimizers.adamw_llama2(peak_lr=1e-3, warmup_steps=0, total_steps=10)
+    _, state = train_state.create_train_state(module, optimizer.tx)
+    with checkpoints.CheckpointManager(tmp_path / "proxy" / "checkpoints") as manager:
+        manager.save(3, state, force=True)
+    weights = doremi.average_weights(str(tmp_path / "proxy"), proxy)
+    np.testing.assert_allclose(weights, alphas.mean(axis=0), rtol=1e-6)
+    assert weights.sum() == pytest.approx(1.0, abs=1e-6)
+    # A proxy run that never updated α learned nothing: said, not 0/0.
+    module.domain_weights_sum.set_value(jnp.zeros(2))
+    _, state = train_state.create_train_state(module, optimizer.tx)
+    with checkpoints.CheckpointManager(tmp_path / "none" / "checkpoints") as manager:
+        manager.save(3, state, force=True)
+    with pytest.raises(ValueError, match="made no domain-weight update"):
+        doremi.average_weights(str(tmp_path / "none"), proxy)
 
 
 def test_a_proxy_needs_one_positive_rate_per_domain():

@@ -66,7 +66,8 @@ class DoReMiModel(LanguageModel):
     minimises the token loss weighted by α_{d}/s_{d}, normalised by the weights' sum,
     where s_d is domain d's sampling rate in the training mixture (`sampling_rates`), so
     that the weighted loss stands for Σ_d α_d · (domain d's mean token loss). α_t, its
-    running sum (the output ᾱ is its mean over steps) and λ are the module's state,
+    running sum (the output ᾱ is its mean over the updates; a step the non-finite guard
+    skips updates neither) and λ are the module's state,
     written by `after_update` and checkpointed with the train state.
 
     Everything else (evaluation, BPC, scoring, decoding, FLOPs, data form) is `base`'s,

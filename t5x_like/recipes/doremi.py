@@ -10,7 +10,8 @@ domain weights of a mixture with two small models, both ordinary runs of this st
    reference run's checkpoint): each step moves the domain weights α towards the
    domains where the proxy's loss exceeds the reference's most, and the proxy
    minimises the α-weighted loss;
-3. the result is ᾱ, the mean of α over the proxy's steps, written as a mixture file
+3. the result is ᾱ, the mean of α over the proxy's weight updates (a step the
+   non-finite guard skipped updates nothing), written as a mixture file
    (`mixtures.mixture_file_text`: a gin file that registers a SeqIO mixture with those
    rates over the same parts, e.g. `reka_mix_doremi`).
 
@@ -49,16 +50,26 @@ SUMMARY_NAME = "doremi.json"
 
 
 def average_weights(proxy_dir: str, proxy: group_dro.DoReMiModel) -> np.ndarray:
-    """ᾱ of a finished proxy run: Σ_t α_t / steps, read from its newest checkpoint."""
+    """ᾱ of a finished proxy run: Σ_t α_t over its weight updates, divided by their
+    number, read from its newest checkpoint.
+
+    The number of updates is not the run's step count: a step the non-finite guard
+    skipped keeps the whole state, α and its running sum included
+    (train_state._keep_if_not_finite). Every α_t is a distribution over the domains
+    (it sums to 1), so the running sum's total, Σ_k Σ_t α_t,k, is that number; dividing
+    by it keeps ᾱ a distribution however many steps were skipped."""
     abstract = nnx.eval_shape(lambda: proxy.make_module(0))
     target = nnx.state(abstract, network.DomainState)
     restored = checkpoints.restore_params(proxy_dir, target, part=True)
-    steps = checkpoints.CheckpointManager(os.path.join(proxy_dir, "checkpoints"),
-                                          create=False)
-    with steps:
-        step = steps.latest_step()
     total = np.asarray(nnx.to_pure_dict(restored)["domain_weights_sum"], np.float64)
-    return total / max(int(step or 0), 1)
+    updates = float(total.sum())
+    if not updates > 0:
+        raise ValueError(
+            f"The proxy run in {proxy_dir} made no domain-weight update (every step it "
+            "took was skipped as non-finite, or it took none), so it learned no weights. "
+            "Look at its metrics.jsonl for the cause, fix it, and run the proxy again "
+            "(move its directory aside first).")
+    return total / updates
 
 
 class Stopped(guards.RunStopped):
