@@ -17,14 +17,14 @@ from test_configs import factory, model_config
 from tiny import assert_no_compile_while
 
 from t5x_like.model import families, hardware, partitioning
-from t5x_like.planning import collectives, planner
+from t5x_like.planning import collectives, memory, planner
 from t5x_like.training import optimizers
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _tiny_plan(mesh_config, tmp_path=None, **config):
-    model = families.model_for(model_config("tiny_llama"))
+def _tiny_plan(mesh_config, tmp_path=None, cfg=None, **config):
+    model = families.model_for(cfg or model_config("tiny_llama"))
     output = str(tmp_path / "plan.json") if tmp_path else None
     return planner.plan(model=model, mesh_config=mesh_config,
                      optimizer=optimizers.adamw_llama2(1e-3, 10, 100), batch_size=8,
@@ -63,6 +63,55 @@ def test_the_whole_plan_of_a_tiny_model(tmp_path, capsys):
     assert "collectives per step" in printed and "H200 141GB" in printed
     written = json.loads((tmp_path / "plan.json").read_text())
     assert written["memory_per_device"]["analytic"]["parameters"] == n * 4 / 8
+    # The row lookup: no extra FLOPs or one-hot rows, and its gradient moves row data
+    # (the rows' cotangents exchanged all-to-all over fsdp; the matmul form's does not,
+    # test_the_matmul_embedding_is_planned_from_its_compiled_step).
+    assert report["flops"]["embedding_matmul_per_step"] == 0
+    assert memory["analytic"]["activation_parts"]["embedding"] == 0
+    assert any(r["op"] == "all-to-all" for r in report["collectives"])
+
+
+def test_the_matmul_embedding_is_planned_from_its_compiled_step():
+    """embed_lookup='matmul' on fsdp 8: its one-hot matmuls are priced as extra compute
+    (4·T·V·D per step, at the assumed MFU, lowering the MFU of model FLOPs), its one-hot
+    rows as activations, and the compiled step it plans moves no row data: every
+    collective is a weight's (float32 table or layer), none exchanges rows."""
+    cfg = dataclasses.replace(model_config("tiny_llama"), embed_lookup="matmul")
+    report = _tiny_plan(partitioning.MeshConfig(shape={"fsdp": 8}, rules="fsdp"), cfg=cfg)
+    extra = 4 * 8 * 64 * cfg.vocab_size * cfg.emb_dim  # batch 8 x 64 positions
+    assert report["flops"]["embedding_matmul_per_step"] == extra
+    parts = report["memory_per_device"]["analytic"]["activation_parts"]
+    assert parts["embedding"] == 1 * 64 * cfg.vocab_size * 4  # a row per device, float32
+    assert not [r for r in report["collectives"]
+                if r["op"] == "all-to-all" or r["dtype"] != "f32"]
+    h100 = next(d for d in report["devices"] if d["kind"] == "H100 80GB")
+    palm = report["flops"]["model_per_step"]["palm"]
+    assert h100["compute_s"] == pytest.approx((palm + extra) / (8 * 494e12 * 0.4))
+    assert h100["mfu"] == pytest.approx(palm / (8 * 494e12) / h100["step_s"])
+    assert h100["mfu"] < 0.4 * palm / (palm + extra) * 1.0001
+
+
+def test_sequence_parallel_and_kv_heads_in_the_activation_estimate():
+    """Llama 3 70B on fsdp 8 x tensor 8, a row of 8,192 per device (nothing compiled):
+    the _sp presets keep 1/8 of each saved layer input, fsdp_tp_kv 1/8 of the k and v
+    projections; fsdp_tp neither."""
+    cfg = model_config("llama3_70b")
+    sizes = {"data": 1, "fsdp": 8, "tensor": 8}
+    presets = ("fsdp_tp", "fsdp_tp_kv", "fsdp_tp_kv_sp")
+    splits = {r: memory.Split.of(r, sizes, 8) for r in presets}
+    assert [(s.rows, s.tensor, s.kv_tensor, s.length) for s in splits.values()] == [
+        (1, 8, 1, 1), (1, 8, 8, 1), (1, 8, 8, 8)]
+    act = {r: memory.activation_bytes(cfg, s, {"decoder": 8192}, "full")
+           for r, s in splits.items()}
+    c = 2  # bfloat16
+    layer_input = 8192 * cfg.emb_dim * c
+    assert act["fsdp_tp"]["saved"] == act["fsdp_tp_kv"]["saved"] == 80 * layer_input
+    assert act["fsdp_tp_kv_sp"]["saved"] == 80 * layer_input // 8
+    kv = 2 * 8192 * cfg.num_kv_heads * cfg.head_dim * c  # k and v, all kv heads
+    # k and v are dot outputs, and the RoPE'd k is as large as one of them: 1.5 kv.
+    assert act["fsdp_tp"]["working"] - act["fsdp_tp_kv"]["working"] == 1.5 * kv * 7 / 8
+    assert act["fsdp_tp_kv"]["working"] - act["fsdp_tp_kv_sp"]["working"] == (
+        layer_input * 7 / 8)
 
 
 @pytest.mark.slow

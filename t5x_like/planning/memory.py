@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
 from t5x_like.model import attention, families, partitioning
-from t5x_like.model.partitioning import BATCH, HEADS, KV_HEADS, LAYERS
+from t5x_like.model.partitioning import BATCH, HEADS, KV_HEADS, LAYERS, LENGTH
 
 _F32 = 4  # attention logits and probabilities, the output logits: float32 (layers.py)
 
@@ -84,12 +84,15 @@ class Split:
     """How a mesh and batch divide one device's activations.
 
     rows: batch rows per device per microbatch; tensor: ways heads, MLP and vocabulary
-    are split; kv_tensor: ways kv heads are split.
+    are split; kv_tensor: ways kv heads are split (fsdp_tp_kv*: the tensor size);
+    length: ways the residual stream between blocks is split along its length
+    (sequence parallelism, the *_sp presets: the tensor size; else 1).
     """
 
     rows: int
     tensor: int
     kv_tensor: int
+    length: int = 1
 
     @classmethod
     def of(cls, rules, sizes: Mapping[str, int], rows_per_microbatch: int) -> Split:
@@ -97,7 +100,7 @@ class Split:
             return partitioning.split_ways(rules, name, sizes)
 
         return cls(max(1, rows_per_microbatch // ways(BATCH)), ways(HEADS),
-                   ways(KV_HEADS))
+                   ways(KV_HEADS), ways(LENGTH))
 
 
 XLA = "xla"
@@ -158,6 +161,10 @@ def _layer(cfg, split: Split, length: int, memory: int | None, c: int,
     r, t = split.rows, split.tensor
     heads, kv_heads, mlp = cfg.num_heads // t, cfg.num_kv_heads // split.kv_tensor, cfg.mlp_dim // t
     x = r * length * cfg.emb_dim * c
+    # The layer input, as the scan carries and saves it: under sequence parallelism
+    # 1/length of the positions per device (the block gathers them back before its
+    # projections, so everything else below keeps the whole length).
+    carry = r * -(-length // split.length) * cfg.emb_dim * c
     q = r * length * heads * cfg.head_dim * c
     kv = 2 * r * length * kv_heads * cfg.head_dim * c
     h = r * length * mlp * c
@@ -173,7 +180,7 @@ def _layer(cfg, split: Split, length: int, memory: int | None, c: int,
         cross_kv = 2 * r * memory * kv_heads * cfg.head_dim * c
         dots += q + cross_kv + x
         rest += q + _scores(r, heads, length, memory, c, kernels.get("cross", XLA))
-    return {"carry": x, "dots": dots, "rest": rest}
+    return {"carry": carry, "dots": dots, "rest": rest}
 
 
 # layers.py's named policies in the terms of the three above, by what stays in device
@@ -232,5 +239,20 @@ def activation_bytes(cfg, split: Split, stacks: Mapping[str, int],
     logits = 3 * split.rows * positions * vocab * _F32
     if split.tensor == 1:
         logits += vocab * cfg.emb_dim * _F32
-    return {"saved": saved, "working": working, "logits": logits,
-            "total": saved + working + logits}
+    # The matmul-form embedding (embed_lookup='matmul') holds its one-hot rows, [r, L,
+    # this device's vocabulary] in the compute dtype, from the forward pass (outside the
+    # remat'd layers) to the table's gradient; the row lookup holds none.
+    embedding = (split.rows * sum(stacks.values()) * vocab * c
+                 if cfg.embed_lookup == "matmul" else 0)
+    return {"saved": saved, "working": working, "logits": logits, "embedding": embedding,
+            "total": saved + working + logits + embedding}
+
+
+def embedding_matmul_flops(cfg, batch_size: int, stacks: Mapping[str, int]) -> float:
+    """FLOPs per step the matmul-form embedding adds to the model's (which count a row
+    lookup as free): one-hot [T, V] · table [V, D] forward and onehotᵀ · cotangent [V, D]
+    for the table's gradient, 4·T·V·D over the step's T positions (every stack's: an
+    encoder-decoder embeds inputs and targets); 0 for the row lookup."""
+    if cfg.embed_lookup != "matmul":
+        return 0.0
+    return 4.0 * batch_size * sum(stacks.values()) * cfg.vocab_size * cfg.emb_dim

@@ -487,14 +487,17 @@ def collective_rows(found: Sequence[collectives.Collective]) -> list[dict[str, A
 
 
 def step_time(spec: hardware.DeviceSpec, found: Sequence[collectives.Collective],
-              step_flops: float, num_devices: int, dtype: str, mfu: float
-              ) -> dict[str, float | None]:
+              step_flops: float, num_devices: int, dtype: str, mfu: float,
+              extra_flops: float = 0.0) -> dict[str, float | None]:
     """Seconds per step on `spec` devices: compute at `mfu` of the peak, plus the
     communication not hidden behind it. Tensor-parallel collectives sit between the
     matmuls that need their results: all exposed. FSDP and data-parallel ones are
     prefetched or reduced while other layers compute (the latency-hiding scheduler):
-    exposed only where they outlast the compute."""
-    compute = step_flops / (num_devices * spec.peak(dtype) * mfu)
+    exposed only where they outlast the compute. extra_flops: work beyond the model
+    FLOPs (the matmul-form embedding's), computed at the same MFU; the returned MFU
+    counts model FLOPs only, so it lowers it."""
+    model_s = step_flops / (num_devices * spec.peak(dtype) * mfu)
+    compute = model_s + extra_flops / (num_devices * spec.peak(dtype) * mfu)
     tensor_s, other_s = 0.0, 0.0
     for c in found:
         seconds = collectives.seconds(c, spec.intra_node_bytes_per_s,
@@ -509,7 +512,7 @@ def step_time(spec: hardware.DeviceSpec, found: Sequence[collectives.Collective]
     exposed = tensor_s + max(0.0, other_s - compute)
     return {"compute_s": compute, "tensor_comm_s": tensor_s, "fsdp_data_comm_s": other_s,
             "exposed_comm_s": exposed, "step_s": compute + exposed,
-            "mfu": mfu * compute / (compute + exposed)}
+            "mfu": mfu * model_s / (compute + exposed)}
 
 
 def memory_fraction(mesh_config: partitioning.MeshConfig) -> dict[str, Any]:
@@ -672,6 +675,8 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
         "memory_per_device": {"analytic": analytic, "compiled": compiled_memory},
         "largest_arrays": collectives.largest_arrays(hlo),
         "flops": {"model_per_step": dataclasses.asdict(step_flops),
+                  "embedding_matmul_per_step": memory.embedding_matmul_flops(
+                      model.cfg, batch_size, _stacks(model, lengths)),
                   "compiled_per_device": _compiled_flops(compiled)},
         "collectives": collective_rows(found),
         "warnings": _warnings(found),
@@ -727,7 +732,8 @@ def _per_device_kind(model, states, base: Variant, kinds, need: int, found, step
         spec = hardware.spec(name)
         verdict = _judge(spec, need, report["memory_fraction"]["value"])
         timing = step_time(spec, found, step_flops, mesh_config.num_devices,
-                           model.cfg.dtype, config.mfu)
+                           model.cfg.dtype, config.mfu,
+                           report["flops"]["embedding_matmul_per_step"])
         steps = (report["train_tokens"] or 0) / report["batch"]["tokens_per_step"]
         days = steps * timing["step_s"] / 86_400 if timing["step_s"] else None
         out.append({"kind": name, **verdict, **timing, "days": days,
@@ -766,10 +772,16 @@ def _header_lines(report: Mapping[str, Any]) -> list[str]:
         f"rules {mesh['rules']}",
         f"batch: {batch['size']:,} rows, {batch['tokens_per_step']:,} tokens/step, "
         f"{batch['microbatches']} microbatch(es); model FLOPs/step {f['palm']:.3g} (PaLM), "
-        f"{f['maxtext']:.3g} (MaxText)",
+        f"{f['maxtext']:.3g} (MaxText)" + _embedding_flops_text(report),
         f"method: {report['method']}",
         _attention_line(report["attention"]),
     ]
+
+
+def _embedding_flops_text(report: Mapping[str, Any]) -> str:
+    extra = report["flops"].get("embedding_matmul_per_step") or 0
+    return (f"; + {extra:.3g} of the matmul embedding (computed at the same MFU, not "
+            "model FLOPs)" if extra else "")
 
 
 def _attention_line(a: Mapping[str, Any]) -> str:
@@ -821,7 +833,9 @@ def _memory_lines(report: Mapping[str, Any]) -> list[str]:
         rtext = f"{right[i][0]:<18}{right[i][1] / scale:8.2f}" if i < len(right) else ""
         lines.append(f"  {name:<28}{value / scale:9.2f}      {rtext}")
     lines.append(f"  activations = saved {parts['saved'] / scale:.2f} + working layer "
-                 f"{parts['working'] / scale:.2f} + logits {parts['logits'] / scale:.2f}")
+                 f"{parts['working'] / scale:.2f} + logits {parts['logits'] / scale:.2f}"
+                 + (f" + one-hot embedding rows {parts['embedding'] / scale:.2f}"
+                    if parts.get("embedding") else ""))
     for a in report.get("largest_arrays", [])[:3]:
         lines.append(f"  largest array: {a['dtype']}{a['shape']} ({a['op']}), "
                      f"{a['bytes'] / scale:.2f} {unit}")
