@@ -78,7 +78,8 @@ def measure(model_name: str, batch_size: int, config) -> dict:
     module = model.make_module(0)
     graphdef, arrays = nnx.split(module)
     batch = _prompt_batch(model, batch_size, config.prompt_length)
-    decode = decoding.DecodeConfig(max_decode_length=config.decode_length, eos_id=-1)
+    decode = decoding.DecodeConfig(max_decode_length=config.decode_length, eos_id=-1,
+                                   bos_id=0)
 
     @jax.jit
     def full(arrays, batch):

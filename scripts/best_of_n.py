@@ -25,6 +25,7 @@ import seqio  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import tasks  # noqa: E402,F401  (registers the preference tasks)
+from t5x_like.data import vocabulary  # noqa: E402
 from t5x_like.model import families, layers  # noqa: E402
 from t5x_like.objectives import preference  # noqa: E402
 from t5x_like.model.decoding import DecodeConfig  # noqa: E402
@@ -75,7 +76,9 @@ def main():
             tasks.preference.PREFERENCE_FEATURE_LENGTHS, split="validation", shuffle=False)
         prompts += [ex["inputs"] for ex in ds.take(args.prompts_per_domain).as_numpy_iterator()]
     prompts = np.stack(prompts).astype(np.int32)
-    decode = DecodeConfig(method="sample", max_decode_length=args.max_decode_length)
+    decode = vocabulary.resolve_decode(  # the prompts' vocabulary's EOS and start token
+        DecodeConfig(method="sample", max_decode_length=args.max_decode_length),
+        vocabulary.get_vocabulary())
     _, rewards = best_of_n.sample_and_score(policy, policy_module, reward_model, reward_module,
                                             prompts, 8, decode, seed=0)
     ks = [1, 2, 4, 8]

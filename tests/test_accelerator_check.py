@@ -68,10 +68,12 @@ def test_the_model_the_train_step_and_the_check_import_without_tensorflow_seqio_
 
 
 def test_the_decode_configs_eos_is_the_vocabularys():
-    """model/decoding.py spells EOS as 1 so as not to import data/vocabulary (SeqIO)."""
+    """DecodeConfig's special ids default to the task vocabulary's (resolved where it is
+    known): the shipped SentencePiece vocabulary's EOS and SeqIO's start token 0."""
     from t5x_like.data import vocabulary
     from t5x_like.model import decoding
-    assert decoding.DecodeConfig().eos_id == vocabulary.EOS_ID
+    resolved = vocabulary.resolve_decode(decoding.DecodeConfig(), vocabulary.get_vocabulary())
+    assert (resolved.eos_id, resolved.bos_id) == (vocabulary.EOS_ID, 0)
 
 
 def test_without_pytest_the_check_runs_the_same_kernel_test_cases_pytest_collects():

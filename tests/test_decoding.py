@@ -73,7 +73,8 @@ def test_cached_encoder_decoder_steps_equal_the_full_forward_pass():
 
 def _predict(model, module, batch, **config):
     graphdef, state = nnx.split(module)
-    decode = decoding.DecodeConfig(**config)
+    # No vocabulary here: the shipped one's special ids (EOS 1, start 0) unless given.
+    decode = decoding.DecodeConfig(**{"eos_id": 1, "bos_id": 0, **config})
     run = jax.jit(lambda s, b: model.predict_batch(nnx.merge(graphdef, s), b, decode,
                                                    jax.random.key(7)))
     return jax.device_get(run(state, batch))
@@ -184,7 +185,8 @@ def test_decoding_on_a_sharded_mesh_equals_one_device():
     graphdef, state = nnx.split(module)
     shardings = partitioning.logical_shardings(module, mesh, rules)
     state = jax.device_put(state, shardings)
-    decode = decoding.DecodeConfig(method="beam", beam_size=2, max_decode_length=5)
+    decode = decoding.DecodeConfig(method="beam", beam_size=2, max_decode_length=5, eos_id=1,
+                                   bos_id=0)
 
     @jax.jit
     def run(s, p):

@@ -116,6 +116,8 @@ def test_preference_rows_from_task_features():
     np.testing.assert_array_equal(row["chosen_response"], [0, 0, 0, 1, 1, 1, 0])
     np.testing.assert_array_equal(row["rejected_tokens"], [4, 5, 6, 9, 1, 0, 0])
     np.testing.assert_array_equal(row["rejected_response"], [0, 0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(row["chosen_segment_ids"], [1, 1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(row["rejected_segment_ids"], [1, 1, 1, 1, 1, 0, 0])
     np.testing.assert_array_equal(row["rating"], [2])
     with pytest.raises(ValueError, match="rejected length 4 exceeds targets length 3"):
         forms.PREFERENCE.converter().get_model_feature_lengths(

@@ -23,7 +23,10 @@ def test_best_of_n_keeps_the_highest_reward_and_reads_back_through_seqio(tmp_pat
     reward_module = reward_model.make_module(nnx.Rngs(1))
     reward_module.reward_head[...] = jax.random.normal(jax.random.key(2), (cfg.emb_dim,))
     prompts = np.array([[5, 6, 7, 0], [9, 10, 11, 12], [13, 14, 0, 0]], np.int32)
-    decode = DecodeConfig(method="sample", max_decode_length=6, temperature=1.0)
+    decode = vocabulary.resolve_decode(  # the shipped vocabulary's: EOS 1, start 0
+        DecodeConfig(method="sample", max_decode_length=6, temperature=1.0),
+        vocabulary.get_vocabulary())
+    assert (decode.eos_id, decode.bos_id) == (1, 0)
     responses, rewards = best_of_n.sample_and_score(policy, policy_module, reward_model,
                                                     reward_module, prompts, 4, decode, seed=3)
     assert responses.shape == (4, 3, 6) and rewards.shape == (4, 3)

@@ -5,7 +5,9 @@
 0..3; objectives/preference.py) into one unpacked row of model features: `chosen_tokens` /
 `rejected_tokens` = prompt + response, right-padded to `inputs + targets` positions,
 `chosen_response` / `rejected_response` marking the response's positions (1) within
-them, and `rating` [1].
+them, `chosen_segment_ids` / `rejected_segment_ids` marking the prompt's and the
+response's (1; 0 on padding), and `rating` [1]. Padding is carried by the segment ids,
+never read from the tokens: id 0 is a real token in some vocabularies (Llama 3's "!").
 
 `corrupted_continuation_pairs` builds such pairs from plain documents (the shipped
 corpus): the prompt is a document's first tokens, the chosen response its true
@@ -30,8 +32,8 @@ RATING_NAMES = ("negligibly better / unsure", "slightly better", "better",
 CORRUPTION_BY_RATING = (1.0 / 16.0, 0.25, 0.5, 1.0)
 # The task's features and a row's (forms.PREFERENCE): one unpacked pair per row.
 TASK_FEATURES = ("inputs", "targets", "rejected", "rating")
-MODEL_FEATURES = ("chosen_tokens", "chosen_response", "rejected_tokens", "rejected_response",
-                  "rating")
+MODEL_FEATURES = ("chosen_tokens", "chosen_response", "chosen_segment_ids", "rejected_tokens",
+                  "rejected_response", "rejected_segment_ids", "rating")
 
 
 class PreferenceFeatureConverter(seqio.FeatureConverter):
@@ -56,14 +58,15 @@ class PreferenceFeatureConverter(seqio.FeatureConverter):
             tokens = tf.concat([prompt, response], 0)[:length]
             marks = tf.concat([tf.zeros_like(prompt), tf.ones_like(response)], 0)[:length]
             pad = [[0, length - tf.size(tokens)]]
-            return tf.pad(tokens, pad), tf.pad(marks, pad)
+            return (tf.pad(tokens, pad), tf.pad(marks, pad),
+                    tf.pad(tf.ones_like(tokens), pad))
 
         def convert(ex):
-            chosen, chosen_marks = row(ex["inputs"], ex["targets"])
-            rejected, rejected_marks = row(ex["inputs"], ex["rejected"])
-            return {"chosen_tokens": chosen, "chosen_response": chosen_marks,
-                    "rejected_tokens": rejected, "rejected_response": rejected_marks,
-                    "rating": tf.reshape(tf.cast(ex["rating"], tf.int32)[:1], [1])}
+            out = {"rating": tf.reshape(tf.cast(ex["rating"], tf.int32)[:1], [1])}
+            for side, response in (("chosen", ex["targets"]), ("rejected", ex["rejected"])):
+                (out[f"{side}_tokens"], out[f"{side}_response"],
+                 out[f"{side}_segment_ids"]) = row(ex["inputs"], response)
+            return out
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -81,8 +84,7 @@ class PreferenceFeatureConverter(seqio.FeatureConverter):
                 f"targets length {task_feature_lengths['targets']}; both responses share one "
                 "row length (inputs + targets), so set them equal.")
         length = int(task_feature_lengths["inputs"]) + int(task_feature_lengths["targets"])
-        return {"chosen_tokens": length, "chosen_response": length, "rejected_tokens": length,
-                "rejected_response": length, "rating": 1}
+        return {name: 1 if name == "rating" else length for name in MODEL_FEATURES}
 
 
 def corrupted_continuation_pairs(prompt_tokens: int, continuation_tokens: int,

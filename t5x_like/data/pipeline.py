@@ -45,9 +45,9 @@ from t5x_like.data.packing import TASK_COUNTS, TASK_IDS  # noqa: F401 - consumer
 TOKEN_SEGMENTS = {
     "encoder_input_tokens": "encoder_segment_ids",
     "decoder_target_tokens": "decoder_segment_ids",
-    # Preference rows (unpacked, right-padded): the tokens are their own marks.
-    "chosen_tokens": "chosen_tokens",
-    "rejected_tokens": "rejected_tokens",
+    # Preference rows (unpacked, right-padded; data/pairs.py marks their tokens).
+    "chosen_tokens": "chosen_segment_ids",
+    "rejected_tokens": "rejected_segment_ids",
 }
 # Examples packed together (packing.py); 1: seqio's greedy in-order packing, as before.
 DEFAULT_PACK_POOL = 256
@@ -255,7 +255,8 @@ def row_stats(rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """What packed rows [R, L] hold: examples (segments) per row, non-padding tokens per
     token feature, and tokens with a loss weight (of a preference pair: one example,
     both responses scored)."""
-    tokens = {f: int(np.count_nonzero(rows[s])) for f, s in TOKEN_SEGMENTS.items() if f in rows}
+    tokens = {f: int(np.count_nonzero(rows[s if s in rows else f]))  # rows made before
+              for f, s in TOKEN_SEGMENTS.items() if f in rows}  # pairs had segment ids
     if "rating" in rows:
         return {"segments": np.ones(len(rows["rating"]), np.int64), "tokens": tokens,
                 "loss_tokens": int(np.count_nonzero(rows["chosen_response"])

@@ -273,6 +273,33 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
         return f"HfTokenizerVocabulary(path={self.path!r}, vocab_size={self.vocab_size})"
 
 
+def zero_is_padding(vocab: seqio.Vocabulary) -> bool:
+    """Whether id 0 is padding, SeqIO's convention, so that padding may be read from the
+    tokens: true of SentencePiece and SeqIO's own vocabularies (id 0 is <pad>), false of
+    a tokenizer.json, whose id 0 is a real token (Llama 3's "!"). Where it is false,
+    padding travels as lengths or segment ids (docs/INFERENCE.md)."""
+    return not isinstance(vocab, HfTokenizerVocabulary)
+
+
+def start_id(vocab: seqio.Vocabulary) -> int | None:
+    """The token a decoder-only prompt starts from: the vocabulary's BOS where it has one
+    (a tokenizer.json's bos_token; a SentencePiece model with a BOS piece, e.g. Llama 2's
+    1), else 0 for SeqIO vocabularies (their shifted targets start with 0), None for a
+    tokenizer.json without BOS."""
+    bos = getattr(vocab, "bos_id", None)
+    if bos is not None and bos >= 0:
+        return int(bos)
+    return None if isinstance(vocab, HfTokenizerVocabulary) else 0
+
+
+def resolve_decode(decode, vocab: seqio.Vocabulary):
+    """`decode` (decoding.DecodeConfig) with the vocabulary's EOS and start token; a
+    ValueError naming both values where a set id contradicts them (DecodeConfig.resolved)."""
+    eos = vocab.eos_id
+    name = getattr(vocab, "sentencepiece_model_file", None) or str(vocab)
+    return decode.resolved(None if eos is None or eos < 0 else int(eos), start_id(vocab), name)
+
+
 def check_model_covers(vocab: seqio.Vocabulary, model_vocab_size: int) -> None:
     """Raises ValueError when a model with `model_vocab_size` embedding rows is too small
     for `vocab` (an id at or past the table has no embedding and no logit); logs a

@@ -167,7 +167,11 @@ class Evaluator:
                  for name in names for task in mixtures.leaf_tasks(name)
                  if cfg.split in task.splits]
         module_graphdef, _ = nnx.split(nnx.eval_shape(model.make_module))
-        inference = predict.Inference(model, mesh, rules, module_graphdef, cfg.decode,
+        decode = cfg.decode
+        if form.text:  # the special ids of the vocabulary of the tasks that decode
+            decode = predict.decode_for_tasks(
+                decode, [t.task for t in tasks if t.seqio_evaluator is not None])
+        inference = predict.Inference(model, mesh, rules, module_graphdef, decode,
                                       batch_size)
         return cls(streams, step, model.bpc_form, batch_size, mesh,
                    partitioning.process_rows(mesh, batch_size), graphdef, inference,

@@ -27,6 +27,7 @@ from t5x_like.evaluation.predict import (
     Inference,
     decoded_predictions,
     example_batches,
+    decode_for_tasks,
     text_of,
 )
 from t5x_like.model.decoding import DecodeConfig
@@ -61,6 +62,7 @@ def infer(*, model, mesh_config, mixture_or_task_name: str,
     launch.start_devices(mesh_config)
     form = model.data_form(task_feature_lengths)
     tasks = mixtures.leaf_tasks(mixture_or_task_name)
+    decode = decode_for_tasks(decode, tasks)
     if prompts:
         vocab = tasks[0].output_features["targets"].vocabulary
         path = _output_path(output_dir, "prompts", "predict")
@@ -123,9 +125,17 @@ def _infer_prompts(inference: Inference, params, vocab, prompts: Sequence[str],
         for first in range(0, len(rows), inference.batch_size):
             chunk = rows[first:first + inference.batch_size]
             batch = np.zeros((inference.batch_size, width), np.int32)
+            lengths = np.zeros((inference.batch_size,), np.int32)
             for i, row in enumerate(chunk):
                 batch[i, :len(row)] = row
-            out = inference.predict(params, {key: batch})
+                lengths[i] = len(row)
+            # The padding travels as lengths (segment ids for an encoder): id 0 may be a
+            # real token of the prompt (Llama 3's "!").
+            features = {key: batch, "prompt_lengths": lengths}
+            if key == "encoder_input_tokens":
+                features = {key: batch, "encoder_segment_ids": (
+                    np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)}
+            out = inference.predict(params, features)
             for text, tokens, score in zip(prompts[first:], out["tokens"], out["scores"]):
                 ids = [int(t) for t in tokens]
                 ids = ids[:ids.index(vocab.eos_id)] if vocab.eos_id in ids else ids

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from t5x_like import launch
-from t5x_like.data import forms
+from t5x_like.data import forms, vocabulary
 from t5x_like.model import partitioning
 from t5x_like.model.decoding import DecodeConfig
 from t5x_like.training import checkpoints, loader
@@ -87,6 +87,19 @@ class Inference:
                 return fn(nnx.merge(self.graphdef, params), batch, *extra)
 
         return run
+
+
+def decode_for_tasks(decode: DecodeConfig, tasks) -> DecodeConfig:
+    """`decode` with the special ids of the tasks' targets vocabulary (one set for all
+    of them; vocabulary.resolve_decode refuses a setting that contradicts it)."""
+    resolved = {vocabulary.resolve_decode(decode, t.output_features["targets"].vocabulary)
+                for t in tasks}
+    if len(resolved) > 1:
+        raise ValueError(
+            f"The tasks {[t.name for t in tasks]} use vocabularies with different special "
+            f"ids ({sorted((d.eos_id, str(d.bos_id)) for d in resolved)} as (eos, bos)); "
+            "run them separately, one decoding each.")
+    return resolved.pop() if resolved else decode
 
 
 def example_batches(task: seqio.Task, task_feature_lengths: Mapping[str, int], split: str,

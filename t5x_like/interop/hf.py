@@ -501,12 +501,32 @@ def write_hf(out_dir: str | os.PathLike, cfg: TransformerConfig, params: nnx.Sta
 # The two commands
 
 
+def decode_gin_text(hf: Mapping[str, Any]) -> str:
+    """Gin lines binding decoding.DecodeConfig's special ids to config.json's
+    bos_token_id / eos_token_id, which inference checks against the task's tokenizer
+    (a contradiction is refused, naming both). A list of EOS ids (Llama 3 Instruct's
+    [128001, 128008, 128009]) binds none: our decoder stops at one, the vocabulary's."""
+    lines = ["", "# Special ids from config.json; infer and eval check them against the "
+             "tokenizer.", "from t5x_like.model import decoding"]
+    eos, bos = hf.get("eos_token_id"), hf.get("bos_token_id")
+    if isinstance(eos, int):
+        lines.append(f"decoding.DecodeConfig.eos_id = {eos}")
+    elif eos is not None:
+        lines.append(f"# config.json's eos_token_id is {eos!r}: the vocabulary's eos_token "
+                     "(one of them) ends decoding.")
+    if "bos_token_id" in hf:
+        lines.append(f"decoding.DecodeConfig.bos_id = {bos!r}")
+    return "\n".join(lines) + "\n"
+
+
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
               gin_out: str | os.PathLike | None = None) -> TransformerConfig:
-    """save_pretrained folder -> params-only checkpoint at `out` (+ model gin file)."""
-    cfg = config_from_hf(read_config(hf_dir), dtype=dtype)
+    """save_pretrained folder -> params-only checkpoint at `out` (+ model gin file, with
+    config.json's special ids for decoding: `decode_gin_text`)."""
+    hf_config = read_config(hf_dir)
+    cfg = config_from_hf(hf_config, dtype=dtype)
     params = read_hf_params(hf_dir, cfg)
-    gin_text = model_gin_text(cfg, os.fspath(hf_dir))
+    gin_text = model_gin_text(cfg, os.fspath(hf_dir)) + decode_gin_text(hf_config)
     path = checkpoints.save_params(out, params, config_text=gin_text)
     if gin_out is not None:
         epath.Path(gin_out).write_text(gin_text)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 NEG_INF = -1.0e7  # large but finite: -inf - -inf would be NaN
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 METHODS = ("greedy", "sample", "beam")
+VOCABULARY = "vocabulary"  # DecodeConfig's special ids: the task vocabulary's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +36,16 @@ class DecodeConfig:
     max_decode_length: tokens to generate at most (EOS included).
     top_k: keep the k most likely tokens (0: all); top_p: the smallest set whose
       probability reaches p (1.0: all), both before sampling at `temperature`.
-    bos_id: the token a decoder-only prompt starts from: 0, as SeqIO's shifted targets
-      start (our models); None for models trained without one (e.g. Hugging Face's
-      Llama, whose tokenizer writes its own BOS into the prompt).
+    eos_id, bos_id: the special ids, by default (VOCABULARY) the task vocabulary's,
+      filled in by `resolved` where the vocabulary is known (infer, eval, the recipes:
+      data/vocabulary.resolve_decode). eos_id ends a row; bos_id is the token a
+      decoder-only prompt starts from: the vocabulary's BOS where it has one (a
+      tokenizer.json's bos_token, e.g. Llama 3's <|begin_of_text|>), 0 for SeqIO's
+      SentencePiece vocabularies (SeqIO's shifted targets start with 0), None for none.
+      A gin setting (e.g. the one `hf import` writes from config.json) must agree with
+      the vocabulary; `resolved` refuses one that does not, naming both. Code that
+      decodes without a vocabulary (tests, benchmarks) passes ints (eos_id=-1: never
+      stop).
     """
 
     method: str = "greedy"
@@ -47,10 +55,8 @@ class DecodeConfig:
     top_p: float = 1.0
     beam_size: int = 4
     alpha: float = 0.6
-    # T5's EOS id, data/vocabulary.EOS_ID (not imported: it loads SeqIO and TensorFlow;
-    # tests/test_accelerator_check.py checks the two agree).
-    eos_id: int = 1
-    bos_id: int | None = 0
+    eos_id: int | str = VOCABULARY
+    bos_id: int | str | None = VOCABULARY
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -62,6 +68,47 @@ class DecodeConfig:
         if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0.0:
             raise ValueError(f"DecodeConfig: top_p={self.top_p} must be in (0, 1] and "
                              f"temperature={self.temperature} > 0 (greedy: method='greedy').")
+        for name in ("eos_id", "bos_id"):
+            value = getattr(self, name)
+            if not (value == VOCABULARY or isinstance(value, int)
+                    or (name == "bos_id" and value is None)):
+                raise ValueError(f"DecodeConfig.{name}={value!r}; expected an int, "
+                                 f"{VOCABULARY!r} (the task vocabulary's)"
+                                 f"{' or None (no BOS)' if name == 'bos_id' else ''}.")
+
+    @property
+    def is_resolved(self) -> bool:
+        """Whether both special ids are known (not VOCABULARY)."""
+        return VOCABULARY not in (self.eos_id, self.bos_id)
+
+    def resolved(self, eos_id: int | None, bos_id: int | None, vocabulary: str
+                 ) -> DecodeConfig:
+        """This config with the vocabulary's EOS and start token (`vocabulary` names it in
+        errors): a ValueError naming both values when a set id contradicts it, or when
+        the vocabulary has no EOS (decoding could never stop)."""
+        if eos_id is None:
+            raise ValueError(
+                f"The vocabulary {vocabulary} has no EOS token, so decoding could never "
+                "stop: name it (HfTokenizerVocabulary(path, eos_token=...), the eos_token of "
+                "the tokenizer's tokenizer_config.json, e.g. '<|end_of_text|>' for Llama 3).")
+        for name, ours, theirs in (("eos_id", self.eos_id, eos_id),
+                                   ("bos_id", self.bos_id, bos_id)):
+            if ours != VOCABULARY and ours != theirs:
+                raise ValueError(
+                    f"decoding.DecodeConfig.{name}={ours!r} contradicts the task vocabulary "
+                    f"{vocabulary}, whose {name} is {theirs!r}: a model decoded with special "
+                    "ids its tokenizer does not use starts or stops at ordinary tokens. "
+                    f"Remove the {name} setting (the vocabulary's is used) or use the "
+                    "tokenizer the model was made for.")
+        return dataclasses.replace(self, eos_id=eos_id, bos_id=bos_id)
+
+    def check_resolved(self) -> None:
+        if not self.is_resolved:
+            raise ValueError(
+                f"DecodeConfig(eos_id={self.eos_id!r}, bos_id={self.bos_id!r}) has no "
+                "special ids yet: they come from the task vocabulary "
+                "(data/vocabulary.resolve_decode(decode, vocab)); without one, pass eos_id "
+                "and bos_id as ints.")
 
 
 def _filter_logits(logits_BV, top_k: int, top_p: float):

@@ -3,9 +3,11 @@
 A model object holds only the config; the NNX module (the parameters) is passed to each
 method, so train/eval code can `nnx.split`/`nnx.merge`, shard and differentiate it freely.
 Batches are dicts of int32 [B, L] arrays with SeqIO's feature names (docs/ARCHITECTURE.md).
-Absent `*_segment_ids` / `*_positions` mean unpacked rows; padding is then read from the
-tokens (0 = pad): `decoder_target_tokens` for the decoder (its inputs start with the
-shifted-in 0), `encoder_input_tokens` for the encoder.
+Absent `*_segment_ids` / `*_positions` mean unpacked rows, right-padded with 0 (SeqIO's
+convention): a row runs up to its last non-zero token of `decoder_target_tokens` for the
+decoder (its inputs start with the shifted-in 0), `encoder_input_tokens` for the encoder;
+a 0 inside a row is a token (Llama 3's "!"). Prompts to decode carry their lengths
+(`prompt_lengths`) where id 0 is a real token.
 
 The model decides its family, here and nowhere else: the class (encoder-decoder or
 decoder-only, `model_for(cfg)` for a bare config) and, for a decoder-only model, the
@@ -40,9 +42,16 @@ Batch = Mapping[str, jax.Array]
 
 
 def _segments_and_positions(batch: Batch, prefix: str, pad_source: str):
-    """(segment_ids, positions) from the batch, or their unpacked defaults."""
-    return segments_and_positions(batch[pad_source], batch.get(f"{prefix}_segment_ids"),
-                                  batch.get(f"{prefix}_positions"), zero_is_padding=True)
+    """(segment_ids, positions) from the batch, or their unpacked defaults: one segment
+    up to the row's last non-zero token (SeqIO's right padding with 0; a 0 inside the
+    row, a real token in some vocabularies, is attended)."""
+    segment_ids_BL = batch.get(f"{prefix}_segment_ids")
+    tokens_BL = batch[pad_source]
+    if segment_ids_BL is None:
+        columns_L = jnp.arange(tokens_BL.shape[1])[None, :]
+        segment_ids_BL = (columns_L < right_padded_lengths(tokens_BL)[:, None]).astype(
+            jnp.int32)
+    return segments_and_positions(tokens_BL, segment_ids_BL, batch.get(f"{prefix}_positions"))
 
 
 def loss_weights(batch: Batch):
@@ -277,13 +286,16 @@ class LanguageModel:
         nll_BL, _, _ = token_losses(logits_BLV, batch["decoder_target_tokens"], 0.0)
         return -jnp.sum(loss_weights(batch) * nll_BL, axis=-1)
 
-    def predict_batch(self, module, batch: Batch, decode: DecodeConfig = DecodeConfig(),
+    def predict_batch(self, module, batch: Batch, decode: DecodeConfig,
                       rng=None) -> dict[str, jax.Array]:
         """Decodes a batch with the KV cache (T5X's predict_batch): {"tokens" [B, T],
         "scores" [B] (log-probability, length-penalised for beams), and for sampling
         "token_logprobs" [B, T] or for beam search "beams" [B, k, T], "beam_scores"}.
-        Tokens after EOS are 0. The batch's prompt features are the family's
+        Tokens after EOS are 0 (a row ends at its first EOS; 0 may be a real token
+        before it). `decode`'s special ids must be known (resolved from the vocabulary:
+        data/vocabulary.resolve_decode). The batch's prompt features are the family's
         (`_start_decoding`); jit this with `decode` static."""
+        decode.check_resolved()
         first_logits_BV, state = self._start_decoding(module, batch,
                                                       decode.max_decode_length, decode.bos_id)
         # The loop body is a new trace: it rebuilds the module with new Variables there
@@ -323,7 +335,10 @@ class DecoderOnlyModel(LanguageModel):
     def data_form(self, task_feature_lengths: Mapping[str, int]) -> forms.DataForm:
         from t5x_like.data import forms  # SeqIO + TensorFlow, only when rows are built
 
-        # T5X's DecoderFeatureConverter rule: task inputs make it a prefix LM.
+        # T5X's DecoderFeatureConverter rule: task inputs make it a prefix LM; dialogues
+        # carry their loss mask (data/chat.py).
+        if "loss_mask" in task_feature_lengths:
+            return forms.CHAT
         return forms.PREFIX_LM if "inputs" in task_feature_lengths else forms.LM
 
     def _start_decoding(self, module: Decoder, batch: Batch, max_decode_length: int,
@@ -332,15 +347,18 @@ class DecoderOnlyModel(LanguageModel):
         inputs with their EOS) decode as a prefix LM (bidirectional prompt, as trained
         on prefix-LM data), and so do SeqIO's unpacked prefix-LM features (the inputs are
         the `decoder_target_tokens` under `decoder_causal_attention` but its last
-        position); `prompt` [B, P] instead continues the text causally (its length per
-        row: `prompt_lengths` [B], else its non-zero tokens). Each becomes `bos_id` (if
-        any) + its tokens, left-padded to one length, and fills the cache."""
+        position); `prompt` [B, P] instead continues the text causally. A prompt's length
+        per row is `prompt_lengths` [B] (required where id 0 is a real token, e.g.
+        Llama 3's "!"), else SeqIO's convention: right-padded with 0, up to its last
+        non-zero token. Each becomes `bos_id` (if any) + its tokens, left-padded to one
+        length, and fills the cache."""
         if "decoder_causal_attention" in batch:
             attention_BL = batch["decoder_causal_attention"]
             n_inputs_B1 = jnp.sum(attention_BL != 0, axis=1, keepdims=True) - 1
             columns_L = jnp.arange(attention_BL.shape[1])[None, :]
             batch = {"inputs": jnp.where(columns_L < n_inputs_B1,
-                                         batch["decoder_target_tokens"], 0)}
+                                         batch["decoder_target_tokens"], 0),
+                     "prompt_lengths": jnp.maximum(n_inputs_B1[:, 0], 0)}
         prefix_lm = "inputs" in batch
         prompt_BP = batch["inputs"] if prefix_lm else batch["prompt"]
         tokens_BL, valid_BL = _left_aligned(prompt_BP, batch.get("prompt_lengths"), bos_id)
@@ -386,8 +404,9 @@ class EncoderDecoderModel(LanguageModel):
                         bos_id: int | None = 0):
         """Prompts: `encoder_input_tokens` [B, M] (0-padded): the encoder runs once; the
         decoder starts from BOS (0), as training's shifted targets do."""
+        segment_ids_BM, _ = _segments_and_positions(batch, "encoder", "encoder_input_tokens")
         cache = module.prefill(batch["encoder_input_tokens"], max_decode_length + 1,
-                               batch.get("encoder_segment_ids"))
+                               segment_ids_BM)
         bos_B1 = jnp.full((batch["encoder_input_tokens"].shape[0], 1), bos_id or 0, jnp.int32)
         logits_B1V, cache = module.decode_step(bos_B1, cache)
         return logits_B1V[:, -1], cache
@@ -410,13 +429,15 @@ class EncoderDecoderModel(LanguageModel):
 
 
 def _left_aligned(prompt_BP, lengths_B=None, bos_id: int | None = 0):
-    """`bos_id` (if not None) + each row's first `lengths_B` tokens (default: its non-zero
-    tokens), left-padded to one width: (tokens, valid) [B, W]. Left padding gives every
-    row the same next slot."""
+    """`bos_id` (if not None) + each row's first `lengths_B` tokens, left-padded to one
+    width: (tokens, valid) [B, W]. Left padding gives every row the same next slot.
+    Without `lengths_B`, SeqIO's convention: rows right-padded with 0, each up to its
+    last non-zero token (a 0 inside a row is kept); a vocabulary whose id 0 is a real
+    token passes the lengths."""
     prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
     batch = prompt_BP.shape[0]
     if lengths_B is None:
-        lengths_B = jnp.sum(prompt_BP != 0, axis=1)
+        lengths_B = right_padded_lengths(prompt_BP)
     if bos_id is not None:
         prompt_BP = jnp.concatenate([jnp.full((batch, 1), bos_id, jnp.int32), prompt_BP], 1)
         lengths_B = jnp.asarray(lengths_B) + 1
@@ -425,6 +446,14 @@ def _left_aligned(prompt_BP, lengths_B=None, bos_id: int | None = 0):
     valid_BW = source_BW >= 0
     tokens_BW = jnp.take_along_axis(prompt_BP, jnp.maximum(source_BW, 0), axis=1)
     return jnp.where(valid_BW, tokens_BW, 0), valid_BW
+
+
+def right_padded_lengths(tokens_BL):
+    """[B] length of each row right-padded with 0 (SeqIO's convention, pad = 0): up to
+    and including its last non-zero token, so a 0 inside a row counts."""
+    tokens_BL = jnp.asarray(tokens_BL)
+    columns_L = jnp.arange(1, tokens_BL.shape[1] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(tokens_BL != 0, columns_L[None, :], 0), axis=1)
 
 
 def model_for(cfg: TransformerConfig) -> DecoderOnlyModel | EncoderDecoderModel:

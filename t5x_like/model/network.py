@@ -197,10 +197,12 @@ class RewardDecoder(Decoder):
         self.reward_head = nnx.Param(jnp.zeros((cfg.emb_dim,), jnp.float32),
                                      out_sharding=(EMBED,))
 
-    def rewards(self, tokens_BL, last_B, *, rng=None):
-        """[B] float32 reward of each row, read at position `last_B`."""
-        states_BLD = self.final_states(
-            tokens_BL, segment_ids_BL=(tokens_BL != 0).astype(jnp.int32), rng=rng)
+    def rewards(self, tokens_BL, last_B, *, segment_ids_BL=None, rng=None):
+        """[B] float32 reward of each row, read at position `last_B`; `segment_ids_BL`:
+        1 on the row's tokens, 0 on padding (default: its non-zero tokens)."""
+        if segment_ids_BL is None:
+            segment_ids_BL = (tokens_BL != 0).astype(jnp.int32)
+        states_BLD = self.final_states(tokens_BL, segment_ids_BL=segment_ids_BL, rng=rng)
         last_BD = jnp.take_along_axis(states_BLD, last_B[:, None, None], axis=1)[:, 0]
         return jnp.einsum("BD,D->B", last_BD.astype(jnp.float32), self.reward_head[...])
 

@@ -27,10 +27,16 @@ import numpy as np
 from flax import nnx
 
 from t5x_like.data import forms
+from t5x_like.data import pairs
 from t5x_like.data.pairs import NUM_RATINGS
 from t5x_like.model import flops
 from t5x_like.model.decoding import DecodeConfig
-from t5x_like.model.families import Batch, DecoderOnlyModel, token_losses
+from t5x_like.model.families import (
+    Batch,
+    DecoderOnlyModel,
+    right_padded_lengths,
+    token_losses,
+)
 from t5x_like.model.layers import TransformerConfig
 from t5x_like.model.network import Decoder, DPODecoder, RewardDecoder
 
@@ -105,9 +111,24 @@ def summarize_pairs(totals: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-def last_token_index(tokens_BL):
-    """Index of each row's last non-padding token (0 for an all-padding row)."""
-    return jnp.maximum(jnp.sum(tokens_BL != 0, axis=1) - 1, 0)
+def last_token_index(tokens_BL, segment_ids_BL=None):
+    """Index of each row's last token (0 for an all-padding row): the last position whose
+    segment id is non-zero; without segment ids, SeqIO's right padding with 0 (the last
+    non-zero token: a 0 inside the row is a token)."""
+    marks_BL = tokens_BL if segment_ids_BL is None else segment_ids_BL
+    return jnp.maximum(right_padded_lengths(marks_BL) - 1, 0)
+
+
+def row_segments(batch: Batch, side: str):
+    """[B, L] int32 segment ids of a pair's `side` ("chosen", "rejected"): 1 on the
+    prompt and response, 0 on padding, as the converter marks them
+    (`{side}_segment_ids`); rows made before those existed: SeqIO's right padding."""
+    segment_ids_BL = batch.get(f"{side}_segment_ids")
+    if segment_ids_BL is None:
+        tokens_BL = batch[f"{side}_tokens"]
+        columns_L = jnp.arange(tokens_BL.shape[1])[None, :]
+        segment_ids_BL = columns_L < right_padded_lengths(tokens_BL)[:, None]
+    return jnp.asarray(segment_ids_BL).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------
@@ -129,17 +150,16 @@ class _PairwiseModel(DecoderOnlyModel):
     def get_initial_batch(self, batch_size: int, feature_lengths: Mapping[str, int]):
         length = _pair_length(feature_lengths)
         batch = {n: np.zeros((batch_size, length), np.int32)
-                 for n in ("chosen_tokens", "chosen_response", "rejected_tokens",
-                           "rejected_response")}
+                 for n in pairs.MODEL_FEATURES if n != "rating"}
         batch["rating"] = np.zeros((batch_size, 1), np.int32)
         return batch
 
     def _pair_metrics(self, losses_B, correct_B, batch: Batch, extra):
+        chosen_BL, rejected_BL = row_segments(batch, "chosen"), row_segments(batch, "rejected")
         loss, metrics = pair_metrics(
-            losses_B, correct_B, batch["chosen_tokens"][:, 0] != 0,  # all-zero rows pad
+            losses_B, correct_B, chosen_BL[:, 0] != 0,  # rows of padding have no segment
             batch["rating"][:, 0], extra=extra)
-        metrics["num_tokens"] = jnp.sum((batch["chosen_tokens"] != 0)
-                                        + (batch["rejected_tokens"] != 0)).astype(jnp.float32)
+        metrics["num_tokens"] = jnp.sum(chosen_BL + rejected_BL).astype(jnp.float32)
         return loss, metrics
 
 
@@ -156,14 +176,23 @@ class RewardModel(_PairwiseModel):
         self.margin = margin
         super().__init__(cfg)
 
-    def rewards(self, module: RewardDecoder, tokens_BL, rng=None):
-        """[B] reward of each row (prompt + response, right-padded), at its last token."""
-        return module.rewards(tokens_BL, last_token_index(tokens_BL), rng=rng)
+    def rewards(self, module: RewardDecoder, tokens_BL, rng=None, segment_ids_BL=None):
+        """[B] reward of each row (prompt + response, right-padded), at its last token:
+        the last of `segment_ids_BL` (1 on tokens, 0 on padding; default: SeqIO's right
+        padding with 0, see `last_token_index`)."""
+        if segment_ids_BL is None:
+            columns_L = jnp.arange(tokens_BL.shape[1])[None, :]
+            segment_ids_BL = (columns_L < right_padded_lengths(tokens_BL)[:, None]
+                              ).astype(jnp.int32)
+        return module.rewards(tokens_BL, last_token_index(tokens_BL, segment_ids_BL),
+                              segment_ids_BL=segment_ids_BL, rng=rng)
 
     def loss_fn(self, module: RewardDecoder, batch: Batch, rng=None):
         rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
-        chosen_B = self.rewards(module, batch["chosen_tokens"], rngs[0])
-        rejected_B = self.rewards(module, batch["rejected_tokens"], rngs[1])
+        chosen_B = self.rewards(module, batch["chosen_tokens"], rngs[0],
+                                row_segments(batch, "chosen"))
+        rejected_B = self.rewards(module, batch["rejected_tokens"], rngs[1],
+                                  row_segments(batch, "rejected"))
         losses_B = reward_losses(chosen_B, rejected_B, batch["rating"][:, 0],
                                             self.margins)
         return self._pair_metrics(losses_B, chosen_B > rejected_B, batch,
@@ -171,11 +200,12 @@ class RewardModel(_PairwiseModel):
 
     def score_batch(self, module: RewardDecoder, batch: Batch):
         """[B] reward of `decoder_target_tokens` (prompt + response, as the lm converter
-        lays out an unpacked row), e.g. to rank sampled responses."""
-        return self.rewards(module, batch["decoder_target_tokens"])
+        lays out an unpacked row; its padding: `decoder_segment_ids` where given, else
+        SeqIO's right padding with 0), e.g. to rank sampled responses."""
+        return self.rewards(module, batch["decoder_target_tokens"],
+                            segment_ids_BL=batch.get("decoder_segment_ids"))
 
-    def predict_batch(self, module, batch: Batch, decode: DecodeConfig = DecodeConfig(),
-                      rng=None):
+    def predict_batch(self, module, batch: Batch, decode: DecodeConfig = None, rng=None):
         raise ValueError("A RewardModel scores sequences and does not generate; decode with "
                          "the policy's DecoderOnlyModel and score its outputs with this one.")
 
@@ -200,11 +230,15 @@ class DPOModel(_PairwiseModel):
         module.reset_reference()  # the reference is where the policy starts
 
     @staticmethod
-    def response_logprobs(decoder: Decoder, tokens_BL, response_BL, rng=None):
-        """[B] Σ log p(token | earlier tokens) over each row's response positions."""
+    def response_logprobs(decoder: Decoder, tokens_BL, response_BL, rng=None,
+                          segment_ids_BL=None):
+        """[B] Σ log p(token | earlier tokens) over each row's response positions;
+        `segment_ids_BL` 1 on the row's tokens, 0 on padding (default: SeqIO's right
+        padding with 0)."""
+        if segment_ids_BL is None:
+            segment_ids_BL = row_segments({"x_tokens": tokens_BL}, "x")
         inputs_BL = jnp.pad(tokens_BL[:, :-1], ((0, 0), (1, 0)))
-        logits_BLV = decoder(inputs_BL, segment_ids_BL=(tokens_BL != 0).astype(jnp.int32),
-                             rng=rng)
+        logits_BLV = decoder(inputs_BL, segment_ids_BL=segment_ids_BL, rng=rng)
         nll_BL, _, _ = token_losses(logits_BLV, tokens_BL, 0.0)
         return -jnp.sum(nll_BL * response_BL.astype(jnp.float32), axis=-1)
 
@@ -217,9 +251,10 @@ class DPOModel(_PairwiseModel):
         logps = {}
         for i, side in enumerate(("chosen", "rejected")):
             tokens, response = batch[f"{side}_tokens"], batch[f"{side}_response"]
-            logps[side] = self.response_logprobs(module, tokens, response, rngs[i])
+            segments = row_segments(batch, side)
+            logps[side] = self.response_logprobs(module, tokens, response, rngs[i], segments)
             logps[f"reference_{side}"] = jax.lax.stop_gradient(
-                self.response_logprobs(reference, tokens, response))
+                self.response_logprobs(reference, tokens, response, None, segments))
         losses_B, margin_B = dpo_losses(
             logps["chosen"], logps["rejected"], logps["reference_chosen"],
             logps["reference_rejected"], self.beta)

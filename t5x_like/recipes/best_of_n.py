@@ -47,45 +47,64 @@ SUMMARY_FILE = "summary.json"
 SFT_FORMS = ("lm", "prefix_lm")
 
 
-def _joined_rows(prompts_BP: np.ndarray, responses_BT: np.ndarray, eos_id: int) -> np.ndarray:
-    """Each prompt's non-zero tokens followed by its response up to and including the
-    first EOS (or up to the first 0), right-padded with 0 to P + T."""
+def prompt_lengths(prompts_BP: np.ndarray, lengths_B=None) -> np.ndarray:
+    """[B] each prompt's length: `lengths_B` where given (a vocabulary whose id 0 is a
+    real token needs them), else SeqIO's right padding with 0 (up to the last non-zero
+    token)."""
+    prompts_BP = np.asarray(prompts_BP)
+    if lengths_B is not None:
+        return np.asarray(lengths_B, np.int64)
+    columns = np.arange(1, prompts_BP.shape[1] + 1)
+    return np.max(np.where(prompts_BP != 0, columns[None, :], 0), axis=1, initial=0)
+
+
+def _joined_rows(prompts_BP: np.ndarray, responses_BT: np.ndarray, eos_id: int,
+                 lengths_B=None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, segment ids) [B, P + T]: each prompt's first `lengths_B` tokens
+    (`prompt_lengths`) followed by its response up to and including the first EOS,
+    right-padded with 0; the segment ids are 1 on those tokens, 0 on the padding, so a
+    token 0 inside (Llama 3's "!") is never taken for padding."""
     prompts_BP, responses_BT = np.asarray(prompts_BP), np.asarray(responses_BT)
-    out = np.zeros((prompts_BP.shape[0], prompts_BP.shape[1] + responses_BT.shape[1]), np.int32)
+    lengths_B = prompt_lengths(prompts_BP, lengths_B)
+    shape = (prompts_BP.shape[0], prompts_BP.shape[1] + responses_BT.shape[1])
+    out, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
     for b, (prompt, response) in enumerate(zip(prompts_BP, responses_BT)):
-        row = list(prompt[prompt != 0]) + _response_tokens(response, eos_id)
+        row = list(prompt[:lengths_B[b]]) + _response_tokens(response, eos_id)
         out[b, :len(row)] = row
-    return out
+        segments[b, :len(row)] = 1
+    return out, segments
 
 
 def _response_tokens(response: np.ndarray, eos_id: int) -> list[int]:
-    tokens = []
-    for t in (int(x) for x in response):
-        if t == 0:
-            break
-        tokens.append(t)
-        if t == eos_id:
-            break
-    return tokens
+    """A sampled response up to and including its first EOS (all of it without one);
+    the decoder writes 0 after EOS, and a 0 before it is a token."""
+    tokens = [int(x) for x in response]
+    return tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
 def sample_and_score(policy, policy_module, reward_model, reward_module, prompts_BP,
-                     n: int, decode: DecodeConfig, seed: int = 0):
+                     n: int, decode: DecodeConfig, seed: int = 0, lengths_B=None):
     """(responses [N, B, T], rewards [N, B]): N sampled responses per prompt (`prompts_BP`
-    right-padded token ids, continued causally) and the reward of each."""
+    right-padded token ids of `lengths_B` tokens (`prompt_lengths`), continued causally)
+    and the reward of each. `decode`'s special ids must be resolved
+    (data/vocabulary.resolve_decode)."""
     if n < 1 or decode.method != "sample":
         raise ValueError(f"rejection sampling needs n >= 1 samples (got {n}) drawn with "
                          f"DecodeConfig(method='sample') (got {decode.method!r}).")
+    decode.check_resolved()
     prompts_BP = np.asarray(prompts_BP, np.int32)
-    predict = nnx.jit(lambda m, p, key: policy.predict_batch(m, {"prompt": p}, decode, key))
-    score = nnx.jit(lambda m, rows: reward_model.rewards(m, rows))
+    lengths_B = prompt_lengths(prompts_BP, lengths_B).astype(np.int32)
+    predict = nnx.jit(lambda m, p, lengths, key: policy.predict_batch(
+        m, {"prompt": p, "prompt_lengths": lengths}, decode, key))
+    score = nnx.jit(lambda m, rows, segments: reward_model.rewards(m, rows, None, segments))
     responses, rewards = [], []
     for i in range(n):
-        out = predict(policy_module, prompts_BP, jax.random.fold_in(jax.random.key(seed), i))
+        out = predict(policy_module, prompts_BP, lengths_B,
+                      jax.random.fold_in(jax.random.key(seed), i))
         tokens_BT = np.asarray(jax.device_get(out["tokens"]))
         responses.append(tokens_BT)
-        rewards.append(np.asarray(score(reward_module,
-                                        _joined_rows(prompts_BP, tokens_BT, decode.eos_id))))
+        rows, segments = _joined_rows(prompts_BP, tokens_BT, decode.eos_id, lengths_B)
+        rewards.append(np.asarray(score(reward_module, rows, segments)))
     return np.stack(responses), np.stack(rewards)
 
 
@@ -97,13 +116,15 @@ def best_of(rewards_NB: np.ndarray, k: int) -> np.ndarray:
 
 
 def write_sft_source(path: str, prompts_BP, responses_NBT, chosen_B, vocab,
-                     eos_id: int) -> int:
+                     eos_id: int, lengths_B=None) -> int:
     """Writes the kept (prompt, response) pairs to a gzipped TFRecord at `path`; returns
-    the number written. The response keeps its EOS (SeqIO's `add_eos` is then off)."""
+    the number written. Prompts: their first `lengths_B` tokens (`prompt_lengths`). The
+    response keeps its EOS (SeqIO's `add_eos` is then off)."""
     prompts_BP = np.asarray(prompts_BP)
+    lengths_B = prompt_lengths(prompts_BP, lengths_B)
     with tf.io.TFRecordWriter(path, options="GZIP") as writer:
         for b, index in enumerate(chosen_B):
-            inputs = [int(t) for t in prompts_BP[b] if t != 0]
+            inputs = [int(t) for t in prompts_BP[b, :lengths_B[b]]]
             targets = _response_tokens(np.asarray(responses_NBT)[index, b], eos_id)
             text = vocab.decode([t for t in targets if t != eos_id])
             feature = {

@@ -47,16 +47,19 @@ def _check_new_output(output_dir: str) -> None:
 
 
 def _prompt_rows(examples, feature: str, width: int, eos_id: int, batch_size: int
-                 ) -> np.ndarray:
-    """[batch_size, width] prompt token ids, right-padded with 0 (rows past the
-    examples all 0), a trailing EOS dropped: the policy continues the text."""
-    rows = np.zeros((batch_size, width), np.int32)
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """([batch_size, width] prompt token ids, right-padded with 0 (rows past the
+    examples all 0), [batch_size] their lengths), a trailing EOS dropped: the policy
+    continues the text. The task's examples are unpadded, so every token counts, 0
+    included (a real token in some vocabularies)."""
+    rows, lengths = np.zeros((batch_size, width), np.int32), np.zeros(batch_size, np.int32)
     for i, example in enumerate(examples):
-        tokens = [int(t) for t in np.asarray(example[feature]).reshape(-1) if t != 0]
+        tokens = [int(t) for t in np.asarray(example[feature]).reshape(-1)]
         if tokens and tokens[-1] == eos_id:
             tokens = tokens[:-1]
         rows[i, :len(tokens[:width])] = tokens[:width]
-    return rows
+        lengths[i] = len(tokens[:width])
+    return rows, lengths
 
 
 def _batches(task, task_feature_lengths, split: str, batch_size: int, max_prompts):
@@ -147,25 +150,29 @@ def _check(policy, reward_model, decode: DecodeConfig, num_samples: int, sft_for
 def _sample_and_score(policy_run, policy_params, reward_run, reward_params, tasks,
                       task_feature_lengths, split: str, batch_size: int, max_prompts,
                       prompt_feature: str, num_samples: int, eos_id: int, seed: int):
-    """(prompts [B, P], responses [N, B, T], rewards [N, B], task name of each prompt)
-    over every task's prompts, in order."""
+    """(prompts [B, P], their lengths [B], responses [N, B, T], rewards [N, B], task name
+    of each prompt) over every task's prompts, in order."""
     width = int(task_feature_lengths[prompt_feature])
     key = jax.random.key(seed)
-    prompts, responses, rewards, names = [], [], [], []
+    prompts, lengths, responses, rewards, names = [], [], [], [], []
     batch_index = 0
     for task in tasks:
         for examples in _batches(task, task_feature_lengths, split, batch_size, max_prompts):
-            rows_BP = _prompt_rows(examples, prompt_feature, width, eos_id, batch_size)
+            rows_BP, lengths_B = _prompt_rows(examples, prompt_feature, width, eos_id,
+                                              batch_size)
             tokens_N, rewards_N = [], []
             for i in range(num_samples):
                 sample_key = jax.random.fold_in(jax.random.fold_in(key, batch_index), i)
-                tokens_BT = np.asarray(policy_run.predict(policy_params, {"prompt": rows_BP},
-                                                          sample_key)["tokens"])
-                joined = best_of_n._joined_rows(rows_BP, tokens_BT, eos_id)
-                rewards_B = reward_run.score(reward_params, {"decoder_target_tokens": joined})
+                tokens_BT = np.asarray(policy_run.predict(
+                    policy_params, {"prompt": rows_BP, "prompt_lengths": lengths_B},
+                    sample_key)["tokens"])
+                joined, segments = best_of_n._joined_rows(rows_BP, tokens_BT, eos_id, lengths_B)
+                rewards_B = reward_run.score(reward_params, {"decoder_target_tokens": joined,
+                                                             "decoder_segment_ids": segments})
                 tokens_N.append(tokens_BT[:len(examples)])
                 rewards_N.append(np.asarray(rewards_B, np.float32)[:len(examples)])
             prompts.append(rows_BP[:len(examples)])
+            lengths.append(lengths_B[:len(examples)])
             responses.append(np.stack(tokens_N, axis=0))
             rewards.append(np.stack(rewards_N, axis=0))
             names += [task.name] * len(examples)
@@ -173,26 +180,28 @@ def _sample_and_score(policy_run, policy_params, reward_run, reward_params, task
         log.info("%s: %d prompts sampled", task.name, names.count(task.name))
     if not names:
         return None
-    return (np.concatenate(prompts, axis=0), np.concatenate(responses, axis=1),
-            np.concatenate(rewards, axis=1), names)
+    return (np.concatenate(prompts, axis=0), np.concatenate(lengths),
+            np.concatenate(responses, axis=1), np.concatenate(rewards, axis=1), names)
 
 
-def _write_output(output_dir: str, summary: dict, prompts_BP, responses_NBT, rewards_NB,
-                  chosen_B, names, vocab, eos_id: int, response_length: int) -> None:
+def _write_output(output_dir: str, summary: dict, prompts_BP, lengths_B, responses_NBT,
+                  rewards_NB, chosen_B, names, vocab, eos_id: int, response_length: int
+                  ) -> None:
     """The output directory (module docstring), written whole under `.partial` first."""
     partial = output_dir + ".partial"
     if os.path.exists(partial):
         shutil.rmtree(partial)  # an earlier run of this command that did not finish
     os.makedirs(partial)
     best_of_n.write_sft_source(os.path.join(partial, best_of_n.SFT_FILE), prompts_BP,
-                               responses_NBT, chosen_B, vocab, eos_id)
+                               responses_NBT, chosen_B, vocab, eos_id, lengths_B)
     with open(os.path.join(partial, "samples.jsonl"), "w", encoding="utf-8") as f:
         for b, name in enumerate(names):
             texts = [vocab.decode([t for t in best_of_n._response_tokens(
                 responses_NBT[i, b], eos_id) if t != eos_id])
                 for i in range(responses_NBT.shape[0])]
             f.write(json.dumps({
-                "task": name, "prompt": vocab.decode([int(t) for t in prompts_BP[b] if t]),
+                "task": name,
+                "prompt": vocab.decode([int(t) for t in prompts_BP[b, :lengths_B[b]]]),
                 "responses": texts, "rewards": [float(r) for r in rewards_NB[:, b]],
                 "kept": int(chosen_B[b])}, ensure_ascii=False) + "\n")
     with open(os.path.join(partial, best_of_n.SUMMARY_FILE), "w", encoding="utf-8") as f:
@@ -218,6 +227,7 @@ def rejection_sample(*, policy, policy_checkpoint: str, reward_model, reward_che
     tasks = mixtures.leaf_tasks(mixture_or_task_name)
     vocab = _check(policy, reward_model, decode, num_samples, sft_form, prompt_feature,
                    task_feature_lengths, tasks)
+    decode = vocabulary.resolve_decode(decode, vocab)  # its EOS and BOS, or a clear error
     output_dir = os.path.abspath(output_dir)
     _check_new_output(output_dir)
     launch.start_devices(mesh_config)
@@ -230,7 +240,7 @@ def rejection_sample(*, policy, policy_checkpoint: str, reward_model, reward_che
                                 prompt_feature, num_samples, decode.eos_id, seed)
     if sampled is None:
         raise ValueError(f"{mixture_or_task_name!r} has no examples in split {split!r}.")
-    prompts_BP, responses_NBT, rewards_NB, names = sampled
+    prompts_BP, lengths_B, responses_NBT, rewards_NB, names = sampled
     chosen_B = best_of_n.best_of(rewards_NB, num_samples)
     summary = {
         "prompts": len(names), "num_samples": num_samples,
@@ -247,8 +257,8 @@ def rejection_sample(*, policy, policy_checkpoint: str, reward_model, reward_che
         "sft_task_name": best_of_n.sft_task_name(output_dir),
         "vocabulary": _vocabulary_spec(vocab),
     }
-    _write_output(output_dir, summary, prompts_BP, responses_NBT, rewards_NB, chosen_B,
-                  names, vocab, decode.eos_id, decode.max_decode_length)
+    _write_output(output_dir, summary, prompts_BP, lengths_B, responses_NBT, rewards_NB,
+                  chosen_B, names, vocab, decode.eos_id, decode.max_decode_length)
     log.info("kept %d of %d x %d samples (mean reward %.4f, all samples %.4f) -> %s",
              len(names), len(names), num_samples, summary["mean_reward_kept"],
              summary["mean_reward_all_samples"], output_dir)
