@@ -7,6 +7,7 @@ import: the default suite imports it without torch, and make_golden.py imports i
 any Python that has torch and transformers (no jax, no t5x_like). torch and
 transformers are imported by the functions that need them.
 """
+import copy
 import os
 
 import numpy as np
@@ -21,12 +22,28 @@ HF_SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hid
 # A config.json of HF_SIZES as a dict, for the tests of config_from_hf alone.
 LLAMA_CONFIG = {"model_type": "llama", **HF_SIZES, "hidden_act": "silu",
                 "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}
+# RoPE scalings (tests/test_rope_scaling.py), each of a tiny Llama whose original context
+# is 32 tokens, run on 96: rope_theta 10,000 with head_dim 16 puts llama3's frequencies in
+# all three of its bands (kept, smoothed, divided) and yarn's ramp across dims 0-2.
+ROPE_ORIGINAL_LENGTH = 32
+ROPE_SCALINGS = {
+    "llama3": dict(rope_theta=10_000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": ROPE_ORIGINAL_LENGTH}),
+    "linear": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "yarn": dict(rope_theta=10_000.0, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": ROPE_ORIGINAL_LENGTH}),
+}
 # The golden models (tests/golden/hf/<name>/): save_hf's arguments, as the live tests use
-# them: the hf_llama fixture, the tied model, Mistral without a sliding window.
+# them: the hf_llama fixture, the tied model, Mistral without a sliding window, and a
+# Llama of each RoPE scaling (rope_<type>).
 GOLDEN_MODELS = {
     "llama": dict(family="llama", seed=0),
     "llama_tied": dict(family="llama", seed=2, tie_word_embeddings=True),
     "mistral": dict(family="mistral", seed=4, sliding_window=None),
+    **{f"rope_{kind}": dict(family="llama", seed=6 + i, **overrides)
+       for i, (kind, overrides) in enumerate(ROPE_SCALINGS.items())},
 }
 GOLDEN_VERSIONS_FILE = "versions.json"  # in GOLDEN_DIR: the versions that made the files
 GOLDEN_REFERENCE_FILE = "reference.npz"  # in each model's folder: inputs and outputs
@@ -65,7 +82,9 @@ def save_hf(directory, *, family="llama", seed=0, save_kwargs=None, **overrides)
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }[family]
-    config = config_class(**{**HF_SIZES, "tie_word_embeddings": False, **overrides})
+    # A copy: transformers' config fills the rope_scaling dict it is given (rope_theta).
+    config = config_class(**copy.deepcopy({**HF_SIZES, "tie_word_embeddings": False,
+                                           **overrides}))
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32).eval()
     randomize(model, seed)

@@ -145,12 +145,14 @@ def test_mistral_without_sliding_window_is_the_same_network():
 
 
 @pytest.mark.parametrize("changes, option", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
-     "rope_scaling.rope_type='llama3'"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type='linear'"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0}},
-     "rope_parameters.rope_type='llama3'"),
+    # RoPE scalings that change with the sequence length (tests/test_rope_scaling.py has
+    # the ones we compute)
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+     "rope_scaling.rope_type='dynamic'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type='dynamic'"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 5e5, "factor": 32.0}},
+     "rope_parameters.rope_type='longrope'"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
     ({"attention_bias": True}, "attention_bias=True"),
     ({"mlp_bias": True}, "mlp_bias=True"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),

@@ -19,6 +19,8 @@ from flax import nnx  # noqa: E402  (after the skips, as every import below)
 from hf_common import (  # noqa: E402
     ATOL,
     GOLDEN_MODELS,
+    ROPE_ORIGINAL_LENGTH,
+    ROPE_SCALINGS,
     VOCAB,
     hf_generate,
     hf_logits,
@@ -131,3 +133,37 @@ def test_sharded_export_loads_in_transformers(tmp_path):
     reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     tokens = random_tokens(10, (1, 16), cfg.vocab_size)
     assert max_diff(jit_apply(module)(tokens), hf_logits(reference.eval(), tokens)) < ATOL
+
+
+# ------------------------------------------------------------------------------ RoPE scaling
+
+
+@pytest.mark.parametrize("kind", list(ROPE_SCALINGS))
+def test_scaled_rope_matches_transformers_past_the_original_context(tmp_path, kind):
+    """A tiny Llama of each RoPE scaling (original context 32): logits on 96 tokens and
+    the greedy continuation of a 64-token prompt to position 95, against transformers."""
+    reference = save_hf(tmp_path, **GOLDEN_MODELS[f"rope_{kind}"])
+    model, module = hf.load(tmp_path, dtype="float32")
+    assert model.cfg.rope_scaling.rope_type == kind
+    tokens = random_tokens(20, (2, 3 * ROPE_ORIGINAL_LENGTH), VOCAB)
+    ref = hf_logits(reference, tokens)
+    assert np.abs(ref).max() > 2.0
+    assert max_diff(jit_apply(module)(tokens), ref) < ATOL
+    prompt = random_tokens(21, (2, 2 * ROPE_ORIGINAL_LENGTH), VOCAB)
+    expected = hf_generate(reference, prompt, 32)
+    assert len(set(expected[0].tolist())) > 3
+    np.testing.assert_array_equal(greedy_tokens(model, module, prompt), expected)
+
+
+@pytest.mark.parametrize("kind", list(ROPE_SCALINGS))
+@pytest.mark.parametrize("form", hf.CONFIG_FORMS)
+def test_exported_scaled_model_loads_in_transformers_with_the_same_logits(tmp_path, kind, form):
+    cfg, module = our_llama(**ROPE_SCALINGS[kind])
+    hf.write_hf(tmp_path, cfg, nnx.state(module, nnx.Param), config_form=form,
+                token_ids={"pad_token_id": None})
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert reference.config.rope_parameters["rope_type"] == kind
+    tokens = random_tokens(22, (2, 3 * ROPE_ORIGINAL_LENGTH), cfg.vocab_size)
+    ours, ref = jit_apply(module)(tokens), hf_logits(reference.eval(), tokens)
+    assert np.abs(ref).max() > 1.0
+    assert max_diff(ours, ref) < ATOL

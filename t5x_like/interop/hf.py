@@ -13,8 +13,9 @@ refused. In short: our RoPE and Hugging Face's are both half-split, so HF weight
 no permutation (Meta's original interleaved checkpoints need
 `interleaved_to_half_split` on wq/wk); HF's tied logits are x·Eᵀ, ours x·Eᵀ/√D unless
 `scale_tied_logits=False` (import sets it; export writes a scaled tied model untied,
-head E/√D); import refuses, naming the option, whatever our network would compute
-differently (RoPE scaling such as Llama 3.1's, biases, sliding windows, non-silu
+head E/√D); RoPE scaling ('linear', Llama 3.1's 'llama3', 'yarn') goes both ways as
+`TransformerConfig.rope_scaling`; import refuses, naming the option, whatever our network
+would compute differently (other RoPE scalings, biases, sliding windows, non-silu
 activations), and export refuses what Llama cannot express.
 """
 
@@ -38,9 +39,9 @@ from etils import epath
 from flax import nnx
 
 from t5x_like import launch
-from t5x_like.model import partitioning
+from t5x_like.model import layers, partitioning
 from t5x_like.model.families import DecoderOnlyModel
-from t5x_like.model.layers import TransformerConfig
+from t5x_like.model.layers import RopeScaling, TransformerConfig
 from t5x_like.training import checkpoints
 
 log = logging.getLogger("t5x_like.interop.hf")
@@ -85,23 +86,35 @@ def _refuse(option: str, value: Any, why: str) -> None:
                      "without it, or convert it yourself knowing the outputs will differ.")
 
 
-def _check_rope(hf: Mapping[str, Any]) -> float:
-    """RoPE theta; refuses any scaling (v4 `rope_scaling`, v5 `rope_parameters`)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        _refuse("rope_scaling.rope_type", kind, "our RoPE (layers.apply_rope) has no "
-                "frequency scaling, so positions would rotate unlike the published model "
-                "(Llama 3.1 and 3.2 use 'llama3' scaling).")
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        _refuse("rope_parameters.rope_type", kind, "our RoPE (layers.apply_rope) has no "
-                "frequency scaling (Llama 3.1 and 3.2 use 'llama3' scaling).")
+def _check_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) of v4's top-level `rope_theta` + `rope_scaling` or v5's
+    `rope_parameters`; a scaling type we do not compute is refused by name, with ours."""
+    scaling = hf.get("rope_scaling") or None
+    where, params = ("rope_scaling", scaling) if scaling else (
+        "rope_parameters", hf.get("rope_parameters") or {})
     factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if factor != 1.0:
         _refuse("partial_rotary_factor", factor, "our RoPE rotates the whole head.")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in layers.ROPE_SCALING_TYPES:
+        _refuse(f"{where}.rope_type", kind, f"the RoPE scalings we compute are "
+                f"{layers.ROPE_SCALING_CHOICES}; {kind!r} would rotate positions unlike the "
+                "published model ('dynamic' and 'longrope' change with the sequence length).")
+    required, optional = layers.ROPE_SCALING_TYPES[kind]
+    fields = {name: params.get(name) for name in ("factor", *required, *optional)}
+    if "original_max_position_embeddings" in required and fields[
+            "original_max_position_embeddings"] is None:  # transformers' fallback
+        fields["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+    problem = layers.rope_scaling_problem({"rope_type": kind, **fields})
+    if problem:
+        raise ValueError(f"config.json: {where}={dict(params)!r} cannot be read: {problem}. "
+                         f"The RoPE scalings we compute are {layers.ROPE_SCALING_CHOICES}; "
+                         "transformers would refuse or misread this config too.")
+    return theta, RopeScaling(rope_type=kind, **{k: v for k, v in fields.items()
+                                                 if v is not None})
 
 
 def _check_supported(hf: Mapping[str, Any]) -> None:
@@ -139,7 +152,7 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str | None = None,
     weights were published in (`dtype`, or `torch_dtype` before transformers 5).
     """
     _check_supported(hf)
-    rope_theta = _check_rope(hf)
+    rope_theta, rope_scaling = _check_rope(hf)
     num_heads = _required(hf, "num_attention_heads")
     dtype = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
     return TransformerConfig(
@@ -155,6 +168,7 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str | None = None,
         mlp_activation="swiglu",
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         scale_tied_logits=False,  # HF's tied logits are x·Eᵀ.
         dtype=str(dtype),
@@ -194,15 +208,17 @@ def _our_token_ids() -> dict[str, int | None]:
 
 
 def hf_config_for(cfg: TransformerConfig, *, dtype: str = "float32",
-                  max_position_embeddings: int = 8192,
+                  max_position_embeddings: int | None = None, config_form: str = "v4",
                   token_ids: Mapping[str, int | None] | None = None) -> dict[str, Any]:
     """config.json of `cfg` as LlamaForCausalLM, in the form every transformers release
     reads (top-level rope_theta; transformers 5 turns it into rope_parameters).
 
     `token_ids` ({bos,eos,pad}_token_id: int or None) override t5x_like's vocabulary's
     ids; pass the tokenizer's for an imported model (Llama 3: bos 128000, eos 128001,
-    pad None). `max_position_embeddings` is not part of our model (RoPE without scaling
-    has no length limit); HF sizes caches by it.
+    pad None). `max_position_embeddings` is not part of our model (RoPE has no length
+    limit); HF sizes caches by it. Default: original_max_position_embeddings × factor
+    of a llama3 or yarn scaling (what yarn's factor implies), else 8192. `config_form`:
+    how RoPE is written (_rope_config: 'v4', read by every release, or 'v5').
     """
     check_exportable(cfg)
     token_ids = dict(token_ids or {})
@@ -217,12 +233,43 @@ def hf_config_for(cfg: TransformerConfig, *, dtype: str = "float32",
         "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_decoder_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": max_position_embeddings, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_bias": False,
+        "max_position_embeddings": max_position_embeddings or _default_max_positions(cfg),
+        "rms_norm_eps": cfg.norm_eps, **_rope_config(cfg, config_form), "attention_bias": False,
         "attention_dropout": 0.0, "mlp_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings and not _untied_export(cfg),
         "torch_dtype": dtype, **token_ids,
     }
+
+
+CONFIG_FORMS = ("v4", "v5")
+
+
+def _rope_config(cfg: TransformerConfig, form: str) -> dict[str, Any]:
+    """config.json's RoPE keys: 'v4', top-level rope_theta and `rope_scaling` (None or
+    {rope_type, factor, ...}: every transformers release reads it, 5 converts it), or
+    'v5', `rope_parameters` ({rope_type ('default' unscaled), ..., rope_theta}: what
+    transformers 5 writes; 4 does not read it)."""
+    scaling = cfg.rope_scaling.as_dict() if cfg.rope_scaling else None
+    if form == "v4":
+        return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling}
+    if form == "v5":
+        return {"rope_parameters": {**(scaling or {"rope_type": "default"}),
+                                    "rope_theta": cfg.rope_theta}}
+    raise ValueError(f"config_form={form!r} is not one of {CONFIG_FORMS}: 'v4' writes "
+                     "rope_theta and rope_scaling (every transformers release reads them), "
+                     "'v5' writes rope_parameters (transformers 5 and later).")
+
+
+def _default_max_positions(cfg: TransformerConfig) -> int:
+    scaling = cfg.rope_scaling
+    if scaling and scaling.original_max_position_embeddings:
+        return round(scaling.original_max_position_embeddings * scaling.factor)
+    return 8192
+
+
+def _gin_value(value: Any) -> str:
+    """A config field as gin reads it back (a RopeScaling as the dict of its set fields)."""
+    return repr(value.as_dict() if isinstance(value, RopeScaling) else value)
 
 
 def model_gin_text(cfg: TransformerConfig, source: str) -> str:
@@ -234,7 +281,7 @@ def model_gin_text(cfg: TransformerConfig, source: str) -> str:
              "MODEL = @families.DecoderOnlyModel()",
              "families.DecoderOnlyModel.cfg = %MODEL_CONFIG", "",
              "MODEL_CONFIG = @layers.TransformerConfig()"]
-    lines += [f"layers.TransformerConfig.{f.name} = {getattr(cfg, f.name)!r}"
+    lines += [f"layers.TransformerConfig.{f.name} = {_gin_value(getattr(cfg, f.name))}"
               for f in dataclasses.fields(cfg)]
     return "\n".join(lines) + "\n"
 
@@ -572,7 +619,12 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="new (or empty) output folder")
     exp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     exp.add_argument("--max_shard_bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
-    exp.add_argument("--max_position_embeddings", type=int, default=8192)
+    exp.add_argument("--max_position_embeddings", type=int, default=None,
+                     help="config.json's (default: original_max_position_embeddings x factor "
+                          "of a llama3 or yarn RoPE scaling, else 8192)")
+    exp.add_argument("--config_form", default="v4", choices=CONFIG_FORMS,
+                     help="RoPE keys: v4 rope_theta + rope_scaling (every transformers "
+                          "release reads them) or v5 rope_parameters")
     for name in TOKEN_ID_FIELDS:
         exp.add_argument(f"--{name}", type=_optional_int, default=argparse.SUPPRESS,
                          help="int or 'none' (default: t5x_like's vocabulary: pad 0, eos 1, "
@@ -591,4 +643,5 @@ def main(argv: Sequence[str] | None = None) -> Any:
     token_ids = {name: getattr(args, name) for name in TOKEN_ID_FIELDS if hasattr(args, name)}
     return export_hf(cfg, args.checkpoint, args.out, dtype=args.dtype,
                      max_shard_bytes=args.max_shard_bytes,
-                     max_position_embeddings=args.max_position_embeddings, token_ids=token_ids)
+                     max_position_embeddings=args.max_position_embeddings,
+                     config_form=args.config_form, token_ids=token_ids)

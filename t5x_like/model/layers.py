@@ -22,10 +22,14 @@ when no rules are active.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
@@ -57,6 +61,119 @@ EMBED_LOOKUPS = ("gather", "matmul")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+# RoPE frequency scaling (TransformerConfig.rope_scaling): transformers' `rope_scaling`
+# (v4) / `rope_parameters` (v5) types that are a fixed function of the frequencies, so
+# every position (training, prefill, each decode step) is rotated alike. For each type:
+# the fields it needs, then the optional ones (all others must stay unset).
+ROPE_SCALING_TYPES = {
+    "linear": ((), ()),
+    "llama3": (("original_max_position_embeddings", "low_freq_factor", "high_freq_factor"), ()),
+    "yarn": (("original_max_position_embeddings",),
+             ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
+              "truncate")),
+}
+ROPE_SCALING_CHOICES = (
+    "'linear' (factor: every frequency divided by it), 'llama3' (Llama 3.1/3.2: factor, "
+    "low_freq_factor, high_freq_factor, original_max_position_embeddings) and 'yarn' "
+    "(factor, original_max_position_embeddings; optional beta_fast (32), beta_slow (1), "
+    "attention_factor (default 0.1·ln(factor)+1), mscale, mscale_all_dim, truncate (True))")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """RoPE frequency scaling, computed as transformers' modeling_rope_utils does for the
+    same `rope_type` (docs/MODELS.md "RoPE scaling"). Gin: a dict of these fields
+    (`layers.TransformerConfig.rope_scaling = {'rope_type': 'llama3', 'factor': 8.0, ...}`)
+    or `@layers.RopeScaling()`; frozen and hashable, as TransformerConfig is static."""
+
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int | None = None  # llama3, yarn
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
+    beta_fast: float | None = None  # yarn (None: 32)
+    beta_slow: float | None = None  # yarn (None: 1)
+    attention_factor: float | None = None  # yarn: cos and sin times it (None: derived)
+    mscale: float | None = None  # yarn: with mscale_all_dim, derives attention_factor
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None  # yarn (None: True)
+
+    def __post_init__(self):
+        _check_rope_scaling(self)
+
+    @classmethod
+    def from_dict(cls, fields) -> RopeScaling:
+        """From a mapping (gin's dict literal) or (name, value) pairs."""
+        try:
+            fields = dict(fields)
+        except (TypeError, ValueError):
+            raise ValueError(f"TransformerConfig.rope_scaling={fields!r} is not a dict of "
+                             f"RopeScaling fields. {_rope_scaling_help()}") from None
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(known))
+        problem = (f"has unknown keys {unknown}" if unknown else
+                   rope_scaling_problem(fields))
+        if problem:
+            raise ValueError(f"TransformerConfig.rope_scaling={fields!r}: {problem}. "
+                             f"{_rope_scaling_help()}")
+        return cls(**fields)
+
+    def as_dict(self) -> dict:
+        """The fields that are set, as the gin dict literal and HF's rope_scaling write them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
+
+
+def _rope_scaling_help() -> str:
+    return (f"The supported types are {ROPE_SCALING_CHOICES}. Set TransformerConfig."
+            "rope_scaling in the model's gin file to a dict of those fields, e.g. {'rope_type': "
+            "'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, "
+            "'original_max_position_embeddings': 8192}, or to None for plain RoPE.")
+
+
+def rope_scaling_problem(fields: Mapping[str, Any]) -> str | None:
+    """What is wrong with RopeScaling `fields` (a mapping of its field names; absent means
+    None), or None. The text names the field and its value; _rope_scaling_help (or
+    ROPE_SCALING_CHOICES) says what would be right."""
+    get = fields.get
+    kind = get("rope_type")
+    if kind not in ROPE_SCALING_TYPES:
+        return f"rope_type={kind!r} is not supported"
+    required, optional = ROPE_SCALING_TYPES[kind]
+    missing = [n for n in ("factor", *required) if get(n) is None]
+    if missing:
+        return f"rope_type={kind!r} needs {missing}"
+    unused = sorted(n for n, v in fields.items() if v is not None
+                    and n not in ("rope_type", "factor", *required, *optional))
+    if unused:
+        return f"rope_type={kind!r} does not read {unused}"
+    numbers = ("factor", *(n for n in required + optional if n != "truncate"))
+    bad = {n: get(n) for n in numbers if get(n) is not None
+           and (isinstance(get(n), bool) or not isinstance(get(n), (int, float))
+                or not get(n) > 0)}
+    if bad:
+        return f"{bad} must be numbers > 0"
+    if kind == "llama3" and not get("high_freq_factor") > get("low_freq_factor"):
+        return (f"high_freq_factor={get('high_freq_factor')} must exceed low_freq_factor="
+                f"{get('low_freq_factor')}")
+    if not isinstance(get("original_max_position_embeddings"), (int, type(None))):
+        return (f"original_max_position_embeddings={get('original_max_position_embeddings')!r}"
+                " must be an int")
+    if get("truncate") is not None and not isinstance(get("truncate"), bool):
+        return f"truncate={get('truncate')!r} must be True or False"
+    return None
+
+
+def _check_rope_scaling(s: RopeScaling) -> None:
+    problem = rope_scaling_problem({f.name: getattr(s, f.name) for f in dataclasses.fields(s)})
+    if problem:
+        raise ValueError(f"TransformerConfig.rope_scaling: {problem}. {_rope_scaling_help()}")
+    for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                 "attention_factor", "mscale", "mscale_all_dim"):
+        if getattr(s, name) is not None:  # 8 and 8.0 are one config (equal and hashed alike)
+            object.__setattr__(s, name, float(getattr(s, name)))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TransformerConfig:
     """Everything that defines a network; one instance, passed whole, drives every variant.
@@ -76,6 +193,10 @@ class TransformerConfig:
     mlp_activation: str = "swiglu"  # 'swiglu', 'geglu' (gated GELU), 'gelu' (T5 v1.0).
     norm_eps: float = 1e-6  # Llama uses 1e-5.
     rope_theta: float = 10_000.0  # Llama 3 uses 500,000.
+    # RoPE frequency scaling (RopeScaling, or its fields as a gin dict; None: plain RoPE).
+    # Llama 3.1/3.2: {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
+    # 'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}.
+    rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = True  # tied: logits = x·Eᵀ/√D (PaLM); untied: separate head.
     # Tied logits divided by √D (PaLM, our models) or not (Hugging Face's tied Llama
     # models, e.g. Llama 3.2 1B and SmolLM: x·Eᵀ). Read only when tie_embeddings.
@@ -121,6 +242,13 @@ class TransformerConfig:
                 f"num_kv_heads={self.num_kv_heads}; each kv head must serve a whole group of "
                 f"query heads. Use a divisor of {self.num_heads} (1 for MQA, "
                 f"{self.num_heads} for MHA).")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            if not isinstance(self.rope_scaling, (dict, tuple, list)):
+                raise ValueError(f"TransformerConfig.rope_scaling={self.rope_scaling!r}: "
+                                 f"expected a dict of RopeScaling fields or None. "
+                                 f"{_rope_scaling_help()}")
+            # gin's dict literal, kept as the hashable frozen form (the config is static).
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
         if self.head_dim % 2:
             raise ValueError(f"TransformerConfig.head_dim={self.head_dim}: RoPE rotates pairs "
                              "of dimensions, so head_dim must be even.")
@@ -205,19 +333,90 @@ def dropout(x, rate: float, rng):
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def apply_rope(x_BLHK, positions_BL, theta: float):
-    """Rotary embedding (half-split convention) at the given per-token positions.
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None
+                     ) -> tuple[np.ndarray, float]:
+    """(inverse frequencies [head_dim/2] float32, attention factor) of RoPE, scaled as
+    transformers' modeling_rope_utils computes them for `scaling.rope_type` (written from
+    its _compute_{linear_scaling,llama3,yarn}_parameters). The attention factor (yarn's
+    mscale; 1 otherwise) multiplies cos and sin, so q·k gets its square. Computed in
+    float64 from static config, once per trace: a constant of the compiled program."""
+    return _rope_frequencies(int(head_dim), float(theta), scaling)
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_frequencies(k: int, theta: float, s: RopeScaling | None):
+    inv_freq = 1.0 / theta ** (np.arange(0, k, 2, dtype=np.float64) / k)
+    attention_factor = 1.0
+    if s is None:
+        pass
+    elif s.rope_type == "linear":
+        inv_freq = inv_freq / s.factor
+    elif s.rope_type == "llama3":
+        # Wavelengths above original/low_freq_factor are divided by factor, below
+        # original/high_freq_factor kept, and interpolated smoothly in between.
+        old_len = s.original_max_position_embeddings
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+        smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor
+                                                            - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = ((wavelen >= old_len / s.high_freq_factor)
+                  & (wavelen <= old_len / s.low_freq_factor))
+        inv_freq = np.where(medium, smoothed, scaled)
+    else:  # yarn
+        inv_freq, attention_factor = _yarn(inv_freq, k, theta, s)
+    out = inv_freq.astype(np.float32)
+    out.flags.writeable = False  # cached: shared by every caller
+    return out, float(attention_factor)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(inv_freq, k: int, theta: float, s: RopeScaling):
+    """YaRN (arXiv 2309.00071): frequencies that turn fewer than beta_slow times over the
+    original context are interpolated (÷ factor), more than beta_fast times kept, a
+    linear ramp between; cos and sin scaled by the attention factor."""
+    attention_factor = s.attention_factor
+    if attention_factor is None:
+        attention_factor = (
+            _yarn_mscale(s.factor, s.mscale) / _yarn_mscale(s.factor, s.mscale_all_dim)
+            if s.mscale and s.mscale_all_dim else _yarn_mscale(s.factor))
+
+    def correction_dim(rotations):
+        return (k * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi))
+                / (2 * math.log(theta)))
+
+    low, high = correction_dim(s.beta_fast or 32), correction_dim(s.beta_slow or 1)
+    if s.truncate is None or s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, k - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = np.clip((np.arange(k // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = inv_freq / s.factor * (1 - extrapolation) + inv_freq * extrapolation
+    return inv_freq, attention_factor
+
+
+def apply_rope(x_BLHK, positions_BL, theta: float, scaling: RopeScaling | None = None):
+    """Rotary embedding (half-split convention) at the given per-token positions, with
+    `scaling`'s frequencies (rope_frequencies; None: plain RoPE).
 
     Positions are SeqIO's per-segment positions, so a packed example is rotated exactly as
-    it would be alone. Angles are computed in float32 (large positions × small
-    frequencies lose digits in bf16).
+    it would be alone; a decode step's are its cache slots, rotated by the same constant
+    frequencies. Angles are computed in float32 (large positions × small frequencies
+    lose digits in bf16).
     """
     k = x_BLHK.shape[-1]
-    half = k // 2
-    freq_k = theta ** (-2.0 * jnp.arange(half, dtype=jnp.float32) / k)
+    inv_freq, attention_factor = rope_frequencies(k, theta, scaling)
+    freq_k = jnp.asarray(inv_freq)
     angle_BLk = positions_BL.astype(jnp.float32)[:, :, None] * freq_k[None, None, :]
     sin_BL1k = jnp.sin(angle_BLk)[:, :, None, :]
     cos_BL1k = jnp.cos(angle_BLk)[:, :, None, :]
+    if attention_factor != 1.0:
+        sin_BL1k, cos_BL1k = sin_BL1k * attention_factor, cos_BL1k * attention_factor
     x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos_BL1k - x2 * sin_BL1k, x2 * cos_BL1k + x1 * sin_BL1k],
                           axis=-1)
@@ -342,6 +541,7 @@ class Attention(nnx.Module):
         d, h, g, k = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.dtype = cfg.compute_dtype
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = cfg.rope_scaling
         self.attention_impl = cfg.attention_impl
         self.wq = _kernel(rngs, (d, h, k), (EMBED, HEADS, HEAD_DIM), d)
         self.wk = _kernel(rngs, (d, g, k), (EMBED, KV_HEADS, HEAD_DIM), d)
@@ -359,7 +559,7 @@ class Attention(nnx.Module):
     def query(self, x_BLD, positions_BL=None):
         q_BLHK = dense(x_BLD, self.wq[...].astype(self.dtype))
         if positions_BL is not None:
-            q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
+            q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta, self.rope_scaling)
         # Tags (identities outside remat) that the named remat policies save.
         return checkpoint_name(q_BLHK, "query_proj")
 
@@ -368,7 +568,7 @@ class Attention(nnx.Module):
         k_BMGK = dense(memory_BMD, self.wk[...].astype(self.dtype))
         v_BMGK = dense(memory_BMD, self.wv[...].astype(self.dtype))
         if memory_positions_BM is not None:
-            k_BMGK = apply_rope(k_BMGK, memory_positions_BM, self.rope_theta)
+            k_BMGK = apply_rope(k_BMGK, memory_positions_BM, self.rope_theta, self.rope_scaling)
         return checkpoint_name(k_BMGK, "key_proj"), checkpoint_name(v_BMGK, "value_proj")
 
     def attend(self, q_BLHK, kv, mask_B1LM):

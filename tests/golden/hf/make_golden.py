@@ -7,16 +7,20 @@ transformers release), in any environment with torch, transformers, safetensors 
 numpy (`pip install -e '.[interop]'`; it needs neither jax nor t5x_like, so any Python
 3 will do), from the repository root:
 
-    python tests/golden/hf/make_golden.py
+    python tests/golden/hf/make_golden.py [NAME ...]
 
-then run `pytest tests/test_hf.py` and commit tests/golden/hf/. The live tests
+(NAMEs: only those models; np.savez stamps the time into reference.npz, so remaking an
+unchanged model still shows a diff) then run `pytest tests/test_hf.py
+tests/test_rope_scaling.py` and commit tests/golden/hf/. The live tests
 (tests/test_hf_live.py) compare against transformers directly where it is installed.
 
 For each model of hf_common.GOLDEN_MODELS (`llama`: untied GQA, rope_theta 500k;
-`llama_tied`; `mistral` without a sliding window) it writes tests/golden/hf/<name>/: the
-save_pretrained folder (config.json, model.safetensors, float32) and reference.npz with
-`tokens` and transformers' `logits` for them, and for `llama` a `prompt` and the 32
-tokens `generate(do_sample=False)` continues it with (`generated`). versions.json here
+`llama_tied`; `mistral` without a sliding window; `rope_llama3`, `rope_linear`,
+`rope_yarn`: RoPE scaling with a 32-token original context) it writes
+tests/golden/hf/<name>/: the save_pretrained folder (config.json, model.safetensors,
+float32) and reference.npz with `tokens` and transformers' `logits` for them, and for
+`llama` and the rope models a `prompt` and the 32 tokens `generate(do_sample=False)`
+continues it with (`generated`; the rope models' reach position 95). versions.json here
 records the versions that made them.
 """
 import json
@@ -34,8 +38,13 @@ import hf_common  # noqa: E402  (after the path)
 
 GENERATED_TOKENS = 32
 # name -> (seed, shape) of its reference inputs; the seeds and shapes of the live tests.
-TOKENS = {"llama": (0, (2, 40)), "llama_tied": (3, (2, 24)), "mistral": (5, (1, 24))}
-PROMPT = (1, (2, 8))  # the llama prompt that generate continues
+TOKENS = {"llama": (0, (2, 40)), "llama_tied": (3, (2, 24)), "mistral": (5, (1, 24)),
+          **{f"rope_{kind}": (20 + i, (2, 3 * hf_common.ROPE_ORIGINAL_LENGTH))
+             for i, kind in enumerate(hf_common.ROPE_SCALINGS)}}
+# The prompts that generate continues (the rope models' run past the original context).
+PROMPTS = {"llama": (1, (2, 8)),
+           **{f"rope_{kind}": (30 + i, (2, 2 * hf_common.ROPE_ORIGINAL_LENGTH))
+              for i, kind in enumerate(hf_common.ROPE_SCALINGS)}}
 
 
 def _tokens(seed, shape):
@@ -58,8 +67,8 @@ def make(name: str) -> dict[str, np.ndarray]:
     out = {"tokens": tokens, "logits": hf_common.hf_logits(model, tokens)}
     np.testing.assert_array_equal(out["logits"], hf_common.hf_logits(built, tokens))
     assert np.abs(out["logits"]).max() > 2.0, name  # logits of real size
-    if name == "llama":
-        out["prompt"] = _tokens(*PROMPT)
+    if name in PROMPTS:
+        out["prompt"] = _tokens(*PROMPTS[name])
         out["generated"] = hf_common.hf_generate(model, out["prompt"], GENERATED_TOKENS
                                                  ).astype(np.int32)
         assert out["generated"].shape == (2, GENERATED_TOKENS)
@@ -76,7 +85,12 @@ def main() -> None:
     import torch
     import transformers
 
-    for name in hf_common.GOLDEN_MODELS:
+    names = sys.argv[1:] or list(hf_common.GOLDEN_MODELS)
+    unknown = sorted(set(names) - set(hf_common.GOLDEN_MODELS))
+    if unknown:
+        raise SystemExit(f"unknown golden models {unknown}; expected "
+                         f"{list(hf_common.GOLDEN_MODELS)}")
+    for name in names:
         make(name)
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__,
