@@ -15,7 +15,7 @@ rows asks the form instead of naming it:
 - `tokens_per_example`: the token positions one row feeds the model (FLOPs, tokens/s).
 
 `name` is what stores and streams record in their manifests ("encdec", "prefix_lm", "lm",
-"preference"), so a store written before stays readable. A new form (a new task shape)
+"chat", "preference"), so a store written before stays readable. A new form (a new task shape)
 is one more `DataForm` here, and the family that returns it.
 """
 
@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import seqio
 import tensorflow as tf
 
-from t5x_like.data import packing, pairs
+from t5x_like.data import chat, packing, pairs
 
 _DECODER = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
             "decoder_segment_ids", "decoder_positions")
@@ -57,6 +57,8 @@ class DataForm:
             return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=True)
         if self.name == "lm":
             return seqio.LMFeatureConverter(pack=pack)
+        if self.name == "chat":
+            return chat.ChatFeatureConverter(pack=pack)
         return pairs.PreferenceFeatureConverter()
 
     def check_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
@@ -72,6 +74,8 @@ class DataForm:
         bad = {k: v for k, v in lengths.items() if int(v) <= 0}
         if bad:
             raise ValueError(f"Feature lengths must be positive, got {bad}.")
+        if self.name == "chat":
+            chat.check_lengths(lengths)
         return {str(k): int(v) for k, v in sorted(lengths.items())}
 
     def model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
@@ -110,9 +114,13 @@ PREFIX_LM = DataForm(
     packs=True, text=True, prompt_feature="inputs", prompt_has_eos=True)
 LM = DataForm("lm", ("targets",), _DECODER, packs=True, text=True, prompt_feature="prompt",
               prompt_has_eos=False)
+# Dialogues with the loss on the assistant's tokens (data/chat.py): a decoder-only model
+# on a task with `loss_mask` beside `targets`.
+CHAT = DataForm("chat", chat.TASK_FEATURES, _DECODER, packs=True, text=True,
+                prompt_feature="prompt", prompt_has_eos=False)
 PREFERENCE = DataForm("preference", pairs.TASK_FEATURES, pairs.MODEL_FEATURES, packs=False,
                       text=False, prompt_feature=None, prompt_has_eos=False)
-FORMS = {form.name: form for form in (ENCDEC, PREFIX_LM, LM, PREFERENCE)}
+FORMS = {form.name: form for form in (ENCDEC, PREFIX_LM, LM, CHAT, PREFERENCE)}
 
 
 def get(name: str) -> DataForm:
