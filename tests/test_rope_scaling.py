@@ -315,3 +315,25 @@ def test_llama31_config_imports():
                              "max_position_embeddings": 131072})
     assert cfg.rope_scaling.as_dict() == LLAMA31 and cfg.rope_theta == 5e5
     assert hf.hf_config_for(cfg)["rope_scaling"] == LLAMA31
+
+
+@pytest.mark.slow
+def test_import_and_export_commands_carry_the_scaling(tmp_path):
+    """`python -m t5x_like.hf import` then `export --config_form=v5`: the published
+    rope_parameters come back as transformers 5 wrote them, the tensors bitwise."""
+    from test_hf import _run_cli
+
+    source, _ = golden("rope_llama3")
+    ckpt, gin_file, out = tmp_path / "ckpt", tmp_path / "model.gin", tmp_path / "out"
+    _run_cli("import", f"--hf_dir={source}", f"--out={ckpt}", f"--gin_out={gin_file}",
+             "--dtype=float32")
+    assert "'rope_type': 'llama3'" in gin_file.read_text()
+    _run_cli("export", f"--gin_file={gin_file}", f"--checkpoint={ckpt}", f"--out={out}",
+             "--config_form=v5", "--max_position_embeddings=128")
+    original = json.loads((source / hf.CONFIG_FILE).read_text())
+    exported = json.loads((out / hf.CONFIG_FILE).read_text())
+    assert exported["rope_parameters"] == original["rope_parameters"]
+    assert exported["max_position_embeddings"] == original["max_position_embeddings"] == 128
+    written = tensors(out)
+    for name, value in tensors(source).items():
+        np.testing.assert_array_equal(written[name], value, err_msg=name)
