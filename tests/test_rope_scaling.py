@@ -305,7 +305,7 @@ def test_import_writes_the_scaling_into_the_gin_and_export_reads_it_back(tmp_pat
     hf.export_hf(parsed, tmp_path / "ckpt", tmp_path / "out")
     config = json.loads((tmp_path / "out" / hf.CONFIG_FILE).read_text())
     assert config["rope_scaling"] == ROPE_SCALINGS["yarn"]["rope_scaling"]
-    model, module = hf.load(tmp_path / "out", dtype="float32")
+    _, module = hf.load(tmp_path / "out", dtype="float32")
     assert max_diff(jit_apply(module)(ref["tokens"]), ref["logits"]) < ATOL
 
 
