@@ -337,3 +337,22 @@ def test_import_and_export_commands_carry_the_scaling(tmp_path):
     written = tensors(out)
     for name, value in tensors(source).items():
         np.testing.assert_array_equal(written[name], value, err_msg=name)
+
+
+def test_the_import_command_prints_one_paragraph_for_an_unsupported_scaling(tmp_path, capsys):
+    source, _ = golden("rope_linear")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    config = json.loads((source / hf.CONFIG_FILE).read_text())
+    config["rope_parameters"] = {**config["rope_parameters"], "rope_type": "dynamic"}
+    (hf_dir / hf.CONFIG_FILE).write_text(json.dumps(config))
+    (hf_dir / hf.SAFETENSORS_FILE).write_bytes((source / hf.SAFETENSORS_FILE).read_bytes())
+    with pytest.raises(SystemExit) as exit_:
+        hf.main(["import", f"--hf_dir={hf_dir}", f"--out={tmp_path / 'ckpt'}",
+                 f"--gin_out={tmp_path / 'model.gin'}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("python -m t5x_like.hf: error: config.json: "
+                          "rope_parameters.rope_type='dynamic' is not supported")
+    assert "'llama3'" in err and "'yarn'" in err and "Traceback" not in err
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "model.gin").exists()

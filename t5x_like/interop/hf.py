@@ -633,6 +633,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
+    """The command; bad input (a config.json we cannot express, a missing file) is one
+    paragraph on stderr and exit code 2, as launch.run does (T5X_LIKE_DEBUG=1: the
+    traceback)."""
+    try:
+        return _main(argv)
+    except launch.CONFIG_ERRORS as e:
+        if os.environ.get(launch.DEBUG_ENV):
+            raise
+        print(f"python -m t5x_like.hf: error: {str(e).strip() or type(e).__name__}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _main(argv: Sequence[str] | None) -> Any:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     launch.setup_logging()
     if args.command == "import":
