@@ -154,6 +154,41 @@ def test_preference_rows_carry_segment_ids(hf_vocab):
     assert row["chosen_response"].tolist() == [0, 0, 0, 1, 1, 1, 0]
 
 
+def test_training_rows_weight_and_attend_id_zero(hf_vocab):
+    """SeqIO's converters read 0 as padding; for a tokenizer.json they get token_zero's
+    wrapper: "!" is weighted and attended, padding still is not, in unpacked rows (with
+    segment ids), packed rows and the pool packer's per-row conversion."""
+    import tensorflow as tf
+
+    texts = ["w5 ! w6 !", "! w7"]
+    examples = [{"targets": hf_vocab.encode(t) + [EOS]} for t in texts]
+
+    def dataset():
+        return tf.data.Dataset.from_generator(
+            lambda: iter(examples), output_signature={"targets": tf.TensorSpec([None], tf.int32)})
+
+    unpacked = list(forms.LM.converter(False, zero_is_token=True)(
+        dataset(), {"targets": 7}).as_numpy_iterator())
+    assert unpacked[0]["decoder_target_tokens"].tolist() == [5, 0, 6, 0, EOS, 0, 0]
+    assert unpacked[0]["decoder_input_tokens"].tolist() == [0, 5, 0, 6, 0, EOS, 0]
+    assert unpacked[0]["decoder_loss_weights"].tolist() == [1, 1, 1, 1, 1, 0, 0]
+    assert unpacked[0]["decoder_segment_ids"].tolist() == [1, 1, 1, 1, 1, 0, 0]
+    assert unpacked[1]["decoder_loss_weights"].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    seqio_own = next(forms.LM.converter(False)(dataset(), {"targets": 7}).as_numpy_iterator())
+    assert seqio_own["decoder_loss_weights"].tolist() == [1, 0, 1, 0, 1, 0, 0]  # the bug
+    packed = next(forms.LM.converter(True, zero_is_token=True)(
+        dataset(), {"targets": 9}).as_numpy_iterator())
+    assert packed["decoder_target_tokens"].tolist() == [5, 0, 6, 0, EOS, 0, 7, EOS, 0]
+    assert packed["decoder_loss_weights"].tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 0]
+    assert packed["decoder_segment_ids"].tolist() == [1, 1, 1, 1, 1, 2, 2, 2, 0]
+    row = {"targets": tf.constant([5, 0, 6, 0, EOS, 0, 7, EOS, 0]),
+           "targets_segment_ids": tf.constant([1, 1, 1, 1, 1, 2, 2, 2, 0]),
+           "targets_positions": tf.constant([0, 1, 2, 3, 4, 0, 1, 2, 0])}
+    pooled = forms.LM.converter(True, zero_is_token=True)._convert_example(row)
+    assert {k: np.asarray(v).tolist() for k, v in pooled.items()} == {
+        k: v.tolist() for k, v in packed.items()}
+
+
 # ------------------------------------------------------------------------------ losses
 
 

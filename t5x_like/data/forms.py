@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import seqio
 import tensorflow as tf
 
-from t5x_like.data import chat, packing, pairs
+from t5x_like.data import chat, packing, pairs, token_zero
 
 _DECODER = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
             "decoder_segment_ids", "decoder_positions")
@@ -47,9 +47,14 @@ class DataForm:
     prompt_feature: str | None
     prompt_has_eos: bool
 
-    def converter(self, pack: bool = True) -> seqio.FeatureConverter:
+    def converter(self, pack: bool = True, zero_is_token: bool = False
+                  ) -> seqio.FeatureConverter:
         """The SeqIO feature converter of these rows: packed (when the form packs) for
-        training, one example per row for evaluation and inference."""
+        training, one example per row for evaluation and inference. `zero_is_token`:
+        the task vocabulary's id 0 is a real token (vocabulary.zero_is_padding false),
+        so SeqIO's converters, which read 0 as padding, get token_zero's wrapper."""
+        if zero_is_token and self.name in ("encdec", "prefix_lm", "lm"):
+            return token_zero.ZeroIsTokenConverter(self.converter(pack))
         pack = pack and self.packs
         if self.name == "encdec":
             return seqio.EncDecFeatureConverter(pack=pack)

@@ -158,22 +158,26 @@ def shard_rows(spec: store.ShardSpec, shard_index: int) -> tf.data.Dataset:
                 .map(lambda ex, i=i: {**ex, packing.TASK: tf.constant(i, tf.int32)})
                 for i, (name, _) in enumerate(leaves)]
     mixed = tf.data.Dataset.choose_from_datasets(datasets, choices, stop_on_empty_dataset=True)
+    zero_is_token = not vocabulary.zero_is_padding(  # one vocabulary: shard_spec checks
+        seqio.TaskRegistry.get(leaves[0][0]).output_features["targets"].vocabulary)
     if spec.pack_pool > 1 and spec.form.packs:
         return pool_packed_rows(spec.form, mixed, spec.task_feature_lengths,
-                                spec.pack_pool, len(leaves))
+                                spec.pack_pool, len(leaves), zero_is_token)
     mixed = mixed.map(lambda ex: {k: v for k, v in ex.items() if k != packing.TASK})
-    rows = spec.form.converter()(mixed, dict(spec.task_feature_lengths))
+    rows = spec.form.converter(zero_is_token=zero_is_token)(
+        mixed, dict(spec.task_feature_lengths))
     return _with_drawn_tasks(rows, TaskLabels(spec, shard_index))
 
 
 def pool_packed_rows(form: forms.DataForm, examples: tf.data.Dataset,
                      task_feature_lengths: Mapping[str, int], pool: int,
-                     num_tasks: int) -> tf.data.Dataset:
+                     num_tasks: int, zero_is_token: bool = False) -> tf.data.Dataset:
     """Examples (task features and `packing.TASK`) packed `pool` at a time by
     `packing.pack_pool`, turned into model features by seqio's converter: its per-row
     conversion, after the packing that its `__call__` would do greedily. Rows carry
-    `TASK_COUNTS` and `TASK_IDS` (the decoder positions': seqio's `targets`)."""
-    converter = form.converter()
+    `TASK_COUNTS` and `TASK_IDS` (the decoder positions': seqio's `targets`).
+    `zero_is_token`: the vocabulary's id 0 is a real token (forms.DataForm.converter)."""
+    converter = form.converter(zero_is_token=zero_is_token)
     examples, lengths = form.before_packing(examples, task_feature_lengths)
     rows = packing.pack_pool(examples, lengths, pool, num_tasks)
 

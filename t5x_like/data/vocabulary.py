@@ -172,8 +172,8 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
 
     Ids are the tokenizer's own, i.e. the rows of the model's embedding: no extra ids,
     nothing reserved. SeqIO reads id 0 as padding (its feature converters give a 0
-    target no loss weight), while in Llama 3's tokenizer 0 is "!": where a tokenizer's
-    id 0 is a real token, those tokens are treated as padding in SeqIO pipelines.
+    target no loss weight), while in Llama 3's tokenizer 0 is "!": `zero_is_padding`
+    says so, and rows of such a vocabulary are made through data/token_zero.py.
     - encode adds no special tokens (SeqIO appends EOS itself with `append_eos`; a
       model trained with BOS gets `bos_id` prepended by a preprocessor);
     - decode stops after the first EOS and drops special tokens.

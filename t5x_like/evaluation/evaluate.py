@@ -29,7 +29,7 @@ import seqio
 from flax import nnx
 
 from t5x_like import launch
-from t5x_like.data import forms, mixtures
+from t5x_like.data import forms, mixtures, vocabulary
 from t5x_like.evaluation import bpc
 from t5x_like.evaluation import predict
 from t5x_like.model import partitioning
@@ -280,7 +280,8 @@ def _seqio_evaluator(task: seqio.Task, form: forms.DataForm, cfg: EvalConfig,
     if not (task.predict_metric_fns or task.score_metric_fns
             or task.predict_with_aux_metric_fns):
         return None
-    return seqio.Evaluator(task.name, feature_converter=form.converter(pack=False),
+    zero_is_token = not vocabulary.zero_is_padding(task.output_features["targets"].vocabulary)
+    return seqio.Evaluator(task.name, feature_converter=form.converter(False, zero_is_token),
                            eval_split=cfg.split, sequence_length=dict(task_feature_lengths),
                            num_examples=cfg.max_examples, async_compute_metrics=False)
 

@@ -111,7 +111,8 @@ def example_batches(task: seqio.Task, task_feature_lengths: Mapping[str, int], s
                           num_epochs=1, use_cached=False)
     if max_examples is not None:
         ds = ds.take(max_examples)
-    model_features = form.converter(pack=False)(ds, dict(task_feature_lengths))
+    zero_is_token = not vocabulary.zero_is_padding(task.output_features["targets"].vocabulary)
+    model_features = form.converter(False, zero_is_token)(ds, dict(task_feature_lengths))
     rows, examples = [], []
     for features, example in zip(model_features.as_numpy_iterator(), ds.as_numpy_iterator()):
         rows.append(features)
