@@ -181,6 +181,11 @@ def test_suggestions_take_the_first_fit_of_each_kind_of_change():
     labels = [(category, label) for category, label, _, _ in options]
     assert labels[:2] == [("remat", "remat_policy 'full'"), ("microbatches", "NUM_MICROBATCHES=16")]
     assert ("tensor", "tensor 8 inside a node (fsdp_tp)") in labels
+    # Given the model's kv heads, tensor splits them where they divide (fsdp_tp_kv).
+    gqa = [label for category, label, _, _ in planner.candidates(base, 8, 64, num_kv_heads=2)
+           if category == "tensor"]
+    assert gqa == ["tensor 2 inside a node (fsdp_tp_kv)", "tensor 4 inside a node (fsdp_tp)",
+                   "tensor 8 inside a node (fsdp_tp)"]
     assert ("nodes", "8 nodes (64 devices), fsdp 64") in labels
     nodes = {label: v for category, label, _, v in options if category == "nodes"}
     # 8 microbatches of 64 rows no longer give each of 64 FSDP ranks a whole row: 1.
@@ -334,7 +339,8 @@ def _cli_plan(tmp_path, *gin_args):
     return json.loads(output.read_text()), seconds
 
 
-_TENSOR_AXES = {"fsdp": set(), "fsdp_tp": {"heads", "mlp", "vocab"}}
+_TENSOR_AXES = {"fsdp": set(), "fsdp_tp": {"heads", "mlp", "vocab"},
+                "fsdp_tp_kv": {"heads", "kv_heads", "mlp", "vocab"}}
 
 
 def _arithmetic_state_bytes(model_name, sizes, rules, bytes_per_param=12):

@@ -392,8 +392,11 @@ def _with_microbatches(variant: Variant, batch_size: int) -> Variant | None:
     return None
 
 
-def _tensor_variants(base: Variant, devices_per_node: int) -> list[tuple[str, Variant]]:
-    """Tensor parallelism 2, 4, 8 inside a node, taken from its FSDP (or data) ways."""
+def _tensor_variants(base: Variant, devices_per_node: int, num_kv_heads: int | None = None
+                     ) -> list[tuple[str, Variant]]:
+    """Tensor parallelism 2, 4, 8 inside a node, taken from its FSDP (or data) ways; from
+    a preset without tensor rules, the tensor preset for the model's kv heads (split
+    with the query heads where they divide: partitioning.tensor_preset)."""
     out = []
     for tensor in (2, 4, 8):
         ici = dict(base.ici)
@@ -401,7 +404,9 @@ def _tensor_variants(base: Variant, devices_per_node: int) -> list[tuple[str, Va
         pool = ici[take] * ici["tensor"]
         if ici["tensor"] < tensor <= devices_per_node and pool % tensor == 0:
             ici.update({take: pool // tensor, "tensor": tensor})
-            rules = base.rules if "tp" in base.rules else "fsdp_tp"
+            rules = (base.rules if "tp" in base.rules else
+                     partitioning.tensor_preset(num_kv_heads, tensor) if num_kv_heads
+                     else "fsdp_tp")
             out.append((f"tensor {tensor} inside a node ({rules})",
                         dataclasses.replace(base, ici=ici, rules=rules)))
     return out
@@ -420,8 +425,8 @@ def _node_variants(base: Variant, batch_size: int, label: str = ""
     return out
 
 
-def candidates(base: Variant, devices_per_node: int, batch_size: int
-               ) -> list[tuple[str, str, str, Variant]]:
+def candidates(base: Variant, devices_per_node: int, batch_size: int,
+               num_kv_heads: int | None = None) -> list[tuple[str, str, str, Variant]]:
     """(category, label, gin overrides, variant) of the changes a plan may suggest, in
     order of preference within each category; mesh changes keep devices per node."""
 
@@ -450,7 +455,7 @@ def candidates(base: Variant, devices_per_node: int, batch_size: int
                 out.append(("fsdp", f"fsdp {variant.sizes['fsdp']} x data "
                             f"{variant.sizes['data']}", flags(variant), variant))
                 break
-    tensor = _tensor_variants(base, devices_per_node)
+    tensor = _tensor_variants(base, devices_per_node, num_kv_heads)
     out += [("tensor", label, flags(v), v) for label, v in tensor]
     out += [("nodes", label, flags(v), v) for label, v in _node_variants(base, batch_size)]
     both = [(label, v) for tensor_label, tensor_variant in tensor  # neither alone fits
@@ -725,7 +730,8 @@ def _per_device_kind(model, states, base: Variant, kinds, need: int, found, step
     options = [(category, label, flags,
                 analytic_memory(model, states, variant, batch_size, lengths,
                                 gathered_per_row, kernels)["total"])
-               for category, label, flags, variant in candidates(base, per_node, batch_size)
+               for category, label, flags, variant in candidates(base, per_node, batch_size,
+                                                                 model.cfg.num_kv_heads)
                if _fits_checked(model, variant, batch_size)]
     out = []
     for name in kinds:
