@@ -14,7 +14,9 @@ float32 models in tests/test_memory.py. It mirrors how the blocks in layers.py c
 [B, H, L, M] scores and probabilities, one the fused kernels run holds none: see
 `attention_kernels`; the training loss's float32 logits whole, or one chunk of positions
 at a time under the fused loss) and is labelled an estimate next to the compiler's own
-count.
+count. The memory options it reads from the rule preset and the config: kv heads and
+the residual stream's length split over `tensor` (`Split`), and the matmul-form
+embedding's one-hot rows and FLOPs (`embedding_matmul_flops`).
 """
 
 from __future__ import annotations
