@@ -29,7 +29,7 @@ import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = ("code", "stem", "web", "math", "multilingual")
-PER_DOMAIN = {"train": 60, "validation": 16}
+PER_DOMAIN = {"train": 120, "validation": 16}
 MAX_PASSAGE = 200
 SYSTEM = "You are a careful assistant for {domain} documentation. Answer exactly."
 

@@ -2,7 +2,7 @@
 
 Importing registers (no file I/O):
 - Task `corpus_chat`: the demo dialogues data/chat/{train,validation}.jsonl, built from
-  the shipped corpus by scripts/build_chat_data.py (300 train, 80 held-out dialogues
+  the shipped corpus by scripts/build_chat_data.py (600 train, 80 held-out dialogues
   from held-out documents), rendered in the shipped SentencePiece vocabulary's "plain"
   format (`Role:` + content + EOS per turn).
 

@@ -151,6 +151,21 @@ def test_the_tokenizers_own_template_renders_as_transformers_would(tmp_path):
         chat.JinjaFormat(vocab, strict, {}, "t").render(DIALOGUE)
 
 
+@pytest.mark.parametrize("template", [chat.LLAMA3_TEMPLATE, CHATML])
+def test_rendering_equals_transformers_apply_chat_template(tmp_path, template):
+    """Where transformers is installed (the `interop` extra): its apply_chat_template's
+    text for the same tokenizer_config.json equals ours, full and as a prompt."""
+    transformers = pytest.importorskip("transformers")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
+              "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    vocab = write_tokenizer(tmp_path / "tok", config)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    ours = chat.chat_format(vocab, "tokenizer")
+    assert ours.render(DIALOGUE) == theirs.apply_chat_template(DIALOGUE, tokenize=False)
+    assert ours.render(DIALOGUE[:2], add_generation_prompt=True) == theirs.apply_chat_template(
+        DIALOGUE[:2], tokenize=False, add_generation_prompt=True)
+
+
 def test_the_seqio_task_gives_targets_and_mask_of_one_length(tmp_path):
     """A task over JSONL lines (tasks.chat.register_chat_task) yields the format's ids
     and weights; the unpacked converter pads by segment ids, not by id 0."""
@@ -305,7 +320,7 @@ def _train(*flags, cwd):
     env = {**os.environ, "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, "-m", "t5x_like.train",
                            "--gin_file=models/tiny_llama.gin", *flags,
-                           "--gin_file=meshes/cpu1.gin", "--gin.BATCH_SIZE=8"],
+                           "--gin_file=meshes/cpu8_fsdp.gin", "--gin.BATCH_SIZE=8"],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
