@@ -197,23 +197,65 @@ def test_bad_model_args_are_one_paragraph_and_nothing_runs(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
-@pytest.mark.slow
-def test_the_command_line_runs_lm_eval_with_the_model(run, tmp_path):
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _logged(out):
+    """{task: [each doc's log-likelihood]} of lm_eval's --log_samples files under `out`
+    (which write a response's numbers as strings)."""
+    found = {}
+    for path in out.rglob("samples_*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        task = path.name[len("samples_"):].rsplit("_", 1)[0]
+        found[task] = [float(np.ravel(r["resps"][0][0])[0])
+                       for r in sorted(rows, key=lambda r: r["doc_id"])]
+    return found
+
+
+@pytest.mark.slow  # ~2 min: three more processes compile the scoring
+def test_the_command_line_runs_lm_eval_with_the_model_in_one_or_two_processes(run, tmp_path):
     """`python -m t5x_like.lm_eval` is lm_eval's CLI with the model registered, on the
-    local task through --include_path; a bad argument is one paragraph, exit 2."""
+    local tasks through --include_path; two processes on localhost (4 CPU devices each,
+    our --coordinator_address flags) give one process's numbers and write them once; a
+    bad argument is one paragraph, exit 2."""
     directory, _, _ = run
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(directory), os.environ.get("PYTHONPATH", "")])}
     args = f"checkpoint={directory / 'run'},gin_file={directory / 'experiment.gin'}"
-    done = subprocess.run(
-        [sys.executable, "-m", "t5x_like.lm_eval", "--model", "t5x_like", "--model_args", args,
-         "--tasks", "t5x_ll", "--include_path", str(directory), "--batch_size", "8",
-         "--output_path", str(tmp_path / "out")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "t5x_like.lm_eval", "--model", "t5x_like",
+               "--model_args", args, "--tasks", "t5x_ll,t5x_rolling", "--include_path",
+               str(directory), "--batch_size", "8", "--log_samples"]
+    done = subprocess.run(command + ["--output_path", str(tmp_path / "one")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    written = list((tmp_path / "out").rglob("results_*.json"))
+    written = list((tmp_path / "one").rglob("results_*.json"))
     assert len(written) == 1
-    assert "t5x_ll" in json.loads(written[0].read_text())["results"]
+    assert {"t5x_ll", "t5x_rolling"} <= set(json.loads(written[0].read_text())["results"])
+    one = _logged(tmp_path / "one")
+    assert len(one["t5x_ll"]) == len(PAIRS) and len(one["t5x_rolling"]) == len(TEXTS) + 1
+
+    two_env = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
+    two_env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    port = _free_port()
+    procs = [subprocess.Popen(
+        command + ["--output_path", str(tmp_path / "two"),
+                   f"--coordinator_address=localhost:{port}", "--process_count=2",
+                   f"--process_index={i}"],
+        cwd=REPO, env=two_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert len(list((tmp_path / "two").rglob("results_*.json"))) == 1  # process 0's
+    two = _logged(tmp_path / "two")
+    np.testing.assert_allclose(two["t5x_ll"], one["t5x_ll"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(two["t5x_rolling"], one["t5x_rolling"], rtol=0, atol=1e-5)
+
     bad = subprocess.run(
         [sys.executable, "-m", "t5x_like.lm_eval", "--model", "t5x_like", "--model_args",
          f"checkpoint={directory / 'run'}", "--tasks", "t5x_ll", "--include_path",

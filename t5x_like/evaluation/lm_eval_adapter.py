@@ -31,15 +31,17 @@ cuts a text longer than max_length into lm-eval's own windows
 decodes (greedy, or sampling when the task asks) until the vocabulary's EOS or
 max_gen_toks, then cuts at the first `until` string.
 
-Several processes (srun; rows split over processes as in infer): every process takes
-every request in the same order, so the batches agree; only process 0 writes lm-eval's
-results (the others set LOCAL_RANK, lm-eval's own rule for launchers whose every rank
-reports rank 0). Written from lm-eval 0.4.13's LM / TemplateLM and HFLM sources; run here
-on CPU in one process only (no GPU, no multi-host).
+Several processes (srun, or our --coordinator_address/--process_count/--process_index
+flags; rows split over processes as in infer): every process takes every request in the
+same order, so the batches agree; only process 0 writes lm-eval's results (the others
+set LOCAL_RANK, lm-eval's own rule for launchers whose every rank reports rank 0).
+Written from lm-eval 0.4.13's LM / TemplateLM and HFLM sources; run here on CPU (one
+process, and two on localhost), no GPU, no multi-host.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
@@ -328,17 +330,40 @@ class T5xLikeLM(TemplateLM):
         return text
 
 
+def _join_processes(argv: Sequence[str]) -> list[str]:
+    """Joins a multi-process run as our other commands do (srun, or the flags
+    --coordinator_address/--process_count/--process_index, --local_device_ids,
+    --multiprocess, --distributed_timeout, --heartbeat_timeout); returns lm_eval's flags."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--multiprocess", action="store_true")
+    for name in ("coordinator_address", "local_device_ids"):
+        parser.add_argument(f"--{name}", default=None)
+    for name in ("process_count", "process_index"):
+        parser.add_argument(f"--{name}", type=int, default=None)
+    parser.add_argument("--distributed_timeout", type=float,
+                        default=cluster.DISTRIBUTED_TIMEOUT_S)
+    parser.add_argument("--heartbeat_timeout", type=float, default=cluster.HEARTBEAT_TIMEOUT_S)
+    args, rest = parser.parse_known_args(argv)
+    if (args.multiprocess or args.coordinator_address is not None
+            or cluster.slurm_step_tasks() > 1):
+        cluster.initialize_distributed(
+            args.coordinator_address, args.process_count, args.process_index,
+            cluster.device_ids_flag(args.local_device_ids), args.distributed_timeout,
+            args.heartbeat_timeout)
+    return rest
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """lm_eval's command line with the t5x_like model registered; a configuration error
-    is one paragraph and exit code 2, as our other commands."""
+    """lm_eval's command line with the t5x_like model registered (and our multi-process
+    flags); a configuration error is one paragraph and exit code 2, as our other
+    commands."""
     from lm_eval.__main__ import cli_evaluate
 
     launch.setup_logging()
     launch.hide_gpus_from_tensorflow()
-    sys.argv = [PROG, *(sys.argv[1:] if argv is None else argv)]
     try:
-        if cluster.slurm_step_tasks() > 1:
-            cluster.initialize_distributed()
+        rest = _join_processes(sys.argv[1:] if argv is None else argv)
+        sys.argv = [PROG, *rest]
         cli_evaluate()
     except launch.CONFIG_ERRORS as e:
         if os.environ.get(launch.DEBUG_ENV):
