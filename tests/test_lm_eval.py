@@ -183,6 +183,28 @@ class _Request:
         self.args = args
 
 
+def test_rows_carry_segments_and_weights_so_token_zero_is_a_token():
+    """score_rows: a row is the pair's tokens shifted by one, the continuation weighted,
+    segment ids over every real position (id 0, Llama 3's "!", included), the longest
+    first, cut from the left to max_length + 1 tokens, the batch padded with empty rows."""
+    pairs = [([5, 0, 7], [0, 9]), ([5, 6, 7, 8, 9, 10], [0, 0, 11])]
+    (batch, order), = lm_eval_adapter.score_rows(pairs, max_length=6, batch_size=4)
+    assert order == [1, 0] and batch["decoder_input_tokens"].shape == (4, 6)
+    # Pair 1 has 9 tokens: its last 7 make a row of 6 positions.
+    np.testing.assert_array_equal(batch["decoder_input_tokens"][0], [7, 8, 9, 10, 0, 0])
+    np.testing.assert_array_equal(batch["decoder_target_tokens"][0], [8, 9, 10, 0, 0, 11])
+    np.testing.assert_array_equal(batch["decoder_loss_weights"][0], [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(batch["decoder_segment_ids"][0], [1] * 6)
+    np.testing.assert_array_equal(batch["decoder_input_tokens"][1], [5, 0, 7, 0, 0, 0])
+    np.testing.assert_array_equal(batch["decoder_target_tokens"][1], [0, 7, 0, 9, 0, 0])
+    np.testing.assert_array_equal(batch["decoder_loss_weights"][1], [0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(batch["decoder_segment_ids"][1], [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(batch["decoder_positions"][1], [0, 1, 2, 3, 0, 0])
+    assert not batch["decoder_segment_ids"][2:].any()
+    with pytest.raises(ValueError, match="Raise max_length"):
+        lm_eval_adapter.score_rows([([1], list(range(2, 10)))], max_length=6, batch_size=4)
+
+
 def test_bad_model_args_are_one_paragraph_and_nothing_runs(tmp_path):
     """Before any device or checkpoint is touched: a missing argument, an unknown one,
     and an encoder-decoder model each say what to do."""
