@@ -218,6 +218,31 @@ def test_a_template_the_tokenizer_lacks_is_refused_and_nothing_registered(tmp_pa
         chat.chat_format(vocab, "chatml")
 
 
+def test_the_cli_refuses_a_template_the_tokenizer_lacks_and_writes_nothing(tmp_path):
+    """A user's task module asks for the tokenizer's template, which its
+    tokenizer_config.json lacks: `python -m t5x_like.train` prints the one paragraph
+    (exit 2) and writes no run directory."""
+    write_tokenizer(tmp_path / "tok", {"eos_token": "<|eot_id|>"})
+    (tmp_path / "my_chat_tasks.py").write_text(
+        "from t5x_like.data import vocabulary\nfrom tasks import chat\n"
+        "chat.register_chat_task('my_chat', {'train': 'd.jsonl'}, "
+        f"vocabulary=vocabulary.HfTokenizerVocabulary("
+        f"{str(tmp_path / 'tok' / 'tokenizer.json')!r}, "
+        "eos_token='<|eot_id|>'), chat_template='tokenizer')\n")
+    (tmp_path / "exp.gin").write_text(
+        "include 'models/tiny_llama.gin'\ninclude 'runs/sft.gin'\n"
+        "include 'meshes/cpu8_fsdp.gin'\nimport my_chat_tasks\n"
+        "MIXTURE_OR_TASK_NAME = 'my_chat'\nINITIAL_CHECKPOINT_PATH = 'ckpt'\n"
+        "TRAIN_STEPS = 2\nBATCH_SIZE = 8\nMODEL_DIR = 'run'\n")
+    proc = subprocess.run([sys.executable, "-m", "t5x_like.train", "--gin_file=exp.gin"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: chat_template 'tokenizer' asks for the tokenizer's own chat template" \
+        in proc.stderr and "has no chat_template" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
 def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     """A template that drops an earlier answer once a later one follows (as templates
     that strip reasoning do) cannot locate the answers: refused, naming the message."""
