@@ -167,10 +167,11 @@ def test_rendering_equals_transformers_apply_chat_template(tmp_path, template):
 
 
 def test_the_seqio_task_gives_targets_and_mask_of_one_length(tmp_path):
-    """A task over JSONL lines (tasks.chat.register_chat_task) yields the format's ids
-    and weights; the unpacked converter pads by segment ids, not by id 0."""
+    """A task over JSONL lines (tasks.chat.register_chat_task; blank lines skipped)
+    yields the format's ids and weights; the unpacked converter pads by segment ids,
+    not by id 0."""
     vocab = write_tokenizer(tmp_path / "tok")
-    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": DIALOGUE}) + "\n")
+    (tmp_path / "d.jsonl").write_text("\n" + json.dumps({"messages": DIALOGUE}) + "\n \n")
     task = chat_tasks.register_chat_task(
         "test_chat_llama3", {"validation": str(tmp_path / "d.jsonl")}, vocabulary=vocab)
     try:
@@ -180,6 +181,7 @@ def test_the_seqio_task_gives_targets_and_mask_of_one_length(tmp_path):
         assert example["targets"].tolist() == ids and example[chat.LOSS_MASK].tolist() == weights
         ds = task.get_dataset({"targets": 256, chat.LOSS_MASK: 256}, split="validation",
                               shuffle=False)
+        assert len(list(ds.as_numpy_iterator())) == 1  # blank lines are skipped
         row = next(forms.CHAT.converter(pack=False)(
             ds, {"targets": 256, chat.LOSS_MASK: 256}).as_numpy_iterator())
         n = len(ids)

@@ -302,7 +302,8 @@ def chat_format(vocab: seqio.Vocabulary, template: str = "auto"):
 
 def tokenize_dialogues(vocab: seqio.Vocabulary, template: str = "auto"):
     """A SeqIO preprocessor: JSONL lines (a TextLineDataSource's strings, or {"text":
-    line}) -> {"targets": int32 [n], LOSS_MASK: int32 [n]}. The format is resolved here,
+    line}; blank lines skipped) -> {"targets": int32 [n], LOSS_MASK: int32 [n]}. The
+    format is resolved here,
     at registration, so a template the tokenizer lacks is refused before any data."""
     fmt = chat_format(vocab, template)
 
@@ -317,8 +318,13 @@ def tokenize_dialogues(vocab: seqio.Vocabulary, template: str = "auto"):
         return {"targets": tf.ensure_shape(ids, [None]),
                 LOSS_MASK: tf.ensure_shape(weights, [None])}
 
+    @tf.autograph.experimental.do_not_convert
+    def not_blank(example):
+        line = example["text"] if isinstance(example, Mapping) else example
+        return tf.strings.length(tf.strings.strip(line)) > 0
+
     def preprocess(ds: tf.data.Dataset) -> tf.data.Dataset:
-        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.filter(not_blank).map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
     preprocess.chat_format = fmt
     return preprocess
