@@ -370,12 +370,6 @@ def _planned_comm_seconds(preset):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "Known: with only the block-boundary constraint, XLA's SPMD partitioner compiles the "
-    "_sp presets' step with weights gathered over tensor and fsdp instead of the length "
-    "(docs/PLANNING.md, 'What the plans found'; Llama 3 70B: 4.2% planned MFU). Megatron-"
-    "SP needs the blocks to constrain their inner activations; when they do, this passes: "
-    "drop the xfail."))
 def test_sequence_parallelism_moves_no_more_than_tensor_parallelism():
     """The plan of the same step with and without the length split: sequence
     parallelism replaces each all-reduce over tensor by an all-gather and a

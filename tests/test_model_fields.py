@@ -31,8 +31,6 @@ EXEMPT = {
     "dropout_rate": "elementwise only (no model FLOPs), no weight; its masks when > 0 are "
                     "left out of memory's estimate (every preset trains with 0)",
     "z_loss": "a loss coefficient: log Z is computed either way; no FLOPs, memory or weight",
-    "embed_lookup": "GAP: memory model: planner follow-up ('matmul' holds a [B, L, V] one-hot "
-                    "and its gradient gathers no cotangents); FLOPs: 2·L·V·D more per row",
 }
 
 

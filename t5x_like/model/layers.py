@@ -319,10 +319,24 @@ def dense(x, w, contract: int = 1, preferred_element_type=None):
     gets transposing copies in its backward pass (1.8x the time for a SwiGLU block,
     docs/PERFORMANCE.md). On GPU both forms lower to the same GEMMs."""
     lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
+    if _length_is_split():
+        # Under sequence parallelism the flattened rows would merge a batch split over
+        # fsdp with a length split over tensor, and XLA then all-reduced whole
+        # [B*L, D] outputs; the contraction over the operands as they are keeps the
+        # length's split through the projection.
+        return jax.lax.dot_general(
+            x, w, ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ())),
+            preferred_element_type=preferred_element_type)
     inner = math.prod(w.shape[:contract])
     y = jnp.dot(x.reshape(-1, inner), w.reshape(inner, -1),
                 preferred_element_type=preferred_element_type)
     return y.reshape(*lead, *out)
+
+
+def _length_is_split() -> bool:
+    """Whether the active logical rules split LENGTH over a mesh axis (sequence
+    parallelism: the _sp presets); False outside a rules context."""
+    return nn.logical_to_mesh_axes((LENGTH,))[0] is not None
 
 
 def dropout(x, rate: float, rng):
@@ -530,6 +544,13 @@ class LmHead(nnx.Module):
                      preferred_element_type=jnp.float32)
 
 
+def _heads_split(x_BLHK, heads: str):
+    """Per-head activations split over their heads, the length whole: what the tensor-
+    parallel presets want, and under sequence parallelism what keeps XLA from computing
+    them split along the length (and moving them all-to-all) in the backward pass."""
+    return nn.with_logical_constraint(x_BLHK, (BATCH, None, heads, None))
+
+
 class Attention(nnx.Module):
     """Multi-head attention with H query heads and G kv heads (MHA, GQA or MQA).
 
@@ -557,7 +578,7 @@ class Attention(nnx.Module):
         return self.attend(self.query(x_BLD, positions_BL), kv, mask_B1LM)
 
     def query(self, x_BLD, positions_BL=None):
-        q_BLHK = dense(x_BLD, self.wq[...].astype(self.dtype))
+        q_BLHK = _heads_split(dense(x_BLD, self.wq[...].astype(self.dtype)), HEADS)
         if positions_BL is not None:
             q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta, self.rope_scaling)
         # Tags (identities outside remat) that the named remat policies save.
@@ -565,8 +586,8 @@ class Attention(nnx.Module):
 
     def project_kv(self, memory_BMD, memory_positions_BM=None):
         """(keys, values) [B, M, G, K] of the memory, keys rotated when positions are given."""
-        k_BMGK = dense(memory_BMD, self.wk[...].astype(self.dtype))
-        v_BMGK = dense(memory_BMD, self.wv[...].astype(self.dtype))
+        k_BMGK = _heads_split(dense(memory_BMD, self.wk[...].astype(self.dtype)), KV_HEADS)
+        v_BMGK = _heads_split(dense(memory_BMD, self.wv[...].astype(self.dtype)), KV_HEADS)
         if memory_positions_BM is not None:
             k_BMGK = apply_rope(k_BMGK, memory_positions_BM, self.rope_theta, self.rope_scaling)
         return checkpoint_name(k_BMGK, "key_proj"), checkpoint_name(v_BMGK, "value_proj")
@@ -576,7 +597,7 @@ class Attention(nnx.Module):
         reads it) or a dense boolean [B, 1, L, M] array (read by 'xla' only)."""
         k_BMGK, v_BMGK = kv
         o_BLHK = attention.attend(q_BLHK, k_BMGK, v_BMGK, mask_B1LM, self.attention_impl)
-        o_BLHK = checkpoint_name(o_BLHK, "attention_context")
+        o_BLHK = checkpoint_name(_heads_split(o_BLHK, HEADS), "attention_context")
         return checkpoint_name(dense(o_BLHK, self.wo[...].astype(self.dtype), contract=2),
                                "out_proj")
 
@@ -619,7 +640,10 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_BLD):
         dt = self.dtype
-        project = lambda w, name: checkpoint_name(dense(x_BLD, w[...].astype(dt)), name)
+        # Split over the hidden units, the length whole (the backward pass otherwise
+        # computed them split along the length under sequence parallelism).
+        project = lambda w, name: checkpoint_name(nn.with_logical_constraint(
+            dense(x_BLD, w[...].astype(dt)), (BATCH, None, MLP)), name)
         if self.activation == "gelu":
             h_BLF = jax.nn.gelu(project(self.wi, "mlp_wi"))
         else:
@@ -674,21 +698,28 @@ class Block(nnx.Module):
 
     def _forward(self, x_BLD, self_attention, encoded_BMD, cross_mask_B1LM, cross_kv, rng):
         rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
-        drop = lambda y, i: dropout(y, self.dropout_rate, rngs[i])
+        # Sequence parallelism (the _sp presets split LENGTH over `tensor`; elsewhere both
+        # constraints are the residual stream's own sharding): each branch reads its
+        # normalised input with the length whole (one all-gather over tensor) and its
+        # output goes back split along the length (one reduce-scatter), Megatron-SP's
+        # pattern. Without them XLA's partitioner gathered the weights instead.
+        whole = lambda h: nn.with_logical_constraint(h, (BATCH, None, None))
+        drop = lambda y, i: nn.with_logical_constraint(dropout(y, self.dropout_rate, rngs[i]),
+                                                       (BATCH, LENGTH, None))
         cross = lambda h: self.cross_attention(h, encoded_BMD, cross_mask_B1LM, kv=cross_kv)
         if self.block == "parallel":
-            h_BLD = self.pre_norm(x_BLD)
+            h_BLD = whole(self.pre_norm(x_BLD))
             attended_BLD, cache = self_attention(h_BLD)
             y_BLD = drop(attended_BLD, 0)
             if self.has_cross_attention:
                 y_BLD += drop(cross(h_BLD), 1)
             y_BLD += drop(self.mlp(h_BLD), 2)
             return x_BLD + y_BLD, cache
-        attended_BLD, cache = self_attention(self.pre_self_attention_norm(x_BLD))
+        attended_BLD, cache = self_attention(whole(self.pre_self_attention_norm(x_BLD)))
         x_BLD = x_BLD + drop(attended_BLD, 0)
         if self.has_cross_attention:
-            x_BLD = x_BLD + drop(cross(self.pre_cross_attention_norm(x_BLD)), 1)
-        return x_BLD + drop(self.mlp(self.pre_mlp_norm(x_BLD)), 2), cache
+            x_BLD = x_BLD + drop(cross(whole(self.pre_cross_attention_norm(x_BLD))), 1)
+        return x_BLD + drop(self.mlp(whole(self.pre_mlp_norm(x_BLD))), 2), cache
 
 
 def remat_policy(name: str):

@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from flax import nnx
 
 from t5x_like.model.attention import Mask
@@ -23,7 +24,7 @@ from t5x_like.model.layers import (
     TransformerConfig,
     dropout,
 )
-from t5x_like.model.partitioning import EMBED
+from t5x_like.model.partitioning import BATCH, EMBED
 
 
 def segments_and_positions(tokens_BL, segment_ids_BL=None, positions_BL=None, *,
@@ -118,7 +119,9 @@ class _Output(nnx.Module):
     def __call__(self, x_BLD, embed: Embed, *, hidden: bool = False):
         """Logits [B, L, V] float32, or with `hidden` the final-normed states [B, L, D]
         that `projection` maps to them (the chunked loss never builds all logits)."""
-        x_BLD = self.final_norm(x_BLD)
+        # The length whole for the logits (under sequence parallelism the stream arrives
+        # split along it; layers.Block does the same for each branch's input).
+        x_BLD = nn.with_logical_constraint(self.final_norm(x_BLD), (BATCH, None, None))
         if hidden:
             return x_BLD
         return embed.attend(x_BLD) if self.lm_head is None else self.lm_head(x_BLD)
