@@ -3,13 +3,17 @@
 # 1 row per chip), compiled ahead of time by the TPU compiler on this CPU host (the
 # [tpu] extra: libtpu), once per attention implementation: 'xla' (materialised float32
 # [B, H, L, L] scores) and 'auto' (under the TPU platform: splash attention). Writes
-# the plans as JSON to $OUT (default bench/out/tpu_aot) and prints, for each, the TPU
-# compiler's own peak memory per chip and the largest arrays of the compiled step
-# (docs/PERFORMANCE.md, Measurements; docs/PLANNING.md, TPU slices).
+# the plans as JSON to $OUT (default /tmp/tpu_aot) and prints, for each, the TPU
+# compiler's own peak memory per chip, its cost analysis (optimal_seconds, bytes
+# accessed; the plan's cost_per_device), the collectives per step and the largest arrays
+# of the compiled step (docs/PERFORMANCE.md, Measurements; docs/PLANNING.md, TPU
+# slices). MaxText's own compile of the same step: bench/maxtext_aot.sh.
 #   bash bench/tpu_aot.sh                 # all 32 layers
 #   LAYERS=4 bash bench/tpu_aot.sh        # fewer layers (a slow host)
 #   ROWS=18 CHUNK=1024 IMPLS=auto bash bench/tpu_aot.sh   # 18 rows per chip, loss in
 #                                         # chunks of 1,024 positions (the most that fit)
+#   FUSED=False IMPLS=auto bash bench/tpu_aot.sh  # the plain loss (fused_loss=False):
+#                                         # XLA fuses the logits into the loss, as MaxText's
 # No TPU was used: this is the compiler's view of the step, not a run on chips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +22,8 @@ LAYERS=${LAYERS:-32}
 IMPLS=${IMPLS:-xla auto}
 ROWS=${ROWS:-1}    # rows per chip
 CHUNK=${CHUNK:-0}  # TransformerConfig.loss_chunk_length (0: the whole length at once)
+FUSED=${FUSED:-True}  # TransformerConfig.fused_loss
+TAG=$([ "$FUSED" = True ] || echo _unfused)
 mkdir -p "$OUT"
 for impl in $IMPLS; do
   JAX_PLATFORMS=cpu .venv/bin/python -m t5x_like.plan \
@@ -26,27 +32,34 @@ for impl in $IMPLS; do
     --gin.planner.PlanConfig.tpu_topology="'v5p:2x2x1'" \
     --gin.BATCH_SIZE=$((4 * ROWS)) --gin.NUM_MICROBATCHES=1 \
     --gin.layers.TransformerConfig.loss_chunk_length="$CHUNK" \
+    --gin.layers.TransformerConfig.fused_loss="$FUSED" \
     --gin.layers.TransformerConfig.remat_policy="'full'" \
     --gin.layers.TransformerConfig.num_decoder_layers="$LAYERS" \
     --gin.layers.TransformerConfig.attention_impl="'$impl'" \
-    --output="$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l_${ROWS}r.json" > "$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l_${ROWS}r.txt"
+    --output="$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l_${ROWS}r$TAG.json" > "$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l_${ROWS}r$TAG.txt"
 done
-.venv/bin/python - "$OUT" "$LAYERS" "$ROWS" $IMPLS <<'PY'
+.venv/bin/python - "$OUT" "$LAYERS" "$ROWS" "$TAG" $IMPLS <<'PY'
 import json, sys
-out, layers, rows, impls = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+out, layers, rows, tag, impls = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 GiB = 2**30
 print(f"Llama 3 8B ({layers} layers), 8,192 tokens, v5p 2x2x1, fsdp 4, full remat, "
-      f"{rows} row(s)/chip")
+      f"{rows} row(s)/chip{', plain (unfused) loss' if tag else ''}")
 print("peak: the TPU compiler's peak_memory_in_bytes per chip; sum: arguments + outputs -"
       " aliased + temporaries; scores: arrays of the step with two 8,192-long dimensions")
+print("optimal s, bytes accessed: the compiler's cost analysis per chip (the scan's body"
+      " counted once); collectives: executions per step (the planner's count)")
 print(f"{'attention_impl':<15}{'compiled':<10}{'peak GiB':>9}{'sum GiB':>9}{'temp GiB':>9}"
-      f"{'scores':>7}{'GiB':>6}  largest array")
+      f"{'scores':>7}{'GiB':>6}{'optimal s':>10}{'bytes acc':>10}{'collectives':>12}"
+      "  largest array")
 for impl in impls:
-    r = json.load(open(f"{out}/llama3_8b_v5p8_{impl}_{layers}l_{rows}r.json"))
+    r = json.load(open(f"{out}/llama3_8b_v5p8_{impl}_{layers}l_{rows}r{tag}.json"))
     c, a = r["memory_per_device"]["compiled"], r["attention"]
+    cost = r.get("cost_per_device") or {}
     big = r["largest_arrays"][0]
     print(f"{impl:<15}{a['compiled']:<10}{c['compiler_peak'] / GiB:>9.2f}{c['peak'] / GiB:>9.2f}"
           f"{c['temporaries'] / GiB:>9.2f}{a['score_arrays']:>7}"
-          f"{a['largest_score_array'] / GiB:>6.2f}  {big['dtype']}{big['shape']} "
+          f"{a['largest_score_array'] / GiB:>6.2f}{cost.get('optimal_seconds') or 0:>10.3f}"
+          f"{cost.get('bytes_accessed') or 0:>10.2e}"
+          f"{sum(row['count'] for row in r['collectives']):>12}  {big['dtype']}{big['shape']} "
           f"{big['bytes'] / GiB:.2f} GiB")
 PY

@@ -271,6 +271,16 @@ def _compiled_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def _compiled_cost(compiled) -> dict[str, float | None]:
+    """The compiler's cost analysis per device: bytes accessed and (the TPU compiler's
+    only) optimal_seconds. Like its FLOPs, a while loop's body (the scan over layers)
+    counts once (bench/tpu_aot.sh and MaxText's train_compile.py print these)."""
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    return {key.replace(" ", "_"): float(cost[key]) if key in cost else None
+            for key in ("bytes accessed", "optimal_seconds")}
+
+
 def xla_train_flops(model, optimizer, batch_size: int, lengths: Mapping[str, int],
                     device=None) -> float:
     """XLA's cost-analysis FLOPs of one compiled train step of `model` on one device,
@@ -683,6 +693,7 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
                   "embedding_matmul_per_step": memory.embedding_matmul_flops(
                       model.cfg, batch_size, _stacks(model, lengths)),
                   "compiled_per_device": _compiled_flops(compiled)},
+        "cost_per_device": _compiled_cost(compiled),
         "collectives": collective_rows(found),
         "warnings": _warnings(found),
         "train_tokens": train_tokens,
