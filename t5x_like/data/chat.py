@@ -326,7 +326,6 @@ def tokenize_dialogues(vocab: seqio.Vocabulary, template: str = "auto"):
     def preprocess(ds: tf.data.Dataset) -> tf.data.Dataset:
         return ds.filter(not_blank).map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
-    preprocess.chat_format = fmt
     return preprocess
 
 
