@@ -222,9 +222,14 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
 
     @property
     def checksum(self) -> str:
-        """SHA-256 over the tokenizer file and the special ids: the vocabulary's identity."""
+        """SHA-256 over the tokenizer file and the special ids: the vocabulary's identity,
+        and so part of every store's and stream's. The marker: rows made from this
+        vocabulary give id 0 its loss weight and attention (data/token_zero.py) since
+        that change, so stores and streams made before it (where id 0 was padding) no
+        longer match and are refused instead of read with the old rows."""
         h = hashlib.sha256(self._json)
         h.update(repr(sorted(self._ids.items())).encode())
+        h.update(b"|id 0 is a token")
         return h.hexdigest()
 
     def _encode(self, s: str) -> list[int]:
