@@ -11,6 +11,7 @@ were tested (docs/OPERATIONS.md, "Processes").
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -288,6 +289,36 @@ def check_local_devices(num_devices: int) -> None:
             f"{num_devices / processes:g} devices (--local_device_ids, JAX_LOCAL_DEVICE_IDS, "
             "or under SLURM one task per node or one per GPU), or pick a mesh of "
             f"{len(ids) * processes} devices.")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """The multi-process flags of every command (join_if_asked reads them)."""
+    multi = parser.add_argument_group(
+        "multi-process (one process per host or GPU node, all with the same flags)")
+    multi.add_argument("--multiprocess", action="store_true",
+                       help="join a multi-process run that jax detects (Cloud TPU pods, Open "
+                            "MPI); under srun (SLURM) the run is joined without it.")
+    multi.add_argument("--coordinator_address", default=None,
+                       help="host:port of process 0 (then also --process_count/--process_index).")
+    multi.add_argument("--process_count", type=int, default=None)
+    multi.add_argument("--process_index", type=int, default=None)
+    multi.add_argument("--local_device_ids", default=None,
+                       help="comma-separated GPU ordinals this process drives (default: "
+                            "from SLURM's layout, else all it sees).")
+    multi.add_argument("--distributed_timeout", type=float, default=DISTRIBUTED_TIMEOUT_S,
+                       help="seconds to wait for every process to join (default %(default)g).")
+    multi.add_argument("--heartbeat_timeout", type=float, default=HEARTBEAT_TIMEOUT_S,
+                       help="seconds without heartbeats after which a process counts as dead "
+                            "and every other one is stopped (default %(default)g).")
+
+
+def join_if_asked(args: argparse.Namespace) -> None:
+    """Joins a multi-process run when the flags (add_flags) or srun ask for one."""
+    if args.multiprocess or args.coordinator_address is not None or slurm_step_tasks() > 1:
+        initialize_distributed(
+            args.coordinator_address, args.process_count, args.process_index,
+            device_ids_flag(args.local_device_ids), args.distributed_timeout,
+            args.heartbeat_timeout)
 
 
 def device_ids_flag(value: str | None) -> list[int] | None:

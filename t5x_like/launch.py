@@ -84,23 +84,7 @@ def parse_flags(argv: Sequence[str], prog: str = "python -m t5x_like.train",
     parser.add_argument("--debug", action="store_true",
                         help=f"show the full traceback of configuration errors (or set "
                              f"{DEBUG_ENV}=1).")
-    multi = parser.add_argument_group(
-        "multi-process (one process per host or GPU node, all with the same flags)")
-    multi.add_argument("--multiprocess", action="store_true",
-                       help="join a multi-process run that jax detects (Cloud TPU pods, Open "
-                            "MPI); under srun (SLURM) the run is joined without it.")
-    multi.add_argument("--coordinator_address", default=None,
-                       help="host:port of process 0 (then also --process_count/--process_index).")
-    multi.add_argument("--process_count", type=int, default=None)
-    multi.add_argument("--process_index", type=int, default=None)
-    multi.add_argument("--local_device_ids", default=None,
-                       help="comma-separated GPU ordinals this process drives (default: "
-                            "from SLURM's layout, else all it sees).")
-    multi.add_argument("--distributed_timeout", type=float, default=cluster.DISTRIBUTED_TIMEOUT_S,
-                       help="seconds to wait for every process to join (default %(default)g).")
-    multi.add_argument("--heartbeat_timeout", type=float, default=cluster.HEARTBEAT_TIMEOUT_S,
-                       help="seconds without heartbeats after which a process counts as dead "
-                            "and every other one is stopped (default %(default)g).")
+    cluster.add_flags(parser)
     args, rest = parser.parse_known_args(argv)
     for item in rest:
         if item.startswith("--gin."):
@@ -479,12 +463,7 @@ def run(configurable: str, argv: Sequence[str] | None = None,
     log.info("GLIBC_TUNABLES=%s", os.environ.get("GLIBC_TUNABLES", ""))
     hide_gpus_from_tensorflow()
     try:
-        if (args.multiprocess or args.coordinator_address is not None
-                or cluster.slurm_step_tasks() > 1):
-            cluster.initialize_distributed(
-                args.coordinator_address, args.process_count, args.process_index,
-                cluster.device_ids_flag(args.local_device_ids), args.distributed_timeout,
-                args.heartbeat_timeout)
+        cluster.join_if_asked(args)
         parse_gin(args.gin_file, args.gin_bindings,
                   [p for p in args.gin_search_paths.split(",") if p])
         check_bindings(args.gin_bindings)

@@ -335,21 +335,9 @@ def _join_processes(argv: Sequence[str]) -> list[str]:
     --coordinator_address/--process_count/--process_index, --local_device_ids,
     --multiprocess, --distributed_timeout, --heartbeat_timeout); returns lm_eval's flags."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--multiprocess", action="store_true")
-    for name in ("coordinator_address", "local_device_ids"):
-        parser.add_argument(f"--{name}", default=None)
-    for name in ("process_count", "process_index"):
-        parser.add_argument(f"--{name}", type=int, default=None)
-    parser.add_argument("--distributed_timeout", type=float,
-                        default=cluster.DISTRIBUTED_TIMEOUT_S)
-    parser.add_argument("--heartbeat_timeout", type=float, default=cluster.HEARTBEAT_TIMEOUT_S)
+    cluster.add_flags(parser)
     args, rest = parser.parse_known_args(argv)
-    if (args.multiprocess or args.coordinator_address is not None
-            or cluster.slurm_step_tasks() > 1):
-        cluster.initialize_distributed(
-            args.coordinator_address, args.process_count, args.process_index,
-            cluster.device_ids_flag(args.local_device_ids), args.distributed_timeout,
-            args.heartbeat_timeout)
+    cluster.join_if_asked(args)
     return rest
 
 
