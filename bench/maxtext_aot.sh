@@ -27,7 +27,7 @@
 # a TPU slice, compiled ahead of time").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=bench/.maxtext-aot-venv
+VENV=${MAXTEXT_VENV:-bench/.maxtext-aot-venv}
 OUT=${OUT:-${TMPDIR:-/tmp}/maxtext_aot}
 ROWS=${ROWS:-1}
 LAYERS=${LAYERS:-32}
@@ -48,6 +48,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import maxtext.traine
     | grep -viE "^(jax|jaxlib|libtpu)$" > "$VENV/requirements-tpu-nojax.txt"
   "$VENV/bin/pip" install -q -r "$VENV/requirements-tpu-nojax.txt" "${PINS[@]}"
 fi
+MAXTEXT_DIR=$("$VENV/bin/python" -c "import maxtext, os; print(os.path.dirname(maxtext.__file__))")
 mkdir -p "$OUT"
 NAME=llama3_8b_v5p8_maxtext_${ATTENTION}_${LAYERS}l_${ROWS}r
 ARGS=(model_name=llama3-8b compile_topology=v5p-8 compile_topology_num_slices=1
@@ -60,7 +61,7 @@ if [ "$LAYERS" != 32 ]; then ARGS+=(override_model_config=true base_num_decoder_
 # reads from ours.
 status=0
 JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 "$VENV/bin/python" - "$OUT/$NAME" \
-  "$VENV/lib/python3.12/site-packages/maxtext/configs/base.yml" "${ARGS[@]}" \
+  "$MAXTEXT_DIR/configs/base.yml" "${ARGS[@]}" \
   > "$OUT/$NAME.log" 2>&1 <<'PY' || status=$?
 import importlib.metadata as md, json, sys, time
 from absl import app

@@ -14,17 +14,47 @@
 #                                         # chunks of 1,024 positions (the most that fit)
 #   FUSED=False IMPLS=auto bash bench/tpu_aot.sh  # the plain loss (fused_loss=False):
 #                                         # XLA fuses the logits into the loss, as MaxText's
+#   KERNEL_COST=1 IMPLS= bash bench/tpu_aot.sh   # only: does the compiler's cost analysis
+#                                         # price a splash kernel? (one chip, a few seconds)
 # No TPU was used: this is the compiler's view of the step, not a run on chips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-${TMPDIR:-/tmp}/tpu_aot}
 LAYERS=${LAYERS:-32}
-IMPLS=${IMPLS:-xla auto}
+IMPLS=${IMPLS-xla auto}  # empty: none (with KERNEL_COST=1)
 ROWS=${ROWS:-1}    # rows per chip
 CHUNK=${CHUNK:-0}  # TransformerConfig.loss_chunk_length (0: the whole length at once)
 FUSED=${FUSED:-True}  # TransformerConfig.fused_loss
 TAG=$([ "$FUSED" = True ] || echo _unfused)
 mkdir -p "$OUT"
+if [ "${KERNEL_COST:-0}" = 1 ]; then
+  # jax's splash kernel alone against the same causal attention in XLA, on one v5p chip:
+  # the FLOPs, bytes and optimal_seconds the TPU compiler's cost analysis gives each.
+  JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 .venv/bin/python - <<'PY' 2>/dev/null
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import topologies
+from jax.experimental.pallas.ops.tpu import splash_attention as sa
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+chip = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices[:1]
+H, L, D = 32, 8192, 128
+kernel = sa.make_splash_mha_single_device(sa.MultiHeadMask([sa.CausalMask((L, L))] * H))
+def xla(q, k, v):
+    s = jnp.einsum("hld,hmd->hlm", q, k).astype(jnp.float32)
+    s = jnp.where(jnp.tril(jnp.ones((L, L), bool)), s, -1e30)
+    return jnp.einsum("hlm,hmd->hld", jax.nn.softmax(s).astype(q.dtype), v)
+grad = lambda f: jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), (0, 1, 2))
+arg = jax.ShapeDtypeStruct((H, L, D), jnp.bfloat16,
+                           sharding=NamedSharding(Mesh(np.array(chip), ("x",)), P()))
+print(f"causal attention, {H} heads x {L} positions x {D}, bf16, one v5p chip")
+for name, f in (("splash", kernel), ("xla", xla), ("splash + grad", grad(kernel)),
+                ("xla + grad", grad(xla))):
+    cost = jax.jit(f).lower(arg, arg, arg).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    print(f"  {name:<14} flops {cost.get('flops', 0):.3e}  bytes accessed "
+          f"{cost.get('bytes accessed', 0):.3e}  optimal_seconds {cost.get('optimal_seconds', 0):.5f}")
+PY
+fi
+[ -n "$IMPLS" ] || exit 0
 for impl in $IMPLS; do
   JAX_PLATFORMS=cpu .venv/bin/python -m t5x_like.plan \
     --gin_file=experiments/llama3_8b_h100_node.gin \
