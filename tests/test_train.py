@@ -367,7 +367,7 @@ def test_every_experiment_parses_and_binds_a_model_and_a_mesh(path):
             model.make_module, memory.abstract_mesh(mesh_config.global_shape),
             mesh_config.rule_set(),
             batch_size=gin.query_parameter("%BATCH_SIZE") // microbatches)
-        assert model.data_form(lengths).name in ("encdec", "prefix_lm", "lm", "preference")
+        assert model.data_form(lengths).name in ("encdec", "prefix_lm", "lm", "chat", "preference")
     finally:
         gin.clear_config()
 
