@@ -24,7 +24,7 @@ def _abstract_state(cfg, rules, optimizer=None):
 def test_llama3_70b_state_on_64_devices_is_the_arithmetic():
     """fp32 params + AdamW's two moments (12 bytes/param) split 64 ways (fsdp 8 x
     tensor 8), plus what fsdp_tp keeps whole along tensor: the kv projections (GQA's 8
-    kv heads) and the norm scales, split 8 ways by fsdp only."""
+    kv heads), split 8 ways by fsdp only, and the norm scales, replicated."""
     cfg = model_config("llama3_70b")
     state, params = _abstract_state(cfg, "fsdp_tp")
     sizes = {"data": 1, "fsdp": 8, "tensor": 8}
@@ -33,8 +33,10 @@ def test_llama3_70b_state_on_64_devices_is_the_arithmetic():
     n = partitioning.count_params(factory(cfg))
     on_tensor = {"heads", "mlp", "vocab"}  # fsdp_tp's tensor-parallel logical axes
     whole = sum(math.prod(shapes[p]) for p in shapes if not on_tensor & set(logical[p]))
-    assert whole == 2 * 80 * 8192 * 8 * 128 + (2 * 80 + 1) * 8192  # wk, wv; norms
-    param_bytes = 4 * ((n - whole) / 64 + whole / 8)
+    norms = sum(math.prod(shapes[p]) for p in shapes if "norm" in logical[p])
+    assert norms == (2 * 80 + 1) * 8192
+    assert whole - norms == 2 * 80 * 8192 * 8 * 128  # wk, wv
+    param_bytes = 4 * ((n - whole) / 64 + (whole - norms) / 8 + norms)
     assert memory.state_bytes(params, sizes) == param_bytes  # exact: every dim divides
     assert memory.state_bytes(state, sizes) == pytest.approx(3 * param_bytes, rel=1e-6)
     # On 2,048 data-parallel replicas nothing changes per device.

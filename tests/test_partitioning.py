@@ -30,6 +30,7 @@ from t5x_like.model.partitioning import (
     LENGTH,
     LOGICAL_AXES,
     MLP,
+    NORM,
     RULE_PRESETS,
     VOCAB,
 )
@@ -122,8 +123,10 @@ def test_every_param_of_every_model_resolves_under_every_preset(path):
             for dim, axis in enumerate(logical[name]):
                 if axis == LAYERS:
                     assert spec[dim] is None, (preset, name, spec)
-            if preset != "dp":
-                # fsdp-based presets shard every parameter: each has an embed axis.
+            if NORM in logical[name]:  # norm scales: replicated by every preset
+                assert not mesh_axes, (preset, name, spec)
+            elif preset != "dp":
+                # fsdp-based presets shard every other parameter: each has an embed axis.
                 assert EMBED in logical[name] and "fsdp" in mesh_axes, (preset, name)
 
 

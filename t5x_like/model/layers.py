@@ -44,6 +44,7 @@ from t5x_like.model.partitioning import (
     LAYERS,
     LENGTH,
     MLP,
+    NORM,
     VOCAB,
 )
 
@@ -314,22 +315,20 @@ def _kernel(rngs: nnx.Rngs, shape, axes, fan_in: int) -> nnx.Param:
 
 def dense(x, w, contract: int = 1, preferred_element_type=None):
     """x [..., *in] · w [*in, *out] -> [..., *out], the last `contract` axes of x against
-    the first of w, computed as one 2-D matmul. XLA on CPU runs a 2-D dot and its
+    the first of w, over x's rows flattened into one axis. XLA on CPU runs that dot and its
     gradient well; the same contraction written over 3-D operands (einsum "BLD,DF->BLF")
     gets transposing copies in its backward pass (1.8x the time for a SwiGLU block,
     docs/PERFORMANCE.md). On GPU both forms lower to the same GEMMs."""
     lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
-    if _length_is_split():
-        # Under sequence parallelism the flattened rows would merge a batch split over
-        # fsdp with a length split over tensor, and XLA then all-reduced whole
-        # [B*L, D] outputs; the contraction over the operands as they are keeps the
-        # length's split through the projection.
-        return jax.lax.dot_general(
-            x, w, ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ())),
-            preferred_element_type=preferred_element_type)
-    inner = math.prod(w.shape[:contract])
-    y = jnp.dot(x.reshape(-1, inner), w.reshape(inner, -1),
-                preferred_element_type=preferred_element_type)
+    # The weight as it is: a reshaped weight is a new array to the SPMD partitioner, so
+    # an FSDP-split 3-D weight (wq, wk, wv, wo) was gathered twice in the backward pass.
+    # The rows flattened, except under sequence parallelism, where they would merge a
+    # batch split over fsdp with a length split over tensor (XLA then all-reduced whole
+    # [B*L, D] outputs).
+    rows = x if _length_is_split() else x.reshape(-1, *x.shape[x.ndim - contract:])
+    first = rows.ndim - contract
+    y = jax.lax.dot_general(rows, w, ((tuple(range(first, rows.ndim)), tuple(range(contract))),
+                                      ((), ())), preferred_element_type=preferred_element_type)
     return y.reshape(*lead, *out)
 
 
@@ -493,7 +492,7 @@ class RMSNorm(nnx.Module):
         del rngs
         self.eps = cfg.norm_eps
         self.dtype = cfg.compute_dtype
-        self.scale = nnx.Param(jnp.ones((cfg.emb_dim,), jnp.float32), out_sharding=(EMBED,))
+        self.scale = nnx.Param(jnp.ones((cfg.emb_dim,), jnp.float32), out_sharding=(NORM,))
 
     def __call__(self, x_BLD):
         x_BLD = x_BLD.astype(jnp.float32)
