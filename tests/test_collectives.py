@@ -226,14 +226,22 @@ def _compiled(model_name, mesh_shape, rules):
     return found, train_state.params_of(graphdef, state), dict(mesh.shape)
 
 
+def _is_norm(param) -> bool:
+    """A norm scale: replicated by every preset (partitioning.NORM), so its gradient is
+    all-reduced, not reduce-scattered."""
+    return partitioning.NORM in param.get_metadata().get("out_sharding", ())
+
+
 def test_a_compiled_fsdp_step_reduce_scatters_every_gradient_once():
     """tiny_llama on fsdp 8 (float32): each layer and head gradient is reduced and
     sliced along fsdp once per step: the reduce-scatter bytes are the parameters'
-    (the embedding's gradient, a scatter-add, takes an all-to-all instead)."""
+    (the embedding's gradient, a scatter-add, takes an all-to-all instead; the norm
+    scales, replicated, are all-reduced)."""
     found, params, sizes = _compiled("tiny_llama", {"fsdp": 8}, "fsdp")
     assert all(c.mesh_axes == ("fsdp",) for c in found)
     expected = sum(memory.shard_bytes(v.get_value(), sizes, gathered=("fsdp",))
-                   for path, v in nnx.to_flat_state(params) if path[0] != "embed")
+                   for path, v in nnx.to_flat_state(params)
+                   if path[0] != "embed" and not _is_norm(v))
     reduced = sum(c.bytes_per_step for c in found if c.priced_as == "reduce-scatter")
     assert reduced == expected
     # Two layers' weights gathered in the forward and again in the backward pass.
@@ -246,11 +254,11 @@ def test_a_compiled_fsdp_step_reduce_scatters_every_gradient_once():
 def test_a_tied_table_is_reduced_once_and_gathered_once_on_fsdp():
     """tiny_palm (tied embeddings) on fsdp 8 (float32): the table's gradient (its lookup's
     scatter-add and its head's matmul, summed) is reduce-scattered once per step, like
-    every other parameter's; the table is gathered once, for the head (the fused loss
+    every other parameter's but the replicated norm scales'; the table is gathered once, for the head (the fused loss
     makes the head's gradient in the forward pass, so the backward needs no second copy)."""
     found, params, sizes = _compiled("tiny_palm", {"fsdp": 8}, "fsdp")
     shard = {path: memory.shard_bytes(v.get_value(), sizes, gathered=("fsdp",))
-             for path, v in nnx.to_flat_state(params)}
+             for path, v in nnx.to_flat_state(params) if not _is_norm(v)}
     total, table = sum(shard.values()), shard[("embed", "embedding")]
     layers = sum(b for path, b in shard.items() if path[0] == "decoder")
     reduced = sum(c.bytes_per_step for c in found if c.priced_as == "reduce-scatter")
