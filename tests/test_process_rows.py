@@ -91,19 +91,25 @@ def _assert_same_run(tmp_path, one, many):
         assert _scalars(tmp_path, many, key) == _scalars(tmp_path, one, key)
 
 
+def _train_like_one(tmp_path, stem, mesh, processes, slurm_nodes, shards_line):
+    """The run of `processes` processes, joined by flags and from srun's variables as
+    `slurm_nodes` nodes, each equal to one process's run; every process logs
+    `shards_line` (the stream shards it makes)."""
+    for name, nodes in ((stem, None), (f"{stem}_slurm", slurm_nodes)):
+        outputs = _run(tmp_path, name, mesh, processes, slurm_nodes=nodes)
+        assert all(shards_line in out for out in outputs), outputs[0][-3000:]
+    _run(tmp_path, "one", mesh, 1)
+    _assert_same_run(tmp_path, "one", stem)
+    _assert_same_run(tmp_path, "one", f"{stem}_slurm")
+
+
 @pytest.mark.slow
 def test_two_processes_with_tensor_over_them_train_like_one(tmp_path):
     """2 processes × 1 device, tensor 2: both processes hold every row. Joined by flags,
     and from srun's variables as one node's two tasks (one process per GPU)."""
-    mesh = "{'data': 1, 'fsdp': 1, 'tensor': 2}"
-    for name, nodes in (("two", None), ("two_slurm", 1)):
-        outputs = _run(tmp_path, name, mesh, 2, slurm_nodes=nodes)
-        # Both stream the same 2 shards: each holds all 8 rows of every batch.
-        assert all("2 shards (4 rows of each per step), 2 in this process's" in out
-                   for out in outputs), outputs[0][-3000:]
-    _run(tmp_path, "one", mesh, 1)
-    _assert_same_run(tmp_path, "one", "two")
-    _assert_same_run(tmp_path, "one", "two_slurm")
+    # Both stream the same 2 shards: each holds all 8 rows of every batch.
+    _train_like_one(tmp_path, "two", "{'data': 1, 'fsdp': 1, 'tensor': 2}", 2, 1,
+                    "2 shards (4 rows of each per step), 2 in this process's")
 
 
 @pytest.mark.slow
@@ -111,12 +117,6 @@ def test_four_processes_with_tensor_across_them_train_like_one(tmp_path):
     """4 processes × 2 devices, fsdp 2 × tensor 4: processes 0 and 1 hold the first half
     of every batch, 2 and 3 the second; tensor spans processes. Joined by flags, and from
     srun's variables as four nodes of one task each (one process per node)."""
-    mesh = "{'data': 1, 'fsdp': 2, 'tensor': 4}"
-    for name, nodes in (("four", None), ("four_slurm", 4)):
-        outputs = _run(tmp_path, name, mesh, 4, slurm_nodes=nodes)
-        # Two data-parallel groups of processes: one shard each by default.
-        assert all("2 shards (4 rows of each per step), 1 in this process's 1 worker" in out
-                   for out in outputs), outputs[0][-3000:]
-    _run(tmp_path, "one", mesh, 1)
-    _assert_same_run(tmp_path, "one", "four")
-    _assert_same_run(tmp_path, "one", "four_slurm")
+    # Two data-parallel groups of processes: one shard each by default.
+    _train_like_one(tmp_path, "four", "{'data': 1, 'fsdp': 2, 'tensor': 4}", 4, 4,
+                    "2 shards (4 rows of each per step), 1 in this process's 1 worker")
