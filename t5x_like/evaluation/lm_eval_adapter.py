@@ -60,13 +60,11 @@ except ImportError as error:  # pragma: no cover - the optional extra is missing
         "it with `.venv/bin/pip install -e '.[lm_eval]'`.") from None
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from t5x_like import cluster, launch
 from t5x_like.data import mixtures, vocabulary
 from t5x_like.evaluation.predict import Inference
-from t5x_like.model import families
 from t5x_like.model.decoding import DecodeConfig
 
 log = logging.getLogger("t5x_like.evaluation.lm_eval_adapter")
@@ -77,20 +75,12 @@ MIN_WIDTH = 16  # rows are padded to a power of two ≥ this (≤ max_length): f
 
 
 class _Scorer(Inference):
-    """Inference with one more jitted function: each row's summed log-likelihood (the
-    model's score_batch formula) and whether every scored token is the argmax."""
+    """Inference with one more jitted function: the model's score_and_greedy (each row's
+    summed log-likelihood and whether every scored token is the argmax)."""
 
     def __post_init__(self):
         super().__post_init__()
-        self._score_greedy = jax.jit(self._traced(self._score_and_greedy))
-
-    def _score_and_greedy(self, module, batch):
-        logits_BLV = self.model.logits(module, batch, None)
-        nll_BL, _, top_BL = families.token_losses(logits_BLV, batch["decoder_target_tokens"],
-                                                  0.0)
-        weights_BL = batch["decoder_loss_weights"].astype(jnp.float32)
-        return (-jnp.sum(weights_BL * nll_BL, axis=-1),
-                jnp.all((top_BL > 0) | (weights_BL == 0), axis=-1))
+        self._score_greedy = jax.jit(self._traced(self.model.score_and_greedy))
 
     def score_and_greedy(self, params, batch) -> tuple[np.ndarray, np.ndarray]:
         return self._run(self._score_greedy, params, batch)

@@ -282,9 +282,16 @@ class LanguageModel:
 
     def score_batch(self, module, batch: Batch):
         """[B] per-example summed log-likelihood of the targets, weighted by loss weights."""
+        return self.score_and_greedy(module, batch)[0]
+
+    def score_and_greedy(self, module, batch: Batch):
+        """(score_batch's [B] log-likelihoods, [B] whether every weighted target is its
+        position's argmax: lm-evaluation-harness's `is_greedy`)."""
         logits_BLV = self.logits(module, batch, None)
-        nll_BL, _, _ = token_losses(logits_BLV, batch["decoder_target_tokens"], 0.0)
-        return -jnp.sum(loss_weights(batch) * nll_BL, axis=-1)
+        nll_BL, _, top_BL = token_losses(logits_BLV, batch["decoder_target_tokens"], 0.0)
+        weights_BL = loss_weights(batch)
+        return (-jnp.sum(weights_BL * nll_BL, axis=-1),
+                jnp.all((top_BL > 0) | (weights_BL == 0), axis=-1))
 
     def predict_batch(self, module, batch: Batch, decode: DecodeConfig,
                       rng=None) -> dict[str, jax.Array]:
