@@ -9,6 +9,9 @@ Importing registers (no file I/O):
   validation, from the corpus's own splits, so held-out pairs come from held-out
   documents.
 - Mixture `reka_preference`: the five domains at equal rates.
+- Mixture `reka_safety_preference`: the SAFETY_DOMAINS' pairs only, the demo's stand-in
+  for Llama 2's safety preference data (a second reward model trained on it scores the
+  RLHF demo's safety prompts, those of the same domains).
 
 Features: `inputs` (no EOS), `targets` and `rejected` (EOS appended), `rating` [1];
 TASK_FEATURE_LENGTHS = PREFERENCE_FEATURE_LENGTHS.
@@ -28,6 +31,8 @@ from tasks import reka_mix
 
 PROMPT_TOKENS = 32
 CONTINUATION_TOKENS = 32
+# The demo's stand-in for safety prompts and safety preference data (module docstring).
+SAFETY_DOMAINS = ("web", "multilingual")
 PREFERENCE_FEATURE_LENGTHS = {"inputs": PROMPT_TOKENS, "targets": CONTINUATION_TOKENS + 1,
                               "rejected": CONTINUATION_TOKENS + 1, "rating": 1}
 
@@ -63,6 +68,9 @@ def register_tasks(corpus_dir: Union[str, pathlib.Path, None] = None, seed: int 
     seqio.MixtureRegistry.remove("reka_preference")
     seqio.MixtureRegistry.add("reka_preference",
                               [(preference_task_name(d), 1.0) for d in reka_mix.DOMAINS])
+    seqio.MixtureRegistry.remove("reka_safety_preference")
+    seqio.MixtureRegistry.add("reka_safety_preference",
+                              [(preference_task_name(d), 1.0) for d in SAFETY_DOMAINS])
 
 
 register_tasks()

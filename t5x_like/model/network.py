@@ -209,6 +209,13 @@ class RewardDecoder(Decoder):
         last_BD = jnp.take_along_axis(states_BLD, last_B[:, None, None], axis=1)[:, 0]
         return jnp.einsum("BD,D->B", last_BD.astype(jnp.float32), self.reward_head[...])
 
+    def values(self, tokens_BL, *, segment_ids_BL, rng=None):
+        """[B, L] float32: the head at every position, the value of the text up to and
+        including that token (PPO's value model, initialised from a reward model, whose
+        reward is this at a row's last token)."""
+        states_BLD = self.final_states(tokens_BL, segment_ids_BL=segment_ids_BL, rng=rng)
+        return jnp.einsum("BLD,D->BL", states_BLD.astype(jnp.float32), self.reward_head[...])
+
 
 class Frozen(nnx.Variable):
     """A parameter nothing trains: gradients and the optimizer see only nnx.Param."""

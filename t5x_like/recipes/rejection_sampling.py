@@ -46,7 +46,7 @@ def _check_new_output(output_dir: str) -> None:
             f"(--gin.RS_OUTPUT_DIR=\"'{output_dir.rstrip('/')}_2'\") or move that one away.")
 
 
-def _prompt_rows(examples, feature: str, width: int, eos_id: int, batch_size: int
+def prompt_rows(examples, feature: str, width: int, eos_id: int, batch_size: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """([batch_size, width] prompt token ids, right-padded with 0 (rows past the
     examples all 0), [batch_size] their lengths), a trailing EOS dropped: the policy
@@ -62,7 +62,7 @@ def _prompt_rows(examples, feature: str, width: int, eos_id: int, batch_size: in
     return rows, lengths
 
 
-def _batches(task, task_feature_lengths, split: str, batch_size: int, max_prompts):
+def prompt_batches(task, task_feature_lengths, split: str, batch_size: int, max_prompts):
     ds = task.get_dataset(dict(task_feature_lengths), split=split, shuffle=False,
                           num_epochs=1, use_cached=False)
     if max_prompts is not None:
@@ -157,8 +157,8 @@ def _sample_and_score(policy_run, policy_params, reward_run, reward_params, task
     prompts, lengths, responses, rewards, names = [], [], [], [], []
     batch_index = 0
     for task in tasks:
-        for examples in _batches(task, task_feature_lengths, split, batch_size, max_prompts):
-            rows_BP, lengths_B = _prompt_rows(examples, prompt_feature, width, eos_id,
+        for examples in prompt_batches(task, task_feature_lengths, split, batch_size, max_prompts):
+            rows_BP, lengths_B = prompt_rows(examples, prompt_feature, width, eos_id,
                                               batch_size)
             tokens_N, rewards_N = [], []
             for i in range(num_samples):
