@@ -7,6 +7,8 @@ task features of one length:
 - `loss_mask` (LOSS_MASK): 1 on the assistant turns' content and their end-of-turn
   token(s), 0 on system and user turns and on every header (role names, Llama 3's
   `<|start_header_id|>assistant<|end_header_id|>\\n\\n`).
+An assistant message may carry `"train": false`: the turn stays in the dialogue as
+context and its tokens get weight 0 (Ghost Attention's earlier turns, data/gatt.py).
 `ChatFeatureConverter` (data form "chat", forms.CHAT) makes decoder-only rows of them:
 `decoder_loss_weights` is the mask, and padding is carried by `decoder_segment_ids` = 0
 (and weight 0), never inferred from token id 0, so a vocabulary whose id 0 is a real
@@ -85,14 +87,24 @@ def check_messages(messages) -> list[dict[str, str]]:
         if m["role"] == "system" and i:
             raise ValueError(f"Message {i} is a system turn; a system turn may only come "
                              "first. Fold later instructions into a user turn.")
-        out.append({"role": m["role"], "content": m["content"]})
+        if "train" in m and (m["role"] != "assistant" or not isinstance(m["train"], bool)):
+            raise ValueError(f"Message {i} has 'train': {m['train']!r}; the flag is true or "
+                             "false on an assistant turn (false: context, no loss on it).")
+        out.append({"role": m["role"], "content": m["content"],
+                    **({"train": m["train"]} if "train" in m else {})})
     roles = [m["role"] for m in out]
     first = next(r for r in roles if r != "system")
-    if "assistant" not in roles or first == "assistant":
+    if not any(map(trained, out)) or first == "assistant":
         raise ValueError(
             f"A dialogue with roles {roles} has nothing to train on: it needs an assistant "
-            "turn that answers a user turn (loss is on the assistant's tokens only).")
+            "turn (not marked \"train\": false) that answers a user turn (loss is on the "
+            "assistant's tokens only).")
     return out
+
+
+def trained(message: Mapping) -> bool:
+    """Whether a message's tokens carry loss: an assistant turn not marked "train": false."""
+    return message["role"] == "assistant" and message.get("train", True)
 
 
 def parse_dialogue(line: bytes | str) -> list[dict[str, str]]:
@@ -134,7 +146,7 @@ class PlainFormat:
             header = self.vocab.encode(PLAIN_HEADERS[m["role"]])
             body = [*self.vocab.encode(m["content"]), self.vocab.eos_id]
             ids += header + body
-            weights += [0] * len(header) + [int(m["role"] == "assistant")] * len(body)
+            weights += [0] * len(header) + [int(trained(m))] * len(body)
         if add_generation_prompt:
             header = self.vocab.encode(PLAIN_HEADERS["assistant"])
             ids += header
@@ -189,8 +201,8 @@ class JinjaFormat:
                                     **self.special_tokens)
 
     def assistant_spans(self, messages) -> tuple[str, list[tuple[int, int]]]:
-        """(the dialogue's text, [(start, end)] character spans of the assistant turns'
-        content and end of turn)."""
+        """(the dialogue's text, [(start, end)] character spans of the trained assistant
+        turns' content and end of turn)."""
         spans, before = [], ""
         for i, m in enumerate(messages):
             upto = self.render(messages[:i + 1])
@@ -200,7 +212,8 @@ class JinjaFormat:
                 self._check_prefix(prompt, upto, i, "with the generation prompt")
                 self._check_prefix(before, prompt, i, "before the generation prompt")
                 start = len(prompt)
-                spans.append((start, len(upto)))
+                if trained(m):
+                    spans.append((start, len(upto)))
             self._check_prefix(before, upto, i, "")
             before = upto
         return before, spans
