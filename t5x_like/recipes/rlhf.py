@@ -515,11 +515,13 @@ def check_vocabularies(prompt_vocab, checkpoints_by_name: Mapping[str, str],
     ours = vocabulary.vocabulary_checksum(prompt_vocab)
     for name, path in checkpoints_by_name.items():
         task = recorded_task(path)
+        if task is None:  # e.g. a params checkpoint of `hf import`
+            continue
         try:
             vocab = mixtures.leaf_tasks(task)[0].output_features["targets"].vocabulary
-        except (TypeError, ValueError):  # none recorded, or not registered here
-            log.warning("%s (%s): no registered training task recorded; its vocabulary "
-                        "is not checked against the prompts'.", name, path)
+        except ValueError:  # not registered in this process
+            log.warning("%s (%s) was trained on %r, not registered here; its vocabulary "
+                        "is not checked against the prompts'.", name, path, task)
             continue
         if vocabulary.vocabulary_checksum(vocab) != ours:
             raise ValueError(
