@@ -22,7 +22,6 @@ a decoder-only model trains on them in the "chat" data form.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pathlib
 
@@ -89,19 +88,8 @@ def register_gatt_task(name: str, directory: str) -> str:
     return name
 
 
-def _register_recorded() -> None:
-    """The GAtt tasks a parent process registered (a data worker's import)."""
-    for name, entry in mixtures.recorded_registrations(GATT_TASK).items():
-        if name in seqio.TaskRegistry.names():
-            continue
-        if not os.path.exists(os.path.join(entry["directory"], SUMMARY_FILE)):
-            logging.getLogger("tasks.gatt").warning(
-                "%s: %s has no GAtt output any more; task %s is not registered.",
-                mixtures.REGISTRATIONS_ENV, entry["directory"], name)
-            continue
-        register_gatt_task(name, entry["directory"])
-
-
 register_gatt_dialogues_task(DEMO_TASK, {split: str(DEMO_DIR / f"{split}.jsonl")
                                          for split in ("train", "validation")})
-_register_recorded()
+# The GAtt tasks a parent process registered (a data worker's import).
+mixtures.replay_directory_tasks(GATT_TASK, SUMMARY_FILE, lambda name, entry: register_gatt_task(
+    name, entry["directory"]))

@@ -133,7 +133,7 @@ def test_registrations_are_replayed_in_a_new_process_that_imports_their_module(
     assert rates == {"code_causal": 0.25, "math_causal": 0.75}
     assert kind == {"k": {"value": [3]}}
     # best_of_n.py replayed its recorded SFT task: its output is gone, so it warns.
-    assert "sft_gone" in done.stderr and "no rejection-sampling output" in done.stderr
+    assert "sft_gone" in done.stderr and "has no summary.json any more" in done.stderr
 
 
 def _proxy_state(cfg, domains=("a", "b"), rates=(0.25, 0.75)):

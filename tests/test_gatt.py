@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -34,7 +32,7 @@ from t5x_like.model.decoding import DecodeConfig
 from t5x_like.recipes import gatt as gatt_recipe
 from t5x_like.training import checkpoints
 from test_chat_sft import weighted_text, write_tokenizer
-from tiny import tiny_config
+from tiny import entry_point_runner, tiny_config, tiny_model_gin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {"targets": 512, chat.LOSS_MASK: 512}
@@ -282,26 +280,6 @@ def test_the_cli_refuses_an_existing_output_before_loading_anything(tmp_path, ca
     assert f"{tmp_path / 'g'} exists and is not empty" in err and "GATT_OUTPUT_DIR" in err
 
 
-TINY_MODEL_GIN = """
-from __gin__ import dynamic_registration
-from t5x_like.model import layers
-from t5x_like.model import families
-
-MODEL = @families.DecoderOnlyModel()
-families.DecoderOnlyModel.cfg = %MODEL_CONFIG
-MODEL_CONFIG = @layers.TransformerConfig()
-layers.TransformerConfig.vocab_size = 8192
-layers.TransformerConfig.emb_dim = 32
-layers.TransformerConfig.num_heads = 4
-layers.TransformerConfig.num_kv_heads = 2
-layers.TransformerConfig.head_dim = 8
-layers.TransformerConfig.mlp_dim = 64
-layers.TransformerConfig.num_decoder_layers = 2
-layers.TransformerConfig.num_encoder_layers = 0
-layers.TransformerConfig.z_loss = 0.0
-layers.TransformerConfig.dtype = 'float32'
-layers.TransformerConfig.scan_layers = True
-"""
 
 
 @pytest.mark.slow
@@ -312,15 +290,7 @@ def test_sampling_then_gatt_fine_tuning_end_to_end(tmp_path):
     from t5x_like.training import metrics
 
     policy, _, _ = _policy(tmp_path)
-    (tmp_path / "tiny_gatt_model.gin").write_text(TINY_MODEL_GIN)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-
-    def run(module, *flags):
-        proc = subprocess.run(
-            [sys.executable, "-m", module, "--gin_file=tiny_gatt_model.gin",
-             "--gin_file=meshes/cpu8_fsdp.gin", f"--gin_search_paths={tmp_path}", *flags],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    run = entry_point_runner(tmp_path, tiny_model_gin())
 
     run("t5x_like.gatt", "--gin_file=runs/gatt_sample.gin", "--gin.POLICY_CHECKPOINT='policy'",
         "--gin.GATT_OUTPUT_DIR='sampled'", "--gin.GATT_MAX_DIALOGUES=8",

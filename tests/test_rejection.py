@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny import tiny_config
+from tiny import entry_point_runner, tiny_config, tiny_model_gin
 
 from t5x_like.data import vocabulary
 from t5x_like.model import families
@@ -178,27 +178,6 @@ def test_a_dpo_checkpoint_reads_as_its_policy(tmp_path):
             tiny_config(emb_dim=64)).make_module(nnx.Rngs(0))))
 
 
-TINY_MODEL_GIN = """
-from __gin__ import dynamic_registration
-from t5x_like.model import layers
-from t5x_like.model import families
-
-MODEL = @families.DecoderOnlyModel()
-families.DecoderOnlyModel.cfg = %MODEL_CONFIG
-MODEL_CONFIG = @layers.TransformerConfig()
-layers.TransformerConfig.vocab_size = 8192
-layers.TransformerConfig.emb_dim = 32
-layers.TransformerConfig.num_heads = 4
-layers.TransformerConfig.num_kv_heads = 2
-layers.TransformerConfig.head_dim = 8
-layers.TransformerConfig.mlp_dim = 64
-layers.TransformerConfig.num_decoder_layers = 2
-layers.TransformerConfig.num_encoder_layers = 0
-layers.TransformerConfig.tie_embeddings = False
-layers.TransformerConfig.z_loss = 0.0
-layers.TransformerConfig.dtype = 'float32'
-layers.TransformerConfig.scan_layers = True
-"""
 
 
 @pytest.mark.slow
@@ -208,16 +187,12 @@ def test_rejection_sampling_then_fine_tuning_on_the_kept_set_end_to_end(tmp_path
     held-out preference prompts; `python -m t5x_like.train` with runs/finetune.gin and
     the finetune.gin it wrote, from the policy: the kept responses' reward beats the
     samples' mean, the loss on the kept set falls, and the fine-tuned checkpoint loads."""
-    import subprocess
-    import sys
-
     import tasks  # noqa: F401  (code_causal, reka_preference)
     from t5x_like.evaluation import evaluate
     from t5x_like.training import metrics, optimizers, train
     from tasks.preference import PREFERENCE_FEATURE_LENGTHS
 
     cfg = tiny_config(**SMALL, tie_embeddings=False)
-    (tmp_path / "tiny_rs_model.gin").write_text(TINY_MODEL_GIN)
     opt = optimizers.adamw_llama2(peak_lr=3e-3, warmup_steps=1, total_steps=6)
     off = evaluate.EvalConfig(enabled=False)
     train.train(model=families.DecoderOnlyModel(cfg), mesh_config=DP, optimizer=opt,
@@ -230,15 +205,7 @@ def test_rejection_sampling_then_fine_tuning_on_the_kept_set_end_to_end(tmp_path
                                       task_feature_lengths=PREFERENCE_FEATURE_LENGTHS,
                                       batch_size=8, data_workers=1, task_modules=("tasks",)),
                 train_steps=6, model_dir=str(tmp_path / "reward"), evaluation=off)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-
-    def run(module, *flags):
-        proc = subprocess.run(
-            [sys.executable, "-m", module, "--gin_file=tiny_rs_model.gin",
-             "--gin_file=meshes/cpu8_fsdp.gin", f"--gin_search_paths={tmp_path}", *flags],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return proc.stdout + proc.stderr
+    run = entry_point_runner(tmp_path, tiny_model_gin(tie_embeddings=False))
 
     run("t5x_like.rejection_sample", "--gin_file=runs/rejection_sample.gin",
         "--gin.POLICY_CHECKPOINT='policy'", "--gin.REWARD_CHECKPOINT='reward'",

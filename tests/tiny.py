@@ -4,6 +4,10 @@ Kept out of conftest.py (shared by every engineer); import with `from tiny impor
 (pytest puts tests/ on sys.path).
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,3 +161,36 @@ def assert_no_compile_while(fn) -> None:
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+
+
+def tiny_model_gin(**bindings) -> str:
+    """A gin model file of a tiny decoder-only (2 layers, 32 wide, float32) over the
+    shipped vocabulary's 8,192 ids, for tests that run an entry point; `bindings` are
+    more layers.TransformerConfig settings (as Python values)."""
+    settings = dict(vocab_size=8192, emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                    mlp_dim=64, num_decoder_layers=2, num_encoder_layers=0, z_loss=0.0,
+                    dtype="float32", scan_layers=True, **bindings)
+    lines = [f"layers.TransformerConfig.{k} = {v!r}" for k, v in settings.items()]
+    return "\n".join(["from __gin__ import dynamic_registration",
+                      "from t5x_like.model import layers", "from t5x_like.model import families",
+                      "MODEL = @families.DecoderOnlyModel()",
+                      "families.DecoderOnlyModel.cfg = %MODEL_CONFIG",
+                      "MODEL_CONFIG = @layers.TransformerConfig()", *lines, ""])
+
+
+def entry_point_runner(directory, model_gin: str, timeout: int = 1200):
+    """run(module, *flags): `python -m module` in `directory` with `model_gin` (written
+    there as tiny_model.gin) and the 8-device CPU mesh, XLA flags left to the entry point;
+    asserts it exits 0 and returns its output."""
+    (directory / "tiny_model.gin").write_text(model_gin)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+
+    def run(module: str, *flags: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--gin_file=tiny_model.gin",
+             "--gin_file=meshes/cpu8_fsdp.gin", f"--gin_search_paths={directory}", *flags],
+            cwd=directory, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc.stdout + proc.stderr
+
+    return run

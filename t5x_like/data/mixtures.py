@@ -16,9 +16,10 @@ import ast
 import difflib
 import importlib
 import json
+import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import seqio
@@ -109,6 +110,23 @@ def recorded_registrations(kind: str) -> dict[str, dict[str, Any]]:
     """The registrations of `kind` recorded here or by a parent process, {key:
     arguments}, in the order first recorded."""
     return json.loads(os.environ.get(REGISTRATIONS_ENV, "{}")).get(kind, {})
+
+
+def replay_directory_tasks(kind: str, marker: str,
+                           register: Callable[[str, dict[str, Any]], Any]) -> None:
+    """Registers here the tasks of `kind` a parent process recorded over output
+    directories (a data worker's import of the registering module): `register(name,
+    arguments)` for each one not registered yet whose `directory` still holds `marker`;
+    one since removed is skipped with a warning."""
+    for name, entry in recorded_registrations(kind).items():
+        if name in seqio.TaskRegistry.names():
+            continue
+        if not os.path.exists(os.path.join(entry["directory"], marker)):
+            logging.getLogger("t5x_like.data.mixtures").warning(
+                "%s records task %s over %s, which has no %s any more; it is not "
+                "registered.", REGISTRATIONS_ENV, name, entry["directory"], marker)
+            continue
+        register(name, entry)
 
 
 # A mixture file (what `python -m t5x_like.doremi` writes): a gin file whose lines

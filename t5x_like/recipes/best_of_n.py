@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import os
 import re
 
@@ -211,18 +210,6 @@ def register_sft_task(directory: str, form: str | None = None, name: str | None 
     return name
 
 
-def _register_recorded() -> None:
-    """The SFT tasks the parent process registered (a data worker's import)."""
-    for name, entry in mixtures.recorded_registrations(SFT_TASK).items():
-        if name in seqio.TaskRegistry.names():
-            continue
-        if not os.path.exists(os.path.join(entry["directory"], SUMMARY_FILE)):
-            # an output since removed, registered by some ancestor process
-            logging.getLogger("t5x_like.recipes.best_of_n").warning(
-                "%s=...%s...: %s has no rejection-sampling output any more; task %s is not "
-                "registered.", mixtures.REGISTRATIONS_ENV, name, entry["directory"], name)
-            continue
-        register_sft_task(entry["directory"], entry["form"], name)
-
-
-_register_recorded()
+# The SFT tasks a parent process registered (a data worker's import).
+mixtures.replay_directory_tasks(SFT_TASK, SUMMARY_FILE, lambda name, entry: register_sft_task(
+    entry["directory"], entry["form"], name))

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Sequence
 
 import jax
@@ -38,18 +37,11 @@ from t5x_like.data import chat, gatt, vocabulary
 from t5x_like.evaluation.predict import Inference
 from t5x_like.model import families
 from t5x_like.model.decoding import DecodeConfig
+from t5x_like.recipes import outputs
 
 log = logging.getLogger("t5x_like.recipes.gatt")
 DIALOGUES_FILE = "dialogues.jsonl"
 SUMMARY_FILE = "summary.json"
-
-
-def _check_new_output(output_dir: str) -> None:
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise FileExistsError(
-            f"{output_dir} exists and is not empty; GAtt sampling never overwrites an earlier "
-            "output (a fine-tuning run may be reading it). Pass a new directory "
-            f"(--gin.GATT_OUTPUT_DIR=\"'{output_dir.rstrip('/')}_2'\") or move that one away.")
 
 
 def task_name(output_dir: str) -> str:
@@ -116,21 +108,15 @@ gatt_tasks.register_gatt_task.directory = {output_dir!r}
 
 
 def _write_output(output_dir: str, rows: list[dict], summary: dict) -> None:
-    """The output directory (module docstring), written whole under `.partial` first."""
-    partial = output_dir + ".partial"
-    if os.path.exists(partial):
-        shutil.rmtree(partial)  # an earlier run of this command that did not finish
-    os.makedirs(partial)
-    with open(os.path.join(partial, DIALOGUES_FILE), "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with open(os.path.join(partial, SUMMARY_FILE), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(partial, "finetune.gin"), "w", encoding="utf-8") as f:
-        f.write(_finetune_gin(output_dir, summary["task_name"]))
-    if os.path.isdir(output_dir):
-        os.rmdir(output_dir)  # empty (checked before sampling)
-    os.replace(partial, output_dir)
+    """The output directory (module docstring), written whole (outputs.written_whole)."""
+    with outputs.written_whole(output_dir) as partial:
+        with open(os.path.join(partial, DIALOGUES_FILE), "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with open(os.path.join(partial, SUMMARY_FILE), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        with open(os.path.join(partial, "finetune.gin"), "w", encoding="utf-8") as f:
+            f.write(_finetune_gin(output_dir, summary["task_name"]))
 
 
 def _sample_all(run, params, fmt, dialogues, instructions, prompt_length: int, seed: int):
@@ -181,7 +167,7 @@ def sample_gatt_dialogues(*, policy, policy_checkpoint: str, mesh_config, output
         raise ValueError(f"No dialogue of {dialogues or gatt.DEMO_DIALOGUES!r} has "
                          f"{min_user_turns} user turns; GAtt needs multi-turn dialogues.")
     output_dir = os.path.abspath(output_dir)
-    _check_new_output(output_dir)
+    outputs.check_new(output_dir, "GAtt sampling", "GATT_OUTPUT_DIR")
     launch.start_devices(mesh_config)
     run, params = Inference.from_checkpoint(policy, mesh_config, policy_checkpoint, decode,
                                             batch_size)

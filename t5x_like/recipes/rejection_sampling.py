@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -33,17 +32,9 @@ from t5x_like.evaluation.predict import Inference
 from t5x_like.model import families
 from t5x_like.objectives import preference
 from t5x_like.model.decoding import DecodeConfig
-from t5x_like.recipes import best_of_n
+from t5x_like.recipes import best_of_n, outputs
 
 log = logging.getLogger("t5x_like.recipes.rejection_sampling")
-
-
-def _check_new_output(output_dir: str) -> None:
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise FileExistsError(
-            f"{output_dir} exists and is not empty; rejection sampling never overwrites an "
-            "earlier output (a fine-tuning run may be reading it). Pass a new directory "
-            f"(--gin.RS_OUTPUT_DIR=\"'{output_dir.rstrip('/')}_2'\") or move that one away.")
 
 
 def prompt_rows(examples, feature: str, width: int, eos_id: int, batch_size: int
@@ -97,7 +88,7 @@ def _finetune_gin(output_dir: str, form: str, prompt_length: int, response_lengt
 #     --gin.INITIAL_CHECKPOINT_PATH="'<the policy checkpoint>'" --gin.MODEL_DIR="'<new dir>'"
 # The task's train and validation splits are both the whole kept set (form {form!r}).
 from __gin__ import dynamic_registration
-from t5x_like.recipes import best_of_n
+from t5x_like.recipes import best_of_n, outputs
 from t5x_like.training import train
 
 MIXTURE_OR_TASK_NAME = @best_of_n.register_sft_task()
@@ -184,14 +175,11 @@ def _sample_and_score(policy_run, policy_params, reward_run, reward_params, task
             np.concatenate(responses, axis=1), np.concatenate(rewards, axis=1), names)
 
 
-def _write_output(output_dir: str, summary: dict, prompts_BP, lengths_B, responses_NBT,
-                  rewards_NB, chosen_B, names, vocab, eos_id: int, response_length: int
-                  ) -> None:
-    """The output directory (module docstring), written whole under `.partial` first."""
-    partial = output_dir + ".partial"
-    if os.path.exists(partial):
-        shutil.rmtree(partial)  # an earlier run of this command that did not finish
-    os.makedirs(partial)
+def _write_output(partial: str, output_dir: str, summary: dict, prompts_BP, lengths_B,
+                  responses_NBT, rewards_NB, chosen_B, names, vocab, eos_id: int,
+                  response_length: int) -> None:
+    """The files of the output directory (module docstring) into `partial`, which
+    becomes `output_dir` (outputs.written_whole)."""
     best_of_n.write_sft_source(os.path.join(partial, best_of_n.SFT_FILE), prompts_BP,
                                responses_NBT, chosen_B, vocab, eos_id, lengths_B)
     with open(os.path.join(partial, "samples.jsonl"), "w", encoding="utf-8") as f:
@@ -209,9 +197,6 @@ def _write_output(output_dir: str, summary: dict, prompts_BP, lengths_B, respons
     with open(os.path.join(partial, "finetune.gin"), "w", encoding="utf-8") as f:
         f.write(_finetune_gin(output_dir, summary["sft_form"], summary["prompt_length"],
                               response_length))
-    if os.path.isdir(output_dir):
-        os.rmdir(output_dir)  # empty (checked before sampling)
-    os.replace(partial, output_dir)
 
 
 def rejection_sample(*, policy, policy_checkpoint: str, reward_model, reward_checkpoint: str,
@@ -229,7 +214,7 @@ def rejection_sample(*, policy, policy_checkpoint: str, reward_model, reward_che
                    task_feature_lengths, tasks)
     decode = vocabulary.resolve_decode(decode, vocab)  # its EOS and BOS, or a clear error
     output_dir = os.path.abspath(output_dir)
-    _check_new_output(output_dir)
+    outputs.check_new(output_dir, "rejection sampling", "RS_OUTPUT_DIR")
     launch.start_devices(mesh_config)
     policy_run, policy_params = Inference.from_checkpoint(
         policy, mesh_config, policy_checkpoint, decode, batch_size)
@@ -257,8 +242,10 @@ def rejection_sample(*, policy, policy_checkpoint: str, reward_model, reward_che
         "sft_task_name": best_of_n.sft_task_name(output_dir),
         "vocabulary": _vocabulary_spec(vocab),
     }
-    _write_output(output_dir, summary, prompts_BP, lengths_B, responses_NBT, rewards_NB,
-                  chosen_B, names, vocab, decode.eos_id, decode.max_decode_length)
+    with outputs.written_whole(output_dir) as partial:
+        _write_output(partial, output_dir, summary, prompts_BP, lengths_B, responses_NBT,
+                      rewards_NB, chosen_B, names, vocab, decode.eos_id,
+                      decode.max_decode_length)
     log.info("kept %d of %d x %d samples (mean reward %.4f, all samples %.4f) -> %s",
              len(names), len(names), num_samples, summary["mean_reward_kept"],
              summary["mean_reward_all_samples"], output_dir)
