@@ -104,6 +104,10 @@ def test_ppo_raises_a_closed_form_reward_with_the_kl_bounded(ckpts, tmp_path):
         out["model_dir"], "round_000", "samples", "step_00023.jsonl"))]
     assert len(samples) == 32 and {"prompt", "response", "score_combined"} <= set(samples[0])
     assert os.path.exists(out["curve"])
+    summary = json.load(open(os.path.join(out["model_dir"], "round_000", "summary.json")))
+    assert summary["kind"] == "ppo" and summary["steps"] == [1, 24]
+    assert summary["mean"]["score_combined"] == pytest.approx(
+        np.mean([r["score_combined"] for r in records.values()]), rel=1e-6)
     # the round's policy reads back as a params checkpoint
     target = nnx.state(families.DecoderOnlyModel(CFG).make_module(0), nnx.Param)
     checkpoints.restore_params(os.path.join(out["model_dir"], "round_000", "policy"), target)

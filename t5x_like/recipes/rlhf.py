@@ -31,7 +31,8 @@ MODEL_DIR gets:
   `seed` and the step, the prompt order from `seed` and the round.
 - round_{r}/samples/step_{s}.jsonl: each step's prompts, responses (in rejection
   sampling the kept ones) and scores; round_{r}/policy: the policy at the round's end, a
-  params checkpoint that infer, eval, rejection sampling and a next run read.
+  params checkpoint that infer, eval, rejection sampling and a next run read;
+  round_{r}/summary.json: the round's mean, first and last step metrics.
 - metrics.jsonl and TensorBoard events, per step: mean scores (each reward model and
   combined), the KL to π_0, value and policy loss, entropy, response length, clip
   fraction; rlhf_curve.png: the combined score and the KL over the steps.
@@ -453,8 +454,9 @@ def rejection_sampling_step(run: _Run, state: dict, step: int, index_B
     for rows in run.minibatches(step):
         state, out = run.learner.sft_step(state, {k: v[rows] for k, v in kept.items()})
         stats.append(out)
-    step_metrics = {"score_combined_all": float(combined_KB.mean()),
-                    **{f"score_{k}": float(v.mean()) for k, v in kept_scores.items()},
+    step_metrics = {**{f"score_{k}": float(np.mean([s[k] for _, s in samples]))
+                       for k in kept_scores},  # the policy's samples, as PPO reports
+                    **{f"score_{k}_kept": float(v.mean()) for k, v in kept_scores.items()},
                     **_kl_and_length(view, kept), **_mean_stats(stats)}
     return state, step_metrics, {"batch": kept, "scores": kept_scores}
 
@@ -570,9 +572,9 @@ def write_samples(path: str, run: _Run, index_B, rollout: Mapping) -> None:
     rundir.write_text(path, "\n".join(lines) + "\n")
 
 
-def write_curve(model_dir: str, steps_per_round: int) -> str:
+def write_curve(model_dir: str, rounds: Sequence[str], steps_per_round: int) -> str:
     """MODEL_DIR/rlhf_curve.png: the mean scores and the KL to π_0 over the steps (the
-    newest record of each step in metrics.jsonl), rounds marked."""
+    newest record of each step in metrics.jsonl), each round marked with its kind."""
     import matplotlib  # imported here: only this chart needs it
 
     matplotlib.use("Agg")
@@ -592,8 +594,12 @@ def write_curve(model_dir: str, steps_per_round: int) -> str:
     for ax in (left, right):
         ax.set_xlabel("RLHF step")
         ax.grid(True, alpha=0.3)
-        for boundary in range(steps_per_round, max(steps, default=0), steps_per_round):
-            ax.axvline(boundary + 0.5, color="grey", alpha=0.4, linestyle=":")
+        for index, kind in enumerate(rounds[:-(-max(steps, default=0) // steps_per_round)]):
+            if index:
+                ax.axvline(index * steps_per_round + 0.5, color="grey", alpha=0.4,
+                           linestyle=":")
+            ax.text(index * steps_per_round + 1, 1.0, kind.replace("_", " "), fontsize=8,
+                    color="grey", transform=ax.get_xaxis_transform(), va="bottom")
     left.legend()
     fig.tight_layout()
     png = io.BytesIO()
@@ -602,6 +608,24 @@ def write_curve(model_dir: str, steps_per_round: int) -> str:
     path = rundir.join(model_dir, CURVE_NAME)
     rundir.write_bytes(path, png.getvalue())
     return path
+
+
+def write_round_summary(model_dir: str, round_index: int, kind: str, steps: int) -> dict:
+    """round_NNN/summary.json: the round's kind and the mean of each step metric over
+    its steps (the newest record of each step in metrics.jsonl), first and last step's."""
+    first = round_index * steps + 1
+    records = {r["step"]: r for r in metrics.read_jsonl(rundir.join(model_dir,
+                                                                      metrics.JSONL_NAME))
+               if first <= r.get("step", 0) < first + steps and "kl" in r}
+    rows = [records[s] for s in sorted(records)]
+    names = sorted({k for r in rows for k in r} - {"step", "round"})
+    summary = {"round": round_index, "kind": kind, "steps": [first, first + steps - 1],
+               "mean": {k: float(np.mean([r[k] for r in rows if k in r])) for k in names},
+               "first": {k: rows[0].get(k) for k in names},
+               "last": {k: rows[-1].get(k) for k in names}}
+    rundir.write_text(rundir.join(_round_dir(model_dir, round_index), "summary.json"),
+                      json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def _check_resume(model_dir: str, settings: Mapping) -> None:
@@ -675,6 +699,9 @@ def _run_steps(run: _Run, state, rounds: Sequence[str], start: int, model_dir: s
         last = in_round == per_round - 1
         if last and not rundir.exists(rundir.join(round_dir, "policy")):
             checkpoints.save_params(rundir.join(round_dir, "policy"), state["policy"])
+        if last and jax.process_index() == 0:
+            writer.flush()
+            write_round_summary(model_dir, round_index, kind, per_round)
         ckpt.save(step + 1, state, run={"round": round_index, "step_in_round": in_round + 1},
                   force=last)
     return state
@@ -730,7 +757,8 @@ def rlhf(*, policy, policy_checkpoint: str, helpful_reward_model,
             state = _run_steps(run, state, rounds, start, model_dir, ckpt, writer)
         finally:
             writer.close()
-    curve = write_curve(model_dir, steps_per_round) if jax.process_index() == 0 else None
+    curve = (write_curve(model_dir, rounds, steps_per_round) if jax.process_index() == 0
+             else None)
     return {"steps": len(rounds) * steps_per_round, "curve": curve, "model_dir": model_dir}
 
 
