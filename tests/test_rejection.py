@@ -156,6 +156,8 @@ def test_rejection_sample_writes_the_kept_set_and_registers_it_for_fine_tuning(
         ex["targets"].tolist() for ex in read]
     gin_text = open(os.path.join(out, "finetune.gin")).read()
     assert "@best_of_n.register_sft_task()" in gin_text and "{'targets': 18}" in gin_text
+    import gin  # the file parses (its statements, not yet bound)
+    list(gin.config_parser.ConfigParser(gin_text, gin.config.ParserDelegate(skip_unknown=True)))
     with pytest.raises(FileNotFoundError, match="not the output"):
         best_of_n.register_sft_task(str(tmp_path))
 

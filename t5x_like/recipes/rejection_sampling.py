@@ -88,7 +88,7 @@ def _finetune_gin(output_dir: str, form: str, prompt_length: int, response_lengt
 #     --gin.INITIAL_CHECKPOINT_PATH="'<the policy checkpoint>'" --gin.MODEL_DIR="'<new dir>'"
 # The task's train and validation splits are both the whole kept set (form {form!r}).
 from __gin__ import dynamic_registration
-from t5x_like.recipes import best_of_n, outputs
+from t5x_like.recipes import best_of_n
 from t5x_like.training import train
 
 MIXTURE_OR_TASK_NAME = @best_of_n.register_sft_task()
