@@ -680,7 +680,8 @@ def _models_on_mesh(policy, policy_checkpoint, reward_models, reward_checkpoints
 
 def _run_steps(run: _Run, state, rounds: Sequence[str], start: int, model_dir: str,
                ckpt: checkpoints.CheckpointManager, writer) -> dict:
-    """Steps `start`.. of every round; returns the state."""
+    """Steps `start`.. of every round: each one's samples, metrics, checkpoint and, at a
+    round's end, its policy and summary; returns the state."""
     per_round = run.steps_per_round
     for step in range(start, len(rounds) * per_round):
         round_index, in_round = divmod(step, per_round)
@@ -716,8 +717,8 @@ def rlhf(*, policy, policy_checkpoint: str, helpful_reward_model,
          decode: DecodeConfig = DecodeConfig(method="sample"), split: str = "train",
          max_prompts: int | None = None, safety_tasks: Sequence[str] = (), seed: int = 0,
          save_every_steps: int = 1) -> dict:
-    """Runs (or goes on with) the rounds (module docstring); returns the last step's
-    metrics and the paths written."""
+    """Runs (or goes on with) the rounds (module docstring); returns the number of
+    steps, the model dir and the chart's path."""
     rounds, value_checkpoint = list(rounds), value_checkpoint or helpful_reward_checkpoint
     reward_models = {"helpful": helpful_reward_model, "safety": safety_reward_model}
     reward_checkpoints = {"helpful": helpful_reward_checkpoint,
