@@ -177,6 +177,15 @@ def test_bad_input_is_one_paragraph_and_writes_nothing(ckpts, tmp_path):
     assert not model_dir.exists()
 
 
+def test_a_second_run_on_the_same_directory_is_refused(ckpts, tmp_path):
+    from t5x_like.training import guards
+
+    with guards.RunLock(str(tmp_path / "busy")):
+        with pytest.raises(guards.RunLockedError, match="is in use by process"):
+            _run(ckpts, tmp_path / "busy", steps=1)
+    assert not (tmp_path / "busy" / "rlhf.json").exists()
+
+
 def test_response_rows_mark_the_response_up_to_its_eos():
     prompts = np.array([[5, 6, 0], [7, 0, 0]], np.int32)
     tokens = np.array([[9, 1, 0, 0], [0, 4, 8, 3]], np.int32)  # EOS 1; 0 is a token before it

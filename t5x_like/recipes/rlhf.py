@@ -61,7 +61,7 @@ from t5x_like.model import families, partitioning
 from t5x_like.model.decoding import DecodeConfig
 from t5x_like.objectives import ppo, preference
 from t5x_like.recipes import best_of_n, rejection_sampling
-from t5x_like.training import checkpoints, loader, metrics, optimizers, rundir
+from t5x_like.training import checkpoints, guards, loader, metrics, optimizers, rundir
 from t5x_like.training.train_state import state_shardings
 
 log = logging.getLogger("t5x_like.recipes.rlhf")
@@ -745,10 +745,10 @@ def rlhf(*, policy, policy_checkpoint: str, helpful_reward_model,
                 "prompts": [mixture_or_task_name, split, max_prompts, sorted(safety_tasks)],
                 "reward_checkpoints": reward_checkpoints, "value_checkpoint": value_checkpoint}
     rundir.makedirs(model_dir)
-    _check_resume(model_dir, settings)
-    writer = metrics.create_writer(model_dir, enabled=jax.process_index() == 0)
-    with checkpoints.CheckpointManager(rundir.join(model_dir, "checkpoints"),
-                                       save_interval_steps=save_every_steps) as ckpt:
+    with guards.RunLock(model_dir), checkpoints.CheckpointManager(
+            rundir.join(model_dir, "checkpoints"), save_interval_steps=save_every_steps) as ckpt:
+        _check_resume(model_dir, settings)
+        writer = metrics.create_writer(model_dir, enabled=jax.process_index() == 0)
         restored = ckpt.restore_latest(checkpoints.abstract_like(state))
         start = 0 if restored is None else restored.step
         state = state if restored is None else restored.state
