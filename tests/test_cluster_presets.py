@@ -18,7 +18,10 @@ from t5x_like.model import partitioning
 from t5x_like.planning import planner
 
 GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs"
-EXPERIMENTS = sorted((GIN_DIR / "experiments").glob("*.gin"))
+# Training experiments: an RLHF run (it includes runs/rlhf.gin) reads prompts, not a
+# training data stream.
+EXPERIMENTS = sorted(p for p in (GIN_DIR / "experiments").glob("*.gin")
+                     if "runs/rlhf.gin" not in p.read_text())
 
 
 def _experiment(path):

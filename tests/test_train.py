@@ -357,16 +357,18 @@ def test_every_experiment_parses_and_binds_a_model_and_a_mesh(path):
         launch.parse_gin([path], ["MODEL_DIR = '/tmp/unused'"])
         model = gin.query_parameter("%MODEL").scoped_configurable_fn()
         mesh_config = gin.query_parameter("%MESH_CONFIG").scoped_configurable_fn()
-        lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
+        rlhf = "runs/rlhf.gin" in open(path).read()  # an RLHF run: its policy's settings
+        lengths = gin.query_parameter("%RLHF_TASK_FEATURE_LENGTHS" if rlhf
+                                      else "%TASK_FEATURE_LENGTHS")
         if os.path.basename(path).startswith("demo_"):  # the demos run here, on 8 CPUs
             assert mesh_config.num_devices == 8 and mesh_config.rules == "fsdp"
         # Every experiment fits its own mesh (GPU ones too: checked on a device-free
         # mesh of the same sizes), each microbatch split over the data-parallel ways.
-        microbatches = gin.query_parameter("%NUM_MICROBATCHES")
+        rows = (gin.query_parameter("%PPO_MINIBATCH_SIZE") if rlhf else
+                gin.query_parameter("%BATCH_SIZE") // gin.query_parameter("%NUM_MICROBATCHES"))
         partitioning.validate_for_mesh(
             model.make_module, memory.abstract_mesh(mesh_config.global_shape),
-            mesh_config.rule_set(),
-            batch_size=gin.query_parameter("%BATCH_SIZE") // microbatches)
+            mesh_config.rule_set(), batch_size=rows)
         assert model.data_form(lengths).name in ("encdec", "prefix_lm", "lm", "chat", "preference")
     finally:
         gin.clear_config()
