@@ -21,7 +21,6 @@ a decoder-only model trains on them in the "chat" data form.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
@@ -59,14 +58,9 @@ def register_gatt_dialogues_task(name: str, split_to_filepattern, vocabulary=Non
 
 
 def read_summary(directory: str) -> dict:
-    path = os.path.join(directory, SUMMARY_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: {directory!r} is not the output of `python -m "
-            "t5x_like.gatt` (or that run did not finish). Point "
-            "gatt_tasks.register_gatt_task.directory at a finished run's GATT_OUTPUT_DIR.")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return mixtures.read_directory_summary(
+        directory, SUMMARY_FILE, "python -m t5x_like.gatt",
+        "gatt_tasks.register_gatt_task.directory", "GATT_OUTPUT_DIR")
 
 
 def register_gatt_task(name: str, directory: str) -> str:

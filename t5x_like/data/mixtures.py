@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
 import importlib
 import json
 import logging
@@ -110,6 +111,28 @@ def recorded_registrations(kind: str) -> dict[str, dict[str, Any]]:
     """The registrations of `kind` recorded here or by a parent process, {key:
     arguments}, in the order first recorded."""
     return json.loads(os.environ.get(REGISTRATIONS_ENV, "{}")).get(kind, {})
+
+
+def directory_task_name(prefix: str, directory: str) -> str:
+    """The task name of a recipe's output directory: `prefix`, its base name and a hash
+    of its absolute path (two outputs never share one)."""
+    directory = os.path.abspath(directory)
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", os.path.basename(directory.rstrip(os.sep)))
+    return f"{prefix}_{base}_{hashlib.sha1(directory.encode()).hexdigest()[:8]}"
+
+
+def read_directory_summary(directory: str, summary_file: str, command: str, setting: str,
+                           output_flag: str) -> dict:
+    """The JSON summary a recipe's output directory ends with; a FileNotFoundError naming
+    the `command` that writes it, the gin `setting` to point at a finished run's output
+    and the command's `output_flag`."""
+    path = os.path.join(directory, summary_file)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: {directory!r} is not the output of `{command}` (or "
+            f"that run did not finish). Point {setting} at a finished run's {output_flag}.")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def replay_directory_tasks(kind: str, marker: str,

@@ -22,10 +22,7 @@ replays what is recorded there: the trainer's data worker processes import it
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
-import re
 
 import jax
 import numpy as np
@@ -169,22 +166,15 @@ def sft_task(name: str, path: str, vocab, split: str | tuple[str, ...] = "train"
 
 
 def sft_task_name(directory: str) -> str:
-    """The task name of a rejection-sampling output directory: its base name and a hash
-    of its absolute path (two outputs never share one)."""
-    directory = os.path.abspath(directory)
-    base = re.sub(r"[^0-9a-zA-Z_]", "_", os.path.basename(directory.rstrip(os.sep)))
-    return f"rejection_sft_{base}_{hashlib.sha1(directory.encode()).hexdigest()[:8]}"
+    """The task name of a rejection-sampling output directory
+    (mixtures.directory_task_name)."""
+    return mixtures.directory_task_name("rejection_sft", directory)
 
 
 def read_summary(directory: str) -> dict:
-    path = os.path.join(directory, SUMMARY_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: {directory!r} is not the output of `python -m "
-            "t5x_like.recipes.rejection_sampling` (or that run did not finish). Point "
-            "best_of_n.register_sft_task.directory at a finished run's RS_OUTPUT_DIR.")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return mixtures.read_directory_summary(
+        directory, SUMMARY_FILE, "python -m t5x_like.rejection_sample",
+        "best_of_n.register_sft_task.directory", "RS_OUTPUT_DIR")
 
 
 def summary_vocabulary(summary: dict):

@@ -22,18 +22,16 @@ renamed (never over an earlier output), holds:
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from t5x_like import launch
-from t5x_like.data import chat, gatt, vocabulary
+from t5x_like.data import chat, gatt, mixtures, vocabulary
 from t5x_like.evaluation.predict import Inference
 from t5x_like.model import families
 from t5x_like.model.decoding import DecodeConfig
@@ -45,11 +43,8 @@ SUMMARY_FILE = "summary.json"
 
 
 def task_name(output_dir: str) -> str:
-    """The task name of an output directory: its base name and a hash of its absolute
-    path (two outputs never share one)."""
-    output_dir = os.path.abspath(output_dir)
-    base = re.sub(r"[^0-9a-zA-Z_]", "_", os.path.basename(output_dir))
-    return f"gatt_{base}_{hashlib.sha1(output_dir.encode()).hexdigest()[:8]}"
+    """The task name of a GAtt sampling output directory (mixtures.directory_task_name)."""
+    return mixtures.directory_task_name("gatt", output_dir)
 
 
 def _reply(tokens_T: np.ndarray, eos_id: int, vocab) -> tuple[str, bool]:

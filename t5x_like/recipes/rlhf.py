@@ -572,6 +572,14 @@ def write_samples(path: str, run: _Run, index_B, rollout: Mapping) -> None:
     rundir.write_text(path, "\n".join(lines) + "\n")
 
 
+def step_records(model_dir: str) -> dict[int, dict]:
+    """{step: its newest metrics record}: a step run again after a restart is logged
+    again, and the newer record wins."""
+    return {r["step"]: r for r in metrics.read_jsonl(rundir.join(model_dir,
+                                                                 metrics.JSONL_NAME))
+            if "kl" in r}
+
+
 def write_curve(model_dir: str, rounds: Sequence[str], steps_per_round: int) -> str:
     """MODEL_DIR/rlhf_curve.png: the mean scores and the KL to π_0 over the steps (the
     newest record of each step in metrics.jsonl), each round marked with its kind."""
@@ -580,9 +588,7 @@ def write_curve(model_dir: str, rounds: Sequence[str], steps_per_round: int) -> 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    records = {r["step"]: r for r in metrics.read_jsonl(rundir.join(model_dir,
-                                                                      metrics.JSONL_NAME))
-               if "score_combined" in r}
+    records = step_records(model_dir)
     steps = sorted(records)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name in ("combined", "helpful", "safety"):
@@ -614,10 +620,8 @@ def write_round_summary(model_dir: str, round_index: int, kind: str, steps: int)
     """round_NNN/summary.json: the round's kind and the mean of each step metric over
     its steps (the newest record of each step in metrics.jsonl), first and last step's."""
     first = round_index * steps + 1
-    records = {r["step"]: r for r in metrics.read_jsonl(rundir.join(model_dir,
-                                                                      metrics.JSONL_NAME))
-               if first <= r.get("step", 0) < first + steps and "kl" in r}
-    rows = [records[s] for s in sorted(records)]
+    records = step_records(model_dir)
+    rows = [records[s] for s in range(first, first + steps) if s in records]
     names = sorted({k for r in rows for k in r} - {"step", "round"})
     summary = {"round": round_index, "kind": kind, "steps": [first, first + steps - 1],
                "mean": {k: float(np.mean([r[k] for r in rows if k in r])) for k in names},
