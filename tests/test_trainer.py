@@ -4,6 +4,7 @@ accumulation, determinism."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -310,6 +311,23 @@ def test_a_non_finite_step_leaves_the_whole_state_unchanged():
     straight, _ = step(state1, _batch(1), key)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  straight, after_skip)
+
+
+def test_parameters_that_overflow_from_finite_gradients_stop_the_run_unsaved():
+    """The step's guard reads the loss and gradient norm (so that it fuses into the
+    update); an update that overflows from finite gradients is caught on the host, from
+    `param_norm`, and the run stops without saving the non-finite parameters."""
+    from t5x_like.training import guards  # noqa: PLC0415
+
+    overflowing = optimizers.Optimizer(optax.sgd(3e38), optax.constant_schedule(3e38))
+    graphdef, state = _state(overflowing)
+    step = train_state.make_train_step(graphdef, _loss_fn, overflowing.schedule)
+    _, m = jax.device_get(step(state, _batch(0), jax.random.key(0)))
+    assert m["nonfinite"] == 0.0 and np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])
+    assert not np.isfinite(m["param_norm"])
+    with pytest.raises(guards.RunStopped, match="param_norm") as stopped:
+        guards.LossGuards(guards.GuardConfig()).observe(1, m)
+    assert not stopped.value.save_state
 
 
 def test_loss_scale_multiplies_loss_and_gradients():

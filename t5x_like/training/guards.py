@@ -14,6 +14,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -251,6 +252,17 @@ class LossGuards:
                     save_state=True)
             return None
         self.nonfinite_streak = 0
+        if not math.isfinite(float(metrics.get("param_norm", 0.0))):
+            # The step's own guard decides on the loss and gradient norm (it fuses into
+            # the update, train_state._keep_if_not_finite); an update that overflowed
+            # from finite gradients leaves non-finite parameters, which are never saved.
+            raise RunStopped(
+                f"step {step}: the loss ({metrics.get('loss')}) and gradient norm "
+                f"({metrics.get('grad_norm')}) were finite but the updated parameters are "
+                f"not (param_norm {metrics['param_norm']}): the optimizer's update "
+                "overflowed. The run stops without saving them; the newest checkpoint "
+                "holds finite values. Lower the learning rate or raise the optimizer's "
+                "eps, and restart from it.", save_state=False)
         loss = float(metrics["loss"])
         spike = None
         if self.config.spike_factor and len(self.losses) == self.losses.maxlen:
