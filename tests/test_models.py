@@ -3,6 +3,7 @@ the loss), score_batch, unpacked defaults, initial batches, dropout through loss
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -239,3 +240,28 @@ def test_accuracy_counts_a_tie_for_the_top_logit_as_correct():
     # logits = x·I: the fused loss sees the same rows
     sums = fused_loss_sums(logits, np.eye(4, dtype=np.float32), targets, weights, 1.0, 0.0, 0)
     assert float(sums[3]) == 1.0
+
+
+def test_the_tpu_form_of_the_target_logit_equals_the_gather():
+    """Compiled for a TPU the target's logit is a masked sum over the vocabulary (it fuses
+    into the log Z pass); on CPU a gather. Losses and gradients are the same."""
+    from t5x_like.model import attention
+    from t5x_like.model.families import token_losses
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 11)) * 4, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
+
+    def loss(x):
+        nll, z, correct = token_losses(x, targets, 1e-4)
+        return jnp.sum(nll + z), correct
+
+    assert "gather" in str(jax.make_jaxpr(loss)(logits))
+    (cpu, cpu_correct), cpu_grad = jax.value_and_grad(loss, has_aux=True)(logits)
+    with attention.platform_for("tpu"):
+        tpu_loss = lambda x: loss(x)  # noqa: E731  (jax caches traces by function)
+        assert "gather" not in str(jax.make_jaxpr(tpu_loss)(logits))
+        (tpu, tpu_correct), tpu_grad = jax.value_and_grad(tpu_loss, has_aux=True)(logits)
+    np.testing.assert_allclose(tpu, cpu, rtol=1e-6)
+    np.testing.assert_array_equal(tpu_correct, cpu_correct)
+    np.testing.assert_allclose(tpu_grad, cpu_grad, rtol=1e-6, atol=1e-7)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t5x_like.model import decoding, flops, partitioning
+from t5x_like.model import attention, decoding, flops, partitioning
 from t5x_like.model.decoding import DecodeConfig
 from t5x_like.model.layers import TransformerConfig
 from t5x_like.model.network import Decoder, EncoderDecoder, segments_and_positions
@@ -65,10 +65,24 @@ def token_losses(logits_BLV, targets_BL, z_loss: float):
     """Per-token (nll, z-loss, correct), float32. nll = log Z − logit[target]."""
     logits_BLV = logits_BLV.astype(jnp.float32)
     log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[:, :, None], axis=-1)[:, :, 0]
+    target_logit_BL = target_logits(logits_BLV, targets_BL)
     nll_BL = log_z_BL - target_logit_BL
     z_loss_BL = z_loss * jnp.square(log_z_BL)
     return nll_BL, z_loss_BL, _is_top(target_logit_BL, logits_BLV)
+
+
+def target_logits(logits_BLV, targets_BL):
+    """logit[target] at each position. Compiled for a TPU, a sum over the vocabulary
+    masked by the target, which XLA fuses into the passes that reduce log Z and its
+    gradient; a gather reads the float32 logits from memory once more and scatters into
+    them again in the backward pass (Llama 3 8B at 8,192 tokens on a v5p: 8e9 fewer bytes
+    accessed per chip, 0.0035 s off the compiler's step estimate; docs/PERFORMANCE.md).
+    Elsewhere the gather: on CPU the masked sum made the loss 1.6x slower."""
+    if attention.platform() != "tpu":
+        return jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    vocab = jnp.arange(logits_BLV.shape[-1], dtype=targets_BL.dtype)
+    is_target = targets_BL[..., None] == vocab.reshape((1,) * targets_BL.ndim + (-1,))
+    return jnp.sum(jnp.where(is_target, logits_BLV, 0.0), axis=-1)
 
 
 def _is_top(target_logit, logits):
