@@ -10,7 +10,7 @@
 # slices). MaxText's own compile of the same step: bench/maxtext_aot.sh.
 #   bash bench/tpu_aot.sh                 # all 32 layers
 #   LAYERS=4 bash bench/tpu_aot.sh        # fewer layers (a slow host)
-#   ROWS=18 CHUNK=1024 IMPLS=auto bash bench/tpu_aot.sh   # 18 rows per chip, loss in
+#   ROWS=19 CHUNK=1024 IMPLS=auto bash bench/tpu_aot.sh   # 19 rows per chip, loss in
 #                                         # chunks of 1,024 positions (the most that fit)
 #   FUSED=False IMPLS=auto bash bench/tpu_aot.sh  # the plain loss (fused_loss=False):
 #                                         # XLA fuses the logits into the loss, as MaxText's
