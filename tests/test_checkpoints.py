@@ -79,6 +79,8 @@ def test_round_trip_with_iterator_state_and_config(tmp_path):
     _assert_trees_equal(restored.state, state)
     assert restored.data is new_it and new_it.next_index == 2
     assert restored.config_text == "TRAIN_STEPS = 10\n"
+    for path in (tmp_path, tmp_path / "2"):  # a checkpoints directory, a step of it
+        assert checkpoints.stored_config(path) == "TRAIN_STEPS = 10\n"
 
 
 def test_bytes_state_plain_dict_and_grain_iterator(tmp_path):
@@ -313,7 +315,9 @@ def test_params_checkpoint_round_trip_with_its_config(tmp_path):
     assert {"params", "config"} <= {p.name for p in path.iterdir()}
     restored = checkpoints.restore_params(path, checkpoints.abstract_like(_params(1)))
     _assert_trees_equal(restored, params)
-    assert "MODEL = 1" in (path / "config" / "metadata").read_text()
+    assert checkpoints.stored_config(path) == "MODEL = 1\n"
+    assert checkpoints.stored_config(
+        checkpoints.save_params(tmp_path / "bare", params)) is None
     with pytest.raises(FileExistsError, match="already exists"):
         checkpoints.save_params(path, params)
 

@@ -498,11 +498,7 @@ def _check_rounds(rounds: Sequence[str], steps_per_round: int, save_every_steps:
 def recorded_task(checkpoint: str) -> str | None:
     """The training task a checkpoint's run recorded (its operative config's
     MIXTURE_OR_TASK_NAME), None where it recorded none (a params checkpoint)."""
-    item_dir, _ = checkpoints.params_source(checkpoint)
-    config = item_dir.parent / checkpoints.CONFIG / "metadata"
-    if not config.exists():
-        return None
-    text = json.loads(config.read_text()).get("operative_config", "")
+    text = checkpoints.stored_config(checkpoint) or ""
     found = re.search(r"^MIXTURE_OR_TASK_NAME = '([^']+)'$", text, re.MULTILINE)
     return found.group(1) if found else None
 

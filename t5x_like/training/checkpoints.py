@@ -522,6 +522,21 @@ def params_source(path: str | epath.PathLike) -> tuple[epath.Path, tuple[str, ..
         "item), or a checkpoints / model directory with numbered steps. Pass one of those.")
 
 
+def stored_config(path: str | epath.PathLike) -> str | None:
+    """The operative gin config saved with the parameters `path` names (any of
+    `params_source`'s forms), None where none was saved with them."""
+    step_dir = params_source(path)[0].parent
+    if not (step_dir / CONFIG).is_dir():
+        return None
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        out = checkpointer.restore(step_dir,
+                                   args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+    finally:
+        checkpointer.close()
+    return out[CONFIG].get("operative_config")
+
+
 def _subtree(tree: Any, keys: tuple[str, ...], where: epath.Path) -> Any:
     for key in keys:
         if not isinstance(tree, Mapping) or key not in tree:

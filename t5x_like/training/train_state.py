@@ -312,13 +312,9 @@ def make_train_step(
     `key` is `jax.random.key(seed)`, the same every step: the step's rng is `fold_in(key,
     step)`, microbatch i's is `fold_in(that, i)`.
     Metrics: the model's metrics combined exactly over microbatches, plus
-    `learning_rate`, `grad_norm` (global L2 norm before clipping), `param_norm` and
-    `nonfinite` (1.0 when the step was rejected, see below).
-
-    Non-finite guard: when the loss or the gradient norm is NaN or Inf, the step returns
-    the state it was given (parameters, optimizer state and step counter unchanged),
-    decided inside the compiled step: no host round trip. `param_norm` is the norm of
-    the parameters the step returns.
+    `learning_rate`, `grad_norm` (global L2 norm before clipping), `param_norm` (of the
+    state returned) and `nonfinite` (1.0 when the step was rejected: a NaN or Inf loss or
+    gradient norm returns the state given, `_keep_if_not_finite`).
     `loss_scale` (1.0 in training) scales loss and gradients (guards.FaultDrills' NaN).
     """
     _check_step_options(num_microbatches, after_update)
@@ -338,9 +334,7 @@ def make_train_step(
             def pure_loss(p):
                 # loss_fn must not mutate the module: anything it changed would be dropped.
                 loss, metrics = loss_fn(nnx.merge(model_def, p, rest), microbatch, rng)
-                # Scaled inside: the backward pass starts from it, so no pass of its own
-                # over the gradients.
-                return loss_scale * loss, metrics
+                return loss_scale * loss, metrics  # (no pass of its own over the grads)
 
             (_, metrics), grads = jax.value_and_grad(pure_loss, has_aux=True)(params)
             _check_metrics(metrics)
