@@ -25,7 +25,7 @@ IMPLS=${IMPLS-xla auto}  # empty: none (with KERNEL_COST=1)
 ROWS=${ROWS:-1}    # rows per chip
 CHUNK=${CHUNK:-0}  # TransformerConfig.loss_chunk_length (0: the whole length at once)
 FUSED=${FUSED:-True}  # TransformerConfig.fused_loss
-TAG=$([ "$FUSED" = True ] || echo _unfused)
+TAG=$([ "$FUSED" = True ] || echo _unfused)$([ "$CHUNK" = 0 ] || echo "_chunk$CHUNK")
 mkdir -p "$OUT"
 if [ "${KERNEL_COST:-0}" = 1 ]; then
   # jax's splash kernel alone against the same causal attention in XLA, on one v5p chip:
@@ -73,7 +73,8 @@ import json, sys
 out, layers, rows, tag, impls = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 GiB = 2**30
 print(f"Llama 3 8B ({layers} layers), 8,192 tokens, v5p 2x2x1, fsdp 4, full remat, "
-      f"{rows} row(s)/chip{', plain (unfused) loss' if tag else ''}")
+      f"{rows} row(s)/chip{', plain (unfused) loss' if 'unfused' in tag else ''}"
+      f"{', loss in chunks of ' + tag.split('_chunk')[1] if '_chunk' in tag else ''}")
 print("peak: the TPU compiler's peak_memory_in_bytes per chip; sum: arguments + outputs -"
       " aliased + temporaries; scores: arrays of the step with two 8,192-long dimensions")
 print("optimal s, bytes accessed: the compiler's cost analysis per chip (the scan's body"
