@@ -76,7 +76,7 @@ def target_logits(logits_BLV, targets_BL):
     masked by the target, which XLA fuses into the passes that reduce log Z and its
     gradient; a gather reads the float32 logits from memory once more and scatters into
     them again in the backward pass (Llama 3 8B at 8,192 tokens on a v5p: 8e9 fewer bytes
-    accessed per chip, 0.0035 s off the compiler's step estimate; docs/PERFORMANCE.md).
+    accessed per chip, 0.003 s off the compiler's step estimate; docs/PERFORMANCE.md).
     Elsewhere the gather: on CPU the masked sum made the loss 1.6x slower."""
     if attention.platform() != "tpu":
         return jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
