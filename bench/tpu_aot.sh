@@ -14,6 +14,8 @@
 #                                         # chunks of 1,024 positions (the most that fit)
 #   FUSED=False IMPLS=auto bash bench/tpu_aot.sh  # the plain loss (fused_loss=False):
 #                                         # XLA fuses the logits into the loss, as MaxText's
+#   HLO=1 FUSED=False IMPLS=auto bash bench/tpu_aot.sh  # also write the compiled step's
+#                                         # HLO text beside the plan (bench/hlo_bytes.py)
 #   KERNEL_COST=1 IMPLS= bash bench/tpu_aot.sh   # only: does the compiler's cost analysis
 #                                         # price a splash kernel? (one chip, a few seconds)
 # No TPU was used: this is the compiler's view of the step, not a run on chips.
@@ -66,6 +68,7 @@ for impl in $IMPLS; do
     --gin.layers.TransformerConfig.remat_policy="'full'" \
     --gin.layers.TransformerConfig.num_decoder_layers="$LAYERS" \
     --gin.layers.TransformerConfig.attention_impl="'$impl'" \
+    ${HLO:+--gin.planner.PlanConfig.hlo_output="'$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l_${ROWS}r$TAG.hlo'"} \
     --output="$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l_${ROWS}r$TAG.json" > "$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l_${ROWS}r$TAG.txt"
 done
 .venv/bin/python - "$OUT" "$LAYERS" "$ROWS" "$TAG" $IMPLS <<'PY'

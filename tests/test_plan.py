@@ -23,6 +23,10 @@ from t5x_like.training import optimizers
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+def collective_rows_of(hlo: str):
+    return planner.collective_rows(collectives.parse(hlo, {"fsdp": 8}))
+
+
 def _tiny_plan(mesh_config, tmp_path=None, cfg=None, **config):
     model = families.model_for(cfg or model_config("tiny_llama"))
     output = str(tmp_path / "plan.json") if tmp_path else None
@@ -34,7 +38,7 @@ def _tiny_plan(mesh_config, tmp_path=None, cfg=None, **config):
 
 def test_the_whole_plan_of_a_tiny_model(tmp_path, capsys):
     mesh_config = partitioning.MeshConfig(shape={"fsdp": 8}, rules="fsdp")
-    report = _tiny_plan(mesh_config, tmp_path)
+    report = _tiny_plan(mesh_config, tmp_path, hlo_output=str(tmp_path / "step.hlo"))
     # tiny_llama: every parameter split 8 ways on its embed dimension but the 5 norm
     # scales of 128, replicated
     n, norms = 2_491_008, 5 * 128
@@ -66,6 +70,8 @@ def test_the_whole_plan_of_a_tiny_model(tmp_path, capsys):
     assert "collectives per step" in printed and "H200 141GB" in printed
     written = json.loads((tmp_path / "plan.json").read_text())
     assert written["memory_per_device"]["analytic"]["parameters"] == param_bytes
+    hlo = (tmp_path / "step.hlo").read_text()  # the step the collectives were read from
+    assert hlo.startswith("HloModule") and collective_rows_of(hlo) == report["collectives"]
     # The row lookup: no extra FLOPs or one-hot rows, and its gradient moves row data
     # (the rows' cotangents exchanged all-to-all over fsdp; the matmul form's does not,
     # test_the_matmul_embedding_is_planned_from_its_compiled_step).

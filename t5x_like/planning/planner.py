@@ -64,12 +64,15 @@ class PlanConfig:
       compiled with fewer data-parallel replicas.
     tpu_topology: e.g. "v5e:2x2": compile with the TPU compiler for that slice instead
       (needs the [tpu] extra, libtpu); the mesh must have its chip count.
+    hlo_output: a file to write the compiled step's HLO text to (to compare it with
+      another stack's: bench/hlo_bytes.py); None writes none.
     """
 
     mfu: float = 0.4
     device_kinds: Sequence[str] = hardware.DEFAULT_PLAN_DEVICES
     max_compile_devices: int = 512
     tpu_topology: str | None = None
+    hlo_output: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "device_kinds", tuple(self.device_kinds))
@@ -197,11 +200,15 @@ def _compile(model, optimizer, mesh: Mesh, rules, batch_size: int,
 
 def _compile_for(config: PlanConfig, *args):
     """`_compile(*args)`; for a TPU topology the lowering picks the TPU's attention
-    kernels ('auto': splash), not this CPU host's."""
+    kernels ('auto': splash), not this CPU host's. Writes the HLO to `hlo_output`."""
     with (attention.platform_for("tpu") if config.tpu_topology
           else contextlib.nullcontext()):
         try:
-            return _compile(*args)
+            compiled = _compile(*args)
+            if config.hlo_output:
+                with open(config.hlo_output, "w") as f:
+                    f.write(compiled[0].as_text())
+            return compiled
         except jax.errors.JaxRuntimeError as error:
             if not config.tpu_topology or "RESOURCE_EXHAUSTED" not in str(error):
                 raise
