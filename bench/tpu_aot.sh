@@ -71,13 +71,14 @@ for impl in $IMPLS; do
     ${HLO:+--gin.planner.PlanConfig.hlo_output="'$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l_${ROWS}r$TAG.hlo'"} \
     --output="$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l_${ROWS}r$TAG.json" > "$OUT/llama3_8b_v5p8_${impl}_${LAYERS}l_${ROWS}r$TAG.txt"
 done
-.venv/bin/python - "$OUT" "$LAYERS" "$ROWS" "$TAG" $IMPLS <<'PY'
+.venv/bin/python - "$OUT" "$LAYERS" "$ROWS" "$TAG" "$FUSED" "$CHUNK" $IMPLS <<'PY'
 import json, sys
-out, layers, rows, tag, impls = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+out, layers, rows, tag, fused, chunk = sys.argv[1:7]
+impls = sys.argv[7:]
 GiB = 2**30
 print(f"Llama 3 8B ({layers} layers), 8,192 tokens, v5p 2x2x1, fsdp 4, full remat, "
-      f"{rows} row(s)/chip{', plain (unfused) loss' if 'unfused' in tag else ''}"
-      f"{', loss in chunks of ' + tag.split('_chunk')[1] if '_chunk' in tag else ''}")
+      f"{rows} row(s)/chip{', plain (unfused) loss' if fused != 'True' else ''}"
+      f"{', loss in chunks of ' + chunk if chunk != '0' else ''}")
 print("peak: the TPU compiler's peak_memory_in_bytes per chip; sum: arguments + outputs -"
       " aliased + temporaries; scores: arrays of the step with two 8,192-long dimensions")
 print("optimal s, bytes accessed: the compiler's cost analysis per chip (the scan's body"

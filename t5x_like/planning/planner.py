@@ -200,15 +200,11 @@ def _compile(model, optimizer, mesh: Mesh, rules, batch_size: int,
 
 def _compile_for(config: PlanConfig, *args):
     """`_compile(*args)`; for a TPU topology the lowering picks the TPU's attention
-    kernels ('auto': splash), not this CPU host's. Writes the HLO to `hlo_output`."""
+    kernels ('auto': splash), not this CPU host's."""
     with (attention.platform_for("tpu") if config.tpu_topology
           else contextlib.nullcontext()):
         try:
-            compiled = _compile(*args)
-            if config.hlo_output:
-                with open(config.hlo_output, "w") as f:
-                    f.write(compiled[0].as_text())
-            return compiled
+            return _compile(*args)
         except jax.errors.JaxRuntimeError as error:
             if not config.tpu_topology or "RESOURCE_EXHAUSTED" not in str(error):
                 raise
@@ -219,6 +215,15 @@ def _compile_for(config: PlanConfig, *args):
                 "(BATCH_SIZE, NUM_MICROBATCHES), remat more (TransformerConfig."
                 "remat_policy='full'), compute the loss in chunks (TransformerConfig."
                 "loss_chunk_length) or plan a larger slice.") from error
+
+
+def _hlo_text(compiled, output: str | None) -> str:
+    """The compiled step's HLO text, also written to `output` (PlanConfig.hlo_output)."""
+    hlo = compiled.as_text()
+    if output:
+        with open(output, "w") as f:
+            f.write(hlo)
+    return hlo
 
 
 def _compiled_memory(compiled, backend: str) -> dict[str, Any]:
@@ -669,7 +674,7 @@ def plan(*, model, mesh_config: partitioning.MeshConfig, optimizer, batch_size: 
     compiled, graphdef, state, compile_s = _compile_for(
         config, model, optimizer, mesh, mesh_config.rule_set(), cm.batch_size, lengths,
         num_microbatches)
-    hlo = compiled.as_text()
+    hlo = _hlo_text(compiled, config.hlo_output)
     found = [collectives.scale_axis(c, "data", cm.data, cm.data_nodes)
              for c in collectives.parse(hlo, cm.shape, cm.ici)]
     states = _States(model, optimizer, mesh, graphdef, state, mesh_config.rules)
