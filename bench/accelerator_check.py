@@ -14,14 +14,16 @@ skipped and said so):
    stand-in module with the few names the tests use at import time (mark, param,
    fixture, raises) is installed when pytest is missing, so the tests are the very ones CI
    runs, not a copy.
-2. train: a tiny Llama-shaped model trained a few steps with the production train step
-   (training/train_state.py: init_or_restore, make_train_step) on one fixed synthetic
-   batch, attention 'auto'; the loss must fall and stay finite.
+2. train: a tiny Llama-shaped model trained a few steps with the production model and
+   train step (families.DecoderOnlyModel; training/train_state.py: init_or_restore,
+   make_train_step) on one fixed synthetic batch of packed rows (two documents a row,
+   segment ids as SeqIO packs them), attention 'auto'; the loss must fall and stay finite.
 3. bench: tokens/s and MFU (model/flops.py, both conventions, against the device's
    datasheet peak from model/hardware.py) of a ~1.2B-parameter Llama (Llama 3.2 1B's
-   shape) at 2,048 and 8,192 tokens for each attention implementation the backend has
-   ('xla' everywhere, 'cudnn' on GPU, 'splash' on TPU), synthetic batches of one
-   unpadded example per row, the same rows for every implementation.
+   shape) at 2,048 and 8,192 tokens for 'xla' and the backend's kernel ('cudnn' on GPU,
+   'splash' on TPU) on synthetic rows of one unpadded example each, and for the kernel
+   on packed rows too (documents of 1,024 tokens: the production model, whose mask
+   carries segment ids), the same tokens for every implementation.
 
 Results: a JSON file (--out, default bench/results/accelerator_check-<time>.json, written
 after every unit, so a cut-off run keeps what it finished) and a printed table.
@@ -378,14 +380,25 @@ def unpadded_rows_model(cfg):
     return UnpaddedRows(cfg)
 
 
-def synthetic_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict:
+def synthetic_batch(rows: int, length: int, vocab: int, seed: int = 0,
+                    documents: int = 1) -> dict:
     """Random non-zero tokens (speed does not depend on the values), the targets the
-    inputs shifted by one, every position weighted."""
+    inputs shifted by one, every position weighted; with `documents` > 1, each row packs
+    that many equal documents (segment ids 1.., positions from 0 in each, as SeqIO's
+    packing writes them)."""
     import numpy as np
     tokens = np.random.default_rng(seed).integers(1, vocab, size=(rows, length + 1),
                                                   dtype=np.int32)
-    return {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
-            "decoder_loss_weights": np.ones((rows, length), np.int32)}
+    batch = {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
+             "decoder_loss_weights": np.ones((rows, length), np.int32)}
+    if documents > 1:
+        slot = np.arange(length)
+        size = -(-length // documents)
+        batch["decoder_segment_ids"] = np.broadcast_to(1 + slot // size, (rows, length)).astype(
+            np.int32)
+        batch["decoder_positions"] = np.broadcast_to(slot % size, (rows, length)).astype(
+            np.int32)
+    return batch
 
 
 def _compiled_step(model, total_steps: int, lr: float):
@@ -406,18 +419,20 @@ def _compiled_step(model, total_steps: int, lr: float):
 
 def train_tiny(options: Options) -> dict:
     """Trains TINY ('auto' attention; bfloat16 on an accelerator) 12 steps on one fixed
-    batch of 8 rows x 128: the loss must stay finite and fall by a tenth."""
+    batch of 8 packed rows x 128 (two documents each): the loss must stay finite and fall
+    by a tenth."""
     import jax
     import numpy as np
-    from t5x_like.model import attention
+    from t5x_like.model import attention, families
     from t5x_like.model.layers import TransformerConfig
     on_cpu = jax.default_backend() == "cpu"
     cfg = TransformerConfig(**TINY, dtype="float32" if on_cpu else "bfloat16",
                             attention_impl="auto")
     steps, start = 12, time.monotonic()
     with _Fallbacks() as fallbacks:
-        state, step, mesh, sharding = _compiled_step(unpadded_rows_model(cfg), steps, 3e-3)
-        batch = jax.device_put(synthetic_batch(8, 128, cfg.vocab_size), sharding)
+        state, step, mesh, sharding = _compiled_step(families.DecoderOnlyModel(cfg), steps,
+                                                     3e-3)
+        batch = jax.device_put(synthetic_batch(8, 128, cfg.vocab_size, documents=2), sharding)
         losses = []
         with jax.set_mesh(mesh):
             for _ in range(steps):
@@ -425,7 +440,7 @@ def train_tiny(options: Options) -> dict:
                 losses.append(float(metrics["loss"]))
     finite = bool(np.all(np.isfinite(losses)))
     fell = finite and losses[-1] < 0.9 * losses[0]
-    return {"test": "tiny model, 12 steps on one batch", "status": "passed" if fell else "failed",
+    return {"test": "tiny model, 12 steps on one batch of packed rows", "status": "passed" if fell else "failed",
             "attention": attention.resolve("auto"), "fallbacks": fallbacks.lines,
             "losses": [round(x, 4) for x in losses], "seconds": round(time.monotonic() - start, 1),
             **({} if fell else {"why": "the loss did not fall by a tenth or was not finite"})}
@@ -436,23 +451,41 @@ def bench_implementations(backend: str) -> tuple[str, ...]:
     return ("xla", kernel_under_test(backend))
 
 
+DOCUMENT = 1024  # the packed rows' documents, tokens
+
+
+def bench_units(impls: tuple[str, ...], lengths: tuple[int, ...], kernel: str):
+    """(attention, length, documents per row): every implementation on unpadded rows,
+    and the kernel on rows packing documents of DOCUMENT tokens (at least two)."""
+    for length in lengths:
+        for impl in impls:
+            yield impl, length, 1
+            if impl == kernel:
+                yield impl, length, max(2, length // DOCUMENT)
+
+
 _PEAKS: dict[str, float] = {}
 
 
-def bench_row(cfg_fields: dict, impl: str, length: int, options: Options) -> dict:
-    """tokens/s and MFU of one (implementation, length): the first step (compile
-    included), one warm-up step, then `options.steps` steps timed end to end."""
+def bench_row(cfg_fields: dict, impl: str, length: int, options: Options,
+              documents: int = 1) -> dict:
+    """tokens/s and MFU of one (implementation, length, documents per row): the first
+    step (compile included), one warm-up step, then `options.steps` steps timed end to
+    end. Packed rows (documents > 1) run the production model, whose mask carries the
+    segment ids; unpadded rows a model called without them."""
     import jax
-    from t5x_like.model import flops
+    from t5x_like.model import families, flops
     from t5x_like.model.layers import TransformerConfig
     cfg = TransformerConfig(**cfg_fields, attention_impl=impl, remat_policy=options.remat)
     rows = max(1, options.tokens_per_step // length) * jax.device_count()
-    row = {"attention": impl, "length": length, "rows": rows, "remat": options.remat}
-    model = unpadded_rows_model(cfg)
+    row = {"attention": impl, "length": length, "documents": documents, "rows": rows,
+           "remat": options.remat}
+    model = families.DecoderOnlyModel(cfg) if documents > 1 else unpadded_rows_model(cfg)
     row["params"] = model.num_params
     with _Fallbacks() as fallbacks:
         state, step, mesh, sharding = _compiled_step(model, 1000, 1e-4)
-        batch = jax.device_put(synthetic_batch(rows, length, cfg.vocab_size), sharding)
+        batch = jax.device_put(synthetic_batch(rows, length, cfg.vocab_size,
+                                               documents=documents), sharding)
         key = jax.random.key(0)
         with jax.set_mesh(mesh):
             start = time.perf_counter()
@@ -486,23 +519,24 @@ def run_bench(options: Options, guard: Guard):
     import jax
     impls = options.implementations or bench_implementations(jax.default_backend())
     fields = SMOKE_LLAMA if options.smoke else LLAMA_1B
+    kernel = kernel_under_test(jax.default_backend())
     last_s = 0.0  # a row starts only when the budget leaves the time the last one took
-    for length in options.lengths:
-        for impl in impls:
-            if guard.left() <= last_s:
-                yield {"attention": impl, "length": length, "status": "skipped",
-                       "why": f"section budget spent ({guard.left():.0f} s left, the last "
-                              f"row took {last_s:.0f} s)"}
-                continue
-            start = time.monotonic()
-            try:
-                row = bench_row(fields, impl, length, options)
-                last_s = time.monotonic() - start
-                yield row
-            except Exception as e:  # e.g. out of memory: recorded, the next row runs
-                gc.collect()
-                yield {"attention": impl, "length": length, "status": "failed",
-                       "why": "".join(traceback.format_exception_only(type(e), e))[-1500:]}
+    for impl, length, documents in bench_units(impls, options.lengths, kernel):
+        unit = {"attention": impl, "length": length, "documents": documents}
+        if guard.left() <= last_s:
+            yield {**unit, "status": "skipped",
+                   "why": f"section budget spent ({guard.left():.0f} s left, the last "
+                          f"row took {last_s:.0f} s)"}
+            continue
+        start = time.monotonic()
+        try:
+            row = bench_row(fields, impl, length, options, documents)
+            last_s = time.monotonic() - start
+            yield row
+        except Exception as e:  # e.g. out of memory: recorded, the next row runs
+            gc.collect()
+            yield {**unit, "status": "failed",
+                   "why": "".join(traceback.format_exception_only(type(e), e))[-1500:]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -525,11 +559,13 @@ def print_table(data: dict) -> None:
                       f"{u.get('why', '')[:300]}")
     rows = data["sections"].get("bench", {}).get("units", [])
     if rows:
-        print(f"\n{'attention':>9} {'length':>6} {'rows':>4} {'step ms':>9} {'tokens/s':>10} "
+        print(f"\n{'attention':>9} {'length':>6} {'docs':>4} {'rows':>4} {'step ms':>9} "
+              f"{'tokens/s':>10} "
               f"{'MFU palm':>8} {'MFU maxtext':>11} {'1st step s':>10}  status")
         for r in rows:
             num = lambda k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
-            print(f"{r['attention']:>9} {r['length']:>6} {num('rows', 'd'):>4} "
+            print(f"{r['attention']:>9} {r['length']:>6} {num('documents', 'd'):>4} "
+                  f"{num('rows', 'd'):>4} "
                   f"{num('step_ms', '.1f'):>9} {num('tokens_per_s', ',.0f'):>10} "
                   f"{num('mfu_palm', '.1%'):>8} {num('mfu_maxtext', '.1%'):>11} "
                   f"{num('first_step_s', '.1f'):>10}  {r['status']}")

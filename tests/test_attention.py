@@ -7,7 +7,8 @@ cross-attention, a left-padded KV-cache prefill) and for MHA, GQA and MQA. Masks
 cannot do (prefix LM, a decode step) fall back under 'auto' with one log line and are an
 error when it is named. Splash tiles sequences in blocks of 128, so these are the
 smallest shapes it takes; interpret mode makes each case take seconds. cuDNN needs a GPU:
-its equality test runs only there (bench/accelerator_check.sh's kernel step).
+its equality test runs only there (bench/accelerator_check.sh's kernel step); here its
+packed layout is checked as a mask, and the step is lowered for CUDA.
 """
 
 import logging
@@ -155,32 +156,152 @@ def test_an_implementation_the_backend_lacks_or_an_unknown_one_is_an_error_namin
     assert attention.resolve("auto", "cpu") == "xla"
 
 
-def test_the_cudnn_masks_are_the_unpacked_ones_in_half_precision():
+def test_the_cudnn_masks_are_plain_rows_and_seqio_packed_rows_in_half_precision():
     q, k, v = _qkv(7, 1, 16, 16, 4, 2, head_dim=16, dtype=jnp.bfloat16)
     ones = jnp.ones((1, 16), jnp.int32)
     why = lambda mask, q=q: attention.unsupported("cudnn", q, k, mask)
     assert why(Mask.causal_lm(ones, packed=False)) is None
     assert why(Mask.bidirectional(ones, packed=False)) is None
     assert why(Mask.cross(ones, ones, packed=False)) is None
-    assert "segment ids" in why(Mask.causal_lm(ones))  # packed rows
-    assert "segment ids" in why(Mask.causal_lm(ones, ones))  # prefix LM
-    assert "segment ids" in why(Mask.cached(16, ones.astype(bool), jnp.int32(0)))
+    assert why(Mask.causal_lm(ones, max_segments=4)) is None  # packed rows
+    assert why(Mask.bidirectional(ones, max_segments=4)) is None
+    assert why(Mask.cross(ones, ones, max_segments=4)) is None
+    assert "segments in order" in why(Mask.causal_lm(ones))  # no layout promised
+    assert "prefix LM" in why(Mask.causal_lm(ones, ones, max_segments=4))
+    assert "left padding" in why(Mask.cached(16, ones.astype(bool), jnp.int32(0)))
     assert "bfloat16" in why(Mask.causal_lm(ones, packed=False), q.astype(jnp.float32))
+    wide = jnp.zeros((1, 16, 4, 264), jnp.bfloat16)
+    assert "multiple of 8 up to 256" in why(Mask.causal_lm(ones, packed=False), wide)
     assert "dense" in why(Mask.causal_lm(ones, packed=False).dense())
+
+
+def _mask_of_packed_layout(layout, length, slots, causal):
+    """The [B, 1, L, M] booleans cuDNN's packed layout means: sequence s of a row is the
+    queries starts_q[s] .. + lengths_q[s] against the keys starts_kv[s] .. + lengths_kv[s]
+    (entries of -1: no sequence), and under `causal` key j of a sequence sees query i of
+    it when j <= i, counted from each sequence's first slot."""
+    q_len, kv_len, q_start, kv_start = map(np.asarray, layout[:4])
+    out = np.zeros((q_len.shape[0], 1, length, slots), bool)
+    for b, s in zip(*np.nonzero(q_len >= 0)):
+        assert kv_len[b, s] >= 0 and q_start[b, s] >= 0 and kv_start[b, s] >= 0
+        i = np.arange(q_len[b, s])[:, None]
+        j = np.arange(kv_len[b, s])[None, :]
+        block = (j <= i) if causal else np.ones((i.size, j.size), bool)
+        out[b, 0, q_start[b, s] + i, kv_start[b, s] + j] = block
+    return out
+
+
+@pytest.mark.parametrize("max_segments", [3, 4, 8])
+@pytest.mark.parametrize("kind", ["causal", "bidirectional", "cross"])
+def test_cudnns_packed_layout_of_seqio_rows_is_the_segment_mask(kind, max_segments):
+    """What cuDNN's packed ("THD") layout tells the kernel, rebuilt as a mask, is the
+    segment ids' own mask on every query with keys, and the queries it leaves out are
+    padding (several documents, padding, one-document rows, cross lengths that differ)."""
+    seg = _packed([[5, 7, 3], [9], [2, 2, 2]], 20)
+    mask = {"causal": Mask.causal_lm(seg, max_segments=max_segments),
+            "bidirectional": Mask.bidirectional(seg, max_segments=max_segments),
+            "cross": Mask.cross(seg, _packed([[4, 1, 6], [11], [3, 1, 2]], 12),
+                                max_segments=max_segments)}[kind]
+    layout = attention.packed_layout(mask.q_segment_ids, mask.kv_segment_ids, max_segments)
+    want = np.asarray(mask.dense())
+    got = _mask_of_packed_layout(layout, *want.shape[2:], causal=mask.causal)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(layout.queries_BL, want[:, 0].any(-1))
+    np.testing.assert_array_equal(layout.keys_BM, mask.kv_segment_ids != 0)
+    assert layout.q_lengths.shape == (3, max_segments)
+    assert layout.q_starts.shape == (3, max_segments + 1)
+    assert [int(n) for n in layout.q_lengths[0, :3]] == [5, 7, 3]  # not vacuous
+
+
+def test_rows_beyond_the_packed_layout_stop_the_step_with_the_setting_named():
+    """More segments than max_segments_per_row, or ids not in SeqIO's packed order (a
+    left-padded row), are an error at the host, not silently unattended tokens."""
+    check = jax.jit(lambda ids: attention.check_packed_rows(Mask.causal_lm(ids, max_segments=3)))
+
+    def step(ids):
+        check(ids)
+        jax.effects_barrier()
+
+    step(_packed([[5, 7, 3], [9]], 20))  # three segments and padding: fine
+    with pytest.raises(Exception, match="(?s)holds 4 packed segments.*max_segments_per_row=3"):
+        step(_packed([[5, 7, 3, 1], [9]], 20))
+    with pytest.raises(Exception, match="(?s)not SeqIO's packed layout.*attention_impl='xla'"):
+        step(jnp.asarray([[0, 0, 1, 1, 1]] * 2))  # left padding
+
+
+@pytest.fixture
+def lowering_for_cuda(monkeypatch):
+    """Lowering for CUDA on this GPU-less host: jax's cuDNN version and compute-capability
+    probes, which need the GPU, answer as for an H100 with cuDNN 9.10; the packed-row
+    check is a CPU callback, which cannot be lowered for another platform (tested above)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)
+    monkeypatch.setattr(attention, "check_packed_rows", lambda mask: None)
+
+    def cudnn_calls(f, *args):
+        with attention.platform_for("gpu"):
+            text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        return [line for line in text.splitlines() if "custom_call @__cudnn$fmha" in line]
+
+    return cudnn_calls
+
+
+def test_cudnn_on_packed_rows_lowers_to_cudnns_kernels_forward_and_backward(lowering_for_cuda):
+    """No GPU here: the gradient is lowered for CUDA. Forward and backward are cuDNN's
+    fused attention custom calls with the packed layout's lengths and offsets, for GQA."""
+    q, k, v = _qkv(10, 2, 256, 256, 4, 2, head_dim=64, dtype=jnp.bfloat16)
+    mask = Mask.causal_lm(_packed([[100, 100, 40], [250]], 256), max_segments=4)
+    loss = lambda q, k, v: attention.attend(q, k, v, mask, "cudnn").astype(jnp.float32).sum()
+    calls = lowering_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+    assert len(calls) == 2, calls
+    forward, backward = sorted(calls, key=lambda line: "Backward" in line)
+    # q, k, v, then lengths [B, S] and first slots [B, S + 1] of the queries and keys.
+    assert "tensor<2x4xi32>, tensor<2x4xi32>, tensor<2x5xi32>, tensor<2x5xi32>) ->" in forward
+    assert "tensor<2x256x2x64xbf16>" in forward and "Backward" in backward
+
+
+def test_every_attention_of_a_packed_encoder_decoder_lowers_to_cudnn(lowering_for_cuda):
+    """A bfloat16 encoder-decoder on packed rows under 'auto' for a GPU: the encoder's,
+    the decoder's and the cross-attention run cuDNN, forward and backward (no 'xla'
+    fallback, whose [B, H, L, M] scores a GPU run would hold)."""
+    cfg = tiny_config(num_encoder_layers=2, dtype="bfloat16", head_dim=16)
+    module = make_module(cfg)
+    tokens, seg, pos = _model_batch(cfg, L)
+    graphdef, state = nnx.split(module)
+
+    def grads(state):
+        def loss(state):
+            logits = nnx.merge(graphdef, state)(
+                tokens, tokens, encoder_segment_ids_BM=seg, encoder_positions_BM=pos,
+                decoder_segment_ids_BL=seg, decoder_positions_BL=pos)
+            return jnp.sum(jax.nn.logsumexp(logits.astype(jnp.float32), -1) * (seg != 0))
+        return jax.grad(loss)(state)
+
+    calls = lowering_for_cuda(grads, state)
+    assert sum("Backward" not in c for c in calls) == 3, calls
+    assert sum("Backward" in c for c in calls) == 3, calls
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (8, 1)])
-@pytest.mark.parametrize("kind", ["causal", "bidirectional", "cross"])
+@pytest.mark.parametrize("kind", ["causal", "bidirectional", "cross", "packed causal",
+                                  "packed bidirectional", "packed cross"])
 def test_cudnn_equals_xla_on_a_gpu(heads, kv_heads, kind):
-    q, k, v = _qkv(8, 2, 256, 384 if kind == "cross" else 256, heads, kv_heads, head_dim=64,
+    q, k, v = _qkv(8, 2, 256, 384 if "cross" in kind else 256, heads, kv_heads, head_dim=64,
                    dtype=jnp.bfloat16)
     ones_q, ones_k = jnp.ones(q.shape[:2], jnp.int32), jnp.ones(k.shape[:2], jnp.int32)
+    seg_q = _packed([[100, 90, 50], [256]], 256)
+    seg_k = _packed([[150, 100, 120], [300]], 384)
     mask = {"causal": Mask.causal_lm(ones_q, packed=False),
             "bidirectional": Mask.bidirectional(ones_q, packed=False),
-            "cross": Mask.cross(ones_q, ones_k, packed=False)}[kind]
+            "cross": Mask.cross(ones_q, ones_k, packed=False),
+            "packed causal": Mask.causal_lm(seg_q, max_segments=4),
+            "packed bidirectional": Mask.bidirectional(seg_q, max_segments=4),
+            "packed cross": Mask.cross(seg_q, seg_k, max_segments=4)}[kind]
     assert attention.unsupported("cudnn", q, k, mask) is None
-    rows = jnp.ones(q.shape[:2] + (1, 1), q.dtype)
+    rows = jnp.asarray(np.asarray(mask.dense()[:, 0].any(-1))[:, :, None, None], q.dtype)
     out, grads = _outputs_and_grads("cudnn", q, k, v, mask, rows)
     want_out, want_grads = _outputs_and_grads("xla", q, k, v, mask, rows)
     for got, want in zip((out, *grads), (want_out, *want_grads)):  # bfloat16 tolerances

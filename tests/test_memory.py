@@ -110,12 +110,13 @@ def test_fused_attention_holds_no_scores():
     differ from XLA's by exactly one layer's [rows, heads, L, L] float32 scores and
     probabilities and their compute-dtype copy, less the kernel's float32 softmax
     statistics [rows, heads, L] x 2 (in the working layer; under remat 'none' in every
-    saved layer too)."""
+    saved layer too); cuDNN keeps its statistics for each of max_segments_per_row
+    sequences of a packed row."""
     cfg = model_config("llama3_8b")
     split = memory.Split.of("fsdp", {"data": 1, "fsdp": 8, "tensor": 1}, 8)
     length, heads = 8192, 32
-    scores = heads * length * length * (4 + 4 + 2) - heads * length * 2 * 4
-    for kernel in ("splash", "cudnn"):
+    for kernel, sequences in (("splash", 1), ("cudnn", cfg.max_segments_per_row)):
+        scores = heads * length * length * (4 + 4 + 2) - heads * length * 2 * 4 * sequences
         for policy, layers_holding in (("full", 1), ("minimal", 1), ("none", 1 + 32)):
             xla = memory.activation_bytes(cfg, split, {"decoder": length}, policy)
             fused = memory.activation_bytes(cfg, split, {"decoder": length}, policy,
@@ -130,9 +131,9 @@ def test_fused_attention_holds_no_scores():
 
 def test_which_kernel_runs_each_attention_follows_attention_py():
     """attention.resolve and attention.unsupported decide, on abstract shapes: splash on
-    TPU takes packed causal rows but not a prefix LM; cuDNN on GPU takes only unpacked
-    bfloat16 rows; CPU and 'xla' run XLA; a kernel the platform lacks is the attention
-    module's error paragraph."""
+    TPU takes packed causal rows but not a prefix LM; cuDNN on GPU takes bfloat16 rows,
+    packed or not, but not a prefix LM; CPU and 'xla' run XLA; a kernel the platform
+    lacks is the attention module's error paragraph."""
     cfg = model_config("llama3_8b")  # bfloat16, head_dim 128
     packed, prefix = {"decoder_segment_ids"}, {"decoder_segment_ids",
                                                 "decoder_causal_attention"}
@@ -141,7 +142,8 @@ def test_which_kernel_runs_each_attention_follows_attention_py():
     assert memory.attention_kernels(cfg, "tpu", stacks, prefix) == {"decoder": "xla"}
     assert memory.attention_kernels(cfg, "tpu", {"decoder": 8000}) == {"decoder": "xla"}
     assert memory.attention_kernels(cfg, "gpu", stacks) == {"decoder": "cudnn"}
-    assert memory.attention_kernels(cfg, "gpu", stacks, packed) == {"decoder": "xla"}
+    assert memory.attention_kernels(cfg, "gpu", stacks, packed) == {"decoder": "cudnn"}
+    assert memory.attention_kernels(cfg, "gpu", stacks, prefix) == {"decoder": "xla"}
     assert memory.attention_kernels(cfg, "cpu", stacks, packed) == {"decoder": "xla"}
     xla = dataclasses.replace(cfg, attention_impl="xla")
     assert memory.attention_kernels(xla, "tpu", stacks, packed) == {"decoder": "xla"}

@@ -602,7 +602,8 @@ def test_how_the_model_is_computed_is_not_the_runs_identity():
         return train._run_identity(model, data, optimizer, STEPS, 1, 0)
 
     base = identity()
-    assert not {"attention_impl", "embed_lookup", "remat_policy", "scan_layers"} & set(
-        base["model"])
-    assert identity(attention_impl="xla", embed_lookup="matmul", remat_policy="full") == base
+    assert not {"attention_impl", "embed_lookup", "remat_policy", "scan_layers",
+                "max_segments_per_row"} & set(base["model"])
+    assert identity(attention_impl="xla", embed_lookup="matmul", remat_policy="full",
+                    max_segments_per_row=64) == base
     assert identity(rope_theta=123.0) != base

@@ -22,11 +22,16 @@ use is one of these:
            the prefix LM (its mask is data; splash's masks are static) nor a query length
            that is not a multiple of 128 (the decode step). On CPU it runs in Pallas
            interpret mode, which is how tests/test_attention.py proves it.
-  'cudnn'  cuDNN flash attention (jax.nn.dot_product_attention(implementation='cudnn')):
-           causal and bidirectional self-attention and cross-attention of unpacked rows
-           (no segment ids given), GQA/MQA, bfloat16/float16 only. Its public form takes
-           right-padding lengths, not segment ids, so packed rows, the prefix LM and
-           KV-cache steps (left padding) are not its masks.
+  'cudnn'  cuDNN flash attention, GQA/MQA, bfloat16/float16 only. Unpacked rows (no
+           segment ids given): jax.nn.dot_product_attention(implementation='cudnn'),
+           causal, bidirectional and cross-attention. Packed rows (SeqIO's layout:
+           segments 1, 2, ... in order from the row's first slot, padding only at the
+           end): cuDNN's packed ("THD") layout, each segment a sequence of its own given by
+           its first slot and length, at most TransformerConfig.max_segments_per_row per
+           row (jax's fused_attention_stablehlo.dot_product_attention with q_offsets;
+           Hopper or later). A row that breaks that layout or bound stops the step with
+           an error naming the setting. Not the prefix LM (its mask is data) nor KV-cache
+           steps (left padding).
   'auto'   the backend's kernel (TPU: splash, GPU: cudnn, CPU: xla); a mask or shape the
            kernel cannot do runs 'xla' with one log line naming why.
 
@@ -43,6 +48,7 @@ import contextvars
 import dataclasses
 import functools
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +79,9 @@ class Mask:
 
     `packed` is static: False only when the rows are known to be single unpadded
     examples (segment ids all 1), which is what cuDNN's mask types can express.
+    `max_segments` (static): when > 0, the ids are SeqIO's packed layout (segments 1,
+    2, ... in order from slot 0, padding only at the end) with at most this many per
+    row, which is what cuDNN's packed layout can express; 0: no such promise.
     """
 
     q_segment_ids: jax.Array  # [B, L] int32, 0 on padding
@@ -82,25 +91,29 @@ class Mask:
     offset: jax.Array | None = None  # scalar int32 slot of query 0 (KV cache); None: 0
     causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
     packed: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    max_segments: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @classmethod
-    def causal_lm(cls, segment_ids_BL, prefix_BL=None, *, packed: bool = True) -> Mask:
+    def causal_lm(cls, segment_ids_BL, prefix_BL=None, *, packed: bool = True,
+                  max_segments: int = 0) -> Mask:
         """Decoder self-attention; prefix LM where `prefix_BL` (decoder_causal_attention)
         is non-zero: the prefix sees itself bidirectionally, within its segment."""
         prefix = None if prefix_BL is None else prefix_BL != 0
         return cls(segment_ids_BL, segment_ids_BL, prefix, prefix, causal=True,
-                   packed=packed or prefix is not None)
+                   packed=packed or prefix is not None, max_segments=max_segments)
 
     @classmethod
-    def bidirectional(cls, segment_ids_BL, *, packed: bool = True) -> Mask:
+    def bidirectional(cls, segment_ids_BL, *, packed: bool = True,
+                      max_segments: int = 0) -> Mask:
         """Encoder self-attention: every token sees its whole segment."""
-        return cls(segment_ids_BL, segment_ids_BL, packed=packed)
+        return cls(segment_ids_BL, segment_ids_BL, packed=packed, max_segments=max_segments)
 
     @classmethod
     def cross(cls, decoder_segment_ids_BL, encoder_segment_ids_BM, *,
-              packed: bool = True) -> Mask:
+              packed: bool = True, max_segments: int = 0) -> Mask:
         """Decoder segment k sees encoder segment k."""
-        return cls(decoder_segment_ids_BL, encoder_segment_ids_BM, packed=packed)
+        return cls(decoder_segment_ids_BL, encoder_segment_ids_BM, packed=packed,
+                   max_segments=max_segments)
 
     @classmethod
     def cached(cls, num_queries: int, valid_BS, offset, prefix_BL=None, prefix_BS=None) -> Mask:
@@ -183,6 +196,8 @@ def attend(q_BLHK, k_BMGK, v_BMGK, mask, implementation: str = "auto"):
         reason = unsupported(kernel, q_BLHK, k_BMGK, mask)
         if reason is None:
             run = _splash if kernel == "splash" else _cudnn
+            if kernel == "cudnn" and mask.packed:
+                check_packed_rows(mask)
             return _per_shard(functools.partial(run, interpret=on == "cpu"), q_BLHK, k_BMGK,
                               v_BMGK, mask)
         if implementation != "auto":
@@ -322,16 +337,115 @@ def _splash(q_BLHK, k_BMGK, v_BMGK, mask: Mask, *, interpret: bool):
 def _cudnn_unsupported(q_BLHK, k_BMGK, mask: Mask) -> str | None:
     if q_BLHK.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN flash attention takes bfloat16 or float16, got {q_BLHK.dtype}"
-    if mask.packed:
-        return ("cuDNN's mask types (causal, right-padding lengths) cannot express segment "
-                "ids (packed or padded rows), a prefix LM or a KV cache's left padding")
-    if q_BLHK.shape[-1] % 8 or q_BLHK.shape[-1] > 128:
-        return f"cuDNN flash attention needs a head dim that is a multiple of 8 up to 128, " \
-               f"got {q_BLHK.shape[-1]}"
+    largest = 128 if _before_hopper() else 256
+    if q_BLHK.shape[-1] % 8 or q_BLHK.shape[-1] > largest:
+        return (f"cuDNN flash attention needs a head dim that is a multiple of 8 up to "
+                f"{largest} on this GPU, got {q_BLHK.shape[-1]}")
+    if not mask.packed:
+        return None
+    if mask.q_prefix is not None:
+        return "cuDNN's masks are causal or full, and a prefix LM's prefix is per-row data"
+    if mask.max_segments < 1:
+        return ("cuDNN's packed layout needs segments in order from each row's first slot, "
+                "which these segment ids do not promise (a KV cache's left padding)")
+    if _before_hopper():
+        return "cuDNN's packed layout (segment ids) needs a Hopper or later GPU"
     return None
+
+
+def _before_hopper() -> bool:
+    """On a real GPU older than Hopper (sm_90): head dims up to 128 (Hopper: 256) and no
+    packed layout. Planning for GPUs from another host assumes Hopper."""
+    if jax.default_backend() != "gpu":
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return capability is not None and float(capability) < 9.0
 
 
 def _cudnn(q_BLHK, k_BMGK, v_BMGK, mask: Mask, *, interpret: bool):
     del interpret
-    return jax.nn.dot_product_attention(q_BLHK, k_BMGK, v_BMGK, is_causal=mask.causal,
-                                        implementation="cudnn")
+    if not mask.packed:
+        return jax.nn.dot_product_attention(q_BLHK, k_BMGK, v_BMGK, is_causal=mask.causal,
+                                            implementation="cudnn")
+    # jax.nn.dot_product_attention's public form takes right-padding lengths only; the
+    # packed layout is its private cuDNN entry point (the same one jax.nn calls).
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    layout = packed_layout(mask.q_segment_ids, mask.kv_segment_ids, mask.max_segments)
+    kind = fused.MaskType.PADDING_CAUSAL if mask.causal else fused.MaskType.PADDING
+    # cuDNN neither reads nor writes the tokens outside its sequences (padding): their
+    # outputs and their q/k/v gradients are whatever the buffers held, so both are cut.
+    q_in, k_in, v_in = (jnp.where(keep[:, :, None, None], x, 0) for keep, x in (
+        (layout.queries_BL, q_BLHK), (layout.keys_BM, k_BMGK), (layout.keys_BM, v_BMGK)))
+    o_BLHK = fused.dot_product_attention(
+        q_in, k_in, v_in, q_seqlen=layout.q_lengths, kv_seqlen=layout.kv_lengths,
+        q_offsets=layout.q_starts, kv_offsets=layout.kv_starts,
+        scale=float(1.0 / np.sqrt(q_BLHK.shape[-1])), mask_type=kind, qkv_layout="BTNH")
+    return jnp.where(layout.queries_BL[:, :, None, None], o_BLHK, 0).astype(q_BLHK.dtype)
+
+
+def check_packed_rows(mask: Mask) -> None:
+    """Stops the step, with an error at the host, when a row breaks what the packed layout
+    assumes: more than `mask.max_segments` segments, or segments out of order or after
+    padding (not SeqIO's packing)."""
+    def out_of_order(ids):
+        now, after = ids[:, :-1], ids[:, 1:]
+        return jnp.any((after != 0) & ((now == 0) | (after < now)))
+
+    ids = (mask.q_segment_ids, mask.kv_segment_ids)
+    most = jnp.maximum(*(a.max() for a in ids))
+    jax.debug.callback(functools.partial(_raise_on_rows, mask.max_segments), most,
+                       out_of_order(ids[0]) | out_of_order(ids[1]))
+
+
+def _raise_on_rows(max_segments: int, most, out_of_order) -> None:
+    if most > max_segments:
+        raise ValueError(
+            f"A row of this batch holds {int(most)} packed segments, more than "
+            f"TransformerConfig.max_segments_per_row={max_segments}, the most cuDNN's packed "
+            "attention was built for. Raise max_segments_per_row in the model's gin file "
+            "(cuDNN's softmax statistics grow with it), pack fewer examples per row, or "
+            "set attention_impl='xla'.")
+    if out_of_order:
+        raise ValueError(
+            "A row's segment ids are not SeqIO's packed layout (segments 1, 2, ... in order "
+            "from the row's first slot, padding only at the end), which cuDNN's packed "
+            "attention needs. Pack the rows with seqio or t5x_like's packing, or set "
+            "attention_impl='xla'.")
+
+
+class PackedLayout(NamedTuple):
+    """cuDNN's packed ("THD") layout of a batch: sequence s of row b is query segment
+    s+1 against key segment s+1 of that row, given by its length ([B, S]) and first slot
+    ([B, S + 1]); -1 past a row's last segment, as jax's cuDNN entry point asks."""
+
+    q_lengths: jax.Array
+    kv_lengths: jax.Array
+    q_starts: jax.Array
+    kv_starts: jax.Array
+    queries_BL: jax.Array  # bool: the query lies in a sequence that has keys
+    keys_BM: jax.Array  # bool: the key lies in a sequence
+
+
+def packed_layout(q_ids_BL, kv_ids_BM, max_segments: int) -> PackedLayout:
+    """The packed layout of SeqIO-packed rows (segments 1, 2, ... in order from slot 0,
+    padding at the end) with S = max_segments sequences per row (at least 2: with 1,
+    jax reads no offsets)."""
+    slots = max(max_segments, 2)
+    last_B1 = jnp.maximum(q_ids_BL.max(1), kv_ids_BM.max(1))[:, None]
+    present_BS = jnp.arange(1, slots + 1)[None, :] <= last_B1
+
+    def lengths_and_starts(ids):
+        count_BS = jax.vmap(lambda row: jnp.bincount(row, length=slots + 1))(ids)[:, 1:]
+        start_BS = jnp.pad(jnp.where(present_BS, jnp.cumsum(count_BS, axis=1) - count_BS, -1),
+                           ((0, 0), (0, 1)), constant_values=-1)
+        return jnp.where(present_BS, count_BS, -1).astype(jnp.int32), start_BS.astype(jnp.int32)
+
+    (q_lengths, q_starts), (kv_lengths, kv_starts) = map(lengths_and_starts,
+                                                          (q_ids_BL, kv_ids_BM))
+    in_sequence = lambda ids: (ids > 0) & (ids <= slots)
+    has_keys_BS = jnp.pad(kv_lengths > 0, ((0, 0), (1, 0)))  # by segment id; id 0: none
+    queries_BL = in_sequence(q_ids_BL) & jnp.take_along_axis(
+        has_keys_BS, jnp.clip(q_ids_BL, 0, slots), axis=1)
+    return PackedLayout(q_lengths, kv_lengths, q_starts, kv_starts, queries_BL,
+                        in_sequence(kv_ids_BM))

@@ -226,10 +226,14 @@ class TransformerConfig:
     # 'auto' (the backend's kernel: splash on TPU, cuDNN on GPU, XLA on CPU, XLA with one
     # log line for a mask the kernel cannot do), 'xla', 'splash' or 'cudnn'.
     attention_impl: str = "auto"
+    # cuDNN's attention on packed rows (GPU) lays out each row as at most this many
+    # segments; a row with more stops the step with an error naming this setting. Its
+    # softmax statistics, [rows x max_segments, heads, length] float32, grow with it.
+    max_segments_per_row: int = 32
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_dim", "num_heads", "num_kv_heads", "head_dim",
-                     "mlp_dim", "num_decoder_layers"):
+                     "mlp_dim", "num_decoder_layers", "max_segments_per_row"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TransformerConfig.{name}={value!r}: expected a positive "

@@ -156,7 +156,8 @@ class Decoder(nnx.Module):
         packed = segment_ids_BL is not None  # else one unpadded example per row
         segment_ids_BL, positions_BL = segments_and_positions(tokens_BL, segment_ids_BL,
                                                               positions_BL)
-        mask = Mask.causal_lm(segment_ids_BL, causal_attention_BL, packed=packed)
+        mask = Mask.causal_lm(segment_ids_BL, causal_attention_BL, packed=packed,
+                              max_segments=self.cfg.max_segments_per_row)
         emb_rng, stack_rng = _split(rng, 2)
         x_BLD = dropout(self.embed(tokens_BL), self.cfg.dropout_rate, emb_rng)
         x_BLD = self.decoder(x_BLD, mask_B1LL=mask, positions_BL=positions_BL, rng=stack_rng)
@@ -292,8 +293,9 @@ class EncoderDecoder(nnx.Module):
                                                               positions_BM)
         emb_rng, stack_rng = _split(rng, 2)
         x_BMD = dropout(self.embed(tokens_BM), self.cfg.dropout_rate, emb_rng)
-        x_BMD = self.encoder(x_BMD, mask_B1LL=Mask.bidirectional(segment_ids_BM, packed=packed),
-                             positions_BL=positions_BM, rng=stack_rng)
+        mask = Mask.bidirectional(segment_ids_BM, packed=packed,
+                                  max_segments=self.cfg.max_segments_per_row)
+        x_BMD = self.encoder(x_BMD, mask_B1LL=mask, positions_BL=positions_BM, rng=stack_rng)
         return self.encoder_norm(x_BMD)
 
     def decode(self, encoded_BMD, tokens_BL, *, encoder_segment_ids_BM=None, segment_ids_BL=None,
@@ -305,10 +307,11 @@ class EncoderDecoder(nnx.Module):
                                                               positions_BL)
         emb_rng, stack_rng = _split(rng, 2)
         x_BLD = dropout(self.embed(tokens_BL), self.cfg.dropout_rate, emb_rng)
+        bound = dict(packed=packed, max_segments=self.cfg.max_segments_per_row)
         x_BLD = self.decoder(
-            x_BLD, mask_B1LL=Mask.causal_lm(segment_ids_BL, packed=packed),
+            x_BLD, mask_B1LL=Mask.causal_lm(segment_ids_BL, **bound),
             positions_BL=positions_BL, encoded_BMD=encoded_BMD,
-            cross_mask_B1LM=Mask.cross(segment_ids_BL, encoder_segment_ids_BM, packed=packed),
+            cross_mask_B1LM=Mask.cross(segment_ids_BL, encoder_segment_ids_BM, **bound),
             rng=stack_rng)
         return self.output(x_BLD, self.embed, hidden=hidden)
 

@@ -135,7 +135,8 @@ def attention_kernels(cfg, on: str, stacks: Mapping[str, int], features=(),
         ids = [jax.ShapeDtypeStruct((rows, n), jnp.int32) for n in (q_len, kv_len)]
         marks = ([jax.ShapeDtypeStruct((rows, n), jnp.bool_) for n in (q_len, kv_len)]
                  if with_prefix else [None, None])
-        mask = attention.Mask(*ids, *marks, causal=causal, packed=packed or with_prefix)
+        mask = attention.Mask(*ids, *marks, causal=causal, packed=packed or with_prefix,
+                              max_segments=cfg.max_segments_per_row)
         return kernel if attention.unsupported(kernel, q, k, mask) is None else XLA
 
     out = {"decoder": runs(length, length, True, packed_dec, prefix and memory is None)}
@@ -145,13 +146,15 @@ def attention_kernels(cfg, on: str, stacks: Mapping[str, int], features=(),
     return out
 
 
-def _scores(r: int, heads: int, length: int, slots: int, c: int, kernel: str) -> int:
+def _scores(r: int, heads: int, length: int, slots: int, c: int, kernel: str,
+            segments: int = 1) -> int:
     """One attention's [r, heads, length, slots] float32 scores and probabilities and the
     probabilities cast back (the XLA path); a fused kernel keeps none (its per-row
-    softmax statistics, [r, heads, length] float32, are counted instead)."""
+    softmax statistics, [r, heads, length] float32, are counted instead; cuDNN keeps them
+    for each of a packed row's `segments` slots, counted for unpacked rows too)."""
     if kernel == XLA:
         return r * heads * length * slots * (2 * _F32 + c)
-    return r * heads * length * 2 * _F32
+    return r * heads * length * 2 * _F32 * (segments if kernel == "cudnn" else 1)
 
 
 def _layer(cfg, split: Split, length: int, memory: int | None, c: int,
@@ -176,12 +179,13 @@ def _layer(cfg, split: Split, length: int, memory: int | None, c: int,
     # The rest of the forward: norms, RoPE'd q/k, attention values, activation output
     # and product, scores and probabilities (float32) and the probabilities cast back.
     norms = (1 if cfg.block == "parallel" else 2 + (memory is not None)) * x
-    scores = _scores(r, heads, length, length, c, kernels.get("self", XLA))
+    segments = cfg.max_segments_per_row
+    scores = _scores(r, heads, length, length, c, kernels.get("self", XLA), segments)
     rest = norms + q + kv // 2 + q + (2 if gated else 1) * h + scores
     if memory is not None:  # cross-attention: q, k/v over the encoder, out; its scores
         cross_kv = 2 * r * memory * kv_heads * cfg.head_dim * c
         dots += q + cross_kv + x
-        rest += q + _scores(r, heads, length, memory, c, kernels.get("cross", XLA))
+        rest += q + _scores(r, heads, length, memory, c, kernels.get("cross", XLA), segments)
     return {"carry": carry, "dots": dots, "rest": rest}
 
 
