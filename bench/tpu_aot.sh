@@ -12,9 +12,11 @@
 #   LAYERS=4 bash bench/tpu_aot.sh        # fewer layers (a slow host)
 #   ROWS=19 CHUNK=1024 IMPLS=auto bash bench/tpu_aot.sh   # 19 rows per chip, loss in
 #                                         # chunks of 1,024 positions (the most that fit)
-#   FUSED=False IMPLS=auto bash bench/tpu_aot.sh  # the plain loss (fused_loss=False):
-#                                         # XLA fuses the logits into the loss, as MaxText's
-#   HLO=1 FUSED=False IMPLS=auto bash bench/tpu_aot.sh  # also write the compiled step's
+#   FUSED=True IMPLS=auto bash bench/tpu_aot.sh   # the fused loss in one chunk; the
+#                                         # default (fused_loss=None) is, on TPU without
+#                                         # chunks, the plain loss: XLA fuses the logits
+#                                         # into the loss, as MaxText's
+#   HLO=1 IMPLS=auto bash bench/tpu_aot.sh  # also write the compiled step's
 #                                         # HLO text beside the plan (bench/hlo_bytes.py)
 #   KERNEL_COST=1 IMPLS= bash bench/tpu_aot.sh   # only: does the compiler's cost analysis
 #                                         # price a splash kernel? (one chip, a few seconds)
@@ -26,8 +28,8 @@ LAYERS=${LAYERS:-32}
 IMPLS=${IMPLS-xla auto}  # empty: none (with KERNEL_COST=1)
 ROWS=${ROWS:-1}    # rows per chip
 CHUNK=${CHUNK:-0}  # TransformerConfig.loss_chunk_length (0: the whole length at once)
-FUSED=${FUSED:-True}  # TransformerConfig.fused_loss
-TAG=$([ "$FUSED" = True ] || echo _unfused)$([ "$CHUNK" = 0 ] || echo "_chunk$CHUNK")
+FUSED=${FUSED:-None}  # TransformerConfig.fused_loss (None: the model's default, families.fuses_loss)
+TAG=$(case "$FUSED" in True) echo _fused;; False) echo _unfused;; esac)$([ "$CHUNK" = 0 ] || echo "_chunk$CHUNK")
 mkdir -p "$OUT"
 if [ "${KERNEL_COST:-0}" = 1 ]; then
   # jax's splash kernel alone against the same causal attention in XLA, on one v5p chip:
@@ -77,7 +79,8 @@ out, layers, rows, tag, fused, chunk = sys.argv[1:7]
 impls = sys.argv[7:]
 GiB = 2**30
 print(f"Llama 3 8B ({layers} layers), 8,192 tokens, v5p 2x2x1, fsdp 4, full remat, "
-      f"{rows} row(s)/chip{', plain (unfused) loss' if fused != 'True' else ''}"
+      f"{rows} row(s)/chip, "
+      f"{ {'True': 'fused loss', 'False': 'plain loss'}.get(fused, 'default loss')}"
       f"{', loss in chunks of ' + chunk if chunk != '0' else ''}")
 print("peak: the TPU compiler's peak_memory_in_bytes per chip; sum: arguments + outputs -"
       " aliased + temporaries; scores: arrays of the step with two 8,192-long dimensions")
@@ -93,7 +96,7 @@ for impl in impls:
     big = r["largest_arrays"][0]
     print(f"{impl:<15}{a['compiled']:<10}{c['compiler_peak'] / GiB:>9.2f}{c['peak'] / GiB:>9.2f}"
           f"{c['temporaries'] / GiB:>9.2f}{a['score_arrays']:>7}"
-          f"{a['largest_score_array'] / GiB:>6.2f}{cost.get('optimal_seconds') or 0:>10.3f}"
+          f"{a['largest_score_array'] / GiB:>6.2f}{cost.get('optimal_seconds') or 0:>10.5f}"
           f"{cost.get('bytes_accessed') or 0:>10.2e}"
           f"{sum(row['count'] for row in r['collectives']):>12}  {big['dtype']}{big['shape']} "
           f"{big['bytes'] / GiB:.2f} GiB")

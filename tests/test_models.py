@@ -231,6 +231,34 @@ def test_fused_chunked_loss_equals_the_whole_logits_loss_and_gradients(base, chu
         assert_close(f_flat[path].get_value(), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_the_default_loss_is_fused_except_on_a_tpu_without_chunks():
+    """fused_loss=None: the fused loss on CPU and GPU; compiled for a TPU the plain loss
+    (XLA fuses its logits into the loss), unless loss chunks are asked for; an explicit
+    setting wins everywhere. Seen in the traced loss: fused_loss_sums is a custom VJP."""
+    import dataclasses
+
+    from t5x_like.model import attention, families
+
+    batch = _decoder_batch()
+    module = make_module(DEC)
+
+    def fused_in_trace(cfg, platform):
+        with attention.platform_for(platform):
+            jaxpr = jax.make_jaxpr(lambda m: model_for(cfg).loss_fn(m, batch)[0])(module)
+        return "custom_vjp_call" in str(jaxpr)
+
+    assert DEC.fused_loss is None
+    chunked, plain = (dataclasses.replace(DEC, loss_chunk_length=4),
+                      dataclasses.replace(DEC, fused_loss=False))
+    forced = dataclasses.replace(DEC, fused_loss=True)
+    for cfg, platform, fused in ((DEC, "cpu", True), (DEC, "gpu", True), (DEC, "tpu", False),
+                                 (chunked, "tpu", True), (forced, "tpu", True),
+                                 (plain, "cpu", False)):
+        with attention.platform_for(platform):
+            assert families.fuses_loss(cfg) is fused, (cfg.fused_loss, platform)
+        assert fused_in_trace(cfg, platform) is fused, (cfg.fused_loss, platform)
+
+
 def test_accuracy_counts_a_tie_for_the_top_logit_as_correct():
     from t5x_like.model.families import fused_loss_sums, token_losses
 

@@ -603,7 +603,7 @@ def test_how_the_model_is_computed_is_not_the_runs_identity():
 
     base = identity()
     assert not {"attention_impl", "embed_lookup", "remat_policy", "scan_layers",
-                "max_segments_per_row"} & set(base["model"])
+                "max_segments_per_row", "fused_loss", "loss_chunk_length"} & set(base["model"])
     assert identity(attention_impl="xla", embed_lookup="matmul", remat_policy="full",
-                    max_segments_per_row=64) == base
+                    max_segments_per_row=64, fused_loss=False, loss_chunk_length=32) == base
     assert identity(rope_theta=123.0) != base

@@ -17,7 +17,7 @@ everything that follows from it: `data_form` (data/forms.py: converters, feature
 
 Loss (float32 throughout): weighted token cross-entropy, summed over weighted tokens and
 divided by their number, plus PaLM's z-loss `z_loss · log²Z` averaged the same way. In
-training (cfg.fused_loss) it is made chunk by chunk from the final hidden states, its
+training (`fuses_loss`) it is made chunk by chunk from the final hidden states, its
 gradient in the same pass (`fused_loss_sums`): no [B, L, V] logits array exists.
 """
 from __future__ import annotations
@@ -91,6 +91,16 @@ def _is_top(target_logit, logits):
     shares that pass; an argmax is a second, slower (value, index) reduction (111 ms
     against 17 ms a step of the reference model on CPU)."""
     return (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+
+
+def fuses_loss(cfg) -> bool:
+    """Whether training takes the fused loss (`fused_loss_sums`): cfg.fused_loss when set;
+    by default yes, except compiled for a TPU with no loss_chunk_length, where XLA fuses
+    the plain loss's logits into the loss (less memory and fewer collectives than the
+    fused loss in one chunk; docs/PERFORMANCE.md, "Measurements")."""
+    if cfg.fused_loss is not None:
+        return cfg.fused_loss
+    return cfg.loss_chunk_length > 0 or attention.platform() != "tpu"
 
 
 def _in_chunks(a_BL, chunk: int):
@@ -233,8 +243,8 @@ class LanguageModel:
 
     def loss_fn(self, module, batch: Batch, rng=None):
         """(loss, metrics): weighted mean cross-entropy + z-loss; dropout iff rng given.
-        With cfg.fused_loss, through `fused_loss_sums` (no [B, L, V] logits)."""
-        return self._loss(module, batch, rng, fused=self.cfg.fused_loss)
+        Fused (`fuses_loss`), through `fused_loss_sums` (no [B, L, V] logits)."""
+        return self._loss(module, batch, rng, fused=fuses_loss(self.cfg))
 
     def _loss(self, module, batch: Batch, rng, fused: bool):
         weights_BL = loss_weights(batch)

@@ -240,7 +240,7 @@ def activation_bytes(cfg, split: Split, stacks: Mapping[str, int],
     # before reducing it.
     vocab = cfg.vocab_size // split.tensor
     positions = stacks["decoder"]
-    if cfg.fused_loss:
+    if families.fuses_loss(cfg):
         positions = families._chunk_length(positions, cfg.loss_chunk_length)
     logits = 3 * split.rows * positions * vocab * _F32
     if split.tensor == 1:

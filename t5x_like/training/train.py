@@ -201,10 +201,11 @@ def _run_identity(model, data: DataConfig, optimizer, train_steps: int,
     """What makes this run this run: a resumed run must match it field by field."""
     cfg = dataclasses.asdict(model.cfg)
     # How the same function is computed (layer stacking, rematerialisation, the attention
-    # kernel and its packed layout, the embedding's lookup form) may change on resume: a
-    # run saved before a choice existed resumes too.
+    # kernel and its packed layout, the embedding's lookup form, the loss fused or in
+    # chunks) may change on resume: a run saved before a choice existed resumes too.
     for numerically_neutral in ("scan_layers", "remat_policy", "attention_impl",
-                                "max_segments_per_row", "embed_lookup"):
+                                "max_segments_per_row", "embed_lookup", "fused_loss",
+                                "loss_chunk_length"):
         cfg.pop(numerically_neutral, None)
     # Where the rows come from changes them: a store's rows are shuffled, a stream's are
     # its shards' in order (the store's own identity is checked by its iterator state).
