@@ -31,6 +31,8 @@ EXEMPT = {
     "dropout_rate": "elementwise only (no model FLOPs), no weight; its masks when > 0 are "
                     "left out of memory's estimate (every preset trains with 0)",
     "z_loss": "a loss coefficient: log Z is computed either way; no FLOPs, memory or weight",
+    "fused_loss": "memory.py reads it through families.fuses_loss (None: the platform's "
+                  "default); the same FLOPs and weights either way",
 }
 
 
