@@ -238,14 +238,18 @@ def lowering_for_cuda(monkeypatch):
     monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
     monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)
-    monkeypatch.setattr(attention, "check_packed_rows", lambda mask: None)
 
     def cudnn_calls(f, *args):
-        with attention.platform_for("gpu"):
+        # jax caches traces by function, not by platform or patch: none may cross over.
+        jax.clear_caches()
+        with attention.platform_for("gpu"), monkeypatch.context() as patch:
+            patch.setattr(attention, "check_packed_rows", lambda mask: None)
             text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        jax.clear_caches()
         return [line for line in text.splitlines() if "custom_call @__cudnn$fmha" in line]
 
-    return cudnn_calls
+    yield cudnn_calls
+    jax.clear_caches()  # nor may a GPU trace reach the tests after this one
 
 
 def test_cudnn_on_packed_rows_lowers_to_cudnns_kernels_forward_and_backward(lowering_for_cuda):
@@ -263,10 +267,12 @@ def test_cudnn_on_packed_rows_lowers_to_cudnns_kernels_forward_and_backward(lowe
 
 
 def test_every_attention_of_a_packed_encoder_decoder_lowers_to_cudnn(lowering_for_cuda):
-    """A bfloat16 encoder-decoder on packed rows under 'auto' for a GPU: the encoder's,
-    the decoder's and the cross-attention run cuDNN, forward and backward (no 'xla'
-    fallback, whose [B, H, L, M] scores a GPU run would hold)."""
-    cfg = tiny_config(num_encoder_layers=2, dtype="bfloat16", head_dim=16)
+    """A bfloat16 encoder-decoder on packed rows under 'auto' for a GPU, layers scanned
+    and rematerialised: the encoder's, the decoder's and the cross-attention run cuDNN,
+    forward and backward (no 'xla' fallback, whose [B, H, L, M] scores a GPU run would
+    hold), and each checks its rows (the host callback traces inside scan and remat)."""
+    cfg = tiny_config(num_encoder_layers=2, dtype="bfloat16", head_dim=16,
+                      remat_policy="full")
     module = make_module(cfg)
     tokens, seg, pos = _model_batch(cfg, L)
     graphdef, state = nnx.split(module)
@@ -280,8 +286,10 @@ def test_every_attention_of_a_packed_encoder_decoder_lowers_to_cudnn(lowering_fo
         return jax.grad(loss)(state)
 
     calls = lowering_for_cuda(grads, state)
-    assert sum("Backward" not in c for c in calls) == 3, calls
     assert sum("Backward" in c for c in calls) == 3, calls
+    assert sum("Backward" not in c for c in calls) == 6, calls  # and remat's recompute
+    with attention.platform_for("gpu"):
+        assert "debug_callback" in str(jax.make_jaxpr(grads)(state))
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
