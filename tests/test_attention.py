@@ -156,6 +156,17 @@ def test_an_implementation_the_backend_lacks_or_an_unknown_one_is_an_error_namin
     assert attention.resolve("auto", "cpu") == "xla"
 
 
+def test_a_function_traced_for_another_platform_is_traced_again_for_this_one():
+    """platform_for is part of jax's trace and compile cache keys: one jitted function
+    gives the TPU's choice inside it and this backend's before and after (with a plain
+    context variable the first trace was reused in all three)."""
+    f = jax.jit(lambda x: x + (1 if attention.platform() == "tpu" else 0))
+    before = int(f(jnp.int32(0)))
+    with attention.platform_for("tpu"):
+        inside = int(f(jnp.int32(0)))
+    assert (before, inside, int(f(jnp.int32(0)))) == (0, 1, 0)
+
+
 def test_the_cudnn_masks_are_plain_rows_and_seqio_packed_rows_in_half_precision():
     q, k, v = _qkv(7, 1, 16, 16, 4, 2, head_dim=16, dtype=jnp.bfloat16)
     ones = jnp.ones((1, 16), jnp.int32)
@@ -240,7 +251,8 @@ def lowering_for_cuda(monkeypatch):
     monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)
 
     def cudnn_calls(f, *args):
-        # jax caches traces by function, not by platform or patch: none may cross over.
+        # jax's trace caches are keyed by the platform (platform_for), not by a patch: no
+        # trace made with the check patched out may be reused, nor one made before.
         jax.clear_caches()
         with attention.platform_for("gpu"), monkeypatch.context() as patch:
             patch.setattr(attention, "check_packed_rows", lambda mask: None)
@@ -249,7 +261,7 @@ def lowering_for_cuda(monkeypatch):
         return [line for line in text.splitlines() if "custom_call @__cudnn$fmha" in line]
 
     yield cudnn_calls
-    jax.clear_caches()  # nor may a GPU trace reach the tests after this one
+    jax.clear_caches()
 
 
 def test_cudnn_on_packed_rows_lowers_to_cudnns_kernels_forward_and_backward(lowering_for_cuda):

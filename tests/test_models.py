@@ -256,9 +256,7 @@ def test_the_default_loss_is_fused_except_on_a_tpu_without_chunks():
                                  (plain, "cpu", False)):
         with attention.platform_for(platform):
             assert families.fuses_loss(cfg) is fused, (cfg.fused_loss, platform)
-        jax.clear_caches()  # jax caches traces by function, not by platform
         assert fused_in_trace(cfg, platform) is fused, (cfg.fused_loss, platform)
-    jax.clear_caches()
 
 
 def test_accuracy_counts_a_tie_for_the_top_logit_as_correct():

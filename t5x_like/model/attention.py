@@ -67,8 +67,12 @@ _SPLASH_BLOCK = 128  # splash's smallest tile along a sequence (NUM_LANES)
 
 _log = logging.getLogger(__name__)
 _logged: set[str] = set()
-_platform_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "attention_platform", default=None)
+# The platform the kernels are chosen for when it is not the default backend's
+# (`platform_for`). A jax user context, so it is part of jax's trace and compile cache
+# keys: a function traced for a TPU is traced again for the CPU, not reused. (jax
+# versions without make_user_context: a plain context variable, whose traces do cross.)
+_platform_override = (jax.make_user_context(None) if hasattr(jax, "make_user_context")
+                      else contextvars.ContextVar("attention_platform", default=None))
 
 
 @jax.tree_util.register_dataclass
@@ -147,15 +151,21 @@ class Mask:
 def platform_for(platform: str):
     """Choose kernels for `platform` ('tpu', 'gpu', 'cpu') rather than the default backend:
     for compiling ahead of time for another platform (a TPU topology on a CPU host)."""
-    token = _platform_override.set(platform)
-    try:
-        yield
-    finally:
-        _platform_override.reset(token)
+    if isinstance(_platform_override, contextvars.ContextVar):
+        token = _platform_override.set(platform)
+        try:
+            yield
+        finally:
+            _platform_override.reset(token)
+    else:
+        with _platform_override(platform):
+            yield
 
 
 def platform() -> str:
-    return _platform_override.get() or jax.default_backend()
+    chosen = (_platform_override.get() if isinstance(_platform_override, contextvars.ContextVar)
+              else _platform_override.value)
+    return chosen or jax.default_backend()
 
 
 def check_implementation(name: str) -> None:
