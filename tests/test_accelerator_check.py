@@ -111,7 +111,8 @@ def test_without_pytest_the_check_runs_the_same_kernel_test_cases_pytest_collect
 def test_the_cpu_smoke_run_of_the_script_passes_every_section(tmp_path):
     """`bash bench/accelerator_check.sh --cpu-smoke` with TensorFlow, SeqIO, grain, gin and
     pytest refused: a splash kernel-equality case (interpret mode) passes, the tiny model's
-    loss falls, and the bench measures 'xla' and 'splash' rows; JSON and table written.
+    loss falls (packed rows), and the bench measures 'xla' and 'splash' on unpadded rows
+    and 'splash' on packed ones; JSON and table written.
     60-110 s on the shared 2-core machine."""
     runner = tmp_path / "python_without_tf.py"
     runner.write_text(_HOOK + textwrap.dedent("""
@@ -142,11 +143,13 @@ def test_the_cpu_smoke_run_of_the_script_passes_every_section(tmp_path):
     assert train["status"] == "passed" and train["units"][0]["attention"] == "xla"
     losses = train["units"][0]["losses"]
     assert losses[-1] < 0.9 * losses[0]
-    rows = {(r["attention"], r["length"]): r for r in bench["units"]}
-    assert set(rows) == {("xla", 128), ("splash", 128)}, bench
+    rows = {(r["attention"], r["length"], r["documents"]): r for r in bench["units"]}
+    # Both on unpadded rows; the kernel again on packed rows (two documents a row).
+    assert set(rows) == {("xla", 128, 1), ("splash", 128, 1), ("splash", 128, 2)}, bench
     for row in rows.values():
         assert row["status"] == "passed" and row["tokens_per_s"] > 0 and row["mfu_palm"] > 0
         assert row["rows"] * row["length"] == 512
     # Same parameters, same batch: the two implementations' losses agree.
-    assert rows["xla", 128]["loss"] == pytest.approx(rows["splash", 128]["loss"], rel=1e-4)
+    assert rows["xla", 128, 1]["loss"] == pytest.approx(rows["splash", 128, 1]["loss"],
+                                                         rel=1e-4)
     assert "MFU palm" in proc.stdout and str(out_json) in proc.stdout
