@@ -347,7 +347,8 @@ def _splash(q_BLHK, k_BMGK, v_BMGK, mask: Mask, *, interpret: bool):
 def _cudnn_unsupported(q_BLHK, k_BMGK, mask: Mask) -> str | None:
     if q_BLHK.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN flash attention takes bfloat16 or float16, got {q_BLHK.dtype}"
-    largest = 128 if _before_hopper() else 256
+    before_hopper = _before_hopper()
+    largest = 128 if before_hopper else 256
     if q_BLHK.shape[-1] % 8 or q_BLHK.shape[-1] > largest:
         return (f"cuDNN flash attention needs a head dim that is a multiple of 8 up to "
                 f"{largest} on this GPU, got {q_BLHK.shape[-1]}")
@@ -358,7 +359,7 @@ def _cudnn_unsupported(q_BLHK, k_BMGK, mask: Mask) -> str | None:
     if mask.max_segments < 1:
         return ("cuDNN's packed layout needs segments in order from each row's first slot, "
                 "which these segment ids do not promise (a KV cache's left padding)")
-    if _before_hopper():
+    if before_hopper:
         return "cuDNN's packed layout (segment ids) needs a Hopper or later GPU"
     return None
 
