@@ -130,7 +130,7 @@ print(f"MaxText {r['versions']['maxtext']} (jax {r['versions']['jax']}, libtpu "
       f"{r['compile_s']:.0f} s")
 print(f"  peak_memory_in_bytes {m['peak_memory_in_bytes'] / GiB:.2f} GiB; args "
       f"{m['argument_size_in_bytes'] / GiB:.2f}, temps {m['temp_size_in_bytes'] / GiB:.2f} GiB")
-print(f"  optimal_seconds {c.get('optimal_seconds', float('nan')):.3f}; bytes accessed "
+print(f"  optimal_seconds {c.get('optimal_seconds', float('nan')):.5f}; bytes accessed "
       f"{c['bytes accessed']:.3e}; flops {c['flops']:.3e} (a loop body once)")
 print(f"  collectives per step {r['collectives_per_step']}: " + ", ".join(
     f"{row['count']} {row['dtype']} {row['op']}" for row in rows_))

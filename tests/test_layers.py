@@ -1,5 +1,6 @@
 """Properties of the building blocks: config validation, attention (MHA/GQA) against a numpy
 reference, masks against a brute-force definition, RoPE, norms, block formulas, param axes."""
+import functools
 import math
 
 import jax
@@ -18,7 +19,7 @@ from tiny import (  # noqa: F401
     tiny_config,
 )
 
-from t5x_like.model import layers
+from t5x_like.model import layers, partitioning
 from t5x_like.model.partitioning import LAYERS, LOGICAL_AXES
 
 # ------------------------------------------------------------------------------ config
@@ -207,6 +208,42 @@ def test_tied_logits_are_x_dot_embedding_scaled_only_when_asked(scale):
     ref = x @ np.asarray(embed.embedding[...]).T
     assert_close(embed.attend(jnp.asarray(x)), ref / math.sqrt(cfg.emb_dim) if scale else ref,
                  atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_logits_are_float32_and_their_gradient_runs_in_the_compute_dtype(dtype):
+    """head_logits: x·w accumulated in float32; its gradient is the plain matmul's with the
+    cotangent cast to the operands' dtype first (in float32, autodiff's own)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 5, 16)), dtype)
+    w = jnp.asarray(rng.normal(size=(16, 24)), dtype)
+    g = jnp.asarray(rng.normal(size=(2, 5, 24)), jnp.float32)
+    out, vjp = jax.vjp(layers.head_logits, x, w)
+    plain = functools.partial(layers.dense, preferred_element_type=jnp.float32)
+    plain_out, plain_vjp = jax.vjp(plain, x, w)
+    assert out.dtype == jnp.float32
+    assert_close(out, plain_out, atol=0, rtol=0)
+    dx, dw = vjp(g)
+    assert dx.dtype == dw.dtype == dtype
+    cast_dx, cast_dw = jax.vjp(layers.dense, x, w)[1](g.astype(dtype))
+    assert_close(dx, cast_dx, atol=0, rtol=0)
+    assert_close(dw, cast_dw, atol=0, rtol=0)
+    tol = 1e-6 if dtype == jnp.float32 else 3e-2
+    for ours, autodiff in zip((dx, dw), plain_vjp(g)):
+        assert_close(ours, autodiff, atol=tol * max_abs(autodiff), rtol=tol)
+
+
+def test_head_logits_weight_gradient_is_split_as_the_weight():
+    """Under FSDP the head's weight gradient leaves the backward pass split as the weight
+    (EMBED over fsdp), not whole on every device."""
+    mesh = partitioning.make_mesh({"fsdp": 8})
+    rules = partitioning.get_rules("fsdp")
+    x = jnp.ones((8, 4, 16), jnp.bfloat16)
+    w = jnp.ones((16, 24), jnp.bfloat16)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        dw = jax.jit(jax.grad(lambda w: layers.head_logits(x, w).sum()))(w)
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
+    assert dw.sharding.is_equivalent_to(split, dw.ndim), dw.sharding
 
 
 # ------------------------------------------------------------------------------ blocks

@@ -159,9 +159,10 @@ def test_which_kernel_runs_each_attention_follows_attention_py():
 
 
 def test_the_fused_loss_in_chunks_holds_one_chunk_of_logits():
-    """The logits term is 3 float32 [rows, positions, vocab] arrays: every position for
-    the plain loss or a fused one in one chunk, one chunk's positions with
-    loss_chunk_length (the largest divisor of L at most it)."""
+    """The logits term is float32 [rows, positions, vocab] logits, softmax and gradient:
+    every position for the plain loss or a fused one in one chunk, one chunk's positions
+    with loss_chunk_length (the largest divisor of L at most it). The plain loss's head
+    differentiates in the compute dtype (layers.head_logits): its gradients are bf16."""
     cfg = model_config("llama3_8b")
     split = memory.Split.of("fsdp", {"data": 1, "fsdp": 8, "tensor": 1}, 8)
     whole_head = 128256 * 4096 * 4  # the head's float32 gradient, vocabulary unsplit
@@ -170,7 +171,8 @@ def test_the_fused_loss_in_chunks_holds_one_chunk_of_logits():
         c = dataclasses.replace(cfg, **changes)
         return memory.activation_bytes(c, split, {"decoder": 8192}, "full")["logits"]
 
-    assert logits(fused_loss=False) == logits() == 3 * 8192 * 128256 * 4 + whole_head
+    assert logits() == 3 * 8192 * 128256 * 4 + whole_head
+    assert logits(fused_loss=False) == (2 * 4 + 2) * 8192 * 128256 + whole_head // 2
     assert logits(loss_chunk_length=1024) == 3 * 1024 * 128256 * 4 + whole_head
     assert logits(loss_chunk_length=1000) == 3 * 512 * 128256 * 4 + whole_head
     assert logits(fused_loss=False, loss_chunk_length=1024) == logits(fused_loss=False)

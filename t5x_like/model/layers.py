@@ -12,7 +12,8 @@ Dtype policy (stated once, here):
   * RMSNorm statistics, RoPE angles, the attention softmax (jax.nn.dot_product_attention
     computes it in float32), the logits and the loss are float32, because these are the
     places where bf16 rounding visibly changes results (log-sum-exp over a 256k vocab,
-    variance of the residual stream, rotation of large positions).
+    variance of the residual stream, rotation of large positions); their gradients
+    flow back in `cfg.dtype`, as every other activation's (`head_logits`).
 
 Every parameter declares its logical axes where it is created (`out_sharding=` metadata,
 the names from partitioning.py); a rule preset maps them to mesh axes. Activations are
@@ -339,6 +340,39 @@ def dense(x, w, contract: int = 1, preferred_element_type=None):
     return y.reshape(*lead, *out)
 
 
+@jax.custom_vjp
+def head_logits(x_BLD, w_DV):
+    """x · w [..., V] in float32, accumulated from compute-dtype operands (the output head,
+    tied or not). Its backward pass runs in the compute dtype, like every other layer's:
+    the cotangent is cast to x's dtype before its two matmuls. Left to autodiff, the
+    float32 cotangent made both matmuls read float32 logits-sized operands and write the
+    weight's gradient in float32 (Llama 3 8B at 8K on a v5p: 1.8e9 more bytes accessed a
+    chip, 0.0003 s more on the compiler's step estimate; docs/PERFORMANCE.md,
+    "Measurements"). The fused loss (families.fused_loss_sums) has its own backward pass."""
+    return dense(x_BLD, w_DV, preferred_element_type=jnp.float32)
+
+
+def _logits_forward(x_BLD, w_DV):
+    return head_logits(x_BLD, w_DV), (x_BLD, w_DV)
+
+
+def _logits_backward(residuals, g_BLV):
+    x_BLD, w_DV = residuals
+    g_BLV = g_BLV.astype(x_BLD.dtype)
+    lead = tuple(range(x_BLD.ndim - 1))
+    dx_BLD = jax.lax.dot_general(g_BLV, w_DV, (((g_BLV.ndim - 1,), (1,)), ((), ())))
+    dw_DV = jax.lax.dot_general(x_BLD, g_BLV, ((lead, lead), ((), ())))
+    # Split as the weight before anything else reads it: the barrier keeps XLA from
+    # fusing the split (all-reduce, then each device's slice) into the optimizer's update,
+    # which kept the whole [D, V] gradient alive through the layers' backward pass
+    # (+0.74 GiB of peak a chip for the 8B above).
+    dw_DV = jax.lax.optimization_barrier(nn.with_logical_constraint(dw_DV, (EMBED, VOCAB)))
+    return dx_BLD, dw_DV
+
+
+head_logits.defvjp(_logits_forward, _logits_backward)
+
+
 def _length_is_split() -> bool:
     """Whether the active logical rules split LENGTH over a mesh axis (sequence
     parallelism: the _sp presets); False outside a rules context."""
@@ -534,8 +568,7 @@ class Embed(nnx.Module):
 
     def attend(self, x_BLD):
         """Tied logits, float32 (accumulated in float32 from compute-dtype operands)."""
-        logits_BLV = dense(x_BLD.astype(self.dtype), self.embedding[...].astype(self.dtype).T,
-                           preferred_element_type=jnp.float32)
+        logits_BLV = head_logits(x_BLD.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
         if not self.scale_logits:
             return logits_BLV
         return logits_BLV / jnp.sqrt(jnp.float32(x_BLD.shape[-1]))
@@ -549,8 +582,7 @@ class LmHead(nnx.Module):
         self.kernel = _kernel(rngs, (cfg.emb_dim, cfg.vocab_size), (EMBED, VOCAB), cfg.emb_dim)
 
     def __call__(self, x_BLD):
-        return dense(x_BLD.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                     preferred_element_type=jnp.float32)
+        return head_logits(x_BLD.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
 def _heads_split(x_BLHK, heads: str):

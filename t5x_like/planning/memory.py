@@ -237,14 +237,17 @@ def activation_bytes(cfg, split: Split, stacks: Mapping[str, int],
     # of every position, or under the fused loss of one chunk of positions at a time
     # (families.fused_loss_sums); with the vocabulary whole on every device (no tensor
     # split) the compiled steps also build the embedding's (or head's) gradient whole
-    # before reducing it.
+    # before reducing it. The gradients are float32 in the fused loss, in the compute
+    # dtype from the plain loss's head (layers.head_logits).
     vocab = cfg.vocab_size // split.tensor
     positions = stacks["decoder"]
-    if families.fuses_loss(cfg):
+    fused = families.fuses_loss(cfg)
+    if fused:
         positions = families._chunk_length(positions, cfg.loss_chunk_length)
-    logits = 3 * split.rows * positions * vocab * _F32
+    grad = _F32 if fused else c
+    logits = split.rows * positions * vocab * (2 * _F32 + grad)
     if split.tensor == 1:
-        logits += vocab * cfg.emb_dim * _F32
+        logits += vocab * cfg.emb_dim * grad
     # The matmul-form embedding (embed_lookup='matmul') holds its one-hot rows, [r, L,
     # this device's vocabulary] in the compute dtype, from the forward pass (outside the
     # remat'd layers) to the table's gradient; the row lookup holds none.
